@@ -1,0 +1,10 @@
+"""sparsify: compile sparsity into stock Transformers with torch.compile(model, backend="sparsify")."""
+from .backend import backend, explain, last_report, sparsify_backend
+from .config import AttentionConfig, MLPConfig, SparsifyConfig
+from .debug import Report, RegionReport
+from .passes import SparsifyError
+from . import ops  # noqa: F401  (registers torch.ops.sparsify.*)
+
+__version__ = "0.1.0"
+__all__ = ["AttentionConfig", "MLPConfig", "Report", "RegionReport", "SparsifyConfig", "SparsifyError",
+           "backend", "explain", "last_report", "sparsify_backend"]

@@ -1,0 +1,79 @@
+"""The "sparsify" torch.compile backend: options -> passes -> inner compiler.
+
+torch.compile(model, backend="sparsify", options={...}) finds this through the
+torch_dynamo_backends entry point; sparsify.backend(config) returns the same thing as a callable.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+from torch.fx import GraphModule
+
+from .config import SparsifyConfig
+from .debug import Report
+from .passes import run_passes
+
+# reports of recent compilations, newest last (sparsify.last_report() reads it)
+_reports: list = []
+
+
+def _inner_compile(gm: GraphModule, example_inputs, inner: str) -> Callable:
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+    if inner == "aot_eager":
+        return torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
+    return gm.forward  # "eager": run the rewritten graph as it is
+
+
+def sparsify_backend(gm: GraphModule, example_inputs, options: Union[SparsifyConfig, Mapping[str, Any], None] = None,
+                     mode: Optional[str] = None) -> Callable:
+    if mode not in (None, "default"):
+        raise ValueError(f"sparsify: torch.compile mode={mode!r} is not supported; pass options= instead")
+    config = SparsifyConfig.from_options(options)
+    report = run_passes(gm, config)
+    _reports.append(report)
+    del _reports[:-64]
+    return _inner_compile(gm, example_inputs, config.inner)
+
+
+def backend(config: Union[SparsifyConfig, Mapping[str, Any], None] = None, **options) -> Callable:
+    """The backend as a callable: torch.compile(model, backend=sparsify.backend({"inner": "aot_eager"}))."""
+    if config is not None and options:
+        raise TypeError("sparsify.backend: pass a config or keyword options, not both")
+    resolved = SparsifyConfig.from_options(config if config is not None else options)
+
+    def sparsify(gm: GraphModule, example_inputs) -> Callable:
+        return sparsify_backend(gm, example_inputs, options=resolved)
+
+    return sparsify
+
+
+def explain(model: torch.nn.Module, *args, options: Union[SparsifyConfig, Mapping[str, Any], None] = None,
+            **kwargs) -> Report:
+    """Run Dynamo and the passes on model(*args, **kwargs) and return what was found and decided.
+
+    The call runs once (without autograd) through the rewritten graphs, so an explain that
+    succeeds also shows the rewritten model executes. The model itself is not changed.
+    """
+    config = SparsifyConfig.from_options(options)
+    reports: list = []
+
+    def capture(gm: GraphModule, example_inputs) -> Callable:
+        reports.append(run_passes(gm, config))
+        return gm.forward
+
+    # a fresh compile: Dynamo's cache entries are per backend, so this traces anew
+    compiled = torch.compile(model, backend=capture, dynamic=False)
+    with torch.no_grad():
+        compiled(*args, **kwargs)
+    merged = Report(graphs=len(reports))
+    for r in reports:
+        merged.regions.extend(r.regions)
+    print(merged)
+    return merged
+
+
+def last_report() -> Optional[Report]:
+    return _reports[-1] if _reports else None

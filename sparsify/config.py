@@ -1,0 +1,96 @@
+"""Configuration: one dataclass per region kind, nested in SparsifyConfig.
+
+`options=` of torch.compile takes either a SparsifyConfig or a dict with the same field names
+(nested dicts for the nested dataclasses). Anything unknown fails at once and lists what is valid.
+The sparse methods add their own values to `method` and their own fields to these classes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+
+def _choice(default: str, *choices: str):
+    """A string field restricted to `choices` (checked by SparsifyConfig.validate)."""
+    return field(default=default, metadata={"choices": (default, *choices)})
+
+
+@dataclass
+class AttentionConfig:
+    """What every attention region is rewritten into.
+
+    method: "dense" -> sparsify::attention with dense semantics; "off" -> leave the region as the
+    model wrote it (it is still found and reported).
+    """
+    method: str = _choice("dense", "off")
+
+
+@dataclass
+class MLPConfig:
+    """What every MLP region is rewritten into ("dense" -> sparsify::mlp; "off" -> untouched)."""
+    method: str = _choice("dense", "off")
+
+
+@dataclass
+class SparsifyConfig:
+    """Top-level options of the "sparsify" backend.
+
+    attention, mlp: the per-kind rewrite (see AttentionConfig, MLPConfig).
+    inner:   the compiler for everything after our passes: "inductor" (default), "aot_eager"
+             (AOTAutograd without codegen: fast to compile, for tests and debugging) or "eager".
+    strict:  a region that cannot be rewritten raises (naming its module) instead of staying dense.
+    dump:    a directory for graphs before/after the passes, the match table and the plan
+             (defaults to $SPARSIFY_DUMP).
+    exclude: fnmatch patterns of module paths whose regions are left untouched (e.g. "decoder.*").
+    """
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    inner: str = _choice("inductor", "aot_eager", "eager")
+    strict: bool = False
+    dump: Optional[str] = None
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.dump is None:
+            self.dump = os.environ.get("SPARSIFY_DUMP") or None
+        self.exclude = tuple(self.exclude)
+        validate(self)
+
+    @classmethod
+    def from_options(cls, options: Union["SparsifyConfig", Mapping[str, Any], None]) -> "SparsifyConfig":
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        if not isinstance(options, Mapping):
+            raise TypeError(f"sparsify: options must be a dict or a SparsifyConfig, not {type(options).__name__}")
+        return _from_mapping(cls, options, path="options")
+
+
+def _from_mapping(cls, values: Mapping[str, Any], path: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"sparsify: unknown key(s) {unknown} in {path}; valid keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        nested = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        if nested is not None and dataclasses.is_dataclass(nested) and isinstance(value, Mapping):
+            value = _from_mapping(nested, value, path=f"{path}.{name}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def validate(config: Any, path: str = "options") -> None:
+    """Check every restricted field against its choices, recursing into nested configs."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        where = f"{path}.{f.name}"
+        if dataclasses.is_dataclass(value):
+            validate(value, where)
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ValueError(f"sparsify: {where}={value!r} is not valid; choose one of {list(f.metadata['choices'])}")
+        elif f.type in ("bool",) and not isinstance(value, bool):
+            raise ValueError(f"sparsify: {where} must be True or False, not {value!r}")

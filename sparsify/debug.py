@@ -1,0 +1,114 @@
+"""What the passes found and did: the match report, graph dumps, and logging through torch._logging.
+
+TORCH_LOGS="sparsify" shows one line per region (INFO); TORCH_LOGS="+sparsify" adds the graphs (DEBUG).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("sparsify")
+
+
+def _register_with_torch_logging() -> None:
+    """Make TORCH_LOGS know the "sparsify" name. TORCH_LOGS is parsed when torch is imported, before
+    this module exists, so re-read it once if it names us."""
+    internal = torch._logging._internal
+    try:
+        internal.register_log("sparsify", "sparsify")
+    except Exception:  # already registered (module reloaded) or API moved: plain logging still works
+        return
+    if "sparsify" in os.environ.get("TORCH_LOGS", ""):
+        internal._init_logs()
+
+
+_register_with_torch_logging()
+
+_PUBLIC_FACTS = {
+    "attention": ("source", "mask", "causal", "scale", "dropout_p", "heads", "kv_heads", "head_dim"),
+    "mlp": ("activation", "gated", "bias", "lora", "dropout_p", "d_model", "d_ff"),
+}
+
+
+@dataclass
+class RegionReport:
+    kind: str
+    module: str
+    decision: str
+    reason: str
+    facts: dict
+    graph: int
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.module or '<root>'}: {self.decision}" + (f" ({self.reason})" if self.reason else "")
+
+
+@dataclass
+class Report:
+    """Everything the backend matched, across all graphs Dynamo produced for a call."""
+    regions: list = field(default_factory=list)
+    graphs: int = 0
+
+    def by_kind(self, kind: str) -> list:
+        return [r for r in self.regions if r.kind == kind]
+
+    @property
+    def rewritten(self) -> list:
+        return [r for r in self.regions if r.decision not in ("dense", "skipped")]
+
+    def table(self) -> str:
+        rows = [("graph", "kind", "module", "decision", "facts / reason")]
+        for r in self.regions:
+            detail = r.reason or ", ".join(f"{k}={_fmt(r.facts.get(k))}" for k in _PUBLIC_FACTS[r.kind])
+            rows.append((str(r.graph), r.kind, r.module or "<root>", r.decision, detail))
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+        lines.insert(1, "-" * min(160, max(len(line) for line in lines)))
+        summary = (f"{len(self.by_kind('attention'))} attention + {len(self.by_kind('mlp'))} mlp regions in "
+                   f"{self.graphs} graph(s); {len(self.rewritten)} rewritten")
+        return "\n".join(lines + [summary])
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_json(self) -> list:
+        return [{"graph": r.graph, "kind": r.kind, "module": r.module, "decision": r.decision,
+                 "reason": r.reason, "facts": {k: _fmt(r.facts.get(k)) for k in _PUBLIC_FACTS[r.kind]}}
+                for r in self.regions]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def region_reports(regions, graph_index: int) -> list:
+    return [RegionReport(r.kind, r.module, r.decision, r.reason,
+                         {k: v for k, v in r.facts.items() if not k.startswith("_")}, graph_index)
+            for r in regions]
+
+
+def dump_graph(directory: Optional[str], graph_index: int, stage: str, gm: torch.fx.GraphModule) -> None:
+    text = gm.print_readable(print_output=False)
+    log.debug("graph %d %s the passes:\n%s", graph_index, stage, text)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, f"graph_{graph_index}_{stage}.py"), "w") as fh:
+            fh.write(text)
+
+
+def dump_report(directory: Optional[str], graph_index: int, report: Report, plan: dict) -> None:
+    for r in report.regions:
+        log.info("graph %d: %s", graph_index, r)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, f"regions_{graph_index}.txt"), "w") as fh:
+            fh.write(report.table() + "\n")
+        with open(os.path.join(directory, f"plan_{graph_index}.json"), "w") as fh:
+            json.dump({"regions": report.to_json(), **plan}, fh, indent=2)

@@ -1,0 +1,15 @@
+"""The sparsify:: torch.library ops: schema, fake kernel, autograd, CPU reference, FLOP formula."""
+from torch.utils.flop_counter import register_flop_formula
+import torch
+
+from . import attention as _attention  # noqa: F401  (registers sparsify::attention)
+from . import mlp as _mlp  # noqa: F401  (registers sparsify::mlp)
+from .attention import attention_reference
+from .mlp import ACTIVATIONS, mlp_reference
+
+register_flop_formula(torch.ops.sparsify.attention)(_attention.attention_flops)
+register_flop_formula(torch.ops.sparsify.attention_backward)(_attention.attention_backward_flops)
+register_flop_formula(torch.ops.sparsify.mlp)(_mlp.mlp_flops)
+register_flop_formula(torch.ops.sparsify.mlp_backward)(_mlp.mlp_backward_flops)
+
+__all__ = ["ACTIVATIONS", "attention_reference", "mlp_reference"]

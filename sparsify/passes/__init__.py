@@ -1,0 +1,42 @@
+"""The pass pipeline: canonicalize -> find regions -> plan -> rewrite.
+
+Each Dynamo graph (one per graph break) goes through run_passes on its own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import warnings
+
+from torch.fx import GraphModule
+
+from ..config import SparsifyConfig
+from ..debug import Report, dump_graph, dump_report, log, region_reports
+from .canonicalize import canonicalize
+from .dense import rewrite_dense
+from .plan import SparsifyError, plan_regions
+from .regions import Region, find_regions
+
+_graph_counter = itertools.count()
+
+
+def run_passes(gm: GraphModule, config: SparsifyConfig) -> Report:
+    """Rewrite `gm` in place; return what was found and decided."""
+    graph_index = next(_graph_counter)
+    dump_graph(config.dump, graph_index, "before", gm)
+    canonical = canonicalize(gm)
+    regions = plan_regions(find_regions(gm), config)
+    report = Report(region_reports(regions, graph_index), graphs=1)
+    rewritten = rewrite_dense(gm, regions)
+    gm.graph.lint()
+    gm.recompile()
+    if not regions:
+        warnings.warn(f"sparsify: no attention or MLP block found in graph {graph_index}; it runs unchanged",
+                      stacklevel=2)
+    log.info("graph %d: %d regions, %d rewritten (canonicalized: %s)", graph_index, len(regions), rewritten, canonical)
+    dump_report(config.dump, graph_index, report, {"config": dataclasses.asdict(config), "canonicalized": canonical})
+    dump_graph(config.dump, graph_index, "after", gm)
+    return report
+
+
+__all__ = ["Region", "SparsifyError", "run_passes"]

@@ -1,0 +1,70 @@
+"""The dense rewrite: each planned region becomes one sparsify::attention or sparsify::mlp call.
+
+The op computes exactly what the region computed, so this pass is where the region finder's facts
+are proven right (tests compare against eager); the sparse methods replace these calls with theirs.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule
+
+from .. import ops  # noqa: F401  (registers torch.ops.sparsify.*)
+from .fx_utils import erase_unused, insert_call
+from .regions import Region
+
+
+def rewrite_attention(gm: GraphModule, region: Region) -> None:
+    f = region.facts["_match"]
+    graph = gm.graph
+    with graph.inserting_before(region.output):
+        k = f.k
+        if f.k_transposed:  # the model multiplied by a k^T it did not get from a transpose
+            k = insert_call(graph, torch.transpose, (k, -1, -2), like=region.output)
+        mask = None
+        for term in f.additive_masks:  # T5: position bias + padding mask, summed once here
+            mask = term if mask is None else insert_call(graph, operator.add, (mask, term), like=region.output)
+        if f.keep_mask is not None:
+            mask = f.keep_mask
+        elif f.drop_mask is not None:
+            mask = insert_call(graph, torch.logical_not, (f.drop_mask,), like=region.output)
+        call = insert_call(graph, torch.ops.sparsify.attention.default,
+                           (f.q, k, f.v, mask, float(f.scale), float(f.dropout_p), bool(f.is_causal)),
+                           like=region.output)
+        out = insert_call(graph, operator.getitem, (call, 0), like=region.output)
+    region.output.replace_all_uses_with(out)
+    erase_unused(region.interior)
+
+
+def rewrite_mlp(gm: GraphModule, region: Region) -> None:
+    up, gate, down = region.facts["_match"]
+    graph = gm.graph
+    none2 = (None, None)
+    lora = lambda p: (p.lora_a, p.lora_b) if p is not None and p.lora_a is not None else none2
+    scale = lambda p: float(p.lora_scale) if p is not None and p.lora_a is not None else 1.0
+    with graph.inserting_before(region.output):
+        args = (
+            up.x, up.weight, up.bias,
+            gate.weight if gate else None, gate.bias if gate else None,
+            down.weight, down.bias,
+            *lora(up), *lora(gate), *lora(down),
+            [scale(up), scale(gate), scale(down)],
+            region.facts["activation"], float(region.facts["dropout_p"]),
+        )
+        call = insert_call(graph, torch.ops.sparsify.mlp.default, args, like=region.output)
+        out = insert_call(graph, operator.getitem, (call, 0), like=region.output)
+    region.output.replace_all_uses_with(out)
+    erase_unused(region.interior)
+
+
+def rewrite_dense(gm: GraphModule, regions: list[Region]) -> int:
+    count = 0
+    for region in regions:
+        if region.decision == "sparsify.attention":
+            rewrite_attention(gm, region)
+            count += 1
+        elif region.decision == "sparsify.mlp":
+            rewrite_mlp(gm, region)
+            count += 1
+    return count

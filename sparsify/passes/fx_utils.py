@@ -1,0 +1,163 @@
+"""Small helpers over Dynamo FX graphs: op kinds, argument access, fake values, module paths.
+
+`kind_of` is the canonicalization the matchers rely on: the many spellings of one operation in a
+Dynamo graph (torch.matmul, operator.matmul, Tensor.matmul, torch.bmm; softmax as a function or a
+method; dtype casts as .to/.float/.type/.type_as) collapse into one name.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Graph, Node
+
+_FUNCTION_KINDS: dict[Any, str] = {
+    torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "matmul",
+    F.softmax: "softmax", torch.softmax: "softmax",
+    F.dropout: "dropout", torch.dropout: "dropout",
+    F.linear: "linear", torch.addmm: "addmm",
+    F.scaled_dot_product_attention: "sdpa",
+    operator.add: "add", operator.iadd: "add", torch.add: "add",
+    operator.sub: "sub", torch.sub: "sub",
+    operator.mul: "mul", operator.imul: "mul", torch.mul: "mul",
+    operator.truediv: "div", torch.div: "div",
+    operator.neg: "neg", torch.neg: "neg",
+    torch.where: "where", torch.masked_fill: "masked_fill",
+    torch.transpose: "transpose", torch.permute: "permute",
+    torch.full: "full", torch.arange: "arange", torch.tril: "tril", torch.triu: "triu",
+    operator.le: "compare", operator.lt: "compare", operator.ge: "compare", operator.gt: "compare",
+    torch.le: "compare", torch.lt: "compare", torch.ge: "compare", torch.gt: "compare",
+    operator.getitem: "getitem",
+}
+_METHOD_KINDS: dict[str, str] = {
+    "matmul": "matmul", "bmm": "matmul", "softmax": "softmax",
+    "to": "cast", "float": "cast", "half": "cast", "bfloat16": "cast", "type": "cast", "type_as": "cast",
+    "contiguous": "cast",
+    "add": "add", "add_": "add", "sub": "sub", "mul": "mul", "mul_": "mul", "div": "div", "neg": "neg",
+    "masked_fill": "masked_fill", "transpose": "transpose", "permute": "permute", "t": "t",
+    "view": "view", "reshape": "view", "expand": "expand", "unsqueeze": "unsqueeze",
+    "le": "compare", "lt": "compare", "ge": "compare", "gt": "compare", "tril": "tril", "triu": "triu",
+}
+# element-wise functions an activation may be spelled with (besides add/sub/mul/div/neg/cast)
+_POINTWISE = {
+    F.gelu, F.relu, torch.relu, F.silu, torch.sigmoid, torch.tanh, torch.erf, torch.exp, torch.pow,
+    torch.sqrt, torch.rsqrt, F.sigmoid, F.tanh, F.hardtanh, F.leaky_relu, F.elu, F.mish, F.softplus,
+    F.hardswish, F.hardsigmoid, F.relu6, F.celu, F.selu, operator.pow,
+}
+_POINTWISE_METHODS = {"gelu", "relu", "sigmoid", "tanh", "erf", "exp", "pow", "sqrt", "rsqrt", "silu"}
+
+
+def kind_of(node: Node) -> Optional[str]:
+    if node.op == "call_function":
+        kind = _FUNCTION_KINDS.get(node.target)
+        if kind is None and node.target in _POINTWISE:
+            kind = "pointwise"
+        return kind
+    if node.op == "call_method":
+        kind = _METHOD_KINDS.get(node.target)
+        if kind is None and node.target in _POINTWISE_METHODS:
+            kind = "pointwise"
+        return kind
+    return None
+
+
+def is_elementwise(node: Node) -> bool:
+    return kind_of(node) in {"pointwise", "add", "sub", "mul", "div", "neg", "cast"}
+
+
+def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    """A call's argument by position or keyword (Dynamo keeps whichever the model's source used)."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def value(node: Any) -> Any:
+    """The fake tensor (or python value) Dynamo recorded for a node."""
+    if isinstance(node, Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
+def shape(node: Any) -> Optional[tuple]:
+    v = value(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def dtype(node: Any) -> Optional[torch.dtype]:
+    v = value(node)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def skip_casts(node: Any) -> Any:
+    while isinstance(node, Node) and kind_of(node) == "cast":
+        node = node.args[0]
+    return node
+
+
+_ROOT = re.compile(r"^L\[[^\]]+\](\[[^\]]+\])*\.?")
+
+
+def module_path(node: Node) -> str:
+    """Module path of the innermost module a node ran in, relative to the compiled model."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _cls = list(stack.values())[-1]
+    path = _ROOT.sub("", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)  # "layers[0]" -> "layers.0"
+    path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)  # "lora_A['default']" -> "lora_A.default"
+    return path.lstrip(".")
+
+
+def common_module(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths if p]
+    if not parts:
+        return ""
+    prefix = []
+    for segment in zip(*parts):
+        if len(set(segment)) != 1:
+            break
+        prefix.append(segment[0])
+    return ".".join(prefix)
+
+
+def fake_mode_of(graph: Graph):
+    for node in graph.nodes:
+        v = value(node)
+        if isinstance(v, torch._subclasses.FakeTensor):
+            return v.fake_mode
+    return None
+
+
+def insert_call(graph: Graph, target: Callable, args: tuple, kwargs: Optional[dict] = None,
+                like: Optional[Node] = None) -> Node:
+    """Insert a call_function node at the current insertion point and record its fake value,
+    so later passes (and Inductor) see the same metadata Dynamo would have produced."""
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    if like is not None and "nn_module_stack" in like.meta:
+        node.meta["nn_module_stack"] = like.meta["nn_module_stack"]
+    mode = fake_mode_of(graph)
+    if mode is not None:
+        fake_args = torch.fx.node.map_arg(args, value)
+        fake_kwargs = torch.fx.node.map_arg(kwargs, value)
+        with mode:
+            node.meta["example_value"] = target(*fake_args, **fake_kwargs)
+    return node
+
+
+def erase_unused(nodes) -> None:
+    """Erase the given nodes once nothing uses them (repeat: one may use another)."""
+    pending = set(nodes)
+    changed = True
+    while changed:
+        changed = False
+        for node in list(pending):
+            if not node.users:
+                node.graph.erase_node(node)
+                pending.discard(node)
+                changed = True

@@ -1,0 +1,35 @@
+"""The plan: for every region found, the decision (which rewrite, or why none) from config + guards."""
+from __future__ import annotations
+
+import fnmatch
+
+from ..config import SparsifyConfig
+from .regions import Region
+
+# decision names of the rewrites this package ships, by (region kind, method)
+REWRITES = {
+    ("attention", "dense"): "sparsify.attention",
+    ("mlp", "dense"): "sparsify.mlp",
+}
+
+
+class SparsifyError(RuntimeError):
+    """Raised in strict mode when a region cannot be rewritten; names the module."""
+
+
+def plan_regions(regions: list[Region], config: SparsifyConfig) -> list[Region]:
+    for region in regions:
+        method = getattr(config, region.kind).method
+        pattern = next((p for p in config.exclude if fnmatch.fnmatchcase(region.module, p)), None)
+        if pattern is not None:
+            region.decision, region.reason = "skipped", f"excluded by options.exclude pattern {pattern!r}"
+        elif method == "off":
+            region.decision, region.reason = "skipped", f"options.{region.kind}.method is 'off'"
+        elif region.unsupported:
+            region.decision, region.reason = "dense", region.unsupported
+            if config.strict:
+                raise SparsifyError(f"sparsify (strict): cannot rewrite the {region.kind} block of module "
+                                    f"'{region.module or '<root>'}': {region.unsupported}")
+        else:
+            region.decision, region.reason = REWRITES[(region.kind, method)], ""
+    return regions
