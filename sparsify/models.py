@@ -161,6 +161,10 @@ def load_smollm2(
     The tokenizer adds no BOS token and pads on the right.  Its special tokens are
     aligned with the GGUF metadata (bos ``<|im_start|>``=1, eos and pad ``<|im_end|>``=2),
     which older transformers (5.17) get wrong; without a pad token EOS is used as pad.
+
+    The returned model still carries ``config.quantization_config`` (GGUF) and
+    ``is_quantized``, although its weights are dense: ``.half()``/``.float()`` and
+    ``save_pretrained`` refuse to run; use ``.to(device_or_dtype)`` or the ``dtype`` argument.
     """
     folder, filename = smollm2_gguf()
     _require_gguf_deps()
@@ -186,7 +190,8 @@ def _align_special_tokens(model: "PreTrainedModel", tokenizer: "PreTrainedTokeni
     config gets this right, but the tokenizer built from the GGUF file differs across
     transformers versions: 5.24 matches it, while 5.17 reports eos ``<|im_start|>`` (id 1)
     and no pad token at all, which breaks ``padding=True``.  The config ids win; a
-    missing pad token falls back to EOS.
+    missing pad token falls back to EOS.  Also turns off the (ignored, warning-raising)
+    ``clean_up_tokenization_spaces`` that 5.17 sets on this BPE tokenizer.
     """
     cfg = model.config
 
@@ -206,6 +211,10 @@ def _align_special_tokens(model: "PreTrainedModel", tokenizer: "PreTrainedTokeni
         tokenizer.pad_token = pad
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    # 5.17 sets clean_up_tokenization_spaces=True on this BPE tokenizer, then ignores it
+    # with a warning on every decode; 5.24 sets False.
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        tokenizer.clean_up_tokenization_spaces = False
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id

@@ -5,11 +5,11 @@ Why files: ``@triton.jit`` (and the interpreter) read the kernel's source throug
 ``$SPARSIFY_CACHE_DIR`` (default ``~/.cache/sparsify/kernels``) as ``<key>.py`` and
 imported with importlib.
 
-Why triton is imported lazily: in Triton (checked on 3.9) ``TRITON_INTERPRET`` is read
+Why kernels are built lazily: in Triton (checked on 3.9) ``TRITON_INTERPRET`` is read
 when ``@triton.jit`` *decorates* a function, not at launch. Kernels are therefore only
-materialised on first use, and the in-memory cache is keyed on (spec key, interpreter
-mode), so a process that flips the mode (a test suite) never reuses a kernel built
-for the other mode.
+materialised on first use (this package imports triton only then), and the in-memory
+cache is keyed on (spec key, interpreter mode), so a process that flips the mode (a
+test suite) never reuses a kernel built for the other mode.
 """
 
 from __future__ import annotations
@@ -22,13 +22,26 @@ import tempfile
 import threading
 from collections import namedtuple
 from pathlib import Path
+from string import Template
 
 from . import templates as T
 from .spec import UpProjectionSpec, spec_key
 
-# Part of every cache key: editing the templates changes the key, so stale files on
-# disk from an older sparsify version are never picked up.
-_TEMPLATE_DIGEST = hashlib.sha256(Path(T.__file__).read_bytes()).hexdigest()[:16]
+
+def _template_digest() -> str:
+    """Digest of every template string. Part of each cache key, so that processes running
+    different sparsify versions never share (or fight over) one file name."""
+    parts = []
+    for name in sorted(vars(T)):
+        value = getattr(T, name)
+        if isinstance(value, dict):
+            parts += [f"{name}.{k}={getattr(v, 'template', v)}" for k, v in sorted(value.items())]
+        elif isinstance(value, (str, Template)) and name.isupper():
+            parts.append(f"{name}={getattr(value, 'template', value)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+_TEMPLATE_DIGEST = _template_digest()
 
 CacheInfo = namedtuple("CacheInfo", "hits misses generated entries")
 
@@ -81,7 +94,7 @@ def kernel_source(spec: UpProjectionSpec) -> str:
     )
 
 
-def kernel_arg_names(spec: UpProjectionSpec) -> tuple:
+def kernel_pointer_args(spec: UpProjectionSpec) -> tuple:
     """Pointer arguments of the generated kernel, in order (mirrors the template)."""
     names = ["x_ptr", "w_ptr"]
     if spec.gated:
@@ -159,7 +172,7 @@ class CompiledKernel:
         self.path = path
         self.fn = fn  # the raw @triton.jit function
         self.interpret = interpret
-        self.arg_names = kernel_arg_names(spec)
+        self.pointer_args = kernel_pointer_args(spec)  # which tensors a launch passes
         self._launcher = _with_block_configs(fn, interpret)
 
     def launch(self, grid, **kwargs):

@@ -108,6 +108,7 @@ def module_path(node: Node) -> str:
         return ""
     path, _cls = list(stack.values())[-1]
     path = _ROOT.sub("", path)
+    path = path.replace(".__dict__['_modules']", "").replace("__dict__['_modules']", "")  # peft wrappers
     path = re.sub(r"\[(\d+)\]", r".\1", path)  # "layers[0]" -> "layers.0"
     path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)  # "lora_A['default']" -> "lora_A.default"
     return path.lstrip(".")

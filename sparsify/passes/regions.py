@@ -504,8 +504,14 @@ def match_mlp(down: Projection) -> Optional[Region]:
 
 def find_regions(gm: GraphModule) -> list[Region]:
     """Every attention and MLP region in the graph, in graph order."""
-    regions = []
-    claimed: set = set()
+    projections = {}
+    for node in gm.graph.nodes:
+        proj = as_projection(node)
+        if proj is not None and proj.output is node:
+            projections[node] = proj
+    # nodes inside a larger projection (a LoRA sum's base linear, lora_A, lora_B) anchor nothing
+    members = {n for p in projections.values() for n in p.nodes if n is not p.output}
+    regions, claimed = [], set()
     for node in gm.graph.nodes:
         kind = kind_of(node)
         region = None
@@ -513,20 +519,9 @@ def find_regions(gm: GraphModule) -> list[Region]:
             region = match_attention_softmax(node)
         elif kind == "sdpa":
             region = match_attention_sdpa(node)
-        elif kind in ("linear", "add", "cast"):
-            proj = as_projection(node)
-            # anchor on the outermost value of a projection (a LoRA add, not its base linear)
-            if proj is not None and proj.output is node and not _is_inner_projection_value(node):
-                region = match_mlp(proj)
+        elif node in projections and node not in members:
+            region = match_mlp(projections[node])
         if region is not None and region.output not in claimed:
             claimed.add(region.output)
             regions.append(region)
     return regions
-
-
-def _is_inner_projection_value(node: Node) -> bool:
-    for user in node.users:
-        proj = as_projection(user)
-        if proj is not None and proj.output is user and node in proj.nodes:
-            return True
-    return False
