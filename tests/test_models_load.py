@@ -124,6 +124,16 @@ def test_minilm_padding_invariance(minilm):
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
 
 
+def test_minilm_eager_matches_sdpa(minilm):
+    model, tokenizer = minilm
+    eager, _ = models.load_minilm(attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"
+    texts = models.sample_texts()[4:8]
+    torch.testing.assert_close(
+        _mean_pool(eager, tokenizer, texts), _mean_pool(model, tokenizer, texts), atol=1e-5, rtol=1e-4
+    )
+
+
 # --------------------------------------------------------------------------- SmolLM2
 
 
@@ -156,8 +166,15 @@ def test_smollm2_config_and_tokenizer(smollm2):
     assert cfg._attn_implementation == "sdpa"
     assert model.dtype == torch.float32
     assert not model.training
-    # dequantized: plain dense float parameters, none left quantized
+    # dequantized: plain dense float parameters in stock torch modules, none left packed
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
+    assert {type(m).__module__ for m in model.modules() if "Linear" in type(m).__name__} == {
+        "torch.nn.modules.linear"
+    }
+    if hasattr(__import__("transformers"), "GgufConfig"):
+        assert not getattr(model, "is_quantized", False)
+        assert getattr(model.config, "quantization_config", None) is None
     # special tokens agree with the GGUF metadata (transformers 5.17 gets eos/pad wrong raw)
     assert tokenizer.bos_token == "<|im_start|>" and tokenizer.bos_token_id == cfg.bos_token_id == 1
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == cfg.eos_token_id == 2
@@ -210,3 +227,4 @@ def test_smollm2_batched_padding(smollm2):
             real = batch["attention_mask"][row].bool()
             assert int(real.sum()) == ids.shape[1]
             torch.testing.assert_close(padded[row][real], single, atol=1e-3, rtol=1e-3)
+
