@@ -162,20 +162,31 @@ def load_smollm2(
     aligned with the GGUF metadata (bos ``<|im_start|>``=1, eos and pad ``<|im_end|>``=2),
     which older transformers (5.17) get wrong; without a pad token EOS is used as pad.
 
-    The returned model still carries ``config.quantization_config`` (GGUF) and
-    ``is_quantized``, although its weights are dense: ``.half()``/``.float()`` and
-    ``save_pretrained`` refuse to run; use ``.to(device_or_dtype)`` or the ``dtype`` argument.
+    ``GgufConfig(dequantize=True)`` is passed where transformers has it: it guarantees
+    plain ``nn.Linear``/``nn.Embedding`` weights even where transformers could keep GGUF
+    blocks packed (its ``kernels``-backed path), and it leaves no quantizer attached, so
+    the result is an ordinary dense model (``is_quantized`` False, no
+    ``config.quantization_config``; ``.half()``, ``.float()`` and ``save_pretrained`` work).
+    Without it, the model is still dense but is marked as GGUF-quantized and refuses those.
     """
     folder, filename = smollm2_gguf()
     _require_gguf_deps()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    extra = {}
+    try:  # transformers 5.x: ask for a plain dense model explicitly (see docstring)
+        from transformers import GgufConfig
+
+        extra["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older transformers always dequantize GGUF
+        pass
     model = AutoModelForCausalLM.from_pretrained(
         folder,
         gguf_file=filename,
         local_files_only=True,
         attn_implementation=attn_implementation,
         dtype=dtype,
+        **extra,
     )
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename, local_files_only=True)
     _align_special_tokens(model, tokenizer)

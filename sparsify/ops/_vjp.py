@@ -66,6 +66,8 @@ def seeded_dropout(x: Tensor, p: float, seed: Tensor) -> Tensor:
     """Dropout whose keep-mask is a pure function of `seed`, so backward can replay it."""
     if p <= 0.0:
         return x
+    if p >= 1.0:  # everything dropped; x * 0 / 0 would be NaN
+        return x * 0.0
     generator = torch.Generator(device=x.device)
     generator.manual_seed(int(seed.item()))
     keep = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32) >= p

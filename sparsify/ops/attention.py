@@ -31,35 +31,31 @@ def attention_reference(
     if groups > 1:  # GQA: head h of q reads kv head h // groups (what HF repeat_kv builds)
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    masked = None  # bool, True where a score is excluded
+    # scale and mask in fp32 (or wider): a half-precision score plus a finfo(fp16).min padding mask
+    # would overflow to -inf, turning a padded row into NaN
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
     if is_causal:
         lq, lk = scores.shape[-2], scores.shape[-1]
-        masked = ~torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
     if mask is not None:
-        if mask.dtype == torch.bool:
-            masked = ~mask if masked is None else (masked | ~mask)
-        else:
-            scores = scores + mask
-    empty_rows = None
-    if masked is not None:
-        # rows with every key masked give 0, not NaN (SDPA's safe softmax)
-        empty_rows = masked.all(dim=-1, keepdim=True)
-        scores = scores.masked_fill(masked & ~empty_rows, float("-inf"))
-    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
-    if empty_rows is not None:
-        probs = probs.masked_fill(empty_rows, 0.0)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    # rows with every key masked give 0, not NaN (SDPA's safe softmax)
+    empty_rows = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(empty_rows, 0.0), dim=-1).masked_fill(empty_rows, 0.0)
     probs = seeded_dropout(probs.to(q.dtype), dropout_p, seed)
     return torch.matmul(probs, v)
 
 
-def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> None:
+def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"sparsify::attention expects 4-d q, k, v [B, H, L, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[1] % k.shape[1] != 0 or k.shape[1] != v.shape[1]:
         raise ValueError(f"sparsify::attention: query heads ({q.shape[1]}) must be a multiple of key/value "
                          f"heads ({k.shape[1]}, {v.shape[1]})")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"sparsify::attention: dropout_p must be in [0, 1], got {dropout_p}")
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise ValueError("sparsify::attention: q/k head dims or k/v lengths differ: "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -71,7 +67,7 @@ def attention(
     dropout_p: float, is_causal: bool,
 ) -> tuple[Tensor, Tensor]:
     """Returns (out, seed); the seed is what backward needs to replay the dropout mask."""
-    check_attention_inputs(q, k, v, mask)
+    check_attention_inputs(q, k, v, mask, dropout_p)
     seed = fresh_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
     return attention_reference(q, k, v, mask, scale, dropout_p, is_causal, seed).contiguous(), seed
 

@@ -53,7 +53,9 @@ def mlp_reference(
     return _proj(h, down_w, down_b, down_lora_a, down_lora_b, lora_scales[2])
 
 
-def check_mlp_inputs(x, up_w, gate_w, down_w, activation) -> None:
+def check_mlp_inputs(x, up_w, gate_w, down_w, activation, dropout_p) -> None:
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"sparsify::mlp: dropout_p must be in [0, 1], got {dropout_p}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"sparsify::mlp: unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
     if up_w.shape[1] != x.shape[-1] or down_w.shape[1] != up_w.shape[0]:
@@ -76,7 +78,7 @@ def mlp(
     lora_scales: list[float], activation: str, dropout_p: float,
 ) -> tuple[Tensor, Tensor]:
     """Returns (out, seed); the seed replays the dropout mask in backward."""
-    check_mlp_inputs(x, up_w, gate_w, down_w, activation)
+    check_mlp_inputs(x, up_w, gate_w, down_w, activation, dropout_p)
     seed = fresh_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
     out = mlp_reference(x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_lora_b,
                         gate_lora_a, gate_lora_b, down_lora_a, down_lora_b, lora_scales, activation,
@@ -87,16 +89,24 @@ def mlp(
 @mlp.register_kernel("cuda")
 def _(x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_lora_b, gate_lora_a, gate_lora_b,
       down_lora_a, down_lora_b, lora_scales, activation, dropout_p):
-    check_mlp_inputs(x, up_w, gate_w, down_w, activation)
+    check_mlp_inputs(x, up_w, gate_w, down_w, activation, dropout_p)
     seed = fresh_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
-    if up_lora_a is None and gate_lora_a is None:
+    if triton_supports(x, up_b, gate_w, gate_b, up_lora_a, gate_lora_a):
         out = mlp_forward_triton(x, up_w, up_b, gate_w, gate_b, down_w, down_b, down_lora_a, down_lora_b,
                                  lora_scales[2], activation, dropout_p, seed)
-    else:  # LoRA on the up side: the fused epilogue does not take the low-rank term yet
+    else:  # what the generated kernel does not take runs the reference (the same math, unfused)
         out = mlp_reference(x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_lora_b,
                             gate_lora_a, gate_lora_b, down_lora_a, down_lora_b, lora_scales, activation,
                             dropout_p, seed)
     return out.contiguous(), seed
+
+
+def triton_supports(x, up_b, gate_w, gate_b, up_lora_a, gate_lora_a) -> bool:
+    """The generated up-projection kernel takes fp16/bf16/fp32, no LoRA term on the up side (the
+    fused epilogue has no low-rank input yet) and, when gated, biases on both halves or neither."""
+    return (x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and up_lora_a is None and gate_lora_a is None
+            and (gate_w is None or (up_b is None) == (gate_b is None)))
 
 
 def mlp_forward_triton(x, up_w, up_b, gate_w, gate_b, down_w, down_b, down_lora_a, down_lora_b,
