@@ -21,10 +21,31 @@ def _choice(default: str, *choices: str):
 class AttentionConfig:
     """What every attention region is rewritten into.
 
-    method: "dense" -> sparsify::attention with dense semantics; "off" -> leave the region as the
-    model wrote it (it is still found and reported).
+    method: "dense" -> sparsify::attention with dense semantics; "spt" -> SPT sparse attention
+    (product-quantized top-L keys per query, papers.md section 1; needs sparsify.prepare() first,
+    which creates the learned codebooks); "off" -> leave the region as the model wrote it (it is
+    still found and reported).
+
+    The remaining fields configure "spt":
+    keep:          fraction of keys each query attends to, L = ceil(keep * n) (default 1/8)
+    subspace_dim:  dims per PQ sub-vector d_c (head_dim must be a multiple)
+    codewords:     codewords E per subspace
+    codebook_loss: weight of the PQ codebook loss, added to the gradient of the task loss
+    min_seq:       regions with fewer keys stay dense (sparsity does not pay below it)
+    granularity:   "token" (top-L keys per query) or "block" (top key blocks per query block)
+    block_size:    query/key block size of the block granularity
     """
-    method: str = _choice("dense", "off")
+    method: str = _choice("dense", "spt", "off")
+    keep: float = 0.125
+    subspace_dim: int = 8
+    codewords: int = 16
+    codebook_loss: float = 1e-2
+    min_seq: int = 128
+    granularity: str = _choice("token", "block")
+    block_size: int = 64
+
+
+SparseAttention = AttentionConfig  # the SPT method's settings live on the attention config
 
 
 @dataclass

@@ -30,7 +30,7 @@ def _register_with_torch_logging() -> None:
 _register_with_torch_logging()
 
 _PUBLIC_FACTS = {
-    "attention": ("source", "mask", "causal", "scale", "dropout_p", "heads", "kv_heads", "head_dim"),
+    "attention": ("source", "mask", "causal", "scale", "dropout_p", "heads", "kv_heads", "head_dim", "keep_keys"),
     "mlp": ("activation", "gated", "bias", "lora", "dropout_p", "d_model", "d_ff"),
 }
 
@@ -64,7 +64,7 @@ class Report:
     def table(self) -> str:
         rows = [("graph", "kind", "module", "decision", "facts / reason")]
         for r in self.regions:
-            detail = r.reason or ", ".join(f"{k}={_fmt(r.facts.get(k))}" for k in _PUBLIC_FACTS[r.kind])
+            detail = r.reason or ", ".join(f"{k}={_fmt(r.facts[k])}" for k in _PUBLIC_FACTS[r.kind] if k in r.facts)
             rows.append((str(r.graph), r.kind, r.module or "<root>", r.decision, detail))
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
@@ -78,7 +78,7 @@ class Report:
 
     def to_json(self) -> list:
         return [{"graph": r.graph, "kind": r.kind, "module": r.module, "decision": r.decision,
-                 "reason": r.reason, "facts": {k: _fmt(r.facts.get(k)) for k in _PUBLIC_FACTS[r.kind]}}
+                 "reason": r.reason, "facts": {k: _fmt(r.facts[k]) for k in _PUBLIC_FACTS[r.kind] if k in r.facts}}
                 for r in self.regions]
 
 

@@ -47,9 +47,21 @@ def test_outputs_and_gradients_equal_eager_aot_eager(family, impl):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,impl", [("bert", "sdpa"), ("llama", "eager"), ("t5", "sdpa")])
+@pytest.mark.parametrize("family,impl", [("bert", "sdpa"), ("roberta", "eager"), ("gpt2", "eager"),
+                                         ("llama", "eager"), ("opt", "sdpa"), ("t5", "sdpa")])
 def test_outputs_and_gradients_equal_eager_inductor(family, impl):
     _compare_with_eager(family, impl, "inductor")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eval_mode_outputs_equal_eager(family):
+    model = tiny_model(family, "eager").eval()
+    for padded in (True, False):
+        inputs = tiny_inputs(family, padded=padded)
+        compiled = torch.compile(model, backend="sparsify", options={"inner": "aot_eager"})
+        with torch.no_grad():
+            torch.testing.assert_close(first_output(compiled(**inputs)), first_output(model(**inputs)),
+                                       atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

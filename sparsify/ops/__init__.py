@@ -4,6 +4,7 @@ import torch
 
 from . import attention as _attention  # noqa: F401  (registers sparsify::attention)
 from . import mlp as _mlp  # noqa: F401  (registers sparsify::mlp)
+from . import tag as _tag  # noqa: F401  (registers sparsify::tag)
 from .attention import attention_reference
 from .mlp import ACTIVATIONS, mlp_reference
 

@@ -16,6 +16,7 @@ from .canonicalize import canonicalize
 from .dense import rewrite_dense
 from .plan import SparsifyError, plan_regions
 from .regions import Region, find_regions
+from .spt import collect_state, rewrite_spt
 
 _graph_counter = itertools.count()
 
@@ -25,9 +26,15 @@ def run_passes(gm: GraphModule, config: SparsifyConfig) -> Report:
     graph_index = next(_graph_counter)
     dump_graph(config.dump, graph_index, "before", gm)
     canonical = canonicalize(gm)
-    regions = plan_regions(find_regions(gm), config)
+    states = collect_state(gm)
+    regions = plan_regions(find_regions(gm), config, states)
+    rewritten = 0
+    for region in regions:
+        if region.decision == "spt":
+            rewrite_spt(gm, region, states[region.module], config.attention)
+            rewritten += 1
+    rewritten += rewrite_dense(gm, regions)
     report = Report(region_reports(regions, graph_index), graphs=1)
-    rewritten = rewrite_dense(gm, regions)
     gm.graph.lint()
     gm.recompile()
     if not regions:

@@ -15,23 +15,32 @@ from .fx_utils import erase_unused, insert_call
 from .regions import Region
 
 
+def attention_operands(graph, region: Region):
+    """(k, mask) in the form the attention ops take, inserted at the current insertion point:
+    k as [B, Hkv, Lk, D] and all masks folded into one (additive terms summed; bool: True = keep)."""
+    f = region.facts["_match"]
+    k = f.k
+    if f.k_transposed:  # the model multiplied by a k^T it did not get from a transpose
+        k = insert_call(graph, torch.transpose, (k, -1, -2), like=region.output)
+    mask = None
+    for term in f.additive_masks:  # T5: position bias + padding mask, summed once here
+        mask = term if mask is None else insert_call(graph, operator.add, (mask, term), like=region.output)
+    if f.keep_mask is not None:
+        mask = f.keep_mask
+    elif f.drop_mask is not None:
+        mask = insert_call(graph, torch.logical_not, (f.drop_mask,), like=region.output)
+    return k, mask
+
+
 def rewrite_attention(gm: GraphModule, region: Region) -> None:
     f = region.facts["_match"]
     graph = gm.graph
     with graph.inserting_before(region.output):
-        k = f.k
-        if f.k_transposed:  # the model multiplied by a k^T it did not get from a transpose
-            k = insert_call(graph, torch.transpose, (k, -1, -2), like=region.output)
-        mask = None
-        for term in f.additive_masks:  # T5: position bias + padding mask, summed once here
-            mask = term if mask is None else insert_call(graph, operator.add, (mask, term), like=region.output)
-        if f.keep_mask is not None:
-            mask = f.keep_mask
-        elif f.drop_mask is not None:
-            mask = insert_call(graph, torch.logical_not, (f.drop_mask,), like=region.output)
+        k, mask = attention_operands(graph, region)
         call = insert_call(graph, torch.ops.sparsify.attention.default,
                            (f.q, k, f.v, mask, float(f.scale), float(f.dropout_p), bool(f.is_causal)),
                            like=region.output)
+        call.meta["sparsify_module"] = region.module
         out = insert_call(graph, operator.getitem, (call, 0), like=region.output)
     region.output.replace_all_uses_with(out)
     erase_unused(region.interior)

@@ -5,10 +5,12 @@ import fnmatch
 
 from ..config import SparsifyConfig
 from .regions import Region
+from .spt import spt_guard
 
 # decision names of the rewrites this package ships, by (region kind, method)
 REWRITES = {
     ("attention", "dense"): "sparsify.attention",
+    ("attention", "spt"): "spt",
     ("mlp", "dense"): "sparsify.mlp",
 }
 
@@ -17,9 +19,18 @@ class SparsifyError(RuntimeError):
     """Raised in strict mode when a region cannot be rewritten; names the module."""
 
 
-def plan_regions(regions: list[Region], config: SparsifyConfig) -> list[Region]:
+def _method_guard(region: Region, config: SparsifyConfig, states: dict):
+    """The chosen method's own conditions, beyond what every rewrite needs."""
+    if region.kind == "attention" and config.attention.method == "spt":
+        return spt_guard(region, config.attention, states)
+    return None
+
+
+def plan_regions(regions: list[Region], config: SparsifyConfig, states: dict) -> list[Region]:
     for region in regions:
         method = getattr(config, region.kind).method
+        if not region.unsupported and method != "off":
+            region.unsupported = _method_guard(region, config, states)
         pattern = next((p for p in config.exclude if fnmatch.fnmatchcase(region.module, p)), None)
         if pattern is not None:
             region.decision, region.reason = "skipped", f"excluded by options.exclude pattern {pattern!r}"

@@ -1,0 +1,525 @@
+"""SPT (sparse fine-tuning, papers.md section 1): product-quantised key selection + attention on the kept keys.
+
+Ops (namespace "sparsify"), each with a fake kernel, a CPU reference in plain torch and a FLOP formula:
+
+    pq_encode(x[B,H,L,D], codebook[M,E,dc]) -> codes[B,H,L,M] int32
+        code[m] = argmin_e || x_m - C[m, e] ||_1, ties -> lowest e. Integer output: no gradient.
+    pq_select(q_codes[B,H,Lq,M], k_codes[B,Hkv,Lk,M], keep, causal, key_valid[B,Lk]?)
+        -> (index[B,H,Lq,keep] int32, valid[B,H,Lq,keep] bool)
+        Per query row, the `keep` allowed keys with the most matching codes.
+    spt_attention(q, k, v, index, valid, mask?, scale, dropout_p) -> (out[B,H,Lq,Dv], lse[B,H,Lq], seed)
+        Softmax attention restricted to the kept (valid) slots; backward via spt_attention_backward.
+    aux_loss(y, aux, weight, name) -> y (a copy); backward adds weight * d(aux) (gradient injection).
+
+Plus two plain functions: codebook_loss (the PQ codebook's auxiliary loss) and selection_recall.
+
+Semantics decisions (the Triton kernels must match these):
+  * Causal selection is top-left aligned, key j allowed for query i iff j <= i: what SDPA's is_causal and
+    sparsify::attention do. SPT fine-tunes on full sequences (Lq == Lk); a KV-cache decode (Lq < Lk) needs
+    bottom-right alignment and must pass causal=False plus key_valid / a mask instead.
+  * Ranking: highest score first, ties broken by the lower key index (deterministic). The kept slots of a row
+    are then returned sorted by ascending key index (ELL layout, friendlier to a kernel's loads), with the
+    invalid slots last.
+  * A row with fewer than `keep` allowed keys (first causal rows, padding) gets valid=False, index 0 in the
+    spare slots: never a duplicate of a kept key (a duplicate would count that key twice in the softmax).
+  * spt_attention: a row with no valid slot (or every kept key masked) gives out = 0 and lse = -inf, no NaN
+    (SDPA's safe softmax). lse is fp32, or fp64 for fp64 inputs (so the backward's recomputed P is exact
+    enough for float64 gradcheck); it is returned for the kernels' use and is not differentiable.
+GQA: query head h reads kv head h // (H // Hkv); gathers index the kv head, they never repeat K or V.
+
+Memory of this CPU reference (the Triton kernels avoid both): pq_select materialises an int16 score and an
+int32 ranking key of [B, H, rows, Lk] for a chunk of query rows; spt_attention gathers K and V to
+[B, H, rows, keep, D] per chunk of rows. Rows are chunked so these temporaries stay bounded.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from ._vjp import fresh_seed, placeholder_grads, seeded_dropout
+
+# Element budget for the per-chunk temporaries of the references (about 64 MiB in fp32).
+_CHUNK_ELEMS = 1 << 24
+
+# sparsify::aux_loss records the last auxiliary value per name here (a side effect, for logging only).
+AUX_LOSSES: dict[str, Tensor] = {}
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for half types and fp32, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _row_chunks(rows: int, per_row: int):
+    step = max(1, _CHUNK_ELEMS // max(1, per_row))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+# ---------------------------------------------------------------------------------------------
+# pq_encode
+# ---------------------------------------------------------------------------------------------
+
+def _split_subspaces(x: Tensor, codebook: Tensor) -> Tensor:
+    """[..., D] -> [N, M, dc]."""
+    m, _, dc = codebook.shape
+    if x.shape[-1] != m * dc:
+        raise ValueError(f"sparsify::pq: head dim {x.shape[-1]} != M * dc = {m} * {dc} (codebook "
+                         f"{tuple(codebook.shape)})")
+    return x.reshape(-1, m, dc)
+
+
+def l1_distances(x: Tensor, codebook: Tensor) -> Tensor:
+    """L1 distance of every sub-vector to every codeword: x [..., M*dc], codebook [M, E, dc] -> [N, M, E].
+
+    Differentiable (torch.cdist keeps only its inputs for backward, not the [N, M, E, dc] differences).
+    Computed in fp32 or wider, so half-precision inputs give the same codes as their fp32 upcast.
+    """
+    dtype = _acc_dtype(torch.promote_types(x.dtype, codebook.dtype))
+    sub = _split_subspaces(x, codebook).to(dtype)                        # [N, M, dc]
+    dist = torch.cdist(sub.transpose(0, 1), codebook.to(dtype), p=1.0)  # [M, N, E]
+    return dist.transpose(0, 1)
+
+
+@torch.library.custom_op("sparsify::pq_encode", mutates_args=())
+def pq_encode(x: Tensor, codebook: Tensor) -> Tensor:
+    """PQ codes of x [B, H, L, D] under codebook [M, E, dc]: [B, H, L, M] int32 (L1 nearest, lowest e on ties)."""
+    if x.dim() != 4 or codebook.dim() != 3:
+        raise ValueError(f"sparsify::pq_encode expects x [B,H,L,D] and codebook [M,E,dc]; got "
+                         f"{tuple(x.shape)}, {tuple(codebook.shape)}")
+    m = codebook.shape[0]
+    flat = x.reshape(-1, x.shape[-1])
+    codes = torch.empty(flat.shape[0], m, dtype=torch.int32, device=x.device)
+    for rows in _row_chunks(flat.shape[0], m * codebook.shape[1] * codebook.shape[2]):
+        # argmin returns the first minimum, which is the lowest codeword index on ties
+        codes[rows] = l1_distances(flat[rows], codebook).argmin(dim=-1).to(torch.int32)
+    return codes.reshape(*x.shape[:-1], m)
+
+
+@pq_encode.register_fake
+def _(x, codebook):
+    return torch.empty((*x.shape[:-1], codebook.shape[0]), dtype=torch.int32, device=x.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# pq_select
+# ---------------------------------------------------------------------------------------------
+
+def _check_select_inputs(q_codes, k_codes, keep, key_valid):
+    if q_codes.dim() != 4 or k_codes.dim() != 4:
+        raise ValueError(f"sparsify::pq_select expects codes [B,H,L,M]; got {tuple(q_codes.shape)}, "
+                         f"{tuple(k_codes.shape)}")
+    b, h, _, m = q_codes.shape
+    if k_codes.shape[0] != b or k_codes.shape[-1] != m or h % k_codes.shape[1] != 0:
+        raise ValueError(f"sparsify::pq_select: incompatible code shapes {tuple(q_codes.shape)} and "
+                         f"{tuple(k_codes.shape)} (need equal B and M, H % Hkv == 0)")
+    if q_codes.is_floating_point() or k_codes.is_floating_point():
+        raise ValueError("sparsify::pq_select: codes must be integer tensors")
+    if m >= 2**15:
+        raise ValueError(f"sparsify::pq_select: M={m} overflows the int16 score")
+    lk = k_codes.shape[2]
+    if not 1 <= keep <= lk:
+        raise ValueError(f"sparsify::pq_select: keep must be in [1, Lk={lk}], got {keep}")
+    if key_valid is not None and (key_valid.dtype != torch.bool or tuple(key_valid.shape) != (b, lk)):
+        raise ValueError(f"sparsify::pq_select: key_valid must be bool [B, Lk] = {(b, lk)}, got "
+                         f"{key_valid.dtype} {tuple(key_valid.shape)}")
+
+
+@torch.library.custom_op("sparsify::pq_select", mutates_args=())
+def pq_select(
+    q_codes: Tensor, k_codes: Tensor, keep: int, causal: bool, key_valid: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Top-`keep` keys per query by code matches: (index int32, valid bool), both [B, H, Lq, keep]."""
+    _check_select_inputs(q_codes, k_codes, keep, key_valid)
+    b, h, lq, m = q_codes.shape
+    hkv, lk = k_codes.shape[1], k_codes.shape[2]
+    groups = h // hkv
+    qc = q_codes.reshape(b, hkv, groups, lq, m)     # GQA as a broadcast dim, no repeat of k_codes
+    kc = k_codes.reshape(b, hkv, 1, 1, lk, m)
+    keys = torch.arange(lk, device=q_codes.device)
+    # rank key = score * Lk + (Lk - 1 - j): unique per allowed key, higher is better, lower j wins ties;
+    # disallowed keys get -1. int32 is enough: (M + 1) * Lk < 2**31 for any realistic M and Lk.
+    tie_break = (lk - 1 - keys).to(torch.int32)
+    index = torch.empty(b, hkv, groups, lq, keep, dtype=torch.int32, device=q_codes.device)
+    valid = torch.empty(b, hkv, groups, lq, keep, dtype=torch.bool, device=q_codes.device)
+    for rows in _row_chunks(lq, b * h * lk):
+        score = torch.zeros(b, hkv, groups, rows.stop - rows.start, lk, dtype=torch.int16, device=q_codes.device)
+        for sub in range(m):  # one subspace at a time keeps the temporary at [.., rows, Lk] bool
+            score += qc[:, :, :, rows, sub, None] == kc[..., sub]
+        rank = score.to(torch.int32) * lk + tie_break
+        allowed = torch.ones_like(rank, dtype=torch.bool)
+        if causal:  # top-left aligned: key j <= query i
+            qpos = torch.arange(rows.start, rows.stop, device=q_codes.device)
+            allowed = allowed & (keys[None, :] <= qpos[:, None])
+        if key_valid is not None:
+            allowed = allowed & key_valid[:, None, None, None, :]
+        rank = rank.masked_fill(~allowed, -1)
+        top_rank, top_idx = rank.topk(keep, dim=-1)
+        ok = top_rank >= 0
+        # ELL layout: kept keys in ascending order, spare (invalid) slots last with index 0
+        sorted_idx, _ = torch.where(ok, top_idx, lk).sort(dim=-1)
+        ok = sorted_idx < lk
+        index[:, :, :, rows] = torch.where(ok, sorted_idx, 0).to(torch.int32)
+        valid[:, :, :, rows] = ok
+    return index.reshape(b, h, lq, keep), valid.reshape(b, h, lq, keep)
+
+
+@pq_select.register_fake
+def _(q_codes, k_codes, keep, causal, key_valid):
+    shape = (*q_codes.shape[:-1], keep)
+    return (torch.empty(shape, dtype=torch.int32, device=q_codes.device),
+            torch.empty(shape, dtype=torch.bool, device=q_codes.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# spt_attention: forward and the hand-written backward
+# ---------------------------------------------------------------------------------------------
+
+def _check_spt_inputs(q, k, v, index, valid, mask, dropout_p):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"sparsify::spt_attention expects 4-d q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    b, h, lq, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b or h % k.shape[1] != 0 or k.shape[1] != v.shape[1] \
+            or k.shape[-1] != d or k.shape[2] != v.shape[2]:
+        raise ValueError(f"sparsify::spt_attention: incompatible q/k/v shapes {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if index.dim() != 4 or tuple(index.shape[:3]) != (b, h, lq) or index.is_floating_point() \
+            or index.dtype == torch.bool:
+        raise ValueError(f"sparsify::spt_attention: index must be integer [B, H, Lq, keep] with B, H, Lq = "
+                         f"{(b, h, lq)}; got {index.dtype} {tuple(index.shape)}")
+    if valid.dtype != torch.bool or valid.shape != index.shape:
+        raise ValueError(f"sparsify::spt_attention: valid must be bool of index's shape {tuple(index.shape)}")
+    if mask is not None:
+        try:
+            torch.broadcast_shapes(mask.shape, (b, h, lq, k.shape[2]))
+        except RuntimeError:
+            raise ValueError(f"sparsify::spt_attention: mask {tuple(mask.shape)} does not broadcast to "
+                             f"{(b, h, lq, k.shape[2])}") from None
+        if mask.dim() > 4:
+            raise ValueError(f"sparsify::spt_attention: mask has {mask.dim()} dims")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"sparsify::spt_attention: dropout_p must be in [0, 1], got {dropout_p}")
+
+
+def _gather_kv(t: Tensor, idx: Tensor) -> Tensor:
+    """t [B, Hkv, Lk, X], idx [B, H, rows, S] int64 -> t[b, h // G, idx] as [B, H, rows, S, X], no repeat."""
+    b, hkv, _, x = t.shape
+    _, h, rows, s = idx.shape
+    flat = idx.reshape(b, hkv, (h // hkv) * rows * s)  # h = hkv * G + g, so this groups heads by kv head
+    out = t.gather(2, flat.unsqueeze(-1).expand(-1, -1, -1, x))
+    return out.reshape(b, h, rows, s, x)
+
+
+def _scatter_kv(dst: Tensor, idx: Tensor, src: Tensor) -> None:
+    """Adjoint of _gather_kv: dst [B, Hkv, Lk, X] += src [B, H, rows, S, X] at idx (sums GQA groups)."""
+    b, hkv, _, x = dst.shape
+    flat = idx.reshape(b, hkv, -1)
+    dst.scatter_add_(2, flat.unsqueeze(-1).expand(-1, -1, -1, x), src.reshape(b, hkv, -1, x))
+
+
+def _scores(q, k, idx, valid, mask_b, scale, acc):
+    """Masked scores of the kept slots, [B, H, rows, S] in acc dtype; -inf where masked out; and K gathered."""
+    kg = _gather_kv(k, idx)
+    s = torch.einsum("bhid,bhisd->bhis", q.to(acc), kg.to(acc)) * scale
+    if mask_b is not None:
+        m = mask_b.gather(-1, idx)
+        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(acc)
+    return s.masked_fill(~valid, float("-inf")), kg
+
+
+def _probs(s: Tensor, lse: Tensor) -> Tensor:
+    """exp(s - lse) with empty rows (lse = -inf) giving 0 instead of NaN."""
+    return torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
+
+
+def _dropout_scale(shape, dtype, device, p: float, seed: Tensor) -> Optional[Tensor]:
+    """keep / (1 - p) over the [B, H, Lq, S] probabilities, the same draw as _vjp.seeded_dropout."""
+    if p <= 0.0:
+        return None
+    return seeded_dropout(torch.ones(shape, dtype=dtype, device=device), p, seed)
+
+
+def _broadcast_mask(mask, q, k):
+    if mask is None:
+        return None
+    return mask.broadcast_to(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+@torch.library.custom_op("sparsify::spt_attention", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def spt_attention(
+    q: Tensor, k: Tensor, v: Tensor, index: Tensor, valid: Tensor, mask: Optional[Tensor],
+    scale: float, dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Attention over the kept slots: (out [B,H,Lq,Dv], lse [B,H,Lq], seed int64 CPU scalar)."""
+    _check_spt_inputs(q, k, v, index, valid, mask, dropout_p)
+    b, h, lq, d = q.shape
+    dv = v.shape[-1]
+    keep = index.shape[-1]
+    acc = _acc_dtype(q.dtype)
+    seed = fresh_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    drop = _dropout_scale((b, h, lq, keep), acc, q.device, dropout_p, seed)
+    mask_b = _broadcast_mask(mask, q, k)
+    out = q.new_empty(b, h, lq, dv)
+    lse = torch.empty(b, h, lq, dtype=acc, device=q.device)
+    for rows in _row_chunks(lq, b * h * keep * max(d, dv)):
+        idx = index[:, :, rows].long()
+        s, _ = _scores(q[:, :, rows], k, idx, valid[:, :, rows],
+                       None if mask_b is None else mask_b[:, :, rows], scale, acc)
+        lse_rows = torch.logsumexp(s, dim=-1)  # -inf for rows with nothing valid
+        p = _probs(s, lse_rows)
+        if drop is not None:
+            p = p * drop[:, :, rows]
+        out[:, :, rows] = torch.einsum("bhis,bhisd->bhid", p, _gather_kv(v, idx).to(acc)).to(q.dtype)
+        lse[:, :, rows] = lse_rows
+    return out, lse, seed
+
+
+@spt_attention.register_fake
+def _(q, k, v, index, valid, mask, scale, dropout_p):
+    b, h, lq, _ = q.shape
+    return (q.new_empty(b, h, lq, v.shape[-1]),
+            q.new_empty(b, h, lq, dtype=_acc_dtype(q.dtype)),
+            torch.empty((), dtype=torch.int64, device="cpu"))
+
+
+def _effective_needs(mask: Optional[Tensor], needs_grad: list[bool]) -> list[bool]:
+    """A mask gradient exists only for a float (additive) mask."""
+    needs = list(needs_grad) + [False] * (4 - len(needs_grad))
+    needs[3] = bool(needs[3]) and mask is not None and mask.is_floating_point()
+    return needs[:4]
+
+
+def _reduce_to_shape(grad: Tensor, shape) -> Tensor:
+    """Sum a [B, H, Lq, Lk] gradient down to the shape it was broadcast from."""
+    lead = grad.dim() - len(shape)
+    if lead:
+        grad = grad.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return grad.sum(dim=dims, keepdim=True) if dims else grad
+
+
+@torch.library.custom_op("sparsify::spt_attention_backward", mutates_args=())
+def spt_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, index: Tensor, valid: Tensor, mask: Optional[Tensor],
+    lse: Tensor, seed: Tensor, scale: float, dropout_p: float, needs_grad: list[bool],
+) -> list[Tensor]:
+    """(dq, dk, dv, dmask) with the pattern fixed; entries not needed are empty tensors.
+
+    Per chunk of query rows, from the saved inputs and lse only (no saved probabilities):
+        S = q . K[idx] * scale (+ mask), P = exp(S - lse)        (recompute, masked slots -> 0)
+        Z = dropout keep / (1 - p) replayed from seed;  Pd = P * Z
+        dV[idx] += Pd^T dO;  dP = (dO . V[idx]) * Z;  dS = P * (dP - rowsum(P * dP))
+        dQ = dS K[idx] * scale;  dK[idx] += dS^T q * scale;  dmask[.., idx] += dS (then un-broadcast)
+    """
+    needs = _effective_needs(mask, needs_grad)
+    b, h, lq, d = q.shape
+    keep = index.shape[-1]
+    acc = _acc_dtype(q.dtype)
+    drop = _dropout_scale((b, h, lq, keep), acc, q.device, dropout_p, seed)
+    mask_b = _broadcast_mask(mask, q, k)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device) if needs[0] else None
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device) if needs[1] else None
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device) if needs[2] else None
+    # the mask's gradient is dense by nature: [B, H, Lq, Lk] before reducing to the mask's own shape
+    dmask = torch.zeros(b, h, lq, k.shape[2], dtype=acc, device=q.device) if needs[3] else None
+    for rows in _row_chunks(lq, b * h * keep * max(d, v.shape[-1])):
+        idx = index[:, :, rows].long()
+        q_rows = q[:, :, rows].to(acc)
+        s, kg = _scores(q_rows, k, idx, valid[:, :, rows],
+                        None if mask_b is None else mask_b[:, :, rows], scale, acc)
+        p = _probs(s, lse[:, :, rows].to(acc))
+        del s
+        z = None if drop is None else drop[:, :, rows]
+        d_out = grad_out[:, :, rows].to(acc)
+        if dv is not None:
+            pd = p if z is None else p * z
+            _scatter_kv(dv, idx, pd.unsqueeze(-1) * d_out.unsqueeze(-2))
+        if not (needs[0] or needs[1] or needs[3]):
+            continue
+        dp = torch.einsum("bhid,bhisd->bhis", d_out, _gather_kv(v, idx).to(acc))
+        if z is not None:
+            dp = dp * z
+        ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
+        if dq is not None:
+            dq[:, :, rows] = torch.einsum("bhis,bhisd->bhid", ds, kg.to(acc)) * scale
+        if dk is not None:
+            _scatter_kv(dk, idx, (ds * scale).unsqueeze(-1) * q_rows.unsqueeze(-2))
+        if dmask is not None:
+            dmask[:, :, rows].scatter_add_(-1, idx, ds)  # invalid slots have ds = 0: adding 0 at index 0
+    empty = grad_out.new_empty(0)
+    return [
+        dq.to(q.dtype) if dq is not None else empty,
+        dk.to(k.dtype) if dk is not None else empty,
+        dv.to(v.dtype) if dv is not None else empty,
+        _reduce_to_shape(dmask, mask.shape).to(mask.dtype).contiguous() if dmask is not None else empty,
+    ]
+
+
+@spt_attention_backward.register_fake
+def _(grad_out, q, k, v, index, valid, mask, lse, seed, scale, dropout_p, needs_grad):
+    return placeholder_grads((q, k, v, mask), _effective_needs(mask, needs_grad), grad_out)
+
+
+def _spt_setup_context(ctx, inputs, output):
+    q, k, v, index, valid, mask, scale, dropout_p = inputs
+    _, lse, seed = output
+    # exactly what the backward formulas need: no output, no [.., keep] probabilities
+    ctx.save_for_backward(q, k, v, index, valid, mask, lse, seed)
+    ctx.mark_non_differentiable(lse)
+    ctx.args = (scale, dropout_p)
+    ctx.mask_is_float = mask is not None and mask.is_floating_point()
+
+
+def _spt_backward(ctx, grad_out, _grad_lse, _grad_seed):
+    q, k, v, index, valid, mask, lse, seed = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2],
+             ctx.needs_input_grad[5] and ctx.mask_is_float]
+    grads = torch.ops.sparsify.spt_attention_backward(grad_out, q, k, v, index, valid, mask, lse, seed,
+                                                      *ctx.args, needs)
+    dq, dk, dv, dmask = (g if need else None for g, need in zip(grads, needs))
+    return dq, dk, dv, None, None, dmask, None, None
+
+
+spt_attention.register_autograd(_spt_backward, setup_context=_spt_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Codebook loss and gradient injection
+# ---------------------------------------------------------------------------------------------
+
+def codebook_loss(z: Tensor, codebook: Tensor) -> Tensor:
+    """PQ codebook loss of z [..., D] (q or k, per head) under codebook [M, E, dc]; a scalar (fp32 or wider).
+
+        dist  = L1(z_m, C[m, e])                          [N, M, E]
+        a     = softmax(-log(clamp(dist, 1e-5)), dim=E)   soft assignment
+        z_q   = C[m, argmin_e dist]                       hard centroid
+        loss  = MSE(a @ C, z_q) + MSE(z, z_q)
+
+    Gradient flow (our choice; papers.md fixes the formula, not the detaching):
+      * term 1 trains only the codebook: z is detached there, C gets gradient through both a @ C (and the
+        distances inside a) and z_q. It pulls the soft assignment towards the hard one, so the codewords
+        spread so that each sub-vector has one clearly nearest codeword.
+      * term 2 trains both: C through z_q (codewords move towards the sub-vectors assigned to them, as in
+        k-means) and z (q / k are pulled towards their centroids, so LoRA weights upstream see it).
+    Apply it to q and to k and add the two (the caller's business).
+    """
+    m, e, dc = codebook.shape
+    zs = _split_subspaces(z, codebook)
+    dtype = _acc_dtype(torch.promote_types(z.dtype, codebook.dtype))
+    zs, cb = zs.to(dtype), codebook.to(dtype)
+    dist = l1_distances(zs.detach(), cb)                              # [N, M, E], z detached (term 1)
+    assign = torch.softmax(-torch.log(dist.clamp_min(1e-5)), dim=-1)
+    z_soft = torch.einsum("nme,med->nmd", assign, cb)
+    code = dist.detach().argmin(dim=-1)                               # [N, M]
+    z_q = cb[torch.arange(m, device=cb.device), code]                 # [N, M, dc], gradient to C
+    return F.mse_loss(z_soft, z_q) + F.mse_loss(zs, z_q)
+
+
+@torch.library.custom_op("sparsify::aux_loss", mutates_args=())
+def aux_loss(y: Tensor, aux: Tensor, weight: float, name: str) -> Tensor:
+    """Returns a copy of y; backward adds weight * d(aux) to the gradient (aux's incoming grad is `weight`).
+
+    So training on task_loss alone gives the gradient of task_loss + weight * aux, without changing the
+    model's outputs. Side effect: AUX_LOSSES[name] = aux.detach() on every real (not fake) call, for
+    logging; the last value wins. Under torch.compile it runs when the compiled forward runs.
+    """
+    AUX_LOSSES[name] = aux.detach()
+    return y.clone()
+
+
+@aux_loss.register_fake
+def _(y, aux, weight, name):
+    return torch.empty_like(y)
+
+
+def _aux_setup_context(ctx, inputs, output):
+    _, aux, weight, _ = inputs
+    ctx.weight = weight
+    ctx.aux_shape, ctx.aux_dtype, ctx.aux_device = aux.shape, aux.dtype, aux.device
+
+
+def _aux_backward(ctx, grad_y):
+    grad_aux = torch.full(ctx.aux_shape, ctx.weight, dtype=ctx.aux_dtype, device=ctx.aux_device)
+    return grad_y, grad_aux, None, None
+
+
+aux_loss.register_autograd(_aux_backward, setup_context=_aux_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection quality
+# ---------------------------------------------------------------------------------------------
+
+def selection_recall(
+    q: Tensor, k: Tensor, index: Tensor, valid: Tensor, keep: int, causal: bool,
+    key_valid: Optional[Tensor] = None,
+) -> float:
+    """Mean over query rows of |selected & exact top-L| / L, where exact top-L ranks the allowed keys by q . k
+    and L = min(keep, allowed keys in the row); rows with no allowed key are skipped. Materialises the dense
+    [B, H, Lq, Lk] scores: an evaluation tool, not a training path."""
+    b, h, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    groups = h // hkv
+    with torch.no_grad():
+        scores = torch.einsum("bkgid,bkjd->bkgij", q.reshape(b, hkv, groups, lq, -1).double(), k.double())
+        scores = scores.reshape(b, h, lq, lk)
+        allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).expand(b, h, lq, lk)
+        if causal:
+            allowed = allowed & torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        if key_valid is not None:
+            allowed = allowed & key_valid[:, None, None, :]
+        target = allowed.sum(-1).clamp(max=keep)
+        top = scores.masked_fill(~allowed, float("-inf")).topk(keep, dim=-1).indices
+        in_top = torch.zeros(b, h, lq, lk, dtype=torch.bool, device=q.device)
+        slot = torch.arange(keep, device=q.device)
+        in_top.scatter_(-1, top, (slot < target.unsqueeze(-1)))
+        # spare slots go to an extra column, so their index 0 never unmarks a kept key 0
+        picked = torch.zeros(b, h, lq, lk + 1, dtype=torch.bool, device=q.device)
+        picked.scatter_(-1, torch.where(valid, index.long(), lk), True)
+        picked = picked[..., :lk]
+        hits = (picked & in_top).sum(-1)
+        rows = target > 0
+        return (hits[rows].double() / target[rows].double()).mean().item() if rows.any() else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP formulas (2 FLOPs per multiply-add, as aten.bmm)
+# ---------------------------------------------------------------------------------------------
+
+def spt_attention_flops(q_shape, k_shape, v_shape, index_shape, *args, out_shape=None, **kwargs) -> int:
+    """S = q . K[idx] and O = P V[idx] over the kept slots only."""
+    b, h, lq, d = q_shape
+    return 2 * b * h * lq * index_shape[-1] * (d + v_shape[-1])
+
+
+def spt_attention_backward_flops(grad_out_shape, q_shape, k_shape, v_shape, index_shape, *args,
+                                 out_shape=None, **kwargs) -> int:
+    """Recompute S (D), dV (Dv), dP (Dv), dQ (D), dK (D): 2 * B*H*Lq*keep * (3D + 2Dv). O is not recomputed
+    (rowsum(P * dP) replaces rowsum(dO * O)), so this is 2.5x the forward for D == Dv, not 3x."""
+    b, h, lq, d = q_shape
+    return 2 * b * h * lq * index_shape[-1] * (3 * d + 2 * v_shape[-1])
+
+
+def pq_select_flops(q_codes_shape, k_codes_shape, *args, out_shape=None, **kwargs) -> int:
+    """One per code comparison-and-count, B*H*Lq*Lk*M. Integer work, but counted: it is the only part of
+    SPT that scales with Lq * Lk, and leaving it out would flatter the FLOP comparison against dense."""
+    b, h, lq, m = q_codes_shape
+    return b * h * lq * k_codes_shape[2] * m
+
+
+def pq_encode_flops(x_shape, codebook_shape, *args, out_shape=None, **kwargs) -> int:
+    """2 per (sub-vector, codeword, dim): |x - c| accumulated, B*H*L*M*E*dc*2."""
+    m, e, dc = codebook_shape
+    return math.prod(x_shape[:-1]) * m * e * dc * 2
+
+
+register_flop_formula(torch.ops.sparsify.spt_attention)(spt_attention_flops)
+register_flop_formula(torch.ops.sparsify.spt_attention_backward)(spt_attention_backward_flops)
+register_flop_formula(torch.ops.sparsify.pq_select)(pq_select_flops)
+register_flop_formula(torch.ops.sparsify.pq_encode)(pq_encode_flops)

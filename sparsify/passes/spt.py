@@ -1,0 +1,119 @@
+"""SPT sparse attention (papers.md section 1): each attention region becomes
+
+    codes_q = pq_encode(q, C)   codes_k = pq_encode(k, C)            C: the module's PQ codebook
+    index, valid = pq_select(codes_q, codes_k, L, causal, key_valid)  top-L keys per query
+    out = spt_attention(q, k, v, index, valid, mask, scale, dropout)  attention on the kept pattern
+    out = aux_loss(out, codebook_loss(q, C) + codebook_loss(k, C), w) gradient injection (DESIGN 6)
+
+The codebook is the nn.Parameter sparsify.prepare() registered on the attention module; it reaches
+the graph through a sparsify::tag node (DESIGN.md decision 5), which collect_state() removes.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..config import AttentionConfig
+from .dense import attention_operands
+from .fx_utils import erase_unused, insert_call, module_path, shape, value
+from .regions import Region
+
+SPT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def collect_state(gm: GraphModule) -> dict[str, Node]:
+    """Strip every sparsify::tag node; return module path -> the state placeholder it carried."""
+    states = {}
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.sparsify.tag.default:
+            x, state, name = node.args
+            # the tag runs in the owning module's forward hook: its module path is the module's
+            # path relative to *this* compile's root (the name recorded at prepare time may not be)
+            states[module_path(node) or name] = state
+            node.replace_all_uses_with(x)
+            gm.graph.erase_node(node)
+    return states
+
+
+def spt_guard(region: Region, config: AttentionConfig, states: dict) -> Optional[str]:
+    """Why this attention region cannot take SPT (None: it can)."""
+    facts = region.facts
+    f = facts.get("_match")
+    if not 0.0 < config.keep <= 1.0:
+        return f"keep={config.keep} is outside (0, 1]"
+    head_dim = facts.get("head_dim")
+    if not head_dim or head_dim % config.subspace_dim:
+        return f"head_dim {head_dim} is not a multiple of subspace_dim {config.subspace_dim}"
+    if value(f.q).dtype not in SPT_DTYPES:
+        return f"dtype {value(f.q).dtype} has no SPT kernel (supported: fp16, bf16, fp32)"
+    k_shape = shape(f.k)
+    seq = k_shape[-1] if f.k_transposed else k_shape[-2]
+    if not isinstance(seq, int):
+        return "dynamic sequence length (SPT needs a static key count to size the kept pattern)"
+    if seq < config.min_seq:
+        return f"sequence length {seq} is below min_seq={config.min_seq}"
+    if config.granularity != "token":
+        return "granularity='block' is not wired into the pass yet (its kernel is in codegen/)"
+    if region.module not in states:
+        return ("no PQ codebook on this module: call sparsify.prepare(model, *example_inputs, "
+                "options=...) before torch.compile")
+    cb = value(states[region.module])
+    expected = (head_dim // config.subspace_dim, config.codewords, config.subspace_dim)
+    if tuple(cb.shape) != expected:
+        return f"the module's codebook has shape {tuple(cb.shape)}, options ask for {expected}"
+    return None
+
+
+def key_valid_from_mask(mask: torch.Tensor, batch: int, lq: int, lk: int) -> torch.Tensor:
+    """[batch, lk] bool: keys any query may attend to, read off the mask's last query row.
+
+    HF's padding masks mask keys (every row alike) and their causal masks allow all keys in the last
+    row, so the last row is the key-padding mask; the full mask is still applied to every kept
+    score by spt_attention, so a mask of another shape costs selection quality, never correctness.
+    """
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    last_row = allowed.expand(*allowed.shape[:-2], lq, lk)[..., -1, :]
+    while last_row.dim() > 2:
+        last_row = last_row.any(dim=1)
+    return last_row.expand(batch, lk)
+
+
+def spt_codebook_aux(q: torch.Tensor, k: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    from ..ops.spt import codebook_loss
+    return codebook_loss(q, codebook) + codebook_loss(k, codebook)
+
+
+def rewrite_spt(gm: GraphModule, region: Region, codebook: Node, config: AttentionConfig) -> None:
+    f = region.facts["_match"]
+    graph = gm.graph
+    like = region.output
+    with graph.inserting_before(region.output):
+        k, mask = attention_operands(graph, region)
+        batch, _, lq, _ = shape(f.q)
+        lk = shape(k)[-2]
+        keep = max(1, min(lk, math.ceil(config.keep * lk)))
+        q_codes = insert_call(graph, torch.ops.sparsify.pq_encode.default, (f.q, codebook), like=like)
+        k_codes = insert_call(graph, torch.ops.sparsify.pq_encode.default, (k, codebook), like=like)
+        key_valid = None
+        if mask is not None:
+            key_valid = insert_call(graph, key_valid_from_mask, (mask, batch, lq, lk), like=like)
+        causal = bool(region.facts["causal"])
+        selected = insert_call(graph, torch.ops.sparsify.pq_select.default,
+                               (q_codes, k_codes, keep, causal, key_valid), like=like)
+        index = insert_call(graph, operator.getitem, (selected, 0), like=like)
+        valid = insert_call(graph, operator.getitem, (selected, 1), like=like)
+        call = insert_call(graph, torch.ops.sparsify.spt_attention.default,
+                           (f.q, k, f.v, index, valid, mask, float(f.scale), float(f.dropout_p)), like=like)
+        call.meta["sparsify_module"] = region.module
+        out = insert_call(graph, operator.getitem, (call, 0), like=like)
+        if config.codebook_loss > 0:
+            aux = insert_call(graph, spt_codebook_aux, (f.q, k, codebook), like=like)
+            out = insert_call(graph, torch.ops.sparsify.aux_loss.default,
+                              (out, aux, float(config.codebook_loss), region.module), like=like)
+    region.output.replace_all_uses_with(out)
+    erase_unused(region.interior)
+    region.facts["keep_keys"] = keep
