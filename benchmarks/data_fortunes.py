@@ -12,7 +12,8 @@ categories, which makes the task harder: the topical evidence is spread thinly o
 
 Train/test split: each category's fortunes (and the distractor fortunes) are shuffled with the
 seed and split *by fortune* before any document is built: a fortune used in a train document never
-appears in a test document.  Within one split a fortune can appear in several documents (there
+appears in a test document.  Repeated fortunes are removed first (duplicates within a file, and
+the few texts that appear in two categories, so the same text cannot sit on both sides).  Within one split a fortune can appear in several documents (there
 are only ~150-1000 fortunes per category), but never twice in one document unless the pool runs
 out.  The split depends only on the seed and ``test_frac``, not on seq_len or the data set sizes,
 so runs at different lengths see the same train/test fortunes.
@@ -88,12 +89,26 @@ class _Pool:
         return self.fortunes[self._queue.pop()]
 
 
+def _unique_fortunes(categories, directory: str) -> dict:
+    """{category: fortunes}, each fortune at most once per category, and fortunes found in more than
+    one category dropped: the files share a few (e.g. computers and cookie), which would leak test
+    text into training under another label."""
+    # always dedupe against the same wide set, so a category's fortunes do not depend on which
+    # other categories (or whether distractors) a run uses
+    universe = sorted(set(categories) | set(DEFAULT_CATEGORIES) | set(DISTRACTOR_CATEGORIES))
+    texts = {c: list(dict.fromkeys(read_category(c, directory))) for c in universe}
+    seen: dict = {}
+    for c in universe:
+        for t in texts[c]:
+            seen[t] = seen.get(t, 0) + 1
+    return {c: [t for t in texts[c] if seen[t] == 1] for c in categories}
+
+
 def split_fortunes(categories, seed: int, test_frac: float = 0.2,
                    directory: str = FORTUNES_DIR) -> dict:
     """{category: (train_texts, test_texts)}: a seeded shuffle then a cut, per category."""
     out = {}
-    for cat in categories:
-        texts = read_category(cat, directory)
+    for cat, texts in _unique_fortunes(list(categories), directory).items():
         # the category name in the seed keeps each category's split independent of the others
         order = list(range(len(texts)))
         random.Random(f"{seed}-{cat}").shuffle(order)

@@ -1,10 +1,11 @@
 """sparsify: compile sparsity into stock Transformers with torch.compile(model, backend="sparsify")."""
 from .backend import backend, explain, last_report, sparsify_backend
-from .config import AttentionConfig, MLPConfig, SparsifyConfig
+from .config import AttentionConfig, MLPConfig, SparseAttention, SparsifyConfig
 from .debug import Report, RegionReport
 from .passes import SparsifyError
+from .prepare import prepare
 from . import ops  # noqa: F401  (registers torch.ops.sparsify.*)
 
 __version__ = "0.1.0"
-__all__ = ["AttentionConfig", "MLPConfig", "Report", "RegionReport", "SparsifyConfig", "SparsifyError",
+__all__ = ["AttentionConfig", "MLPConfig", "SparseAttention", "prepare", "Report", "RegionReport", "SparsifyConfig", "SparsifyError",
            "backend", "explain", "last_report", "sparsify_backend"]

@@ -5,6 +5,7 @@ import torch
 from . import attention as _attention  # noqa: F401  (registers sparsify::attention)
 from . import mlp as _mlp  # noqa: F401  (registers sparsify::mlp)
 from . import tag as _tag  # noqa: F401  (registers sparsify::tag)
+from . import spt as _spt  # noqa: F401  (registers the SPT ops: pq_encode, pq_select, spt_attention, aux_loss)
 from .attention import attention_reference
 from .mlp import ACTIVATIONS, mlp_reference
 

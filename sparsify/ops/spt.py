@@ -352,13 +352,11 @@ def spt_attention_backward(
             _scatter_kv(dk, idx, (ds * scale).unsqueeze(-1) * q_rows.unsqueeze(-2))
         if dmask is not None:
             dmask[:, :, rows].scatter_add_(-1, idx, ds)  # invalid slots have ds = 0: adding 0 at index 0
-    empty = grad_out.new_empty(0)
-    return [
-        dq.to(q.dtype) if dq is not None else empty,
-        dk.to(k.dtype) if dk is not None else empty,
-        dv.to(v.dtype) if dv is not None else empty,
-        _reduce_to_shape(dmask, mask.shape).to(mask.dtype).contiguous() if dmask is not None else empty,
-    ]
+    if dmask is not None:
+        dmask = _reduce_to_shape(dmask, mask.shape).to(mask.dtype).contiguous()
+    # one fresh empty tensor per missing gradient: outputs may not alias each other
+    return [g.to(t.dtype) if g is not None else grad_out.new_empty(0)
+            for g, t in zip((dq, dk, dv, dmask), (q, k, v, mask))]
 
 
 @spt_attention_backward.register_fake

@@ -29,7 +29,7 @@ def collect_state(gm: GraphModule) -> dict[str, Node]:
     """Strip every sparsify::tag node; return module path -> the state placeholder it carried."""
     states = {}
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is torch.ops.sparsify.tag.default:
+        if node.op == "call_function" and node.target in (torch.ops.sparsify.tag, torch.ops.sparsify.tag.default):
             x, state, name = node.args
             # the tag runs in the owning module's forward hook: its module path is the module's
             # path relative to *this* compile's root (the name recorded at prepare time may not be)

@@ -1,0 +1,764 @@
+"""Sparse attention kernels (SPT token-granular and block-granular), generated per spec.
+
+Public API::
+
+    TokenSparseSpec, BlockSparseSpec           # what a kernel module is generated from
+    kernel_source(spec) -> str                 # generated source (pure: no triton import)
+    get_spt_kernel(spec) -> SparseAttentionKernels   # cached: same spec -> same object
+
+    spt_forward(q, k, v, index, valid, mask, scale, *, causal=False) -> (out, lse)
+    spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale, *, causal=False,
+                 out=None, mask_grad=False) -> (dq, dk, dv) [+ dmask if mask_grad]
+
+    block_sparse_forward(q, k, v, block_index, block_valid, *, block_m=64, block_n=64,
+                         causal=False, key_padding_mask=None, scale=None) -> (out, lse)
+    block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, *, block_m=64,
+                          block_n=64, causal=False, key_padding_mask=None, scale=None,
+                          out=None) -> (dq, dk, dv)
+    dense_block_map(Lq, Lk, block_m, block_n, causal=False) -> (block_index, block_valid)
+
+Shapes: q [B, H, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv], any strides, one dtype
+out of fp16 / bf16 / fp32. GQA: H % Hkv == 0 and query head h reads kv head
+h // (H // Hkv); repeated k / v are never materialised. out is [B, H, Lq, Dv] in q's
+dtype, lse is the fp32 natural-log logsumexp of the kept scores per row.
+
+Semantics shared by both kinds:
+
+* A query row that keeps no key (every slot invalid / masked) gets out = 0, lse = -inf
+  and zero gradients; nothing is NaN (SDPA would give NaN for such a row).
+* ``causal`` is bottom-right aligned: query i may see key j <= i + (Lk - Lq), which is
+  SDPA's ``is_causal`` when Lq == Lk and the right thing for a KV cache when Lq < Lk.
+* Out-of-range key / block indices count as invalid slots (they are never read).
+* Duplicate valid indices in one row are counted twice (like a gather-based reference);
+  selections are expected to be distinct.
+* Backward needs D_i = rowsum(P * dP). By default the kernel computes it in an extra
+  pass over the kept entries (no forward output needed); pass ``out=`` to instead use
+  rowsum(dO * O) computed here with torch (one pass less, FlashAttention-2 style).
+* dk / dv are accumulated with ``tl.atomic_add`` into fp32 buffers (one key row /
+  block is shared by many query rows and, with GQA, by several query heads), then cast.
+  Summation order is therefore not deterministic on a GPU.
+
+Token kernel (``spt_*``): index [B, H, Lq, keep] int32 (int64 accepted), valid bool
+of the same shape (None: all valid); both may be broadcast views. The optional additive
+float mask is broadcastable to [B, H, Lq, Lk] and read through its strides (0-strides
+for broadcast dims), gathered at mask[b, h, i, index]; a bool mask is turned into an
+additive 0 / -inf one. ``mask_grad=True`` makes the backward kernel store dS per slot
+(fp32 [B, H, Lq, keep]); dmask is scattered from it here into a dense [B, H, Lq, Lk]
+fp32 buffer and summed down to the mask's shape (a dense allocation: masks that need
+gradients are rare).
+
+Block kernel (``block_sparse_*``): block_index [B, H, ceil(Lq / block_m), kb] int32
+(int64 accepted) lists the key blocks (block_n keys each) visited by each query block,
+block_valid (bool, same shape, None: all valid) switches entries off; both broadcast.
+block_m / block_n are the map's granularity and also the kernel tile sizes: powers of
+two in 16..256 (tl.dot needs >= 16). key_padding_mask: [B, Lk], nonzero = attend (the
+Hugging Face attention_mask convention). Head dims that are not a power of two (up to
+256) are zero-padded inside the kernel to the next power of two (>= 16), no copy.
+
+Interpreter notes (TRITON_INTERPRET=1, CPU tensors): kernels are built lazily and keyed
+on the mode (see emitter.py); bf16 ``tl.dot`` is not exact in the interpreter, so the
+block kernel is checked there in fp32 / fp16 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+
+import torch
+
+from . import emitter as _emitter
+from . import spt_templates as T
+from .emitter import cache_dir, interpret_mode
+from .spec import _DTYPE_NAMES, SUPPORTED_DTYPES, spec_key
+
+__all__ = [
+    "TokenSparseSpec",
+    "BlockSparseSpec",
+    "SparseAttentionKernels",
+    "kernel_source",
+    "kernel_key",
+    "get_spt_kernel",
+    "spt_forward",
+    "spt_backward",
+    "block_sparse_forward",
+    "block_sparse_backward",
+    "dense_block_map",
+    "MAX_HEAD_DIM",
+]
+
+MAX_HEAD_DIM = 256
+TOKEN_MASK_KINDS = ("none", "additive")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _is_pow2(n) -> bool:
+    return isinstance(n, int) and n > 0 and n & (n - 1) == 0
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --- specs -----------------------------------------------------------------------------
+
+def _check_common_fields(spec, cls_name):
+    if spec.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"unsupported dtype {spec.dtype}; expected one of {tuple(str(d) for d in SUPPORTED_DTYPES)}"
+        )
+    for name in ("head_dim", "v_head_dim"):
+        val = getattr(spec, name)
+        if not isinstance(val, int) or isinstance(val, bool) or not 1 <= val <= MAX_HEAD_DIM:
+            raise ValueError(f"{cls_name}.{name} must be an int in 1..{MAX_HEAD_DIM}, got {val!r}")
+    for f in dataclasses.fields(spec):
+        # bool() guards: numpy bools / 0-1 ints would make equal specs hash differently
+        if f.type in ("bool", bool) and not isinstance(getattr(spec, f.name), bool):
+            raise ValueError(f"{cls_name}.{f.name} must be a bool, got {getattr(spec, f.name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSparseSpec:
+    """Token-granular (ELL) sparse attention: each query row keeps ``keep`` key slots.
+
+    block_m: query rows per program; block_k: key slots per inner-loop chunk. The 3-D
+    gather tiles are [block_m, block_k, pow2(head_dim)], so their product bounds the
+    registers a program needs (see ``default_token_blocks``).
+    """
+
+    head_dim: int
+    v_head_dim: int
+    dtype: torch.dtype = torch.float16
+    causal: bool = False
+    mask: str = "none"  # "none" | "additive"
+    mask_grad: bool = False  # backward also stores dS per slot (for dmask)
+    precomputed_delta: bool = False  # backward reads D_i instead of computing it
+    block_m: int = 16
+    block_k: int = 16
+
+    def __post_init__(self):
+        _check_common_fields(self, "TokenSparseSpec")
+        if self.mask not in TOKEN_MASK_KINDS:
+            raise ValueError(f"TokenSparseSpec.mask must be one of {TOKEN_MASK_KINDS}, got {self.mask!r}")
+        if self.mask_grad and self.mask != "additive":
+            raise ValueError("TokenSparseSpec.mask_grad needs mask='additive'")
+        for name in ("block_m", "block_k"):
+            val = getattr(self, name)
+            if not _is_pow2(val) or val > 256:
+                raise ValueError(f"TokenSparseSpec.{name} must be a power of two <= 256, got {val!r}")
+
+    @property
+    def dtype_name(self) -> str:
+        return _DTYPE_NAMES[self.dtype]
+
+    @property
+    def block_d(self) -> int:
+        return max(16, _next_pow2(self.head_dim))
+
+    @property
+    def block_dv(self) -> int:
+        return max(16, _next_pow2(self.v_head_dim))
+
+    @property
+    def kernel_name(self) -> str:
+        """Base name of the two kernels (``<name>_fwd`` / ``<name>_bwd``), descriptive so
+        they are recognisable in profiler traces."""
+        parts = ["spt_token", f"d{self.head_dim}", f"dv{self.v_head_dim}", self.dtype_name]
+        if self.causal:
+            parts.append("causal")
+        if self.mask != "none":
+            parts.append(f"{self.mask}mask")
+        if self.mask_grad:
+            parts.append("dmask")
+        if self.precomputed_delta:
+            parts.append("delta")
+        parts.append(f"m{self.block_m}k{self.block_k}")
+        return "_".join(parts)
+
+    def canonical(self) -> str:
+        return (
+            f"TokenSparseSpec(head_dim={self.head_dim},v_head_dim={self.v_head_dim},"
+            f"dtype={self.dtype_name},causal={int(self.causal)},mask={self.mask},"
+            f"mask_grad={int(self.mask_grad)},precomputed_delta={int(self.precomputed_delta)},"
+            f"block_m={self.block_m},block_k={self.block_k})"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseSpec:
+    """Block-granular sparse attention: query blocks of ``block_m`` rows visit selected
+    key blocks of ``block_n`` keys (flash-attention style, tl.dot)."""
+
+    head_dim: int
+    v_head_dim: int
+    dtype: torch.dtype = torch.float16
+    causal: bool = False
+    key_padding: bool = False
+    precomputed_delta: bool = False
+    block_m: int = 64
+    block_n: int = 64
+
+    def __post_init__(self):
+        _check_common_fields(self, "BlockSparseSpec")
+        for name in ("block_m", "block_n"):
+            val = getattr(self, name)
+            if not _is_pow2(val) or not 16 <= val <= 256:
+                raise ValueError(
+                    f"BlockSparseSpec.{name} must be a power of two in 16..256 (tl.dot tiles), got {val!r}"
+                )
+
+    @property
+    def dtype_name(self) -> str:
+        return _DTYPE_NAMES[self.dtype]
+
+    @property
+    def block_d(self) -> int:
+        return max(16, _next_pow2(self.head_dim))
+
+    @property
+    def block_dv(self) -> int:
+        return max(16, _next_pow2(self.v_head_dim))
+
+    @property
+    def kernel_name(self) -> str:
+        parts = ["spt_block", f"d{self.head_dim}", f"dv{self.v_head_dim}", self.dtype_name]
+        if self.causal:
+            parts.append("causal")
+        if self.key_padding:
+            parts.append("kpm")
+        if self.precomputed_delta:
+            parts.append("delta")
+        parts.append(f"m{self.block_m}n{self.block_n}")
+        return "_".join(parts)
+
+    def canonical(self) -> str:
+        return (
+            f"BlockSparseSpec(head_dim={self.head_dim},v_head_dim={self.v_head_dim},"
+            f"dtype={self.dtype_name},causal={int(self.causal)},key_padding={int(self.key_padding)},"
+            f"precomputed_delta={int(self.precomputed_delta)},"
+            f"block_m={self.block_m},block_n={self.block_n})"
+        )
+
+
+# --- source generation -------------------------------------------------------------------
+
+def _template_digest() -> str:
+    """Digest of this family's templates: part of every key, so editing a template never
+    reuses a stale cached file (mirrors emitter._template_digest)."""
+    parts = []
+    for name in sorted(vars(T)):
+        value = getattr(T, name)
+        if name.isupper() and isinstance(value, str):
+            parts.append(f"{name}={value}")
+        elif name.isupper() and hasattr(value, "template"):
+            parts.append(f"{name}={value.template}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+_TEMPLATE_DIGEST = _template_digest()
+
+
+def _check_spec(spec):
+    if not isinstance(spec, (TokenSparseSpec, BlockSparseSpec)):
+        raise ValueError(f"expected a TokenSparseSpec or BlockSparseSpec, got {type(spec).__name__}")
+
+
+def kernel_key(spec) -> str:
+    """Cache key (sha256 hex) of a spec's kernel module."""
+    _check_spec(spec)
+    return spec_key(spec, salt="spt|" + _TEMPLATE_DIGEST)
+
+
+def _token_source(spec: TokenSparseSpec) -> str:
+    has_mask = spec.mask == "additive"
+    mask_add = T.TOKEN_MASK_ADD if has_mask else ""
+    slots = T.TOKEN_SLOTS.substitute(causal=T.TOKEN_CAUSAL if spec.causal else "")
+    recompute = T.TOKEN_RECOMPUTE.substitute(mask_add=mask_add)
+    if spec.precomputed_delta:
+        delta = T.TOKEN_DELTA_LOAD
+    else:
+        delta = T.TOKEN_DELTA_PASS.substitute(token_slots=slots, token_recompute=recompute)
+    return T.TOKEN_KERNELS.substitute(
+        spec=spec.canonical(),
+        key=kernel_key(spec),
+        name=spec.kernel_name,
+        mask_param=T.TOKEN_MASK_PARAM if has_mask else "",
+        mask_strides=T.TOKEN_MASK_STRIDES if has_mask else "",
+        mask_rows=T.TOKEN_MASK_ROWS if has_mask else "",
+        mask_add=mask_add,
+        token_slots=slots,
+        token_recompute=recompute,
+        token_delta=delta,
+        delta_param=T.DELTA_PARAM if spec.precomputed_delta else "",
+        delta_strides=T.DELTA_STRIDES if spec.precomputed_delta else "",
+        ds_param=T.TOKEN_DS_PARAM if spec.mask_grad else "",
+        ds_strides=T.TOKEN_DS_STRIDES if spec.mask_grad else "",
+        ds_rows=T.TOKEN_DS_ROWS if spec.mask_grad else "",
+        ds_store=T.TOKEN_DS_STORE if spec.mask_grad else "",
+    )
+
+
+def _block_source(spec: BlockSparseSpec) -> str:
+    dot_kwargs = T.DOT_KWARGS_FP32 if spec.dtype == torch.float32 else ""
+    scores = T.BLOCK_SCORES.substitute(
+        dot_kwargs=dot_kwargs,
+        causal=T.BLOCK_CAUSAL if spec.causal else "",
+        kpm=T.BLOCK_KPM if spec.key_padding else "",
+    )
+    recompute = T.BLOCK_RECOMPUTE.substitute(dot_kwargs=dot_kwargs)
+    if spec.precomputed_delta:
+        delta = T.BLOCK_DELTA_LOAD
+    else:
+        delta = T.BLOCK_DELTA_PASS.substitute(
+            block_select=T.BLOCK_SELECT, block_scores=scores, block_recompute=recompute
+        )
+    return T.BLOCK_KERNELS.substitute(
+        spec=spec.canonical(),
+        key=kernel_key(spec),
+        name=spec.kernel_name,
+        dot_kwargs=dot_kwargs,
+        kpm_param=T.BLOCK_KPM_PARAM if spec.key_padding else "",
+        kpm_strides=T.BLOCK_KPM_STRIDES if spec.key_padding else "",
+        delta_param=T.DELTA_PARAM if spec.precomputed_delta else "",
+        delta_strides=T.DELTA_STRIDES if spec.precomputed_delta else "",
+        block_prologue=T.BLOCK_PROLOGUE,
+        block_select=T.BLOCK_SELECT,
+        block_scores=scores,
+        block_recompute=recompute,
+        block_delta=delta,
+    )
+
+
+def kernel_source(spec) -> str:
+    """The Triton source generated for ``spec`` (both the fwd and the bwd kernel)."""
+    _check_spec(spec)
+    if isinstance(spec, TokenSparseSpec):
+        return _token_source(spec)
+    return _block_source(spec)
+
+
+# --- cache (the emitter's file + import machinery and its in-memory cache) -------------------
+
+class SparseAttentionKernels:
+    """A generated kernel module: spec, source, file and its two ``@triton.jit`` functions."""
+
+    def __init__(self, spec, key, source, path, module, interpret):
+        self.spec = spec
+        self.key = key
+        self.source = source
+        self.path = path
+        self.fwd = getattr(module, spec.kernel_name + "_fwd")
+        self.bwd = getattr(module, spec.kernel_name + "_bwd")
+        self.interpret = interpret
+
+    def launch(self, fn, grid, num_warps, num_stages, **kwargs):
+        if self.interpret:  # one Python "program" at a time; warps mean nothing there
+            fn[grid](**kwargs)
+        else:
+            fn[grid](**kwargs, num_warps=num_warps, num_stages=num_stages)
+
+    def __repr__(self):
+        mode = "interpreter" if self.interpret else "jit"
+        return f"SparseAttentionKernels({self.spec.kernel_name}, key={self.key[:12]}, {mode})"
+
+
+def get_spt_kernel(spec) -> SparseAttentionKernels:
+    """The kernel module for ``spec``: generated, written to ``cache_dir()`` and imported on
+    first use, then served from the emitter's in-memory cache (so ``cache_info()`` and
+    ``clear_cache()`` of sparsify.codegen cover these kernels too). Keyed on the
+    interpreter mode as well, like ``emitter.get_kernel``."""
+    _check_spec(spec)
+    interpret = interpret_mode()
+    key = kernel_key(spec)
+    with _emitter._lock:
+        kernel = _emitter._kernels.get((key, interpret))
+        if kernel is not None:
+            _emitter._stats["hits"] += 1
+            return kernel
+        _emitter._stats["misses"] += 1
+        source = kernel_source(spec)
+        _emitter._stats["generated"] += 1
+        path = cache_dir() / f"{key}.py"
+        _emitter._write_source(path, source)
+        module_name = f"_sparsify_spt_{key[:24]}_{'interp' if interpret else 'jit'}"
+        module = _emitter._import_file(path, module_name)
+        kernel = SparseAttentionKernels(spec, key, source, path, module, interpret)
+        _emitter._kernels[(key, interpret)] = kernel
+        return kernel
+
+
+# --- argument checking ---------------------------------------------------------------------
+
+def _check_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, heads, L, head_dim], got {getattr(t, 'shape', type(t))}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {q.dtype}; expected one of {tuple(str(d) for d in SUPPORTED_DTYPES)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}, expected q's dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, expected q's device {q.device}")
+    B, H, Lq, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B or Dk != D:
+        raise ValueError(f"k has shape {tuple(k.shape)}, expected [B={B}, Hkv, Lk, D={D}]")
+    if tuple(v.shape[:3]) != (B, Hkv, Lk):
+        raise ValueError(f"v has shape {tuple(v.shape)}, expected [{B}, {Hkv}, {Lk}, Dv]")
+    Dv = v.shape[3]
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({Hkv})")
+    for name, d in (("head dim", D), ("v head dim", Dv)):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ValueError(f"{name} {d} is not supported (1..{MAX_HEAD_DIM})")
+    if B * H > 65535:
+        raise ValueError(f"B * H = {B * H} exceeds the grid limit 65535")
+    return B, H, Hkv, Lq, Lk, D, Dv
+
+
+def _broadcast(name, t, shape, q, dtypes=None):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {t.dtype}, expected one of {tuple(str(d) for d in dtypes)}")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device}, expected q's device {q.device}")
+    try:
+        return torch.broadcast_to(t, shape)
+    except RuntimeError:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, not broadcastable to {tuple(shape)}") from None
+
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _flags(name, t, shape, q):
+    """A bool tensor as a uint8 view (same storage and strides: no i1 pointers in kernels)."""
+    if t is None:
+        return torch.ones((), dtype=torch.uint8, device=q.device).expand(shape)
+    return _broadcast(name, t, shape, q, (torch.bool,)).view(torch.uint8)
+
+
+def _check_runnable(kernel, q):
+    if q.device.type == "cpu" and not kernel.interpret:
+        raise RuntimeError("sparsify.codegen kernels need a GPU tensor, or TRITON_INTERPRET=1 for CPU tensors")
+
+
+def _strides(t, n=None):
+    s = t.stride()
+    return s if n is None else s[:n]
+
+
+def _gpu_warps(block_d, block_dv, bwd):
+    return 8 if bwd and max(block_d, block_dv) >= 128 else 4
+
+
+# --- token-granular API ----------------------------------------------------------------------
+
+def default_token_blocks(head_dim: int, interpret: bool = False) -> tuple:
+    """(block_m, block_k) for the token kernels. On a GPU the gather tile
+    [block_m, block_k, pow2(head_dim)] is kept at <= 8192 elements (register budget of a
+    4-warp program); the interpreter is fastest with few, large programs."""
+    if interpret:
+        return 16, 16
+    bd = max(16, _next_pow2(head_dim))
+    block_k = 16
+    block_m = max(1, min(16, 8192 // (block_k * bd)))
+    return block_m, block_k
+
+
+def _token_inputs(q, k, v, index, valid, mask, scale):
+    B, H, Hkv, Lq, Lk, D, Dv = _check_qkv(q, k, v)
+    if not isinstance(index, torch.Tensor) or index.dim() == 0:
+        raise ValueError(f"index must be an int tensor [B, H, Lq, keep], got {getattr(index, 'shape', type(index))}")
+    keep = index.shape[-1]
+    shape = (B, H, Lq, keep)
+    index = _broadcast("index", index, shape, q, _INDEX_DTYPES)
+    valid = _flags("valid", valid, shape, q)
+    mask_shape = None
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"mask must be a tensor or None, got {type(mask).__name__}")
+        if mask.dtype == torch.bool:  # boolean "attend" mask -> additive 0 / -inf
+            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
+        elif not mask.dtype.is_floating_point:
+            raise ValueError(f"mask must be a float (additive) or bool tensor, got {mask.dtype}")
+        mask_shape = tuple(mask.shape)
+        mask = _broadcast("mask", mask, (B, H, Lq, Lk), q)
+    if scale is None:
+        scale = D ** -0.5
+    return (B, H, Hkv, Lq, Lk, D, Dv, keep), index, valid, mask, mask_shape, float(scale)
+
+
+def _token_spec(q, D, Dv, causal, mask, mask_grad, precomputed_delta, block_m, block_k):
+    dm, dk = default_token_blocks(D, interpret_mode())
+    return TokenSparseSpec(
+        head_dim=D, v_head_dim=Dv, dtype=q.dtype, causal=bool(causal),
+        mask="additive" if mask is not None else "none", mask_grad=bool(mask_grad),
+        precomputed_delta=bool(precomputed_delta),
+        block_m=block_m or dm, block_k=block_k or dk,
+    )
+
+
+def _common_args(spec, q, k, v, H, Hkv, Lq, Lk):
+    return dict(
+        q_ptr=q, k_ptr=k, v_ptr=v, H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk,
+        s_qb=q.stride(0), s_qh=q.stride(1), s_qm=q.stride(2), s_qd=q.stride(3),
+        s_kb=k.stride(0), s_kh=k.stride(1), s_kn=k.stride(2), s_kd=k.stride(3),
+        s_vb=v.stride(0), s_vh=v.stride(1), s_vn=v.stride(2), s_vd=v.stride(3),
+        BLOCK_D=spec.block_d, BLOCK_DV=spec.block_dv, HEAD_DIM=spec.head_dim, V_HEAD_DIM=spec.v_head_dim,
+    )
+
+
+def _map_args(index, valid):
+    return dict(
+        s_ib=index.stride(0), s_ih=index.stride(1), s_im=index.stride(2), s_is=index.stride(3),
+        s_ab=valid.stride(0), s_ah=valid.stride(1), s_am=valid.stride(2), s_as=valid.stride(3),
+    )
+
+
+def spt_forward(q, k, v, index, valid=None, mask=None, scale=None, *, causal=False,
+                block_m=None, block_k=None):
+    """Token-sparse attention forward: ``(out [B, H, Lq, Dv] in q.dtype, lse [B, H, Lq] fp32)``.
+
+    For each query row i only the keys ``index[b, h, i, s]`` with ``valid[b, h, i, s]``
+    take part: softmax(scale * q.k + mask[b, h, i, index]) over them, times the gathered
+    v rows. See the module docstring for masks, causality, empty rows and GQA.
+    """
+    (B, H, Hkv, Lq, Lk, D, Dv, keep), index, valid, mask, _, scale = _token_inputs(
+        q, k, v, index, valid, mask, scale)
+    out = torch.empty((B, H, Lq, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if B * H * Lq == 0:
+        return out, lse
+    spec = _token_spec(q, D, Dv, causal, mask, False, False, block_m, block_k)
+    kernel = get_spt_kernel(spec)
+    _check_runnable(kernel, q)
+    args = _common_args(spec, q, k, v, H, Hkv, Lq, Lk)
+    args.update(_map_args(index, valid))
+    args.update(
+        idx_ptr=index, valid_ptr=valid, out_ptr=out, lse_ptr=lse, KEEP=keep, sm_scale=scale,
+        s_ob=out.stride(0), s_oh=out.stride(1), s_om=out.stride(2), s_od=out.stride(3),
+        s_lb=lse.stride(0), s_lh=lse.stride(1), s_lm=lse.stride(2),
+        BLOCK_M=spec.block_m, BLOCK_K=spec.block_k,
+    )
+    if mask is not None:
+        args.update(mask_ptr=mask, s_mb=mask.stride(0), s_mh=mask.stride(1), s_mm=mask.stride(2), s_mn=mask.stride(3))
+    grid = (_cdiv(Lq, spec.block_m), B * H)
+    kernel.launch(kernel.fwd, grid, 4, 1, **args)
+    return out, lse
+
+
+def _delta_from_out(grad_out, out, shape, q):
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(grad_out.shape):
+        raise ValueError(f"out must have grad_out's shape {tuple(grad_out.shape)}, got {getattr(out, 'shape', None)}")
+    if out.device != q.device:
+        raise ValueError(f"out is on {out.device}, expected q's device {q.device}")
+    # rowsum(dO * O) = rowsum(P * dP): the FlashAttention-2 shortcut
+    return (grad_out.float() * out.float()).sum(-1)
+
+
+def _check_grad_out(grad_out, shape, q):
+    if not isinstance(grad_out, torch.Tensor) or tuple(grad_out.shape) != shape:
+        raise ValueError(f"grad_out must have shape {shape}, got {getattr(grad_out, 'shape', type(grad_out))}")
+    if grad_out.dtype not in SUPPORTED_DTYPES or grad_out.device != q.device:
+        raise ValueError(f"grad_out must be a float tensor on {q.device}, got {grad_out.dtype} on {grad_out.device}")
+
+
+def _check_lse(lse, shape, q):
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != shape:
+        raise ValueError(f"lse must have shape {shape}, got {getattr(lse, 'shape', type(lse))}")
+    if lse.dtype != torch.float32 or lse.device != q.device:
+        raise ValueError(f"lse must be fp32 on {q.device} (as returned by the forward), got {lse.dtype} on {lse.device}")
+
+
+def _mask_grad(ds, index, mask_shape, B, H, Lq, Lk):
+    """dmask from the per-slot dS: scatter into [B, H, Lq, Lk] (dS is 0 on dropped slots, whose
+    indices are clamped only to stay in range), then sum over the mask's broadcast dims."""
+    dense = torch.zeros((B, H, Lq, Lk), dtype=torch.float32, device=ds.device)
+    if Lk:
+        dense.scatter_add_(3, index.long().clamp(0, Lk - 1), ds)
+    lead = dense.dim() - len(mask_shape)
+    if lead:
+        dense = dense.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, n in enumerate(mask_shape) if n == 1 and dense.shape[i] != 1)
+    if dims:
+        dense = dense.sum(dim=dims, keepdim=True)
+    return dense.reshape(mask_shape)
+
+
+def spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale=None, *, causal=False,
+                 out=None, mask_grad=False, block_m=None, block_k=None):
+    """Token-sparse attention backward: ``(dq, dk, dv)`` in the input dtypes.
+
+    P is recomputed from ``lse`` (from ``spt_forward`` with the same arguments). With
+    ``out=`` (the forward output), D_i = rowsum(dO * O) is computed here instead of by an
+    extra kernel pass. ``mask_grad=True`` (needs a float ``mask``) also returns dmask
+    (fp32, the mask's shape) as a 4th element.
+    """
+    (B, H, Hkv, Lq, Lk, D, Dv, keep), index, valid, mask, mask_shape, scale = _token_inputs(
+        q, k, v, index, valid, mask, scale)
+    _check_grad_out(grad_out, (B, H, Lq, Dv), q)
+    _check_lse(lse, (B, H, Lq), q)
+    if mask_grad and mask is None:
+        raise ValueError("mask_grad=True needs a float mask")
+    dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    dk_acc = torch.zeros((B, Hkv, Lk, D), dtype=torch.float32, device=q.device)
+    dv_acc = torch.zeros((B, Hkv, Lk, Dv), dtype=torch.float32, device=q.device)
+    ds = torch.zeros((B, H, Lq, keep), dtype=torch.float32, device=q.device) if mask_grad else None
+    if B * H * Lq:
+        delta = None if out is None else _delta_from_out(grad_out, out, (B, H, Lq), q)
+        spec = _token_spec(q, D, Dv, causal, mask, mask_grad, delta is not None, block_m, block_k)
+        kernel = get_spt_kernel(spec)
+        _check_runnable(kernel, q)
+        args = _common_args(spec, q, k, v, H, Hkv, Lq, Lk)
+        args.update(_map_args(index, valid))
+        args.update(
+            idx_ptr=index, valid_ptr=valid, do_ptr=grad_out, lse_ptr=lse,
+            dq_ptr=dq, dk_ptr=dk_acc, dv_ptr=dv_acc, KEEP=keep, sm_scale=scale,
+            s_gb=grad_out.stride(0), s_gh=grad_out.stride(1), s_gm=grad_out.stride(2), s_gd=grad_out.stride(3),
+            s_lb=lse.stride(0), s_lh=lse.stride(1), s_lm=lse.stride(2),
+            s_dqb=dq.stride(0), s_dqh=dq.stride(1), s_dqm=dq.stride(2), s_dqd=dq.stride(3),
+            s_dkb=dk_acc.stride(0), s_dkh=dk_acc.stride(1), s_dkn=dk_acc.stride(2), s_dkd=dk_acc.stride(3),
+            s_dvb=dv_acc.stride(0), s_dvh=dv_acc.stride(1), s_dvn=dv_acc.stride(2), s_dvd=dv_acc.stride(3),
+            BLOCK_M=spec.block_m, BLOCK_K=spec.block_k,
+        )
+        if mask is not None:
+            args.update(mask_ptr=mask, s_mb=mask.stride(0), s_mh=mask.stride(1), s_mm=mask.stride(2), s_mn=mask.stride(3))
+        if delta is not None:
+            args.update(delta_ptr=delta, s_eb=delta.stride(0), s_eh=delta.stride(1), s_em=delta.stride(2))
+        if ds is not None:
+            args.update(ds_ptr=ds, s_sb=ds.stride(0), s_sh=ds.stride(1), s_sm=ds.stride(2), s_ss=ds.stride(3))
+        grid = (_cdiv(Lq, spec.block_m), B * H)
+        kernel.launch(kernel.bwd, grid, _gpu_warps(spec.block_d, spec.block_dv, True), 1, **args)
+    grads = (dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype))
+    if mask_grad:
+        grads += (_mask_grad(ds, index, mask_shape, B, H, Lq, Lk),)
+    return grads
+
+
+# --- block-granular API ----------------------------------------------------------------------
+
+def dense_block_map(Lq: int, Lk: int, block_m: int, block_n: int, causal: bool = False, device=None):
+    """Every allowed key block for every query block: ``(block_index int32 [nqb, nkb],
+    block_valid bool [nqb, nkb])`` with nqb = ceil(Lq / block_m), nkb = ceil(Lk / block_n).
+    With ``causal`` (bottom-right aligned, as the kernels) blocks entirely above the
+    diagonal are invalid. Broadcasts over [B, H] when passed to the block kernels."""
+    nqb, nkb = _cdiv(Lq, block_m), _cdiv(Lk, block_n)
+    block_index = torch.arange(nkb, dtype=torch.int32, device=device).expand(nqb, nkb).contiguous()
+    if not causal:
+        return block_index, torch.ones((nqb, nkb), dtype=torch.bool, device=device)
+    # the last row of query block qb sees keys <= last + (Lk - Lq)
+    last_row = torch.clamp((torch.arange(nqb, device=device) + 1) * block_m, max=Lq) - 1
+    first_key = torch.arange(nkb, device=device) * block_n
+    block_valid = first_key[None, :] <= (last_row + (Lk - Lq))[:, None]
+    return block_index, block_valid
+
+
+def _block_inputs(q, k, v, block_index, block_valid, block_m, block_n, key_padding_mask, scale):
+    B, H, Hkv, Lq, Lk, D, Dv = _check_qkv(q, k, v)
+    for name, val in (("block_m", block_m), ("block_n", block_n)):
+        if not _is_pow2(val) or not 16 <= val <= 256:
+            raise ValueError(f"{name} must be a power of two in 16..256, got {val!r}")
+    if not isinstance(block_index, torch.Tensor) or block_index.dim() == 0:
+        raise ValueError("block_index must be an int tensor [B, H, ceil(Lq / block_m), kb]")
+    nqb = _cdiv(Lq, block_m)
+    shape = (B, H, nqb, block_index.shape[-1])
+    block_index = _broadcast("block_index", block_index, shape, q, _INDEX_DTYPES)
+    block_valid = _flags("block_valid", block_valid, shape, q)
+    kpm = None
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise ValueError("key_padding_mask must be a tensor [B, Lk] or None")
+        if key_padding_mask.dtype != torch.bool:
+            if key_padding_mask.dtype.is_complex:
+                raise ValueError("key_padding_mask must be bool or integer / float 0-1")
+            key_padding_mask = key_padding_mask != 0
+        kpm = _flags("key_padding_mask", key_padding_mask, (B, Lk), q)
+    if scale is None:
+        scale = D ** -0.5
+    return (B, H, Hkv, Lq, Lk, D, Dv, nqb), block_index, block_valid, kpm, float(scale)
+
+
+def _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, block_valid, kpm, scale):
+    args = _common_args(spec, q, k, v, H, Hkv, Lq, Lk)
+    args.update(_map_args(block_index, block_valid))
+    args.update(
+        bidx_ptr=block_index, bval_ptr=block_valid, KB=block_index.shape[-1],
+        NKB=_cdiv(Lk, spec.block_n), sm_scale=scale, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n,
+    )
+    if kpm is not None:
+        args.update(kpm_ptr=kpm, s_pb=kpm.stride(0), s_pn=kpm.stride(1))
+    return args
+
+
+def block_sparse_forward(q, k, v, block_index, block_valid=None, *, block_m=64, block_n=64,
+                         causal=False, key_padding_mask=None, scale=None):
+    """Block-sparse attention forward: ``(out [B, H, Lq, Dv] in q.dtype, lse [B, H, Lq] fp32)``.
+
+    Query block qb (rows qb*block_m ...) attends to the keys of the blocks
+    ``block_index[b, h, qb, :]`` whose ``block_valid`` is set, with causal / key padding
+    masking inside them. With ``dense_block_map`` this is dense attention.
+    """
+    (B, H, Hkv, Lq, Lk, D, Dv, nqb), block_index, block_valid, kpm, scale = _block_inputs(
+        q, k, v, block_index, block_valid, block_m, block_n, key_padding_mask, scale)
+    out = torch.empty((B, H, Lq, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if B * H * Lq == 0:
+        return out, lse
+    spec = BlockSparseSpec(head_dim=D, v_head_dim=Dv, dtype=q.dtype, causal=bool(causal),
+                           key_padding=kpm is not None, block_m=block_m, block_n=block_n)
+    kernel = get_spt_kernel(spec)
+    _check_runnable(kernel, q)
+    args = _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, block_valid, kpm, scale)
+    args.update(
+        out_ptr=out, lse_ptr=lse,
+        s_ob=out.stride(0), s_oh=out.stride(1), s_om=out.stride(2), s_od=out.stride(3),
+        s_lb=lse.stride(0), s_lh=lse.stride(1), s_lm=lse.stride(2),
+    )
+    kernel.launch(kernel.fwd, (nqb, B * H), _gpu_warps(spec.block_d, spec.block_dv, False), 2, **args)
+    return out, lse
+
+
+def block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, *, block_m=64, block_n=64,
+                          causal=False, key_padding_mask=None, scale=None, out=None):
+    """Block-sparse attention backward: ``(dq, dk, dv)`` in the input dtypes.
+
+    One program per (query block, b, h) walks the selected key blocks once: dq is
+    accumulated in registers, dk / dv tiles are atomically added to fp32 buffers. D_i is
+    computed by an extra pass, or from ``out=`` (the forward output) if given.
+    """
+    (B, H, Hkv, Lq, Lk, D, Dv, nqb), block_index, block_valid, kpm, scale = _block_inputs(
+        q, k, v, block_index, block_valid, block_m, block_n, key_padding_mask, scale)
+    _check_grad_out(grad_out, (B, H, Lq, Dv), q)
+    _check_lse(lse, (B, H, Lq), q)
+    if grad_out.dtype != q.dtype:  # tl.dot(dO, V^T) needs matching operand types
+        grad_out = grad_out.to(q.dtype)
+    dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    dk_acc = torch.zeros((B, Hkv, Lk, D), dtype=torch.float32, device=q.device)
+    dv_acc = torch.zeros((B, Hkv, Lk, Dv), dtype=torch.float32, device=q.device)
+    if B * H * Lq:
+        delta = None if out is None else _delta_from_out(grad_out, out, (B, H, Lq), q)
+        spec = BlockSparseSpec(head_dim=D, v_head_dim=Dv, dtype=q.dtype, causal=bool(causal),
+                               key_padding=kpm is not None, precomputed_delta=delta is not None,
+                               block_m=block_m, block_n=block_n)
+        kernel = get_spt_kernel(spec)
+        _check_runnable(kernel, q)
+        args = _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, block_valid, kpm, scale)
+        args.update(
+            do_ptr=grad_out, lse_ptr=lse, dq_ptr=dq, dk_ptr=dk_acc, dv_ptr=dv_acc,
+            s_gb=grad_out.stride(0), s_gh=grad_out.stride(1), s_gm=grad_out.stride(2), s_gd=grad_out.stride(3),
+            s_lb=lse.stride(0), s_lh=lse.stride(1), s_lm=lse.stride(2),
+            s_dqb=dq.stride(0), s_dqh=dq.stride(1), s_dqm=dq.stride(2), s_dqd=dq.stride(3),
+            s_dkb=dk_acc.stride(0), s_dkh=dk_acc.stride(1), s_dkn=dk_acc.stride(2), s_dkd=dk_acc.stride(3),
+            s_dvb=dv_acc.stride(0), s_dvh=dv_acc.stride(1), s_dvn=dv_acc.stride(2), s_dvd=dv_acc.stride(3),
+        )
+        if delta is not None:
+            args.update(delta_ptr=delta, s_eb=delta.stride(0), s_eh=delta.stride(1), s_em=delta.stride(2))
+        kernel.launch(kernel.bwd, (nqb, B * H), _gpu_warps(spec.block_d, spec.block_dv, True), 1, **args)
+    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)

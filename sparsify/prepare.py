@@ -1,0 +1,132 @@
+"""sparsify.prepare: create the learned state a sparse method needs, where users look for it.
+
+    sparsify.prepare(model, **example_inputs, options={"attention": {"method": "spt"}})
+    compiled = torch.compile(model, backend="sparsify", options={"attention": {"method": "spt"}})
+
+prepare() runs the model once through Dynamo and the region finder, and for every attention region
+registers a PQ codebook nn.Parameter `sparsify_pq_codebook` on the attention module (so optimizers,
+state_dict, PEFT, DDP and FSDP see it) plus a forward hook that tags the module's output with it
+(DESIGN.md decision 5). Calling it again, recompiling, or loading a checkpoint never re-initialises
+a codebook that exists: to load one, prepare a fresh model, then load_state_dict.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from .config import SparsifyConfig
+from .debug import Report, log
+from .passes import run_passes
+
+CODEBOOK = "sparsify_pq_codebook"
+_HOOK = "_sparsify_tag_hook"
+
+
+def _tag_output(module: nn.Module, args, output):
+    """Forward hook: route the module's state into the compiled graph (a no-op outside compile)."""
+    if not torch.compiler.is_compiling():
+        return None
+    state = getattr(module, CODEBOOK)
+    name = getattr(module, "_sparsify_path", "")
+    if isinstance(output, tuple):
+        return (torch.ops.sparsify.tag(output[0], state, name), *output[1:])
+    return torch.ops.sparsify.tag(output, state, name)
+
+
+class _QKRecorder(torch.fx.Interpreter):
+    """Runs a rewritten graph and keeps the q and k each sparsify::attention call receives."""
+
+    def __init__(self, gm, samples):
+        super().__init__(gm)
+        self.samples = samples
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        if n.op == "call_function" and n.target is torch.ops.sparsify.attention.default:
+            q, k = (self.env[a] if isinstance(a, torch.fx.Node) else a for a in n.args[:2])
+            self.samples[n.meta.get("sparsify_module", "")].append((q.detach(), k.detach()))
+        return result
+
+
+def kmeans_codebook(vectors: torch.Tensor, codewords: int, iterations: int = 12,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Lloyd's k-means (L2) on [N, d_c] sub-vectors -> [codewords, d_c], seeded from a random sample.
+
+    L2 k-means rather than the L1 used for encoding: the centroid update is a plain mean, and the
+    codebook is trained further by the codebook loss anyway.
+    """
+    n = vectors.shape[0]
+    centers = vectors[torch.randperm(n, generator=generator)[:codewords]].clone()
+    if centers.shape[0] < codewords:  # fewer samples than codewords: pad with perturbed copies
+        extra = centers[torch.randint(0, max(1, centers.shape[0]), (codewords - centers.shape[0],), generator=generator)]
+        centers = torch.cat([centers, extra + 1e-3 * torch.randn(extra.shape, generator=generator)])
+    for _ in range(iterations):
+        assign = torch.cdist(vectors, centers).argmin(dim=1)
+        sums = torch.zeros_like(centers).index_add_(0, assign, vectors)
+        counts = torch.bincount(assign, minlength=codewords).unsqueeze(1)
+        centers = torch.where(counts > 0, sums / counts.clamp(min=1), centers)
+    return centers
+
+
+def init_codebook(samples: list, head_dim: int, subspace_dim: int, codewords: int,
+                  max_vectors: int = 16384, seed: int = 0) -> torch.Tensor:
+    """A [M, E, d_c] codebook from k-means on the sub-vectors of the recorded q and k (shared, as
+    the codebook is: papers.md), per subspace."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.cat([t.reshape(-1, head_dim).float().cpu() for pair in samples for t in pair])
+    if rows.shape[0] > max_vectors:
+        rows = rows[torch.randperm(rows.shape[0], generator=generator)[:max_vectors]]
+    subspaces = rows.reshape(rows.shape[0], head_dim // subspace_dim, subspace_dim)
+    return torch.stack([kmeans_codebook(subspaces[:, m], codewords, generator=generator)
+                        for m in range(subspaces.shape[1])])
+
+
+def prepare(model: nn.Module, *args, options: Union[SparsifyConfig, Mapping[str, Any], None] = None,
+            **kwargs) -> Report:
+    """Attach the state the configured methods need; return the region report of the example call.
+
+    The example call (model(*args, **kwargs)) provides the q/k that initialise each codebook by
+    k-means; it runs without gradients and leaves the model's parameters unchanged.
+    """
+    config = SparsifyConfig.from_options(options)
+    # trace with the dense rewrite: it exposes q and k of every attention region by module path
+    tracing = dataclasses.replace(config, attention=dataclasses.replace(config.attention, method="dense"),
+                                  inner="eager", strict=False)
+    samples: dict = defaultdict(list)
+    reports: list = []
+
+    def capture(gm, example_inputs):
+        reports.append(run_passes(gm, tracing))
+        return _QKRecorder(gm, samples).run
+
+    compiled = torch.compile(model, backend=capture, dynamic=False)
+    with torch.no_grad():
+        compiled(*args, **kwargs)
+    report = Report(graphs=len(reports))
+    for r in reports:
+        report.regions.extend(r.regions)
+
+    if config.attention.method == "spt":
+        attention = config.attention
+        for region in report.by_kind("attention"):
+            head_dim = region.facts.get("head_dim")
+            if region.decision == "dense" or not head_dim or head_dim % attention.subspace_dim:
+                continue  # the pass will report why; nothing to attach
+            module = model.get_submodule(region.module)
+            if not hasattr(module, CODEBOOK):
+                codebook = init_codebook(samples[region.module], head_dim, attention.subspace_dim,
+                                         attention.codewords)
+                weight = next(module.parameters(), None)
+                if weight is not None:
+                    codebook = codebook.to(device=weight.device, dtype=weight.dtype)
+                module.register_parameter(CODEBOOK, nn.Parameter(codebook))
+                log.info("prepare: PQ codebook %s on %s (k-means on %d q/k samples)",
+                         tuple(codebook.shape), region.module, len(samples[region.module]))
+            if not hasattr(module, _HOOK):
+                module._sparsify_path = region.module
+                setattr(module, _HOOK, module.register_forward_hook(_tag_output))
+    return report
