@@ -43,7 +43,7 @@ def _gen(seed):
 
 
 def _randn(g, *shape, dtype=torch.float32, requires_grad=False):
-    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
 
 
 def _qkv(g, b, h, hkv, lq, lk, d, dv=None, dtype=torch.float32, requires_grad=True):
@@ -269,7 +269,7 @@ def test_pq_select_ties_are_deterministic_lowest_index():
     kc2 = torch.zeros(1, 1, 10, 2, dtype=torch.int32)
     kc2[0, 0, :8] = 1
     index2, _ = pq_select(qc, kc2, 3, False, None)
-    assert index2[0, 0, 0].tolist() == [8, 9, 0]  # keys 8, 9 score 2, then the lowest-index score-0 key
+    assert index2[0, 0, 0].tolist() == [0, 8, 9]  # keys 8, 9 score 2, then the lowest-index score-0 key (ELL order)
 
 
 def test_pq_select_short_rows_masked_not_duplicated():
@@ -412,6 +412,28 @@ def test_rows_with_nothing_valid_give_zero_and_no_nan():
     assert torch.equal(grads[0][1], torch.zeros_like(grads[0][1]))
 
 
+def test_row_chunking_gives_identical_results(monkeypatch):
+    """The references process query rows in chunks; tiny chunks must not change any result."""
+    g = _gen(22)
+    q, k, v = _qkv(g, 2, 4, 2, 9, 9, 16, dtype=torch.float64)
+    cb = _randn(g, 2, 4, 8)
+    mask = _randn(g, 1, 4, 9, 9, dtype=torch.float64, requires_grad=True)
+    kv = torch.ones(2, 9, dtype=torch.bool)
+    kv[1, -3:] = False
+
+    def run():
+        torch.manual_seed(5)
+        index, valid = pq_select(pq_encode(q, cb), pq_encode(k, cb), 4, True, kv)
+        out, lse, _ = spt_attention(q, k, v, index, valid, mask, 0.3, 0.2)
+        return (index, valid, out, lse, *torch.autograd.grad(out.sum(), (q, k, v, mask)))
+
+    whole = run()
+    monkeypatch.setattr(spt, "_CHUNK_ELEMS", 64)  # a few rows per chunk
+    assert len(list(spt._row_chunks(9, 2 * 4 * 4 * 16))) == 9
+    for a, b in zip(run(), whole):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
 def test_spt_attention_bad_inputs():
     g = _gen(9)
     q, k, v, index, valid, _ = _spt_case(g, 2, 2, False, None, requires_grad=False)
@@ -443,7 +465,7 @@ def test_gradcheck_spt_attention(h, hkv, causal, mask_kind, mask_shape, dropout_
     b, lq, lk, keep = 2, 5, 6, 3
     q, k, v = _qkv(g, b, h, hkv, lq, lk, 4, dv=3, dtype=torch.float64)
     kv = torch.ones(b, lk, dtype=torch.bool)
-    kv[1, -2:] = False  # padding: more invalid slots
+    kv[1, -4:] = False  # padding: 2 allowed keys < keep, so invalid slots even without causal
     index, valid = _random_pattern(g, b, h, hkv, lq, lk, keep, causal, key_valid=kv)
     assert not valid.all()
     if mask_kind == "float":

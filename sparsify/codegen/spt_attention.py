@@ -283,6 +283,7 @@ def _token_source(spec: TokenSparseSpec) -> str:
     else:
         delta = T.TOKEN_DELTA_PASS.substitute(token_slots=slots, token_recompute=recompute)
     return T.TOKEN_KERNELS.substitute(
+        reductions=T.REDUCTIONS,
         spec=spec.canonical(),
         key=kernel_key(spec),
         name=spec.kernel_name,
@@ -317,6 +318,7 @@ def _block_source(spec: BlockSparseSpec) -> str:
             block_select=T.BLOCK_SELECT, block_scores=scores, block_recompute=recompute
         )
     return T.BLOCK_KERNELS.substitute(
+        reductions=T.REDUCTIONS,
         spec=spec.canonical(),
         key=kernel_key(spec),
         name=spec.kernel_name,

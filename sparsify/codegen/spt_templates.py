@@ -15,18 +15,39 @@ Conventions shared with sparsify/codegen/templates.py:
 * ``string.Template`` with ``$name`` placeholders; optional whole-line snippets end
   with a newline and sit at the start of a line, so an omitted piece leaves nothing.
 * Builtins only (see the module docstring there): ``tl.full`` instead of ``tl.zeros``,
-  and reductions are written ``tl.reduce(x, axis, tl.standard._sum_combine)`` /
-  ``tl.standard._elementwise_max`` instead of ``tl.sum`` / ``tl.max``. Those two are
-  ``@jit`` helpers decorated when triton.language is imported (possibly in compiled
-  mode, which an interpreted kernel cannot call); ``tl.reduce`` is a builtin that the
-  interpreter swaps in at launch, and it recognises Triton's own combine functions by
-  identity and reduces them with numpy (fast path). Both names exist in Triton 3.6.
+  and reductions are ``tl.reduce(x, axis, _sum_combine / _max_combine)`` instead of
+  ``tl.sum`` / ``tl.max``. Those two are ``@jit`` helpers decorated when
+  triton.language is imported, in whatever TRITON_INTERPRET mode was in force then,
+  and a kernel of the other mode cannot call them. ``tl.reduce`` is a builtin (the
+  interpreter swaps in a numpy version at launch); its combine functions come from
+  REDUCTIONS below, which picks them per mode when the generated module is imported.
 * Softmax in natural units (``tl.exp``): an additive mask of ``finfo.min`` then stays
   finite exactly like in SDPA instead of overflowing to -inf after a log2(e) scale.
 * Index arithmetic on batch/head offsets and gathered key indices is int64.
 """
 
 from string import Template
+
+# Combine functions for tl.reduce, defined in the generated module so that they are
+# decorated in the mode the kernels are (the module is imported lazily, per mode). Under
+# the interpreter they are replaced by Triton's own: the interpreter recognises those by
+# identity and reduces with numpy (whatever mode they were decorated in, they are never
+# called), while any other combine function runs element by element in Python.
+REDUCTIONS = '''\
+@triton.jit
+def _sum_combine(a, b):
+    return a + b
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+if not isinstance(_sum_combine, triton.runtime.jit.JITFunction):  # TRITON_INTERPRET=1
+    _sum_combine = tl.standard._sum_combine
+    _max_combine = tl.standard._elementwise_max
+'''
 
 # ======================================================================================
 # Token-granular (ELL) kernels
@@ -39,6 +60,8 @@ TOKEN_KERNELS = Template('''\
 import triton
 import triton.language as tl
 
+
+${reductions}
 
 @triton.jit
 def ${name}_fwd(
@@ -82,19 +105,19 @@ ${token_slots}
         # scores of the gathered keys: [BLOCK_M, BLOCK_K] (fp32)
         kt = tl.load(k_base + kidx[:, :, None] * s_kn + offs_d[None, None, :] * s_kd,
                      mask=keep[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)
-        s = tl.reduce(q[:, None, :] * kt, 2, tl.standard._sum_combine) * sm_scale
+        s = tl.reduce(q[:, None, :] * kt, 2, _sum_combine) * sm_scale
 ${mask_add}        s = tl.where(keep, s, float("-inf"))
 
         # online softmax; a row with nothing kept so far has m = -inf: shift by 0 instead
         # (-inf - -inf would be NaN), its p and alpha are then exactly 0
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, tl.standard._elementwise_max))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_use)
         p = tl.exp(s - m_use[:, None])
-        l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
         vt = tl.load(v_base + kidx[:, :, None] * s_vn + offs_e[None, None, :] * s_vd,
                      mask=keep[:, :, None] & e_ok[None, None, :], other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.reduce(p[:, :, None] * vt, 1, tl.standard._sum_combine)
+        acc = acc * alpha[:, None] + tl.reduce(p[:, :, None] * vt, 1, _sum_combine)
         m_i = m_new
 
     # rows without any kept key: out 0 and lse -inf (not NaN)
@@ -161,7 +184,7 @@ ${token_delta}
 ${token_slots}${token_recompute}
         # dS = P * (dP - D_i): the gradient w.r.t. the pre-softmax score (scaled qk + mask)
         ds = p * (dp - delta[:, None])
-${ds_store}        dq += tl.reduce(ds[:, :, None] * kt, 1, tl.standard._sum_combine)
+${ds_store}        dq += tl.reduce(ds[:, :, None] * kt, 1, _sum_combine)
         tl.atomic_add(dk_base + kidx[:, :, None] * s_dkn + offs_d[None, None, :] * s_dkd,
                       ds[:, :, None] * q[:, None, :] * sm_scale,
                       mask=keep[:, :, None] & d_ok[None, None, :])
@@ -193,18 +216,18 @@ TOKEN_CAUSAL = "        keep = keep & (kidx <= (offs_m + (Lk - Lq))[:, None])\n"
 TOKEN_RECOMPUTE = Template('''\
         kt = tl.load(k_base + kidx[:, :, None] * s_kn + offs_d[None, None, :] * s_kd,
                      mask=keep[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)
-        s = tl.reduce(q[:, None, :] * kt, 2, tl.standard._sum_combine) * sm_scale
+        s = tl.reduce(q[:, None, :] * kt, 2, _sum_combine) * sm_scale
 ${mask_add}        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
         vt = tl.load(v_base + kidx[:, :, None] * s_vn + offs_e[None, None, :] * s_vd,
                      mask=keep[:, :, None] & e_ok[None, None, :], other=0.0).to(tl.float32)
-        dp = tl.reduce(do[:, None, :] * vt, 2, tl.standard._sum_combine)
+        dp = tl.reduce(do[:, None, :] * vt, 2, _sum_combine)
 ''')
 
 # D_i computed in the kernel: one extra pass over the kept slots (no `out` needed).
 TOKEN_DELTA_PASS = Template('''\
     delta = tl.full((BLOCK_M,), 0.0, tl.float32)
     for s0 in range(0, KEEP, BLOCK_K):
-${token_slots}${token_recompute}        delta += tl.reduce(p * dp, 1, tl.standard._sum_combine)
+${token_slots}${token_recompute}        delta += tl.reduce(p * dp, 1, _sum_combine)
 ''')
 
 # additive mask: gathered at (row, key index); 0-strides encode broadcast dims
@@ -242,6 +265,8 @@ import triton
 import triton.language as tl
 
 
+${reductions}
+
 @triton.jit
 def ${name}_fwd(
     q_ptr, k_ptr, v_ptr, bidx_ptr, bval_ptr, ${kpm_param}out_ptr, lse_ptr,
@@ -264,11 +289,11 @@ ${block_prologue}
     for j in range(0, KB):
 ${block_select}        if sel:
 ${block_scores}
-            m_new = tl.maximum(m_i, tl.reduce(s, 1, tl.standard._elementwise_max))
+            m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # -inf - -inf would be NaN
             alpha = tl.exp(m_i - m_use)
             p = tl.exp(s - m_use[:, None])
-            l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
+            l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
             v = tl.load(v_base + offs_n[:, None] * s_vn + offs_e[None, :] * s_vd,
                         mask=n_ok[:, None] & e_ok[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v${dot_kwargs})
@@ -398,7 +423,7 @@ BLOCK_DELTA_PASS = Template('''\
     delta = tl.full((BLOCK_M,), 0.0, tl.float32)
     for j in range(0, KB):
 ${block_select}        if sel:
-${block_scores}${block_recompute}            delta += tl.reduce(p * dp, 1, tl.standard._sum_combine)
+${block_scores}${block_recompute}            delta += tl.reduce(p * dp, 1, _sum_combine)
 ''')
 
 BLOCK_DELTA_LOAD = (

@@ -1,6 +1,7 @@
 """SPT (sparse fine-tuning, papers.md section 1): product-quantised key selection + attention on the kept keys.
 
-Ops (namespace "sparsify"), each with a fake kernel, a CPU reference in plain torch and a FLOP formula:
+Ops (namespace "sparsify"), each with a fake kernel and a CPU reference in plain torch; FLOP formulas for
+pq_encode, pq_select, spt_attention and its backward are registered at the bottom of this file:
 
     pq_encode(x[B,H,L,D], codebook[M,E,dc]) -> codes[B,H,L,M] int32
         code[m] = argmin_e || x_m - C[m, e] ||_1, ties -> lowest e. Integer output: no gradient.
@@ -408,10 +409,9 @@ def codebook_loss(z: Tensor, codebook: Tensor) -> Tensor:
     Apply it to q and to k and add the two (the caller's business).
     """
     m, e, dc = codebook.shape
-    zs = _split_subspaces(z, codebook)
     dtype = _acc_dtype(torch.promote_types(z.dtype, codebook.dtype))
-    zs, cb = zs.to(dtype), codebook.to(dtype)
-    dist = l1_distances(zs.detach(), cb)                              # [N, M, E], z detached (term 1)
+    zs, cb = _split_subspaces(z, codebook).to(dtype), codebook.to(dtype)
+    dist = l1_distances(z.detach(), cb)                               # [N, M, E], z detached (term 1)
     assign = torch.softmax(-torch.log(dist.clamp_min(1e-5)), dim=-1)
     z_soft = torch.einsum("nme,med->nmd", assign, cb)
     code = dist.detach().argmin(dim=-1)                               # [N, M]

@@ -1,0 +1,164 @@
+"""SPT sparse attention through the backend: state, exactness at keep=1, guards, FLOPs."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import sparsify
+from families import first_output, tiny_inputs, tiny_model
+from sparsify.ops import spt as spt_ops
+
+SEQ = 16
+
+
+def spt_options(**attention):
+    base = {"method": "spt", "keep": 1.0, "min_seq": 1, "codebook_loss": 0.0}
+    return {"attention": {**base, **attention}, "inner": "aot_eager"}
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family,impl", [("bert", "eager"), ("bert", "sdpa"), ("gpt2", "sdpa"),
+                                         ("llama", "eager"), ("llama", "sdpa"), ("t5", "eager")])
+def test_keep_one_reproduces_dense_attention(family, impl):
+    model = tiny_model(family, impl).train()
+    inputs = tiny_inputs(family, seq=SEQ)
+    options = spt_options()
+    sparsify.prepare(model, **inputs, options=options)
+    reference = first_output(model(**inputs))
+    reference.square().mean().backward()
+    reference_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    out = first_output(torch.compile(model, backend="sparsify", options=options)(**inputs))
+    report = sparsify.last_report()
+    assert [r.decision for r in report.by_kind("attention")] == ["spt"] * len(report.by_kind("attention"))
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    out.square().mean().backward()
+    grads = _grads(model)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=0, msg=name)
+
+
+def test_codebooks_are_parameters_and_survive_checkpoints_and_recompiles(tmp_path):
+    model = tiny_model("llama", "sdpa")
+    inputs = tiny_inputs("llama", seq=SEQ)
+    options = spt_options(keep=0.5, codebook_loss=1e-2)
+    sparsify.prepare(model, **inputs, options=options)
+    names = [n for n, _ in model.named_parameters() if n.endswith("sparsify_pq_codebook")]
+    assert names == ["layers.0.self_attn.sparsify_pq_codebook", "layers.1.self_attn.sparsify_pq_codebook"]
+    codebook = model.get_parameter(names[0])
+    assert codebook.shape == (1, 16, 8)  # head_dim 8 / subspace 8, 16 codewords, 8 dims
+
+    # the codebook loss reaches the codebook through the compiled graph
+    compiled = torch.compile(model, backend="sparsify", options=options)
+    first_output(compiled(**inputs)).square().mean().backward()
+    assert codebook.grad is not None and codebook.grad.abs().sum() > 0
+    assert "layers.0.self_attn" in spt_ops.AUX_LOSSES
+
+    # recompiling and re-preparing never re-initialise it
+    before = codebook.detach().clone()
+    torch._dynamo.reset()
+    sparsify.prepare(model, **inputs, options=options)
+    torch.compile(model, backend="sparsify", options=options)(**inputs)
+    assert torch.equal(model.get_parameter(names[0]), before)
+
+    # checkpoint round trip: prepare a fresh model, load, same compiled outputs
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    fresh = tiny_model("llama", "sdpa", seed=123)
+    sparsify.prepare(fresh, **inputs, options=options)
+    assert not torch.equal(fresh.get_parameter(names[0]), before)
+    fresh.load_state_dict(torch.load(tmp_path / "ckpt.pt"))
+    assert torch.equal(fresh.get_parameter(names[0]), before)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        a = first_output(torch.compile(model, backend="sparsify", options=options)(**inputs))
+        torch._dynamo.reset()
+        b = first_output(torch.compile(fresh, backend="sparsify", options=options)(**inputs))
+    torch.testing.assert_close(a, b)
+
+
+def test_sparse_pattern_is_used_and_training_runs():
+    """keep < 1 really drops keys (outputs move away from dense) and a few steps train."""
+    model = tiny_model("bert", "sdpa").train()
+    inputs = tiny_inputs("bert", seq=SEQ)
+    options = spt_options(keep=0.25, codebook_loss=1e-2)
+    sparsify.prepare(model, **inputs, options=options)
+    with torch.no_grad():
+        dense = first_output(model(**inputs))
+    compiled = torch.compile(model, backend="sparsify", options=options)
+    assert not torch.allclose(first_output(compiled(**inputs)), dense, atol=1e-3)
+    assert all(r.facts["keep_keys"] == 4 for r in sparsify.last_report().by_kind("attention"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for _ in range(8):
+        loss = first_output(compiled(**inputs)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("attention,reason", [
+    ({"subspace_dim": 3}, "head_dim 8 is not a multiple of subspace_dim 3"),
+    ({"keep": 1.5}, "keep=1.5 is outside (0, 1]"),
+    ({"keep": 0.0}, "keep=0.0 is outside (0, 1]"),
+    ({"min_seq": 64}, "sequence length 16 is below min_seq=64"),
+])
+def test_guards_leave_region_dense_with_reason_or_raise_in_strict_mode(attention, reason):
+    model = tiny_model("bert", "sdpa")
+    inputs = tiny_inputs("bert", seq=SEQ)
+    sparsify.prepare(model, **inputs, options=spt_options())
+    options = spt_options(**attention)
+    report = sparsify.explain(model, **inputs, options=options)
+    assert [(r.decision, r.reason) for r in report.by_kind("attention")] == [("dense", reason)] * 2
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sparsify", options={**options, "strict": True})
+    with pytest.raises(Exception, match="encoder.layer.0.attention.self"):
+        compiled(**inputs)
+
+
+def test_without_prepare_the_report_says_what_to_do():
+    model = tiny_model("gpt2", "sdpa")
+    report = sparsify.explain(model, **tiny_inputs("gpt2", seq=SEQ), options=spt_options())
+    assert all(r.decision == "dense" and "sparsify.prepare" in r.reason for r in report.by_kind("attention"))
+
+
+def test_flop_counter_sees_the_sparse_work():
+    """At keep=1/8 the attention products count 1/8 of dense (QK^T and PV over L = n/8 keys).
+
+    Dynamo steps aside while a dispatch mode is active, so the rewritten graph is captured and
+    replayed under FlopCounterMode directly."""
+    from sparsify.passes import run_passes
+    seq = 64
+    inputs = tiny_inputs("bert", seq=seq, padded=False)
+
+    def attention_flops(options):
+        torch._dynamo.reset()
+        model = tiny_model("bert", "sdpa").eval()
+        if options["attention"]["method"] == "spt":
+            sparsify.prepare(model, **inputs, options=options)
+        captured = {}
+
+        def backend(gm, example_inputs):
+            run_passes(gm, sparsify.SparsifyConfig.from_options(options))
+
+            def run(*args):
+                captured["graph"], captured["args"] = gm, args
+                return gm(*args)
+            return run
+
+        with torch.no_grad():
+            torch.compile(model, backend=backend)(**inputs)
+            with FlopCounterMode(display=False) as counter:
+                captured["graph"](*captured["args"])
+        return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+
+    dense = attention_flops({"attention": {"method": "dense"}, "inner": "eager"})
+    sparse = attention_flops(spt_options(keep=0.125))
+    dense_attention = dense["sparsify.attention"]
+    assert dense_attention == 2 * (2 * 2 * 4 * seq * seq * (8 + 8))  # 2 layers x 2·B·H·n·n·(D+Dv)
+    assert sparse["sparsify.spt_attention"] * 8 == dense_attention
+    assert dense["sparsify.mlp"] == sparse["sparsify.mlp"]
