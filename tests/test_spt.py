@@ -162,3 +162,19 @@ def test_flop_counter_sees_the_sparse_work():
     assert dense_attention == 2 * (2 * 2 * 4 * seq * seq * (8 + 8))  # 2 layers x 2·B·H·n·n·(D+Dv)
     assert sparse["sparsify.spt_attention"] * 8 == dense_attention
     assert dense["sparsify.mlp"] == sparse["sparsify.mlp"]
+
+
+def test_dynamic_sequence_lengths_stay_sparse_and_exact():
+    """After a length change Dynamo recompiles with a symbolic length: L = ceil(keep * n) becomes
+    graph arithmetic, the region stays SPT, and keep=1 still equals eager at every length."""
+    model = tiny_model("llama", "sdpa").eval()
+    options = spt_options()
+    sparsify.prepare(model, **tiny_inputs("llama", seq=SEQ), options=options)
+    compiled = torch.compile(model, backend="sparsify", options=options)
+    for seq in (SEQ, 20, 13):
+        inputs = tiny_inputs("llama", seq=seq)
+        with torch.no_grad():
+            torch.testing.assert_close(first_output(compiled(**inputs)), first_output(model(**inputs)),
+                                       atol=1e-5, rtol=0)
+        assert {r.decision for r in sparsify.last_report().by_kind("attention")} == {"spt"}
+    assert sparsify.last_report().by_kind("attention")[0].facts["keep_keys"] == "ceil(1*n)"

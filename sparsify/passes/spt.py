@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import operator
+from fractions import Fraction
 from typing import Optional
 
 import torch
@@ -52,8 +53,8 @@ def spt_guard(region: Region, config: AttentionConfig, states: dict) -> Optional
         return f"dtype {value(f.q).dtype} has no SPT kernel (supported: fp16, bf16, fp32)"
     k_shape = shape(f.k)
     seq = k_shape[-1] if f.k_transposed else k_shape[-2]
-    if not isinstance(seq, int):
-        return "dynamic sequence length (SPT needs a static key count to size the kept pattern)"
+    if isinstance(seq, torch.SymInt):  # dynamic length: decide on the length that was traced
+        seq = seq.node.hint if seq.node.hint is not None else config.min_seq
     if seq < config.min_seq:
         return f"sequence length {seq} is below min_seq={config.min_seq}"
     if config.granularity != "token":
@@ -68,13 +69,14 @@ def spt_guard(region: Region, config: AttentionConfig, states: dict) -> Optional
     return None
 
 
-def key_valid_from_mask(mask: torch.Tensor, batch: int, lq: int, lk: int) -> torch.Tensor:
+def key_valid_from_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """[batch, lk] bool: keys any query may attend to, read off the mask's last query row.
 
     HF's padding masks mask keys (every row alike) and their causal masks allow all keys in the last
     row, so the last row is the key-padding mask; the full mask is still applied to every kept
     score by spt_attention, so a mask of another shape costs selection quality, never correctness.
     """
+    batch, lq, lk = q.shape[0], q.shape[-2], k.shape[-2]
     allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     last_row = allowed.expand(*allowed.shape[:-2], lq, lk)[..., -1, :]
     while last_row.dim() > 2:
@@ -93,14 +95,12 @@ def rewrite_spt(gm: GraphModule, region: Region, codebook: Node, config: Attenti
     like = region.output
     with graph.inserting_before(region.output):
         k, mask = attention_operands(graph, region)
-        batch, _, lq, _ = shape(f.q)
-        lk = shape(k)[-2]
-        keep = max(1, min(lk, math.ceil(config.keep * lk)))
+        keep = _keep_keys(graph, k, config.keep, like)
         q_codes = insert_call(graph, torch.ops.sparsify.pq_encode.default, (f.q, codebook), like=like)
         k_codes = insert_call(graph, torch.ops.sparsify.pq_encode.default, (k, codebook), like=like)
         key_valid = None
         if mask is not None:
-            key_valid = insert_call(graph, key_valid_from_mask, (mask, batch, lq, lk), like=like)
+            key_valid = insert_call(graph, key_valid_from_mask, (mask, f.q, k), like=like)
         causal = bool(region.facts["causal"])
         selected = insert_call(graph, torch.ops.sparsify.pq_select.default,
                                (q_codes, k_codes, keep, causal, key_valid), like=like)
@@ -116,4 +116,17 @@ def rewrite_spt(gm: GraphModule, region: Region, codebook: Node, config: Attenti
                               (out, aux, float(config.codebook_loss), region.module), like=like)
     region.output.replace_all_uses_with(out)
     erase_unused(region.interior)
-    region.facts["keep_keys"] = keep
+    region.facts["keep_keys"] = keep if isinstance(keep, int) else f"ceil({config.keep:g}*n)"
+
+
+def _keep_keys(graph, k: Node, keep: float, like: Node):
+    """L = ceil(keep * Lk): an int for a static length, else SymInt arithmetic in the graph
+    (keep as a fraction num/den, so the count is exact integer math)."""
+    lk = shape(k)[-2]
+    if isinstance(lk, int):
+        return max(1, min(lk, math.ceil(keep * lk)))
+    ratio = Fraction(keep).limit_denominator(4096)
+    size = insert_call(graph, torch.ops.aten.sym_size.int, (k, 2), like=like)
+    scaled = insert_call(graph, operator.mul, (size, ratio.numerator), like=like)
+    rounded_up = insert_call(graph, operator.add, (scaled, ratio.denominator - 1), like=like)
+    return insert_call(graph, operator.floordiv, (rounded_up, ratio.denominator), like=like)

@@ -1,0 +1,527 @@
+"""Triton kernels for the two product-quantisation ops of SPT (papers.md section 1), generated per spec.
+
+Public API::
+
+    pq_encode_triton(x, codebook) -> codes int32 [B, H, L, M]
+    pq_select_triton(q_codes, k_codes, keep, causal, key_valid=None) -> (index int32, valid bool) [B, H, Lq, keep]
+    PQEncodeSpec, PQSelectSpec, kernel_source(spec), get_pq_kernel(spec)
+    register_cuda_kernels()   # the CUDA implementations of sparsify::pq_encode / sparsify::pq_select
+
+Both functions return exactly what the CPU references in sparsify/ops/spt.py return (same codes, same index and
+valid tensors); see that module for the semantics. Inputs may have any strides (an HF [B, L, H, D] buffer seen as
+[B, H, L, D] is read in place). On CPU tensors they need TRITON_INTERPRET=1 (Triton's interpreter).
+
+Kernels are generated like the other sparsify.codegen kernels: spec -> string.Template source -> file in
+``cache_dir()`` -> importlib, cached in the emitter's in-memory cache (``sparsify.codegen.cache_info()`` and
+``clear_cache()`` cover them) and keyed on the interpreter mode, built lazily on first use. Builtins only
+(``tl.full``, ``tl.reduce`` / ``tl.associative_scan`` with combine functions defined in the generated module):
+see sparsify/codegen/templates.py and spt_templates.py for why.
+
+pq_encode kernel
+----------------
+One program per (block of BLOCK_L rows, b * H + h). For each subspace m it accumulates the L1 distance of the
+BLOCK_L sub-vectors to all E codewords as a [BLOCK_L, BLOCK_E] tile, one sub-vector dimension at a time (a
+sequential sum over d, in fp32, or fp64 for fp64 inputs: the reference's accumulation dtype), then takes the
+argmin over e with ties to the lowest e (min distance, then the smallest e whose distance equals it). A NaN
+distance counts as the minimum, like torch.argmin. Nothing but the codes is written.
+
+Exactness: the reference sums |x - c| in torch.cdist's order. Both sums are exactly rounded per term but may
+round differently in the last bit when a sub-vector is almost equidistant to two codewords (|d1 - d2| within an
+ulp); only then can the codes differ. Inputs whose partial sums are exact (e.g. on a dyadic grid) give identical
+codes including every exact tie (tested).
+
+pq_select kernel (exact top-`keep` without an [Lq, Lk] buffer)
+-------------------------------------------------------------
+score(i, j) = #{m : qc[i, m] == kc[j, m]} is an integer in 0..M, so a row's top-`keep` is fixed by a threshold
+level. One program per (block of BLOCK_Q query rows, b * H + h), GQA kv head h // (H // Hkv):
+
+  pass 1 (histogram): stream over the key blocks [k0, k0 + BLOCK_K) (causal: only up to the block's last row),
+      compute the [BLOCK_Q, BLOCK_K] score tile in registers (M compare-and-add steps), set disallowed pairs
+      (out of range, causal j > i, key_valid False) to -1, and add the per-level counts to a per-row histogram
+      hist[BLOCK_Q, LEVELS] (LEVELS = next power of two >= M + 1), kept in registers.
+  threshold: walking the levels from M down, T = the highest level with count(score >= T) >= keep;
+      above = count(score > T) (< keep by the choice of T), take = keep - above keys of level T are needed.
+      A row with fewer than `keep` allowed keys has no such level: then T = 0, take = hist[0] (all allowed keys
+      are emitted) and the row has total = #allowed < keep valid slots.
+  slot padding: slots [total, keep) get valid = False, index 0; slots [0, total) valid = True.
+  pass 2 (emit): stream over the key blocks again in ascending order, recompute the score tile and emit key j
+      iff score > T, or score == T and j is among the first `take` level-T keys of the row (the rank among the
+      level-T keys is a running count over earlier blocks plus an exclusive prefix sum, tl.associative_scan,
+      inside the block). The emitted key's slot is the running number of emitted keys plus the exclusive prefix
+      sum of the emit flags in the block: scattered stores of the key index.
+
+This is exactly the reference's ranking (higher score first, lower index on ties): every key above T beats every
+key at T, and among the level-T keys the lower indices win. Emitting in ascending key order gives the required
+ELL layout (slots sorted by key index, invalid slots last) without a sort. Memory: only the outputs are written;
+the score tile, the histogram and a few per-row counters live in registers (O(BLOCK_Q * (BLOCK_K + LEVELS))),
+nothing of size Lq x Lk exists anywhere. Work: 2 passes of M compares per (query, allowed key), plus M + 1 level
+compares per pair in pass 1 (the histogram); causal halves it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from string import Template
+from typing import Optional
+
+import torch
+
+from . import emitter as _emitter
+from .emitter import cache_dir, interpret_mode
+from .spec import spec_key
+
+__all__ = [
+    "PQEncodeSpec",
+    "PQSelectSpec",
+    "kernel_source",
+    "kernel_key",
+    "get_pq_kernel",
+    "pq_encode_triton",
+    "pq_select_triton",
+    "register_cuda_kernels",
+]
+
+# --- templates ---------------------------------------------------------------------------
+
+# Combine functions for tl.reduce / tl.associative_scan, decorated in the generated module (so in the mode the
+# kernels are built in). Under the interpreter, Triton's own functions replace them: the interpreter recognises
+# those by identity and runs numpy (np.sum / np.max / np.min / np.cumsum) instead of element-wise Python.
+PQ_REDUCTIONS = '''\
+@triton.jit
+def _sum_combine(a, b):
+    return a + b
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min_combine(a, b):
+    return tl.minimum(a, b)
+
+
+if not isinstance(_sum_combine, triton.runtime.jit.JITFunction):  # TRITON_INTERPRET=1
+    _sum_combine = tl.standard._sum_combine
+    _max_combine = tl.standard._elementwise_max
+    _min_combine = tl.standard._elementwise_min
+'''
+
+PQ_ENCODE = Template('''\
+# Generated by sparsify.codegen.pq_kernels -- do not edit (regenerated from the spec below).
+# spec: $spec
+# key:  $key
+import triton
+import triton.language as tl
+
+
+${reductions}
+
+@triton.jit
+def ${name}(
+    x_ptr, cb_ptr, out_ptr,
+    H, L, M, E,
+    s_xb, s_xh, s_xl, s_xd,
+    s_cm, s_ce, s_cd,
+    s_ob, s_oh, s_ol, s_om,
+    DC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    pid_l = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    l_ok = offs_l < L
+    offs_e = tl.arange(0, BLOCK_E)
+    e_ok = offs_e < E
+    x_rows = x_ptr + b * s_xb + h * s_xh + offs_l.to(tl.int64) * s_xl
+    o_rows = out_ptr + b * s_ob + h * s_oh + offs_l.to(tl.int64) * s_ol
+    for m in range(0, M):
+        # L1 distances of the BLOCK_L sub-vectors to the E codewords, summed over d in order
+        dist = tl.full((BLOCK_L, BLOCK_E), 0.0, ${acc})
+        for d in range(0, DC):
+            xv = tl.load(x_rows + (m * DC + d) * s_xd, mask=l_ok, other=0.0).to(${acc})
+            cv = tl.load(cb_ptr + m * s_cm + offs_e * s_ce + d * s_cd, mask=e_ok, other=0.0).to(${acc})
+            dist += tl.abs(xv[:, None] - cv[None, :])
+        # NaN ranks first (as in torch.argmin); padded codewords last
+        dist = tl.where(dist != dist, -1.0, dist)
+        dist = tl.where(e_ok[None, :], dist, float("inf"))
+        dmin = tl.reduce(dist, 1, _min_combine)
+        code = tl.where(dist == dmin[:, None], offs_e[None, :], BLOCK_E)
+        code = tl.reduce(code, 1, _min_combine)  # lowest e among the minima
+        tl.store(o_rows + m * s_om, code.to(tl.int32), mask=l_ok)
+''')
+
+# The [BLOCK_Q, BLOCK_K] score tile of key block k0, -1 where the pair is not allowed (both passes).
+PQ_SCORE = Template('''\
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < Lk
+        k_rows = k_base + offs_k.to(tl.int64) * s_kl
+        score = tl.full((BLOCK_Q, BLOCK_K), 0, tl.int32)
+        for m in range(0, M):
+            qm = tl.load(q_rows + m * s_qm, mask=q_ok, other=-1).to(tl.int32)
+            km = tl.load(k_rows + m * s_km, mask=k_ok, other=-2).to(tl.int32)
+            score += (qm[:, None] == km[None, :]).to(tl.int32)
+        allowed = q_ok[:, None] & k_ok[None, :]
+${causal}${key_valid}        score = tl.where(allowed, score, -1)
+''')
+
+PQ_CAUSAL = '''\
+        allowed = allowed & (offs_k[None, :] <= offs_q[:, None])  # top-left aligned: j <= i
+'''
+
+PQ_KEY_VALID = '''\
+        kv = tl.load(kv_ptr + b * s_vb + offs_k.to(tl.int64) * s_vl, mask=k_ok, other=0)
+        allowed = allowed & (kv[None, :] != 0)
+'''
+
+# causal: key blocks past the last query row of this block hold no allowed key
+PQ_KEY_END_CAUSAL = '''\
+    k_end = tl.minimum(Lk, (pid_q + 1) * BLOCK_Q)
+'''
+
+PQ_KEY_END = '''\
+    k_end = Lk
+'''
+
+PQ_SELECT = Template('''\
+# Generated by sparsify.codegen.pq_kernels -- do not edit (regenerated from the spec below).
+# spec: $spec
+# key:  $key
+import triton
+import triton.language as tl
+
+
+${reductions}
+
+@triton.jit
+def ${name}(
+    qc_ptr, kc_ptr, kv_ptr, idx_ptr, val_ptr,
+    H, GROUP, Lq, Lk, M, KEEP,
+    s_qb, s_qh, s_ql, s_qm,
+    s_kb, s_kh, s_kl, s_km,
+    s_vb, s_vl,
+    s_ib, s_ih, s_il, s_is,
+    s_ab, s_ah, s_al, s_as,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, LEVELS: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP  # GQA: query head h reads kv head h // (H // Hkv)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = offs_q < Lq
+    q_rows = qc_ptr + b * s_qb + h * s_qh + offs_q.to(tl.int64) * s_ql
+    k_base = kc_ptr + b * s_kb + hk * s_kh
+    offs_lv = tl.arange(0, LEVELS)
+${key_end}
+    # pass 1: per-row histogram of the scores of the allowed keys over the levels 0..M
+    hist = tl.full((BLOCK_Q, LEVELS), 0, tl.int32)
+    for k0 in range(0, k_end, BLOCK_K):
+${score}
+        for lvl in range(0, M + 1):
+            cnt = tl.reduce((score == lvl).to(tl.int32), 1, _sum_combine)
+            hist = tl.where(offs_lv[None, :] == lvl, hist + cnt[:, None], hist)
+
+    # threshold level T: the highest level with count(score >= T) >= KEEP
+    running = tl.full((BLOCK_Q,), 0, tl.int32)
+    thr = tl.full((BLOCK_Q,), 0, tl.int32)
+    above = tl.full((BLOCK_Q,), 0, tl.int32)
+    found = tl.full((BLOCK_Q,), 0, tl.int32)
+    for i in range(0, M + 1):
+        lvl = M - i
+        c = tl.reduce(tl.where(offs_lv[None, :] == lvl, hist, 0), 1, _sum_combine)
+        hit = (found == 0) & (running + c >= KEEP)
+        thr = tl.where(hit, lvl, thr)
+        above = tl.where(hit, running, above)
+        found = tl.where(hit, 1, found)
+        running += c
+    # rows with fewer than KEEP allowed keys: T = 0 and every allowed key is emitted
+    h0 = tl.reduce(tl.where(offs_lv[None, :] == 0, hist, 0), 1, _sum_combine)
+    above = tl.where(found != 0, above, running - h0)
+    take = tl.where(found != 0, KEEP - above, h0)
+    total = above + take  # = min(KEEP, allowed keys)
+
+    # slots [total, KEEP): valid False, index 0; slots [0, total): valid True (indices from pass 2)
+    idx_rows = idx_ptr + b * s_ib + h * s_ih + offs_q.to(tl.int64) * s_il
+    val_rows = val_ptr + b * s_ab + h * s_ah + offs_q.to(tl.int64) * s_al
+    for s0 in range(0, KEEP, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        in_row = q_ok[:, None] & (offs_s < KEEP)[None, :]
+        ok = offs_s[None, :] < total[:, None]
+        tl.store(val_rows[:, None] + offs_s[None, :] * s_as, ok.to(tl.uint8), mask=in_row)
+        tl.store(idx_rows[:, None] + offs_s[None, :] * s_is, tl.full((BLOCK_Q, BLOCK_S), 0, tl.int32),
+                 mask=in_row & (ok == 0))
+
+    # pass 2: emit the keys above T and the first `take` keys at T, in ascending key order
+    seen = tl.full((BLOCK_Q,), 0, tl.int32)     # level-T keys met so far
+    emitted = tl.full((BLOCK_Q,), 0, tl.int32)  # keys emitted so far = next free slot
+    for k0 in range(0, k_end, BLOCK_K):
+${score}
+        at_thr = (score == thr[:, None]).to(tl.int32)
+        rank = seen[:, None] + tl.associative_scan(at_thr, 1, _sum_combine) - at_thr
+        emit = (score > thr[:, None]) | ((at_thr != 0) & (rank < take[:, None]))
+        e32 = emit.to(tl.int32)
+        pos = emitted[:, None] + tl.associative_scan(e32, 1, _sum_combine) - e32
+        tl.store(idx_rows[:, None] + pos.to(tl.int64) * s_is, tl.full((BLOCK_Q, BLOCK_K), 0, tl.int32)
+                 + offs_k[None, :], mask=emit)
+        seen += tl.reduce(at_thr, 1, _sum_combine)
+        emitted += tl.reduce(e32, 1, _sum_combine)
+''')
+
+
+# --- specs -------------------------------------------------------------------------------
+
+_ACC_NAMES = {torch.float32: "fp32", torch.float64: "fp64"}
+_ACC_TL = {"fp32": "tl.float32", "fp64": "tl.float64"}
+ENCODE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class PQEncodeSpec:
+    """pq_encode kernel: ``acc`` is the distance accumulation dtype ("fp32", or "fp64" for fp64 inputs)."""
+
+    acc: str = "fp32"
+
+    def __post_init__(self):
+        if self.acc not in _ACC_TL:
+            raise ValueError(f"PQEncodeSpec.acc must be one of {tuple(_ACC_TL)}, got {self.acc!r}")
+
+    @property
+    def kernel_name(self) -> str:
+        return f"pq_encode_{self.acc}_kernel"
+
+    def canonical(self) -> str:
+        return f"PQEncodeSpec(acc={self.acc})"
+
+
+@dataclasses.dataclass(frozen=True)
+class PQSelectSpec:
+    """pq_select kernel: causal (top-left, j <= i) and whether a key_valid [B, Lk] mask is read."""
+
+    causal: bool = False
+    key_valid: bool = False
+
+    def __post_init__(self):
+        for name in ("causal", "key_valid"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"PQSelectSpec.{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def kernel_name(self) -> str:
+        parts = ["pq_select"]
+        if self.causal:
+            parts.append("causal")
+        if self.key_valid:
+            parts.append("keyvalid")
+        return "_".join(parts) + "_kernel"
+
+    def canonical(self) -> str:
+        return f"PQSelectSpec(causal={int(self.causal)},key_valid={int(self.key_valid)})"
+
+
+def _template_digest() -> str:
+    parts = []
+    for name, value in sorted(globals().items()):
+        if name.startswith("PQ_") and name.isupper():
+            parts.append(f"{name}={getattr(value, 'template', value)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+_TEMPLATE_DIGEST = _template_digest()
+
+
+def _check_spec(spec):
+    if not isinstance(spec, (PQEncodeSpec, PQSelectSpec)):
+        raise ValueError(f"expected a PQEncodeSpec or PQSelectSpec, got {type(spec).__name__}")
+
+
+def kernel_key(spec) -> str:
+    """Cache key (sha256 hex) of a spec's kernel."""
+    _check_spec(spec)
+    return spec_key(spec, salt="pq|" + _TEMPLATE_DIGEST)
+
+
+def kernel_source(spec) -> str:
+    """The Triton source generated for ``spec`` (pure: no file, no triton import)."""
+    _check_spec(spec)
+    if isinstance(spec, PQEncodeSpec):
+        return PQ_ENCODE.substitute(reductions=PQ_REDUCTIONS, spec=spec.canonical(), key=kernel_key(spec),
+                                    name=spec.kernel_name, acc=_ACC_TL[spec.acc])
+    score = PQ_SCORE.substitute(causal=PQ_CAUSAL if spec.causal else "",
+                                key_valid=PQ_KEY_VALID if spec.key_valid else "")
+    return PQ_SELECT.substitute(reductions=PQ_REDUCTIONS, spec=spec.canonical(), key=kernel_key(spec),
+                                name=spec.kernel_name, score=score,
+                                key_end=PQ_KEY_END_CAUSAL if spec.causal else PQ_KEY_END)
+
+
+class PQKernel:
+    """A generated kernel: spec, source, file and the ``@triton.jit`` function."""
+
+    def __init__(self, spec, key, source, path, fn, interpret):
+        self.spec = spec
+        self.key = key
+        self.source = source
+        self.path = path
+        self.fn = fn
+        self.interpret = interpret
+
+    def launch(self, grid, num_warps=4, **kwargs):
+        if self.interpret:
+            self.fn[grid](**kwargs)
+        else:
+            self.fn[grid](**kwargs, num_warps=num_warps)
+
+    def __repr__(self):
+        mode = "interpreter" if self.interpret else "jit"
+        return f"PQKernel({self.spec.kernel_name}, key={self.key[:12]}, {mode})"
+
+
+def get_pq_kernel(spec) -> PQKernel:
+    """The kernel for ``spec``: generated, written to ``cache_dir()`` and imported on first use (the emitter's
+    file + import helpers), then served from the emitter's in-memory cache keyed on (key, interpreter mode)."""
+    _check_spec(spec)
+    interpret = interpret_mode()
+    key = kernel_key(spec)
+    with _emitter._lock:
+        kernel = _emitter._kernels.get((key, interpret))
+        if kernel is not None:
+            _emitter._stats["hits"] += 1
+            return kernel
+        _emitter._stats["misses"] += 1
+        source = kernel_source(spec)
+        _emitter._stats["generated"] += 1
+        path = cache_dir() / f"{key}.py"
+        _emitter._write_source(path, source)
+        module_name = f"_sparsify_pq_{key[:24]}_{'interp' if interpret else 'jit'}"
+        module = _emitter._import_file(path, module_name)
+        kernel = PQKernel(spec, key, source, path, getattr(module, spec.kernel_name), interpret)
+        _emitter._kernels[(key, interpret)] = kernel
+        return kernel
+
+
+# --- launchers -----------------------------------------------------------------------------
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _check_runnable(kernel, t):
+    if t.device.type == "cpu" and not kernel.interpret:
+        raise RuntimeError("sparsify pq kernels need a GPU tensor, or TRITON_INTERPRET=1 for CPU tensors")
+
+
+def _check_grid(bh: int):
+    if bh > 65535:
+        raise ValueError(f"B * H = {bh} exceeds the grid limit 65535")
+
+
+def pq_encode_triton(x: torch.Tensor, codebook: torch.Tensor, *, block_l: Optional[int] = None) -> torch.Tensor:
+    """PQ codes of x [B, H, L, D] under codebook [M, E, dc]: int32 [B, H, L, M] (L1 nearest, lowest e on ties).
+    Same result as sparsify::pq_encode's reference (module docstring: exactness)."""
+    if x.dim() != 4 or codebook.dim() != 3:
+        raise ValueError(f"pq_encode_triton expects x [B,H,L,D] and codebook [M,E,dc]; got {tuple(x.shape)}, "
+                         f"{tuple(codebook.shape)}")
+    m, e, dc = codebook.shape
+    if x.shape[-1] != m * dc:
+        raise ValueError(f"pq_encode_triton: head dim {x.shape[-1]} != M * dc = {m} * {dc}")
+    for name, t in (("x", x), ("codebook", codebook)):
+        if t.dtype not in ENCODE_DTYPES:
+            raise ValueError(f"pq_encode_triton: unsupported {name} dtype {t.dtype}")
+    if codebook.device != x.device:
+        raise ValueError(f"codebook is on {codebook.device}, x on {x.device}")
+    b, h, l, _ = x.shape
+    out = torch.empty((b, h, l, m), dtype=torch.int32, device=x.device)
+    if out.numel() == 0:
+        return out
+    if e == 0:
+        raise ValueError("pq_encode_triton: empty codebook")
+    _check_grid(b * h)
+    acc = torch.promote_types(torch.promote_types(x.dtype, codebook.dtype), torch.float32)
+    kernel = get_pq_kernel(PQEncodeSpec(acc=_ACC_NAMES[acc]))
+    _check_runnable(kernel, x)
+    block_e = max(2, _next_pow2(e))
+    if block_l is None:
+        block_l = 128 if kernel.interpret else max(16, min(128, 4096 // block_e))
+    kernel.launch(
+        (_cdiv(l, block_l), b * h),
+        x_ptr=x, cb_ptr=codebook, out_ptr=out, H=h, L=l, M=m, E=e,
+        s_xb=x.stride(0), s_xh=x.stride(1), s_xl=x.stride(2), s_xd=x.stride(3),
+        s_cm=codebook.stride(0), s_ce=codebook.stride(1), s_cd=codebook.stride(2),
+        s_ob=out.stride(0), s_oh=out.stride(1), s_ol=out.stride(2), s_om=out.stride(3),
+        DC=dc, BLOCK_L=block_l, BLOCK_E=block_e,
+    )
+    return out
+
+
+def pq_select_triton(
+    q_codes: torch.Tensor, k_codes: torch.Tensor, keep: int, causal: bool,
+    key_valid: Optional[torch.Tensor] = None, *, block_q: Optional[int] = None, block_k: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`keep` keys per query row by code matches, exactly as sparsify::pq_select's reference:
+    (index int32, valid bool), both [B, H, Lq, keep] (algorithm: module docstring)."""
+    from sparsify.ops.spt import _check_select_inputs  # the reference's argument checks, verbatim
+
+    _check_select_inputs(q_codes, k_codes, keep, key_valid)
+    b, h, lq, m = q_codes.shape
+    hkv, lk = k_codes.shape[1], k_codes.shape[2]
+    if k_codes.device != q_codes.device or (key_valid is not None and key_valid.device != q_codes.device):
+        raise ValueError("pq_select_triton: q_codes, k_codes and key_valid must be on one device")
+    index = torch.empty((b, h, lq, keep), dtype=torch.int32, device=q_codes.device)
+    valid = torch.empty((b, h, lq, keep), dtype=torch.bool, device=q_codes.device)
+    if index.numel() == 0:
+        return index, valid
+    _check_grid(b * h)
+    kernel = get_pq_kernel(PQSelectSpec(causal=bool(causal), key_valid=key_valid is not None))
+    _check_runnable(kernel, q_codes)
+    if block_q is None:
+        block_q = 64
+    if block_k is None:
+        block_k = 128 if kernel.interpret else 64
+    kv = key_valid.view(torch.uint8) if key_valid is not None else index  # a dummy pointer when unused
+    val8 = valid.view(torch.uint8)
+    kernel.launch(
+        (_cdiv(lq, block_q), b * h),
+        qc_ptr=q_codes, kc_ptr=k_codes, kv_ptr=kv, idx_ptr=index, val_ptr=val8,
+        H=h, GROUP=h // hkv, Lq=lq, Lk=lk, M=m, KEEP=keep,
+        s_qb=q_codes.stride(0), s_qh=q_codes.stride(1), s_ql=q_codes.stride(2), s_qm=q_codes.stride(3),
+        s_kb=k_codes.stride(0), s_kh=k_codes.stride(1), s_kl=k_codes.stride(2), s_km=k_codes.stride(3),
+        s_vb=kv.stride(0) if key_valid is not None else 0, s_vl=kv.stride(1) if key_valid is not None else 0,
+        s_ib=index.stride(0), s_ih=index.stride(1), s_il=index.stride(2), s_is=index.stride(3),
+        s_ab=val8.stride(0), s_ah=val8.stride(1), s_al=val8.stride(2), s_as=val8.stride(3),
+        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_S=min(64, max(2, _next_pow2(keep))),
+        LEVELS=max(2, _next_pow2(m + 1)),
+    )
+    return index, valid
+
+
+# --- registration --------------------------------------------------------------------------
+
+_REGISTERED = False
+
+
+def register_cuda_kernels() -> None:
+    """Make these kernels the CUDA implementations of sparsify::pq_encode and sparsify::pq_select (the CPU
+    references stay for CPU tensors). Idempotent. Integer dtypes other than the codes' are handled by the
+    kernels (codes of any integer dtype are read and compared as int32)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    import sparsify.ops.spt  # noqa: F401  (defines the ops)
+
+    @torch.library.register_kernel("sparsify::pq_encode", "cuda")
+    def _pq_encode_cuda(x, codebook):
+        return pq_encode_triton(x, codebook)
+
+    @torch.library.register_kernel("sparsify::pq_select", "cuda")
+    def _pq_select_cuda(q_codes, k_codes, keep, causal, key_valid):
+        return pq_select_triton(q_codes, k_codes, keep, causal, key_valid)
+
+    _REGISTERED = True
