@@ -178,3 +178,30 @@ def test_dynamic_sequence_lengths_stay_sparse_and_exact():
                                        atol=1e-5, rtol=0)
         assert {r.decision for r in sparsify.last_report().by_kind("attention")} == {"spt"}
     assert sparsify.last_report().by_kind("attention")[0].facts["keep_keys"] == "ceil(1*n)"
+
+
+def _pattern_mask(index, valid, lk):
+    """The [B, H, Lq, Lk] bool mask allowing exactly the valid selected pairs (invalid slots go to
+    a spare column, so they can never switch a selected key off)."""
+    allowed = torch.zeros(*index.shape[:-1], lk + 1, dtype=torch.bool)
+    allowed.scatter_(-1, index.long().masked_fill(~valid, lk), True)
+    return allowed[..., :lk].contiguous()
+
+
+@pytest.mark.slow
+def test_sparse_attention_equals_flex_attention_with_the_same_mask():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    torch.manual_seed(0)
+    B, H, n, D = 1, 2, 64, 16
+    q, k, v = (torch.randn(B, H, n, D) for _ in range(3))
+    codebook = torch.randn(2, 16, 8)
+    index, valid = torch.ops.sparsify.pq_select(torch.ops.sparsify.pq_encode(q, codebook),
+                                                torch.ops.sparsify.pq_encode(k, codebook), n // 8, True, None)
+    out, _, _ = torch.ops.sparsify.spt_attention(q, k, v, index, valid, None, D ** -0.5, 0.0)
+    allowed = _pattern_mask(index, valid, n)
+    block_mask = flex.create_block_mask(lambda b, h, qi, kv: allowed[b, h, qi, kv], B, H, n, n,
+                                        device="cpu", BLOCK_SIZE=16)
+    reference = torch.compile(flex.flex_attention)(q, k, v, block_mask=block_mask)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    torch.testing.assert_close(out, sdpa, atol=1e-5, rtol=0)

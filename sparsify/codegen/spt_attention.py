@@ -191,7 +191,12 @@ class TokenSparseSpec:
 @dataclasses.dataclass(frozen=True)
 class BlockSparseSpec:
     """Block-granular sparse attention: query blocks of ``block_m`` rows visit selected
-    key blocks of ``block_n`` keys (flash-attention style, tl.dot)."""
+    key blocks of ``block_n`` keys (flash-attention style, tl.dot).
+
+    ``block_m`` / ``block_n`` are the block map's granularity; ``tile_m`` / ``tile_n``
+    (0: the same) are the kernel's tiles, which may be smaller (a program handles
+    tile_m rows of one map row and walks a selected block in tile_n-wide steps).
+    """
 
     head_dim: int
     v_head_dim: int
@@ -201,6 +206,8 @@ class BlockSparseSpec:
     precomputed_delta: bool = False
     block_m: int = 64
     block_n: int = 64
+    tile_m: int = 0
+    tile_n: int = 0
 
     def __post_init__(self):
         _check_common_fields(self, "BlockSparseSpec")
@@ -209,6 +216,15 @@ class BlockSparseSpec:
             if not _is_pow2(val) or not 16 <= val <= 256:
                 raise ValueError(
                     f"BlockSparseSpec.{name} must be a power of two in 16..256 (tl.dot tiles), got {val!r}"
+                )
+        for name, block in (("tile_m", "block_m"), ("tile_n", "block_n")):
+            val = getattr(self, name)
+            if val == 0:  # frozen: normalise through object.__setattr__ (equal specs stay equal)
+                object.__setattr__(self, name, getattr(self, block))
+            elif not _is_pow2(val) or not 16 <= val <= getattr(self, block):
+                raise ValueError(
+                    f"BlockSparseSpec.{name} must be a power of two in 16..{block} "
+                    f"({getattr(self, block)}), got {val!r}"
                 )
 
     @property
@@ -232,7 +248,7 @@ class BlockSparseSpec:
             parts.append("kpm")
         if self.precomputed_delta:
             parts.append("delta")
-        parts.append(f"m{self.block_m}n{self.block_n}")
+        parts.append(f"m{self.block_m}n{self.block_n}t{self.tile_m}x{self.tile_n}")
         return "_".join(parts)
 
     def canonical(self) -> str:
@@ -240,7 +256,7 @@ class BlockSparseSpec:
             f"BlockSparseSpec(head_dim={self.head_dim},v_head_dim={self.v_head_dim},"
             f"dtype={self.dtype_name},causal={int(self.causal)},key_padding={int(self.key_padding)},"
             f"precomputed_delta={int(self.precomputed_delta)},"
-            f"block_m={self.block_m},block_n={self.block_n})"
+            f"block_m={self.block_m},block_n={self.block_n},tile_m={self.tile_m},tile_n={self.tile_n})"
         )
 
 
@@ -458,6 +474,27 @@ def _strides(t, n=None):
 
 def _gpu_warps(block_d, block_dv, bwd):
     return 8 if bwd and max(block_d, block_dv) >= 128 else 4
+
+
+# Kernel tiles (tile_m, tile_n, num_warps) of the block kernels on a GPU, by padded head
+# dim. Picked offline from ptxas register / spill reports for sm_90 (no timing yet):
+# the largest tiles that compile without (or with a few bytes of) register spills.
+_BLOCK_TILES = {
+    # head dim <=: (forward, backward)
+    64: ((64, 64, 4), (64, 32, 8)),
+    128: ((64, 32, 8), (32, 32, 8)),
+    256: ((32, 32, 8), (16, 32, 8)),
+}
+
+
+def default_block_tiles(head_dim, block_m, block_n, backward=False, interpret=False):
+    """(tile_m, tile_n, num_warps) of the block kernels for a map of block_m x block_n.
+    The interpreter runs one program at a time in numpy: the map blocks themselves."""
+    if interpret:
+        return block_m, block_n, 4
+    bd = max(16, _next_pow2(head_dim))
+    tm, tn, warps = _BLOCK_TILES[min(k for k in _BLOCK_TILES if k >= bd)][int(backward)]
+    return min(tm, block_m), min(tn, block_n), warps
 
 
 # --- token-granular API ----------------------------------------------------------------------
@@ -692,7 +729,8 @@ def _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, block_valid, kpm, sc
     args.update(_map_args(block_index, block_valid))
     args.update(
         bidx_ptr=block_index, bval_ptr=block_valid, KB=block_index.shape[-1],
-        NKB=_cdiv(Lk, spec.block_n), sm_scale=scale, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n,
+        NKB=_cdiv(Lk, spec.block_n), sm_scale=scale,
+        MAP_M=spec.block_m, BLOCK_N=spec.block_n, TILE_M=spec.tile_m, TILE_N=spec.tile_n,
     )
     if kpm is not None:
         args.update(kpm_ptr=kpm, s_pb=kpm.stride(0), s_pn=kpm.stride(1))
@@ -700,12 +738,13 @@ def _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, block_valid, kpm, sc
 
 
 def block_sparse_forward(q, k, v, block_index, block_valid=None, *, block_m=64, block_n=64,
-                         causal=False, key_padding_mask=None, scale=None):
+                         causal=False, key_padding_mask=None, scale=None, tile_m=None, tile_n=None):
     """Block-sparse attention forward: ``(out [B, H, Lq, Dv] in q.dtype, lse [B, H, Lq] fp32)``.
 
     Query block qb (rows qb*block_m ...) attends to the keys of the blocks
     ``block_index[b, h, qb, :]`` whose ``block_valid`` is set, with causal / key padding
-    masking inside them. With ``dense_block_map`` this is dense attention.
+    masking inside them. With ``dense_block_map`` this is dense attention. tile_m / tile_n
+    override the kernel tiles (default: ``default_block_tiles``).
     """
     (B, H, Hkv, Lq, Lk, D, Dv, nqb), block_index, block_valid, kpm, scale = _block_inputs(
         q, k, v, block_index, block_valid, block_m, block_n, key_padding_mask, scale)
@@ -713,8 +752,10 @@ def block_sparse_forward(q, k, v, block_index, block_valid=None, *, block_m=64, 
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if B * H * Lq == 0:
         return out, lse
+    tm, tn, warps = default_block_tiles(D, block_m, block_n, False, interpret_mode())
     spec = BlockSparseSpec(head_dim=D, v_head_dim=Dv, dtype=q.dtype, causal=bool(causal),
-                           key_padding=kpm is not None, block_m=block_m, block_n=block_n)
+                           key_padding=kpm is not None, block_m=block_m, block_n=block_n,
+                           tile_m=tile_m or tm, tile_n=tile_n or tn)
     kernel = get_spt_kernel(spec)
     _check_runnable(kernel, q)
     args = _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, block_valid, kpm, scale)
@@ -723,12 +764,13 @@ def block_sparse_forward(q, k, v, block_index, block_valid=None, *, block_m=64, 
         s_ob=out.stride(0), s_oh=out.stride(1), s_om=out.stride(2), s_od=out.stride(3),
         s_lb=lse.stride(0), s_lh=lse.stride(1), s_lm=lse.stride(2),
     )
-    kernel.launch(kernel.fwd, (nqb, B * H), _gpu_warps(spec.block_d, spec.block_dv, False), 2, **args)
+    kernel.launch(kernel.fwd, (_cdiv(Lq, spec.tile_m), B * H), warps, 2, **args)
     return out, lse
 
 
 def block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, *, block_m=64, block_n=64,
-                          causal=False, key_padding_mask=None, scale=None, out=None):
+                          causal=False, key_padding_mask=None, scale=None, out=None,
+                          tile_m=None, tile_n=None):
     """Block-sparse attention backward: ``(dq, dk, dv)`` in the input dtypes.
 
     One program per (query block, b, h) walks the selected key blocks once: dq is
@@ -746,9 +788,10 @@ def block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, *, b
     dv_acc = torch.zeros((B, Hkv, Lk, Dv), dtype=torch.float32, device=q.device)
     if B * H * Lq:
         delta = None if out is None else _delta_from_out(grad_out, out, (B, H, Lq), q)
+        tm, tn, warps = default_block_tiles(D, block_m, block_n, True, interpret_mode())
         spec = BlockSparseSpec(head_dim=D, v_head_dim=Dv, dtype=q.dtype, causal=bool(causal),
                                key_padding=kpm is not None, precomputed_delta=delta is not None,
-                               block_m=block_m, block_n=block_n)
+                               block_m=block_m, block_n=block_n, tile_m=tile_m or tm, tile_n=tile_n or tn)
         kernel = get_spt_kernel(spec)
         _check_runnable(kernel, q)
         args = _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, block_valid, kpm, scale)
@@ -762,5 +805,5 @@ def block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, *, b
         )
         if delta is not None:
             args.update(delta_ptr=delta, s_eb=delta.stride(0), s_eh=delta.stride(1), s_em=delta.stride(2))
-        kernel.launch(kernel.bwd, (nqb, B * H), _gpu_warps(spec.block_d, spec.block_dv, True), 1, **args)
+        kernel.launch(kernel.bwd, (_cdiv(Lq, spec.tile_m), B * H), warps, 1, **args)
     return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
