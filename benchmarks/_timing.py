@@ -17,6 +17,7 @@ What is measured, and how (the scripts say which measure each number is):
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -91,6 +92,18 @@ def environment(device: torch.device) -> dict:
     else:
         info["loadavg_at_start"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return info
+
+
+@contextlib.contextmanager
+def cpu_threads(device: torch.device, threads: Optional[int]):
+    """On CPU, run with `threads` torch threads (restored afterwards: main() may be called from tests)."""
+    old = torch.get_num_threads()
+    if device.type != "cuda" and threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def sync(device: torch.device) -> None:

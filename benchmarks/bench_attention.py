@@ -1,8 +1,8 @@
 """One attention call, forward + backward: time and memory of dense and SPT sparse variants.
 
     python benchmarks/bench_attention.py                 # GPU if there is one, else CPU (capped sizes)
-    python benchmarks/bench_attention.py --quick         # a few seconds to a minute
-    python benchmarks/bench_attention.py --n 4096 --head-dims 64 --dtypes fp16   # the target case only
+    python benchmarks/bench_attention.py --quick         # CPU: n 512/1024, d 64; GPU: the n=4096 targets, fp16
+    python benchmarks/bench_attention.py --n 4096 --head-dims 64 --dtypes fp16   # one configuration
 
 Shapes: q, k, v [B, H, n, d], random normal, requires_grad; the gradient of the output is random normal.
 Defaults: GPU n in {512 .. 8192}, d in {64, 128}, fp16 and bf16, B=1, H=16; CPU n in {512, 1024, 2048}
@@ -535,25 +535,37 @@ def parse_args(argv):
                    default=["eager", "sdpa", "flex", "sparsify-dense", "spt-token", "spt-token-triton", "spt-block"],
                    choices=["eager", "sdpa", "flex", "sparsify-dense", "spt-token", "spt-token-triton", "spt-block"])
     p.add_argument("--flex-n", type=int, nargs="*", default=None,
-                   help="run FlexAttention only at these n (each shape compiles fwd+bwd kernels; default: all)")
+                   help="run FlexAttention only at these n (each shape compiles fwd+bwd kernels; default on GPU: "
+                        "1024 and 4096; '--flex-n' with no value: every n)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--min-repeats", type=int, default=3)
     p.add_argument("--max-repeats", type=int, default=20)
     p.add_argument("--budget-s", type=float, default=1.5, help="timing budget per case (sets the repeats)")
-    p.add_argument("--quick", action="store_true", help="small sweep: n<=1024 on CPU, n in {1024, 4096} on GPU")
+    p.add_argument("--quick", action="store_true",
+                   help="small sweep: CPU n in {512, 1024}, d=64; GPU n=4096 (the target case), d 64 and 128, fp16")
     p.add_argument("--out-dir", default=T.default_out_dir())
     p.add_argument("--stem", help="result file name without extension (default attention_<device>)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU: torch threads (default 1: steadier on a shared machine)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    started = time.perf_counter()
     device = T.pick_device(args.device)
+    with T.cpu_threads(device, args.threads or 1):
+        return run(args, device)
+
+
+def run(args, device) -> dict:
+    started = time.perf_counter()
     gpu = device.type == "cuda"
     if args.n is None:
-        args.n = ([1024, 4096] if args.quick else GPU_N) if gpu else ([512, 1024] if args.quick else CPU_N)
+        args.n = ([TARGET_N] if args.quick else GPU_N) if gpu else ([512, 1024] if args.quick else CPU_N)
+    if args.flex_n is None:  # each flex shape compiles fwd+bwd kernels (tens of seconds): two n by default
+        args.flex_n = [1024, TARGET_N] if gpu else []
+    if gpu and args.quick and args.dtypes is None:
+        args.dtypes = ["fp16"]
     capped = [n for n in args.n if n > args.cpu_max_n] if not gpu else []
     if capped:
         print(f"CPU: n={capped} dropped (cap --cpu-max-n {args.cpu_max_n})")

@@ -229,6 +229,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--log-every", type=int, default=10, help="print loss and step time every N steps (0: quiet)")
     p.add_argument("--out", default=None, help="JSON result file")
     return p.parse_args(argv)
 
@@ -291,6 +292,8 @@ def run(args: argparse.Namespace) -> dict:
                     train_report = _last_report()
             if step >= args.warmup_steps:
                 step_times.append(elapsed)
+            if args.log_every and (step % args.log_every == 0 or step == args.steps - 1):
+                print(f"step {step:5d}  loss {losses[-1]:.4f}  {elapsed:.3f} s", file=sys.stderr, flush=True)
             if step == args.warmup_steps - 1 and step < args.steps - 1:
                 memory.restart_peak()  # peak memory of the steady state, not of compilation
     eval_batch = args.eval_batch or args.batch

@@ -21,6 +21,7 @@ from torch import nn
 from .config import SparsifyConfig
 from .debug import Report, log
 from .passes import run_passes
+from .passes.spt import CODEBOOK_KIND
 
 CODEBOOK = "sparsify_pq_codebook"
 _HOOK = "_sparsify_tag_hook"
@@ -30,11 +31,28 @@ def _tag_output(module: nn.Module, args, output):
     """Forward hook: route the module's state into the compiled graph (a no-op outside compile)."""
     if not torch.compiler.is_compiling():
         return None
-    state = getattr(module, CODEBOOK)
-    name = getattr(module, "_sparsify_path", "")
-    if isinstance(output, tuple):
-        return (torch.ops.sparsify.tag(output[0], state, name), *output[1:])
-    return torch.ops.sparsify.tag(output, state, name)
+    first = output[0] if isinstance(output, tuple) else output
+    for kind, names in module._sparsify_states.items():
+        first = torch.ops.sparsify.tag(first, [getattr(module, n) for n in names], kind)
+    return (first, *output[1:]) if isinstance(output, tuple) else first
+
+
+def attach_state(module: nn.Module, kind: str, make_params) -> bool:
+    """Register the parameters of one state kind on `module` unless they exist (so recompiles,
+    repeated prepares and loaded checkpoints keep them), and the tag hook once. `make_params()`
+    returns {attribute name: tensor}; it is only called when the state is new. True if created."""
+    states = module.__dict__.setdefault("_sparsify_states", {})
+    created = False
+    if kind not in states:
+        params = make_params()
+        for name, tensor in params.items():
+            if not hasattr(module, name):
+                module.register_parameter(name, nn.Parameter(tensor))
+                created = True
+        states[kind] = list(params)
+    if not hasattr(module, _HOOK):
+        setattr(module, _HOOK, module.register_forward_hook(_tag_output))
+    return created
 
 
 class _QKRecorder(torch.fx.Interpreter):
@@ -117,16 +135,15 @@ def prepare(model: nn.Module, *args, options: Union[SparsifyConfig, Mapping[str,
             if region.decision == "dense" or not head_dim or head_dim % attention.subspace_dim:
                 continue  # the pass will report why; nothing to attach
             module = model.get_submodule(region.module)
-            if not hasattr(module, CODEBOOK):
-                codebook = init_codebook(samples[region.module], head_dim, attention.subspace_dim,
-                                         attention.codewords)
-                weight = next(module.parameters(), None)
+            weight = next(module.parameters(), None)
+
+            def make_codebook(samples=samples[region.module], head_dim=head_dim, weight=weight):
+                codebook = init_codebook(samples, head_dim, attention.subspace_dim, attention.codewords)
                 if weight is not None:
                     codebook = codebook.to(device=weight.device, dtype=weight.dtype)
-                module.register_parameter(CODEBOOK, nn.Parameter(codebook))
-                log.info("prepare: PQ codebook %s on %s (k-means on %d q/k samples)",
-                         tuple(codebook.shape), region.module, len(samples[region.module]))
-            if not hasattr(module, _HOOK):
-                module._sparsify_path = region.module
-                setattr(module, _HOOK, module.register_forward_hook(_tag_output))
+                return {CODEBOOK: codebook}
+
+            if attach_state(module, CODEBOOK_KIND, make_codebook):
+                log.info("prepare: PQ codebook on %s (k-means on %d q/k samples)", region.module,
+                         len(samples[region.module]))
     return report

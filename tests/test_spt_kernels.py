@@ -385,6 +385,25 @@ def test_block_all_selected_equals_sdpa(interpreter, causal, dtype):
         assert_close(got, want, dtype, name)
 
 
+@needs_triton
+def test_block_tiles_smaller_than_map_blocks(interpreter):
+    """Kernel tiles of 16 x 16 walking a 32 x 32 block map (what the GPU defaults do for
+    large head dims): same result as map-sized tiles."""
+    B, H, Hkv, Lq, Lk, D = 1, 2, 1, 40, 45, 16
+    q, k, v = make_qkv(B, H, Hkv, Lq, Lk, D, D, torch.float32, seed=16)
+    block_index, block_valid = random_block_map(B, H, Lq, Lk, 1, True, 17, bm=32, bn=32)
+    allowed = block_map_to_dense(block_index, block_valid, Lq, Lk, True, None, bm=32, bn=32)
+    kw = dict(block_m=32, block_n=32, causal=True, tile_m=16, tile_n=16)
+    out, lse = block_sparse_forward(q, k, v, block_index, block_valid, **kw)
+    do = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(18))
+    ref_out, ref_lse, ref_grads = grads_of(lambda *t: dense_reference(*t, allowed, D ** -0.5), [q, k, v], do)
+    assert_close(out, ref_out, torch.float32, "out")
+    assert_lse(lse, ref_lse, torch.float32)
+    grads = block_sparse_backward(do, q, k, v, block_index, block_valid, lse, **kw)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(got, ref, torch.float32, name)
+
+
 def test_dense_block_map():
     idx, val = dense_block_map(40, 40, 16, 16, causal=False)
     assert idx.dtype == torch.int32 and idx.shape == (3, 3) and val.all()
@@ -483,7 +502,7 @@ def _ptr_type(name, dtype):
     [
         TokenSparseSpec(64, 64, torch.float16, causal=True, mask="additive", mask_grad=True,
                         block_m=8, block_k=16),
-        BlockSparseSpec(128, 128, torch.bfloat16, causal=True, key_padding=True),
+        BlockSparseSpec(128, 128, torch.bfloat16, causal=True, key_padding=True, tile_m=64, tile_n=32),
     ],
     ids=["token-fp16", "block-bf16"],
 )
@@ -499,9 +518,11 @@ def test_compiles_for_sm90_without_a_gpu(monkeypatch, spec):
         pytest.skip("this triton has no ASTSource/GPUTarget")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     kernels = get_spt_kernel(spec)
-    blocks = dict(BLOCK_D=spec.block_d, BLOCK_DV=spec.block_dv, HEAD_DIM=spec.head_dim,
-                  V_HEAD_DIM=spec.v_head_dim, BLOCK_M=spec.block_m)
-    blocks.update(dict(BLOCK_K=spec.block_k) if isinstance(spec, TokenSparseSpec) else dict(BLOCK_N=spec.block_n))
+    blocks = dict(BLOCK_D=spec.block_d, BLOCK_DV=spec.block_dv, HEAD_DIM=spec.head_dim, V_HEAD_DIM=spec.v_head_dim)
+    if isinstance(spec, TokenSparseSpec):
+        blocks.update(BLOCK_M=spec.block_m, BLOCK_K=spec.block_k)
+    else:
+        blocks.update(MAP_M=spec.block_m, BLOCK_N=spec.block_n, TILE_M=spec.tile_m, TILE_N=spec.tile_n)
     for fn in (kernels.fwd, kernels.bwd):
         sig = {
             a: "constexpr" if a in blocks else _ptr_type(a, spec.dtype) if a.endswith("_ptr")
@@ -557,6 +578,8 @@ def test_interpreter_works_when_triton_was_imported_first(tmp_path):
         (TokenSparseSpec, dict(head_dim=64, v_head_dim=64, causal=1)),
         (BlockSparseSpec, dict(head_dim=64, v_head_dim=64, block_m=8)),
         (BlockSparseSpec, dict(head_dim=64, v_head_dim=64, block_n=48)),
+        (BlockSparseSpec, dict(head_dim=64, v_head_dim=64, block_m=32, tile_m=64)),
+        (BlockSparseSpec, dict(head_dim=64, v_head_dim=64, tile_n=8)),
     ],
 )
 def test_specs_reject_bad_fields(cls, kwargs):

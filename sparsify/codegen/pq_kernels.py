@@ -36,13 +36,14 @@ score(i, j) = #{m : qc[i, m] == kc[j, m]} is an integer in 0..M, so a row's top-
 level. One program per (block of BLOCK_Q query rows, b * H + h), GQA kv head h // (H // Hkv):
 
   pass 1 (histogram): stream over the key blocks [k0, k0 + BLOCK_K) (causal: only up to the block's last row),
-      compute the [BLOCK_Q, BLOCK_K] score tile in registers (M compare-and-add steps), set disallowed pairs
-      (out of range, causal j > i, key_valid False) to -1, and add the per-level counts to a per-row histogram
-      hist[BLOCK_Q, LEVELS] (LEVELS = next power of two >= M + 1), kept in registers.
-  threshold: walking the levels from M down, T = the highest level with count(score >= T) >= keep;
-      above = count(score > T) (< keep by the choice of T), take = keep - above keys of level T are needed.
-      A row with fewer than `keep` allowed keys has no such level: then T = 0, take = hist[0] (all allowed keys
-      are emitted) and the row has total = #allowed < keep valid slots.
+      compute the [BLOCK_Q, BLOCK_K] score tile in registers, set disallowed pairs (out of range, causal j > i,
+      key_valid False) to -1, and add the per-level counts to a per-row histogram hist[BLOCK_Q, LEVELS]
+      (LEVELS = next power of two >= M + 1), kept in registers.
+  threshold: at_least[t] = count(score >= t) is a suffix sum of the histogram (n_allowed - prefix sum + hist);
+      T = the highest level with at_least[T] >= keep, above = count(score > T) (< keep by the choice of T), and
+      take = min(keep - above, hist[T]) keys of level T are needed. A row with fewer than `keep` allowed keys
+      has no such level: then T = 0, take = hist[0], i.e. every allowed key is emitted, and the row gets
+      total = above + take = #allowed < keep valid slots (in general total = min(keep, #allowed)).
   slot padding: slots [total, keep) get valid = False, index 0; slots [0, total) valid = True.
   pass 2 (emit): stream over the key blocks again in ascending order, recompute the score tile and emit key j
       iff score > T, or score == T and j is among the first `take` level-T keys of the row (the rank among the
@@ -54,8 +55,12 @@ This is exactly the reference's ranking (higher score first, lower index on ties
 key at T, and among the level-T keys the lower indices win. Emitting in ascending key order gives the required
 ELL layout (slots sorted by key index, invalid slots last) without a sort. Memory: only the outputs are written;
 the score tile, the histogram and a few per-row counters live in registers (O(BLOCK_Q * (BLOCK_K + LEVELS))),
-nothing of size Lq x Lk exists anywhere. Work: 2 passes of M compares per (query, allowed key), plus M + 1 level
-compares per pair in pass 1 (the histogram); causal halves it.
+nothing of size Lq x Lk exists anywhere. Work: 2 passes of M compares per (query, key) pair, plus M + 1 level
+compares per pair in pass 1 (the histogram); causal skips the key blocks past each query block.
+
+Two tile forms of the same algorithm (PQSelectSpec.vector): loops over the subspaces / levels on 2-D tiles (GPU:
+few registers per program), or 3-D tiles reduced in one operation (interpreter: numpy per operation, so few large
+operations are much faster). The tests run both under the interpreter and compare them with the reference.
 """
 
 from __future__ import annotations
@@ -155,7 +160,8 @@ def ${name}(
 ''')
 
 # The [BLOCK_Q, BLOCK_K] score tile of key block k0, -1 where the pair is not allowed (both passes).
-PQ_SCORE = Template('''\
+# "loop" form (GPU): M compare-and-add steps on 2-D tiles, the code columns re-read from L1.
+PQ_SCORE_LOOP = Template('''\
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < Lk
         k_rows = k_base + offs_k.to(tl.int64) * s_kl
@@ -167,6 +173,37 @@ PQ_SCORE = Template('''\
         allowed = q_ok[:, None] & k_ok[None, :]
 ${causal}${key_valid}        score = tl.where(allowed, score, -1)
 ''')
+
+# "vector" form (interpreter): one [BLOCK_Q, BLOCK_K, BLOCK_M] compare and a reduction over the subspaces, so
+# that the interpreter runs a handful of large numpy operations per key block instead of ~10 * M small ones.
+# Padded subspaces read -1 (queries) and -2 (keys): they never match.
+PQ_SCORE_VECTOR = Template('''\
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < Lk
+        kt = tl.load(k_base + offs_k.to(tl.int64)[:, None] * s_kl + offs_m[None, :] * s_km,
+                     mask=k_ok[:, None] & m_ok[None, :], other=-2).to(tl.int32)
+        score = tl.reduce((qt[:, None, :] == kt[None, :, :]).to(tl.int32), 2, _sum_combine)
+        allowed = q_ok[:, None] & k_ok[None, :]
+${causal}${key_valid}        score = tl.where(allowed, score, -1)
+''')
+
+PQ_QTILE_VECTOR = '''\
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    qt = tl.load(q_rows[:, None] + offs_m[None, :] * s_qm, mask=q_ok[:, None] & m_ok[None, :],
+                 other=-1).to(tl.int32)
+'''
+
+PQ_HIST_LOOP = '''\
+        for lvl in range(0, M + 1):
+            cnt = tl.reduce((score == lvl).to(tl.int32), 1, _sum_combine)
+            hist = tl.where(offs_lv[None, :] == lvl, hist + cnt[:, None], hist)
+'''
+
+# score -1 (not allowed) matches no level
+PQ_HIST_VECTOR = '''\
+        hist += tl.reduce((score[:, :, None] == offs_lv[None, None, :]).to(tl.int32), 1, _sum_combine)
+'''
 
 PQ_CAUSAL = '''\
         allowed = allowed & (offs_k[None, :] <= offs_q[:, None])  # top-left aligned: j <= i
@@ -206,6 +243,7 @@ def ${name}(
     s_ib, s_ih, s_il, s_is,
     s_ab, s_ah, s_al, s_as,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, LEVELS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -217,32 +255,21 @@ def ${name}(
     q_rows = qc_ptr + b * s_qb + h * s_qh + offs_q.to(tl.int64) * s_ql
     k_base = kc_ptr + b * s_kb + hk * s_kh
     offs_lv = tl.arange(0, LEVELS)
-${key_end}
+${qtile}${key_end}
     # pass 1: per-row histogram of the scores of the allowed keys over the levels 0..M
     hist = tl.full((BLOCK_Q, LEVELS), 0, tl.int32)
     for k0 in range(0, k_end, BLOCK_K):
 ${score}
-        for lvl in range(0, M + 1):
-            cnt = tl.reduce((score == lvl).to(tl.int32), 1, _sum_combine)
-            hist = tl.where(offs_lv[None, :] == lvl, hist + cnt[:, None], hist)
-
-    # threshold level T: the highest level with count(score >= T) >= KEEP
-    running = tl.full((BLOCK_Q,), 0, tl.int32)
-    thr = tl.full((BLOCK_Q,), 0, tl.int32)
-    above = tl.full((BLOCK_Q,), 0, tl.int32)
-    found = tl.full((BLOCK_Q,), 0, tl.int32)
-    for i in range(0, M + 1):
-        lvl = M - i
-        c = tl.reduce(tl.where(offs_lv[None, :] == lvl, hist, 0), 1, _sum_combine)
-        hit = (found == 0) & (running + c >= KEEP)
-        thr = tl.where(hit, lvl, thr)
-        above = tl.where(hit, running, above)
-        found = tl.where(hit, 1, found)
-        running += c
-    # rows with fewer than KEEP allowed keys: T = 0 and every allowed key is emitted
-    h0 = tl.reduce(tl.where(offs_lv[None, :] == 0, hist, 0), 1, _sum_combine)
-    above = tl.where(found != 0, above, running - h0)
-    take = tl.where(found != 0, KEEP - above, h0)
+${hist}
+    # threshold level T: the highest level with count(score >= T) >= KEEP (suffix sums of the histogram)
+    cum = tl.associative_scan(hist, 1, _sum_combine)           # count(score <= t)
+    n_allowed = tl.reduce(hist, 1, _sum_combine)
+    at_least = n_allowed[:, None] - cum + hist                 # count(score >= t)
+    thr = tl.reduce(tl.where(at_least >= KEEP, offs_lv[None, :], 0), 1, _max_combine)
+    # rows with fewer than KEEP allowed keys have no such level: T = 0, and every allowed key is emitted
+    above = tl.reduce(tl.where(offs_lv[None, :] > thr[:, None], hist, 0), 1, _sum_combine)
+    h_thr = tl.reduce(tl.where(offs_lv[None, :] == thr[:, None], hist, 0), 1, _sum_combine)
+    take = tl.minimum(KEEP - above, h_thr)
     total = above + take  # = min(KEEP, allowed keys)
 
     # slots [total, KEEP): valid False, index 0; slots [0, total): valid True (indices from pass 2)
@@ -300,13 +327,18 @@ class PQEncodeSpec:
 
 @dataclasses.dataclass(frozen=True)
 class PQSelectSpec:
-    """pq_select kernel: causal (top-left, j <= i) and whether a key_valid [B, Lk] mask is read."""
+    """pq_select kernel: causal (top-left, j <= i), whether a key_valid [B, Lk] mask is read, and the tile form:
+    ``vector=False`` ("loop", the GPU default) computes scores and histogram with loops over the M subspaces /
+    M + 1 levels on 2-D register tiles; ``vector=True`` (the interpreter default) uses 3-D tiles
+    [BLOCK_Q, BLOCK_K, BLOCK_M] and [BLOCK_Q, BLOCK_K, LEVELS] instead (few large numpy operations). Both give
+    identical results; the tests run both under the interpreter."""
 
     causal: bool = False
     key_valid: bool = False
+    vector: bool = False
 
     def __post_init__(self):
-        for name in ("causal", "key_valid"):
+        for name in ("causal", "key_valid", "vector"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PQSelectSpec.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -317,10 +349,13 @@ class PQSelectSpec:
             parts.append("causal")
         if self.key_valid:
             parts.append("keyvalid")
+        if self.vector:
+            parts.append("vector")
         return "_".join(parts) + "_kernel"
 
     def canonical(self) -> str:
-        return f"PQSelectSpec(causal={int(self.causal)},key_valid={int(self.key_valid)})"
+        return (f"PQSelectSpec(causal={int(self.causal)},key_valid={int(self.key_valid)},"
+                f"vector={int(self.vector)})")
 
 
 def _template_digest() -> str:
@@ -351,10 +386,13 @@ def kernel_source(spec) -> str:
     if isinstance(spec, PQEncodeSpec):
         return PQ_ENCODE.substitute(reductions=PQ_REDUCTIONS, spec=spec.canonical(), key=kernel_key(spec),
                                     name=spec.kernel_name, acc=_ACC_TL[spec.acc])
-    score = PQ_SCORE.substitute(causal=PQ_CAUSAL if spec.causal else "",
-                                key_valid=PQ_KEY_VALID if spec.key_valid else "")
+    score_t = PQ_SCORE_VECTOR if spec.vector else PQ_SCORE_LOOP
+    score = score_t.substitute(causal=PQ_CAUSAL if spec.causal else "",
+                               key_valid=PQ_KEY_VALID if spec.key_valid else "")
     return PQ_SELECT.substitute(reductions=PQ_REDUCTIONS, spec=spec.canonical(), key=kernel_key(spec),
                                 name=spec.kernel_name, score=score,
+                                qtile=PQ_QTILE_VECTOR if spec.vector else "",
+                                hist=PQ_HIST_VECTOR if spec.vector else PQ_HIST_LOOP,
                                 key_end=PQ_KEY_END_CAUSAL if spec.causal else PQ_KEY_END)
 
 
@@ -464,9 +502,13 @@ def pq_encode_triton(x: torch.Tensor, codebook: torch.Tensor, *, block_l: Option
 def pq_select_triton(
     q_codes: torch.Tensor, k_codes: torch.Tensor, keep: int, causal: bool,
     key_valid: Optional[torch.Tensor] = None, *, block_q: Optional[int] = None, block_k: Optional[int] = None,
+    vector: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`keep` keys per query row by code matches, exactly as sparsify::pq_select's reference:
-    (index int32, valid bool), both [B, H, Lq, keep] (algorithm: module docstring)."""
+    (index int32, valid bool), both [B, H, Lq, keep] (algorithm: module docstring).
+
+    block_q / block_k (powers of two) and vector (tile form, see PQSelectSpec) default per mode: 64 / 64 / loop
+    on a GPU, 64 / 256 / vector under the interpreter."""
     from sparsify.ops.spt import _check_select_inputs  # the reference's argument checks, verbatim
 
     _check_select_inputs(q_codes, k_codes, keep, key_valid)
@@ -479,12 +521,14 @@ def pq_select_triton(
     if index.numel() == 0:
         return index, valid
     _check_grid(b * h)
-    kernel = get_pq_kernel(PQSelectSpec(causal=bool(causal), key_valid=key_valid is not None))
+    if vector is None:
+        vector = interpret_mode()
+    kernel = get_pq_kernel(PQSelectSpec(causal=bool(causal), key_valid=key_valid is not None, vector=bool(vector)))
     _check_runnable(kernel, q_codes)
     if block_q is None:
         block_q = 64
     if block_k is None:
-        block_k = 128 if kernel.interpret else 64
+        block_k = 256 if kernel.interpret else 64
     kv = key_valid.view(torch.uint8) if key_valid is not None else index  # a dummy pointer when unused
     val8 = valid.view(torch.uint8)
     kernel.launch(
@@ -497,7 +541,7 @@ def pq_select_triton(
         s_ib=index.stride(0), s_ih=index.stride(1), s_il=index.stride(2), s_is=index.stride(3),
         s_ab=val8.stride(0), s_ah=val8.stride(1), s_al=val8.stride(2), s_as=val8.stride(3),
         BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_S=min(64, max(2, _next_pow2(keep))),
-        LEVELS=max(2, _next_pow2(m + 1)),
+        LEVELS=max(2, _next_pow2(m + 1)), BLOCK_M=max(2, _next_pow2(m)),
     )
     return index, valid
 

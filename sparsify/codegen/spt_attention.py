@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 
 import torch
 
@@ -467,23 +466,14 @@ def _check_runnable(kernel, q):
         raise RuntimeError("sparsify.codegen kernels need a GPU tensor, or TRITON_INTERPRET=1 for CPU tensors")
 
 
-def _strides(t, n=None):
-    s = t.stride()
-    return s if n is None else s[:n]
-
-
-def _gpu_warps(block_d, block_dv, bwd):
-    return 8 if bwd and max(block_d, block_dv) >= 128 else 4
-
-
 # Kernel tiles (tile_m, tile_n, num_warps) of the block kernels on a GPU, by padded head
 # dim. Picked offline from ptxas register / spill reports for sm_90 (no timing yet):
 # the largest tiles that compile without (or with a few bytes of) register spills.
 _BLOCK_TILES = {
     # head dim <=: (forward, backward)
     64: ((64, 64, 4), (64, 32, 8)),
-    128: ((64, 32, 8), (32, 32, 8)),
-    256: ((32, 32, 8), (16, 32, 8)),
+    128: ((64, 32, 8), (64, 32, 8)),  # bwd: a few bytes of spills, but 4x fewer atomics than 16 rows
+    256: ((32, 32, 8), (16, 32, 8)),  # bwd spills whatever the tile
 }
 
 
@@ -499,16 +489,24 @@ def default_block_tiles(head_dim, block_m, block_n, backward=False, interpret=Fa
 
 # --- token-granular API ----------------------------------------------------------------------
 
-def default_token_blocks(head_dim: int, interpret: bool = False) -> tuple:
-    """(block_m, block_k) for the token kernels. On a GPU the gather tile
-    [block_m, block_k, pow2(head_dim)] is kept at <= 8192 elements (register budget of a
-    4-warp program); the interpreter is fastest with few, large programs."""
+# (block_m, block_k, num_warps) of the token kernels on a GPU, by padded head dim: the
+# gather tiles are [block_m, block_k, pow2(head_dim)]. Picked offline from ptxas
+# register / spill reports for sm_90 (no spills; no timing yet).
+_TOKEN_BLOCKS = {
+    # head dim <=: (forward, backward)
+    64: ((8, 16, 4), (4, 16, 8)),
+    128: ((4, 16, 8), (2, 16, 8)),
+    256: ((2, 16, 4), (1, 16, 4)),
+}
+
+
+def default_token_blocks(head_dim, interpret=False, backward=False):
+    """(block_m, block_k, num_warps) for the token kernels. The interpreter runs one
+    program at a time in numpy: few, large programs are fastest there."""
     if interpret:
-        return 16, 16
+        return 16, 16, 4
     bd = max(16, _next_pow2(head_dim))
-    block_k = 16
-    block_m = max(1, min(16, 8192 // (block_k * bd)))
-    return block_m, block_k
+    return _TOKEN_BLOCKS[min(k for k in _TOKEN_BLOCKS if k >= bd)][int(backward)]
 
 
 def _token_inputs(q, k, v, index, valid, mask, scale):
@@ -534,14 +532,15 @@ def _token_inputs(q, k, v, index, valid, mask, scale):
     return (B, H, Hkv, Lq, Lk, D, Dv, keep), index, valid, mask, mask_shape, float(scale)
 
 
-def _token_spec(q, D, Dv, causal, mask, mask_grad, precomputed_delta, block_m, block_k):
-    dm, dk = default_token_blocks(D, interpret_mode())
-    return TokenSparseSpec(
+def _token_spec(q, D, Dv, causal, mask, mask_grad, precomputed_delta, block_m, block_k, backward):
+    dm, dk, warps = default_token_blocks(max(D, Dv), interpret_mode(), backward)
+    spec = TokenSparseSpec(
         head_dim=D, v_head_dim=Dv, dtype=q.dtype, causal=bool(causal),
         mask="additive" if mask is not None else "none", mask_grad=bool(mask_grad),
         precomputed_delta=bool(precomputed_delta),
         block_m=block_m or dm, block_k=block_k or dk,
     )
+    return spec, warps
 
 
 def _common_args(spec, q, k, v, H, Hkv, Lq, Lk):
@@ -575,7 +574,7 @@ def spt_forward(q, k, v, index, valid=None, mask=None, scale=None, *, causal=Fal
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if B * H * Lq == 0:
         return out, lse
-    spec = _token_spec(q, D, Dv, causal, mask, False, False, block_m, block_k)
+    spec, warps = _token_spec(q, D, Dv, causal, mask, False, False, block_m, block_k, backward=False)
     kernel = get_spt_kernel(spec)
     _check_runnable(kernel, q)
     args = _common_args(spec, q, k, v, H, Hkv, Lq, Lk)
@@ -589,7 +588,7 @@ def spt_forward(q, k, v, index, valid=None, mask=None, scale=None, *, causal=Fal
     if mask is not None:
         args.update(mask_ptr=mask, s_mb=mask.stride(0), s_mh=mask.stride(1), s_mm=mask.stride(2), s_mn=mask.stride(3))
     grid = (_cdiv(Lq, spec.block_m), B * H)
-    kernel.launch(kernel.fwd, grid, 4, 1, **args)
+    kernel.launch(kernel.fwd, grid, warps, 1, **args)
     return out, lse
 
 
@@ -652,7 +651,8 @@ def spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale=None, *, caus
     ds = torch.zeros((B, H, Lq, keep), dtype=torch.float32, device=q.device) if mask_grad else None
     if B * H * Lq:
         delta = None if out is None else _delta_from_out(grad_out, out, (B, H, Lq), q)
-        spec = _token_spec(q, D, Dv, causal, mask, mask_grad, delta is not None, block_m, block_k)
+        spec, warps = _token_spec(q, D, Dv, causal, mask, mask_grad, delta is not None, block_m, block_k,
+                                  backward=True)
         kernel = get_spt_kernel(spec)
         _check_runnable(kernel, q)
         args = _common_args(spec, q, k, v, H, Hkv, Lq, Lk)
@@ -674,7 +674,7 @@ def spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale=None, *, caus
         if ds is not None:
             args.update(ds_ptr=ds, s_sb=ds.stride(0), s_sh=ds.stride(1), s_sm=ds.stride(2), s_ss=ds.stride(3))
         grid = (_cdiv(Lq, spec.block_m), B * H)
-        kernel.launch(kernel.bwd, grid, _gpu_warps(spec.block_d, spec.block_dv, True), 1, **args)
+        kernel.launch(kernel.bwd, grid, warps, 1, **args)
     grads = (dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype))
     if mask_grad:
         grads += (_mask_grad(ds, index, mask_shape, B, H, Lq, Lk),)

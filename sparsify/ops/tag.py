@@ -13,8 +13,9 @@ from torch import Tensor
 
 
 @torch.library.custom_op("sparsify::tag", mutates_args=())
-def tag(x: Tensor, state: Tensor, name: str) -> Tensor:
-    """Identity on x (a copy: a custom op may not return an alias of its input)."""
+def tag(x: Tensor, state: list[Tensor], name: str) -> Tensor:
+    """Identity on x (a copy: a custom op may not return an alias of its input). `state` are the
+    module's tensors of one kind, `name` that kind (e.g. "pq_codebook", "router")."""
     return x.clone()
 
 

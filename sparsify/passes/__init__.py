@@ -16,7 +16,7 @@ from .canonicalize import canonicalize
 from .dense import rewrite_dense
 from .plan import SparsifyError, plan_regions
 from .regions import Region, find_regions
-from .spt import collect_state, rewrite_spt
+from .spt import CODEBOOK_KIND, collect_state, rewrite_spt
 
 _graph_counter = itertools.count()
 
@@ -31,7 +31,7 @@ def run_passes(gm: GraphModule, config: SparsifyConfig) -> Report:
     rewritten = 0
     for region in regions:
         if region.decision == "spt":
-            rewrite_spt(gm, region, states[region.module], config.attention)
+            rewrite_spt(gm, region, states[(region.module, CODEBOOK_KIND)][0], config.attention)
             rewritten += 1
     rewritten += rewrite_dense(gm, regions)
     report = Report(region_reports(regions, graph_index), graphs=1)

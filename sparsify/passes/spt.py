@@ -24,17 +24,18 @@ from .fx_utils import erase_unused, insert_call, module_path, shape, value
 from .regions import Region
 
 SPT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CODEBOOK_KIND = "pq_codebook"  # the state kind sparsify.prepare tags attention modules with
 
 
-def collect_state(gm: GraphModule) -> dict[str, Node]:
-    """Strip every sparsify::tag node; return module path -> the state placeholder it carried."""
+def collect_state(gm: GraphModule) -> dict[tuple[str, str], list]:
+    """Strip every sparsify::tag node; return (module path, state kind) -> the state placeholders."""
     states = {}
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in (torch.ops.sparsify.tag, torch.ops.sparsify.tag.default):
-            x, state, name = node.args
-            # the tag runs in the owning module's forward hook: its module path is the module's
-            # path relative to *this* compile's root (the name recorded at prepare time may not be)
-            states[module_path(node) or name] = state
+            x, state, kind = node.args
+            # the tag runs in the owning module's forward hook, so its module path is the module's
+            # path relative to *this* compile's root (which may differ from the one prepare saw)
+            states[(module_path(node), kind)] = list(state)
             node.replace_all_uses_with(x)
             gm.graph.erase_node(node)
     return states
@@ -59,10 +60,10 @@ def spt_guard(region: Region, config: AttentionConfig, states: dict) -> Optional
         return f"sequence length {seq} is below min_seq={config.min_seq}"
     if config.granularity != "token":
         return "granularity='block' is not wired into the pass yet (its kernel is in codegen/)"
-    if region.module not in states:
+    if (region.module, CODEBOOK_KIND) not in states:
         return ("no PQ codebook on this module: call sparsify.prepare(model, *example_inputs, "
                 "options=...) before torch.compile")
-    cb = value(states[region.module])
+    cb = value(states[(region.module, CODEBOOK_KIND)][0])
     expected = (head_dim // config.subspace_dim, config.codewords, config.subspace_dim)
     if tuple(cb.shape) != expected:
         return f"the module's codebook has shape {tuple(cb.shape)}, options ask for {expected}"

@@ -1,0 +1,649 @@
+"""Grouped GEMM kernels for the routed FFN (sparsify::routed_mlp, papers.md section 1), generated per spec.
+
+Public API::
+
+    GroupedGemmSpec, kernel_source(spec), kernel_key(spec), get_grouped_kernel(spec)
+    grouped_up(x, w, tok, offsets, block_size, *, perm=None, bias=None, row_scale=None, lora=None,
+               activation=None, gate=None, out_dtype=None) -> Y [A, block_size]
+    grouped_down(h, w, tok, offsets, out, *, perm=None, row_scale=None) -> out   (fp32 out, scatter-added)
+    grouped_wgrad(l, r, tok, offsets, out, *, perm=None) -> out                  (per-block weight gradients)
+    TRITON_GROUPED   # the three above as the "grouped primitives" object sparsify/ops/routed.py runs on
+
+The routing is given as indices (ScatterMoE style: data is never permuted or copied):
+    tok [A] int32       token of each assignment, assignments sorted by block (A = T * top_k)
+    offsets [NB+1] int32  block i owns assignments [offsets[i], offsets[i+1])   (on the device)
+    perm [F] or None    neuron order: neuron j of block i is perm[i * fb + j] (None: i * fb + j)
+Semantics (the torch reference is sparsify.ops.routed.TorchGrouped, with the same signatures):
+    up     Y[a, j] = f(x[tok[a]] . w[n(i, j)])          w [F, K] (nn.Linear rows = neurons), any strides
+           f: pre = s[a] * (acc + bias[n]) + lora_scale * (xa[tok[a]] . lb[n]), then the activation; gated:
+           act(pre_gate) * pre_up with a second accumulator fed by the same x tile.
+    down   out[tok[a], m] += s[a] * sum_j h[a, j] w[m, n(i, j)]       w [M, F] (columns = neurons)
+    wgrad  out[n(i, j), k] = sum_{a in block i} l[a, j] r[tok[a], k]  out [F, K] (any strides: a transposed
+           view of a [K, F] gradient is written in place)
+
+Kernels
+-------
+up / down: grid (cdiv(A, BLOCK_M) + NB, tiles over the output columns). Block i owns ceil(count_i / BLOCK_M)
+consecutive M-tiles after those of blocks < i; sum_i ceil(count_i / BLOCK_M) <= cdiv(A, BLOCK_M) + NB, so
+the grid is an upper bound known from A and NB alone. Each program scans the NB offsets (NB scalar loads) to
+find its block and row range; spare programs find none, run zero K iterations and store nothing. Hence no
+count ever reaches the host: no sync, and the launch is CUDA-graph friendly. x rows are gathered through
+tok inside the load (no gathered copy of x); weight rows / columns through perm. The up epilogue (fp32)
+applies bias, the gate g, the LoRA term (a second, rank-r K loop: xa = x A^T is computed densely
+beforehand, [T, r]), the activation and the gated product, and stores [A, fb] in sorted order. down
+multiplies by g and scatter-adds rows into an fp32 [T, M] buffer with tl.atomic_add (a token's top_k
+blocks land in the same row); the caller initialises it (with the bias: added once) and casts at the end.
+Summation order across a token's blocks is therefore not deterministic on a GPU.
+wgrad: grid (NB * cdiv(fb, BLOCK_N), cdiv(K, BLOCK_K)); each program loops over its block's assignment
+slice (bounds loaded from offsets: again no host count) and writes its tile of neuron rows (zeros for an
+empty block).
+
+Dtypes: operands fp16 / bf16 / fp32 (the spec dtype; loads are cast to it so fp32 intermediates can be fed
+back), fp32 accumulation, fp32 tf32-free products for fp32 (input_precision="ieee"). Block sizes are fixed
+per kind (no autotuning: down accumulates atomically, and re-running it to time configs would corrupt its
+output); not tuned on hardware yet. Built lazily, builtins only, keyed on TRITON_INTERPRET like every
+sparsify.codegen kernel (see templates.py); bf16 tl.dot is inexact in the interpreter, test fp32 / fp16.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from string import Template
+from typing import Optional
+
+import torch
+
+from . import emitter as _emitter
+from . import templates as _T
+from .emitter import cache_dir, interpret_mode
+from .spec import _DTYPE_NAMES, SUPPORTED_DTYPES, spec_key
+
+__all__ = [
+    "GroupedGemmSpec",
+    "kernel_source",
+    "kernel_key",
+    "get_grouped_kernel",
+    "grouped_up",
+    "grouped_down",
+    "grouped_wgrad",
+    "TRITON_GROUPED",
+]
+
+KINDS = ("up", "down", "wgrad")
+UP_ACTIVATIONS = ("none",) + tuple(_T.ACTIVATIONS)
+
+
+# --- spec ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class GroupedGemmSpec:
+    """Every choice that changes a grouped kernel's source. Fields that do not apply to a kind must keep
+    their defaults (so equal kernels have equal specs)."""
+
+    kind: str
+    dtype: torch.dtype = torch.float16
+    permuted: bool = False       # neuron order given (perm gather) or identity
+    row_scale: bool = False      # up / down: per-assignment factor g
+    activation: str = "none"     # up only
+    gated: bool = False          # up only: a second (gate) accumulator, out = act(gate) * up
+    bias: bool = False           # up only
+    gate_bias: bool = False      # up, gated only
+    lora: bool = False           # up only: + scale * xa[tok] . lb[n]
+    gate_lora: bool = False      # up, gated only
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"GroupedGemmSpec.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"unsupported dtype {self.dtype}; expected one of "
+                             f"{tuple(str(d) for d in SUPPORTED_DTYPES)}")
+        for name in ("permuted", "row_scale", "gated", "bias", "gate_bias", "lora", "gate_lora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GroupedGemmSpec.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.activation not in UP_ACTIVATIONS:
+            raise ValueError(f"unsupported activation {self.activation!r}; expected one of {UP_ACTIVATIONS}")
+        up_only = (self.activation != "none", self.gated, self.bias, self.gate_bias, self.lora, self.gate_lora)
+        if self.kind != "up" and any(up_only):
+            raise ValueError(f"GroupedGemmSpec: activation / gated / bias / lora apply to kind 'up' only")
+        if self.kind == "wgrad" and self.row_scale:
+            raise ValueError("GroupedGemmSpec: wgrad takes no row_scale (scale its input instead)")
+        if (self.gate_bias or self.gate_lora) and not self.gated:
+            raise ValueError("GroupedGemmSpec: gate_bias / gate_lora need gated=True")
+        if self.gated and self.activation == "none":
+            raise ValueError("GroupedGemmSpec: a gated up-projection needs an activation")
+
+    @property
+    def dtype_name(self) -> str:
+        return _DTYPE_NAMES[self.dtype]
+
+    @property
+    def kernel_name(self) -> str:
+        parts = ["grouped", self.kind]
+        if self.kind == "up":
+            parts.append(self.activation)
+            parts += [flag for flag in ("gated", "bias", "gate_bias", "lora", "gate_lora") if getattr(self, flag)]
+        if self.row_scale:
+            parts.append("scaled")
+        if self.permuted:
+            parts.append("perm")
+        parts.append(self.dtype_name)
+        return "_".join(parts) + "_kernel"
+
+    def canonical(self) -> str:
+        flags = ",".join(f"{n}={int(getattr(self, n))}" for n in
+                         ("permuted", "row_scale", "gated", "bias", "gate_bias", "lora", "gate_lora"))
+        return (f"GroupedGemmSpec(kind={self.kind},dtype={self.dtype_name},activation={self.activation},"
+                f"{flags})")
+
+
+# --- templates -------------------------------------------------------------------------------
+
+HEADER = Template('''\
+# Generated by sparsify.codegen.grouped_gemm -- do not edit (regenerated from the spec below).
+# spec: $spec
+# key:  $key
+import triton
+import triton.language as tl
+
+
+''')
+
+# Finds the block and the row range of M-tile pid_m without any host-side count (module docstring).
+TILE_LOOKUP = '''\
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    zero = pid_m * 0
+    blk = zero - 1
+    row0 = zero
+    row_end = zero
+    tiles_before = zero
+    for i in range(0, NB):
+        start = tl.load(off_ptr + i)
+        end = tl.load(off_ptr + i + 1)
+        n_tiles = (end - start + BLOCK_M - 1) // BLOCK_M
+        hit = (pid_m >= tiles_before) & (pid_m < tiles_before + n_tiles)
+        blk = tl.where(hit, i, blk)
+        row0 = tl.where(hit, start + (pid_m - tiles_before) * BLOCK_M, row0)
+        row_end = tl.where(hit, end, row_end)
+        tiles_before += n_tiles
+    active = blk >= 0
+    blk = tl.maximum(blk, 0)  # a spare program addresses block 0 but loads and stores nothing
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < row_end
+'''
+
+NEURON_IDENTITY = Template("    $dst = (blk * FB + $j).to(tl.int64)\n")
+NEURON_PERM = Template("    $dst = tl.load(perm_ptr + blk * FB + $j, mask=$mask, other=0).to(tl.int64)\n")
+
+UP_KERNEL = Template('''\
+@triton.jit
+def $name(
+    $params,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+$tile_lookup
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # neuron index inside the block
+    mask_n = offs_n < FB
+$neuron
+    offs_k = tl.arange(0, BLOCK_K)
+    # the gather of x rows by token happens here, in the load: x is never copied
+    tokens = tl.load(tok_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    x_ptrs = x_ptr + tokens[:, None] * s_xm + offs_k[None, :] * s_xk
+    w_ptrs = w_ptr + neuron[None, :] * s_wn + offs_k[:, None] * s_wk
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+${gate_init}    k_hi = tl.where(active, K, 0)
+    for k0 in range(0, k_hi, BLOCK_K):
+        k_mask = offs_k < K - k0
+        xt = tl.load(x_ptrs, mask=mask_m[:, None] & k_mask[None, :], other=0.0).to($dt)
+        wt = tl.load(w_ptrs, mask=k_mask[:, None] & mask_n[None, :], other=0.0).to($dt)
+        acc += tl.dot(xt, wt$dot_kwargs)
+${gate_dot}        x_ptrs += BLOCK_K * s_xk
+        w_ptrs += BLOCK_K * s_wk
+${gate_advance}
+    # ---- epilogue (fp32) ----
+${epilogue}
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * s_ym + offs_n[None, :] * s_yn
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+''')
+
+GATE_INIT = ("    wg_ptrs = wg_ptr + neuron[None, :] * s_gn + offs_k[:, None] * s_gk\n"
+             "    acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)\n")
+GATE_DOT = Template(
+    "        # the gate GEMM reuses the x tile: one gathered load feeds both accumulators\n"
+    "        wgt = tl.load(wg_ptrs, mask=k_mask[:, None] & mask_n[None, :], other=0.0).to($dt)\n"
+    "        acc_g += tl.dot(xt, wgt$dot_kwargs)\n")
+GATE_ADVANCE = "        wg_ptrs += BLOCK_K * s_gk\n"
+
+BIAS = Template("    $acc += tl.load($ptr + neuron, mask=mask_n, other=0.0).to(tl.float32)[None, :]\n")
+ROW_SCALE_LOAD = "    g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)\n"
+ROW_SCALE = Template("    $acc = $acc * g[:, None]\n")
+# rank-r LoRA term: (A x)[tok] . B[n] over r, BLOCK_K at a time (tl.dot needs K >= 16: masked padding)
+LORA = Template('''\
+    lacc_$p = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    r_hi_$p = tl.where(active, R_$p, 0)
+    for r0 in range(0, r_hi_$p, BLOCK_K):
+        r_mask = offs_k < R_$p - r0
+        at = tl.load(xa_${p}_ptr + tokens[:, None] * s_${p}am + (r0 + offs_k)[None, :] * s_${p}ak,
+                     mask=mask_m[:, None] & r_mask[None, :], other=0.0).to($dt)
+        bt = tl.load(lb_${p}_ptr + neuron[None, :] * s_${p}bn + (r0 + offs_k)[:, None] * s_${p}bk,
+                     mask=r_mask[:, None] & mask_n[None, :], other=0.0).to($dt)
+        lacc_$p += tl.dot(at, bt$dot_kwargs)
+    $acc += lora_scale_$p * lacc_$p
+''')
+
+DOWN_KERNEL = Template('''\
+@triton.jit
+def $name(
+    $params,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+$tile_lookup
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output column
+    mask_n = offs_n < M
+    offs_k = tl.arange(0, BLOCK_K)
+    h_rows = h_ptr + offs_m[:, None].to(tl.int64) * s_hm
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    k_hi = tl.where(active, FB, 0)
+    for k0 in range(0, k_hi, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < FB
+$neuron_k
+        ht = tl.load(h_rows + kk[None, :] * s_hk, mask=mask_m[:, None] & k_mask[None, :], other=0.0).to($dt)
+        wt = tl.load(w_ptr + nk[:, None] * s_wk + offs_n[None, :] * s_wm,
+                     mask=k_mask[:, None] & mask_n[None, :], other=0.0).to($dt)
+        acc += tl.dot(ht, wt$dot_kwargs)
+$scale
+    # scatter-add back in token order: a token's top_k blocks meet in the same fp32 row
+    tokens = tl.load(tok_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    tl.atomic_add(out_ptr + tokens[:, None] * s_om + offs_n[None, :] * s_on, acc,
+                  mask=mask_m[:, None] & mask_n[None, :])
+''')
+
+WGRAD_KERNEL = Template('''\
+@triton.jit
+def $name(
+    $params,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_A: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    blk = pid // N_TILES
+    offs_n = (pid % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)  # neuron index inside the block
+    mask_n = offs_n < FB
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    offs_a = tl.arange(0, BLOCK_A)
+    # this block's slice of the sorted assignments, read on the device
+    start = tl.load(off_ptr + blk)
+    end = tl.load(off_ptr + blk + 1)
+    acc = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
+    for a0 in range(start, end, BLOCK_A):
+        rows = a0 + offs_a
+        mask_a = rows < end
+        lt = tl.load(l_ptr + rows[None, :].to(tl.int64) * s_lm + offs_n[:, None] * s_lk,
+                     mask=mask_n[:, None] & mask_a[None, :], other=0.0).to($dt)
+        tokens = tl.load(tok_ptr + rows, mask=mask_a, other=0).to(tl.int64)
+        rt = tl.load(r_ptr + tokens[:, None] * s_rm + offs_k[None, :] * s_rk,
+                     mask=mask_a[:, None] & mask_k[None, :], other=0.0).to($dt)
+        acc += tl.dot(lt, rt$dot_kwargs)
+$neuron
+    o_ptrs = out_ptr + neuron[:, None] * s_on + offs_k[None, :].to(tl.int64) * s_ok
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+''')
+
+
+def _template_digest() -> str:
+    parts = [_emitter._TEMPLATE_DIGEST]  # the activation snippets come from templates.py
+    for name, value in sorted(globals().items()):
+        if name.isupper() and isinstance(value, str):
+            parts.append(f"{name}={value}")
+        elif name.isupper() and isinstance(value, Template):
+            parts.append(f"{name}={value.template}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+_TEMPLATE_DIGEST = None  # computed on first use (after every template above is defined)
+
+
+def kernel_key(spec: GroupedGemmSpec) -> str:
+    global _TEMPLATE_DIGEST
+    if not isinstance(spec, GroupedGemmSpec):
+        raise ValueError(f"expected a GroupedGemmSpec, got {type(spec).__name__}")
+    if _TEMPLATE_DIGEST is None:
+        _TEMPLATE_DIGEST = _template_digest()
+    return spec_key(spec, salt="grouped|" + _TEMPLATE_DIGEST)
+
+
+def _neuron(spec, dst, j, mask, indent=""):
+    t = NEURON_PERM if spec.permuted else NEURON_IDENTITY
+    line = t.substitute(dst=dst, j=j, mask=mask)
+    return indent + line
+
+
+def _up_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
+    params = ["x_ptr", "w_ptr"]
+    if spec.gated:
+        params.append("wg_ptr")
+    if spec.bias:
+        params.append("b_ptr")
+    if spec.gate_bias:
+        params.append("bg_ptr")
+    if spec.row_scale:
+        params.append("g_ptr")
+    for p, on in (("u", spec.lora), ("g", spec.gate_lora)):
+        if on:
+            params += [f"xa_{p}_ptr", f"lb_{p}_ptr"]
+    if spec.permuted:
+        params.append("perm_ptr")
+    params += ["tok_ptr", "off_ptr", "y_ptr", "NB", "FB", "K"]
+    params += ["s_xm", "s_xk", "s_wn", "s_wk"]
+    if spec.gated:
+        params += ["s_gn", "s_gk"]
+    for p, on in (("u", spec.lora), ("g", spec.gate_lora)):
+        if on:
+            params += [f"R_{p}", f"lora_scale_{p}", f"s_{p}am", f"s_{p}ak", f"s_{p}bn", f"s_{p}bk"]
+    params += ["s_ym", "s_yn"]
+
+    epi = ""
+    if spec.bias:
+        epi += BIAS.substitute(acc="acc", ptr="b_ptr")
+    if spec.gate_bias:
+        epi += BIAS.substitute(acc="acc_g", ptr="bg_ptr")
+    if spec.row_scale:
+        epi += ROW_SCALE_LOAD + ROW_SCALE.substitute(acc="acc")
+        if spec.gated:
+            epi += ROW_SCALE.substitute(acc="acc_g")
+    if spec.lora:
+        epi += LORA.substitute(p="u", acc="acc", dt=dt, dot_kwargs=dot_kwargs)
+    if spec.gate_lora:
+        epi += LORA.substitute(p="g", acc="acc_g", dt=dt, dot_kwargs=dot_kwargs)
+    if spec.gated:
+        epi += _T.ACTIVATIONS[spec.activation].substitute(v="acc_g") + "    out = acc_g * acc\n"
+    elif spec.activation != "none":
+        epi += _T.ACTIVATIONS[spec.activation].substitute(v="acc") + "    out = acc\n"
+    else:
+        epi += "    out = acc\n"
+    return UP_KERNEL.substitute(
+        name=spec.kernel_name,
+        params=",\n    ".join(params),
+        tile_lookup=TILE_LOOKUP.rstrip("\n"),
+        neuron=_neuron(spec, "neuron", "offs_n", "mask_n").rstrip("\n"),
+        dt=dt,
+        dot_kwargs=dot_kwargs,
+        gate_init=GATE_INIT if spec.gated else "",
+        gate_dot=GATE_DOT.substitute(dt=dt, dot_kwargs=dot_kwargs) if spec.gated else "",
+        gate_advance=GATE_ADVANCE if spec.gated else "",
+        epilogue=epi.rstrip("\n"),
+    )
+
+
+def _down_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
+    params = ["h_ptr", "w_ptr"]
+    if spec.row_scale:
+        params.append("g_ptr")
+    if spec.permuted:
+        params.append("perm_ptr")
+    params += ["tok_ptr", "off_ptr", "out_ptr", "NB", "FB", "M", "s_hm", "s_hk", "s_wm", "s_wk", "s_om", "s_on"]
+    scale = (ROW_SCALE_LOAD + ROW_SCALE.substitute(acc="acc")) if spec.row_scale else ""
+    return DOWN_KERNEL.substitute(
+        name=spec.kernel_name,
+        params=",\n    ".join(params),
+        tile_lookup=TILE_LOOKUP.rstrip("\n"),
+        neuron_k=_neuron(spec, "nk", "kk", "k_mask", indent="    ").rstrip("\n"),
+        dt=dt,
+        dot_kwargs=dot_kwargs,
+        scale=scale.rstrip("\n"),
+    )
+
+
+def _wgrad_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
+    params = ["l_ptr", "r_ptr"]
+    if spec.permuted:
+        params.append("perm_ptr")
+    params += ["tok_ptr", "off_ptr", "out_ptr", "FB", "K", "N_TILES", "s_lm", "s_lk", "s_rm", "s_rk",
+               "s_on", "s_ok"]
+    return WGRAD_KERNEL.substitute(
+        name=spec.kernel_name,
+        params=",\n    ".join(params),
+        neuron=_neuron(spec, "neuron", "offs_n", "mask_n").rstrip("\n"),
+        dt=dt,
+        dot_kwargs=dot_kwargs,
+    )
+
+
+_TL_DTYPES = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32"}
+
+
+def kernel_source(spec: GroupedGemmSpec) -> str:
+    """The Triton source generated for ``spec`` (pure: no file, no triton import)."""
+    key = kernel_key(spec)
+    dot_kwargs = _T.DOT_KWARGS_FP32 if spec.dtype == torch.float32 else ""
+    dt = _TL_DTYPES[spec.dtype]
+    body = {"up": _up_source, "down": _down_source, "wgrad": _wgrad_source}[spec.kind](spec, dot_kwargs, dt)
+    return HEADER.substitute(spec=spec.canonical(), key=key) + body
+
+
+# --- cache (the emitter's file + import machinery and its in-memory cache) --------------------
+
+class GroupedKernel:
+    """A generated grouped kernel: spec, source, file and the ``@triton.jit`` function."""
+
+    def __init__(self, spec, key, source, path, fn, interpret):
+        self.spec, self.key, self.source, self.path, self.fn, self.interpret = spec, key, source, path, fn, interpret
+
+    def launch(self, grid, blocks: dict, num_warps: int, num_stages: int, **kwargs):
+        if self.interpret:
+            self.fn[grid](**kwargs, **blocks)
+        else:
+            self.fn[grid](**kwargs, **blocks, num_warps=num_warps, num_stages=num_stages)
+
+    def __repr__(self):
+        mode = "interpreter" if self.interpret else "jit"
+        return f"GroupedKernel({self.spec.kernel_name}, key={self.key[:12]}, {mode})"
+
+
+def get_grouped_kernel(spec: GroupedGemmSpec) -> GroupedKernel:
+    """Generated, written to ``cache_dir()`` and imported on first use, then served from the emitter's
+    in-memory cache (``sparsify.codegen.cache_info()`` / ``clear_cache()`` cover it), keyed on the
+    interpreter mode like ``emitter.get_kernel``."""
+    interpret = interpret_mode()
+    key = kernel_key(spec)
+    with _emitter._lock:
+        kernel = _emitter._kernels.get((key, interpret))
+        if kernel is not None:
+            _emitter._stats["hits"] += 1
+            return kernel
+        _emitter._stats["misses"] += 1
+        source = kernel_source(spec)
+        _emitter._stats["generated"] += 1
+        path = cache_dir() / f"{key}.py"
+        _emitter._write_source(path, source)
+        module_name = f"_sparsify_grouped_{key[:24]}_{'interp' if interpret else 'jit'}"
+        module = _emitter._import_file(path, module_name)
+        kernel = GroupedKernel(spec, key, source, path, getattr(module, spec.kernel_name), interpret)
+        _emitter._kernels[(key, interpret)] = kernel
+        return kernel
+
+
+# --- launch ----------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU; the interpreter runs 16-wide tiles
+# (tl.dot's minimum), few programs being what makes it fast.
+_GPU_TILES = {"up": (64, 64, 32, 4, 3), "down": (64, 64, 32, 4, 3), "wgrad": (64, 64, 32, 4, 3)}
+_INTERPRET_TILES = (16, 16, 16, 1, 1)
+
+
+def _tiles(kind: str, interpret: bool):
+    return _INTERPRET_TILES if interpret else _GPU_TILES[kind]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check(name, t, device, dims=None):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-d, got shape {tuple(t.shape)}")
+
+
+def _index(name, t, n, device):
+    _check(name, t, device, 1)
+    if t.numel() != n or t.is_floating_point() or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer vector of {n} entries, got {t.dtype} {tuple(t.shape)}")
+    return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
+
+
+def _routing(tok, offsets, perm, d_ff, device):
+    a = tok.numel()
+    nb = offsets.numel() - 1
+    tok = _index("tok", tok, a, device)
+    offsets = _index("offsets", offsets, nb + 1, device)
+    if perm is not None:
+        perm = _index("perm", perm, d_ff, device)
+    return a, nb, tok, offsets, perm
+
+
+def _dtype_of(*tensors) -> torch.dtype:
+    dtype = tensors[0].dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype}; expected one of {tuple(str(d) for d in SUPPORTED_DTYPES)}")
+    return dtype
+
+
+def _check_runnable(kernel, t):
+    if t.device.type == "cpu" and not kernel.interpret:
+        raise RuntimeError("sparsify.codegen kernels need a GPU tensor, or TRITON_INTERPRET=1 for CPU tensors")
+
+
+def grouped_up(x, w, tok, offsets, block_size, *, perm=None, bias=None, row_scale=None, lora=None,
+               activation=None, gate=None, out_dtype=None):
+    """Grouped up-projection over the sorted assignments: Y [A, block_size] (see the module docstring).
+
+    x [T, K]; w [F, K] (F = NB * block_size, any strides); bias [F]; row_scale [A] (g); lora = (xa [T, r],
+    lb [F, r], scale); activation: a name or None; gate = (wg [F, K], bg [F] or None, lora_g or None);
+    out_dtype: Y's dtype (default x's). The operand dtype is x's (fp16 / bf16 / fp32)."""
+    _check("x", x, x.device, 2)
+    _check("w", w, x.device, 2)
+    T, K = x.shape
+    d_ff = w.shape[0]
+    fb = int(block_size)
+    a, nb, tok, offsets, perm = _routing(tok, offsets, perm, d_ff, x.device)
+    if w.shape[1] != K or fb < 1 or d_ff != nb * fb:
+        raise ValueError(f"grouped_up: w {tuple(w.shape)} does not match x {tuple(x.shape)}, {nb} blocks of {fb}")
+    dtype = _dtype_of(x)
+    gated = gate is not None
+    wg, bg, lora_g = gate if gated else (None, None, None)
+    act = activation or "none"
+    spec = GroupedGemmSpec(kind="up", dtype=dtype, permuted=perm is not None, row_scale=row_scale is not None,
+                           activation=act, gated=gated, bias=bias is not None, gate_bias=bg is not None,
+                           lora=lora is not None, gate_lora=lora_g is not None)
+    y = torch.empty(a, fb, dtype=out_dtype or x.dtype, device=x.device)
+    if a == 0 or fb == 0:
+        return y
+    kernel = get_grouped_kernel(spec)
+    _check_runnable(kernel, x)
+    args = dict(x_ptr=x, w_ptr=w, tok_ptr=tok, off_ptr=offsets, y_ptr=y, NB=nb, FB=fb, K=K,
+                s_xm=x.stride(0), s_xk=x.stride(1), s_wn=w.stride(0), s_wk=w.stride(1),
+                s_ym=y.stride(0), s_yn=y.stride(1))
+    if gated:
+        if tuple(wg.shape) != tuple(w.shape):
+            raise ValueError(f"grouped_up: gate weight {tuple(wg.shape)} differs from {tuple(w.shape)}")
+        args.update(wg_ptr=wg, s_gn=wg.stride(0), s_gk=wg.stride(1))
+    if bias is not None:
+        args["b_ptr"] = bias.contiguous()
+    if bg is not None:
+        args["bg_ptr"] = bg.contiguous()
+    if row_scale is not None:
+        args["g_ptr"] = row_scale.contiguous()
+    for p, lo in (("u", lora), ("g", lora_g)):
+        if lo is not None:
+            xa, lb, scale = lo
+            args.update({f"xa_{p}_ptr": xa, f"lb_{p}_ptr": lb, f"R_{p}": xa.shape[1],
+                         f"lora_scale_{p}": float(scale), f"s_{p}am": xa.stride(0), f"s_{p}ak": xa.stride(1),
+                         f"s_{p}bn": lb.stride(0), f"s_{p}bk": lb.stride(1)})
+    if perm is not None:
+        args["perm_ptr"] = perm
+    bm, bn, bk, warps, stages = _tiles("up", kernel.interpret)
+    grid = (_cdiv(a, bm) + nb, _cdiv(fb, bn))
+    kernel.launch(grid, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps, stages, **args)
+    return y
+
+
+def grouped_down(h, w, tok, offsets, out, *, perm=None, row_scale=None):
+    """out[tok[a], m] += row_scale[a] * sum_j h[a, j] w[m, n(i, j)]: h [A, fb], w [M, F] (any strides),
+    out fp32 [T, M] (any strides), updated in place and returned."""
+    _check("h", h, h.device, 2)
+    _check("w", w, h.device, 2)
+    _check("out", out, h.device, 2)
+    a, fb = h.shape
+    m, d_ff = w.shape
+    a_, nb, tok, offsets, perm = _routing(tok, offsets, perm, d_ff, h.device)
+    if a_ != a or d_ff != nb * fb or out.shape[1] != m:
+        raise ValueError(f"grouped_down: h {tuple(h.shape)}, w {tuple(w.shape)}, out {tuple(out.shape)} and "
+                         f"{nb} blocks / {a_} assignments do not match")
+    if out.dtype != torch.float32:
+        raise ValueError(f"grouped_down: out must be fp32 (atomic accumulation), got {out.dtype}")
+    dtype = _dtype_of(h)
+    if a == 0 or m == 0:
+        return out
+    spec = GroupedGemmSpec(kind="down", dtype=dtype, permuted=perm is not None, row_scale=row_scale is not None)
+    kernel = get_grouped_kernel(spec)
+    _check_runnable(kernel, h)
+    args = dict(h_ptr=h, w_ptr=w, tok_ptr=tok, off_ptr=offsets, out_ptr=out, NB=nb, FB=fb, M=m,
+                s_hm=h.stride(0), s_hk=h.stride(1), s_wm=w.stride(0), s_wk=w.stride(1),
+                s_om=out.stride(0), s_on=out.stride(1))
+    if row_scale is not None:
+        args["g_ptr"] = row_scale.contiguous()
+    if perm is not None:
+        args["perm_ptr"] = perm
+    bm, bn, bk, warps, stages = _tiles("down", kernel.interpret)
+    grid = (_cdiv(a, bm) + nb, _cdiv(m, bn))
+    kernel.launch(grid, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps, stages, **args)
+    return out
+
+
+def grouped_wgrad(l, r, tok, offsets, out, *, perm=None):
+    """out[n(i, j), k] = sum_{a in block i} l[a, j] r[tok[a], k]: l [A, fb], r [T, K], out [F, K] (any strides,
+    every row written: zeros for an empty block). Returns out."""
+    _check("l", l, l.device, 2)
+    _check("r", r, l.device, 2)
+    _check("out", out, l.device, 2)
+    a, fb = l.shape
+    K = r.shape[1]
+    d_ff = out.shape[0]
+    a_, nb, tok, offsets, perm = _routing(tok, offsets, perm, d_ff, l.device)
+    if a_ != a or d_ff != nb * fb or out.shape[1] != K:
+        raise ValueError(f"grouped_wgrad: l {tuple(l.shape)}, r {tuple(r.shape)}, out {tuple(out.shape)} and "
+                         f"{nb} blocks / {a_} assignments do not match")
+    dtype = _dtype_of(l)
+    if d_ff == 0 or K == 0:
+        return out
+    spec = GroupedGemmSpec(kind="wgrad", dtype=dtype, permuted=perm is not None)
+    kernel = get_grouped_kernel(spec)
+    _check_runnable(kernel, l)
+    ba, bn, bk, warps, stages = _tiles("wgrad", kernel.interpret)
+    n_tiles = _cdiv(fb, bn)
+    args = dict(l_ptr=l, r_ptr=r, tok_ptr=tok, off_ptr=offsets, out_ptr=out, FB=fb, K=K, N_TILES=n_tiles,
+                s_lm=l.stride(0), s_lk=l.stride(1), s_rm=r.stride(0), s_rk=r.stride(1),
+                s_on=out.stride(0), s_ok=out.stride(1))
+    if perm is not None:
+        args["perm_ptr"] = perm
+    grid = (nb * n_tiles, _cdiv(K, bk))
+    kernel.launch(grid, dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_A=ba), warps, stages, **args)
+    return out
+
+
+class _TritonGrouped:
+    """The grouped primitives of sparsify/ops/routed.py on these kernels (same signatures as TorchGrouped)."""
+
+    name = "triton"
+    up = staticmethod(grouped_up)
+    down = staticmethod(grouped_down)
+    wgrad = staticmethod(grouped_wgrad)
+
+
+TRITON_GROUPED = _TritonGrouped()
