@@ -50,8 +50,28 @@ SparseAttention = AttentionConfig  # the SPT method's settings live on the atten
 
 @dataclass
 class MLPConfig:
-    """What every MLP region is rewritten into ("dense" -> sparsify::mlp; "off" -> untouched)."""
-    method: str = _choice("dense", "off")
+    """What every MLP region is rewritten into.
+
+    method: "dense" -> sparsify::mlp; "routed" -> SPT's routed FFN (papers.md section 1: each token
+    runs through top_k of `blocks` neuron blocks chosen by a learned router; needs
+    sparsify.prepare() first, which creates the routers); "off" -> untouched.
+
+    The remaining fields configure "routed":
+    blocks:      neuron blocks the FFN's hidden dimension is split into (d_ff must divide)
+    top_k:       blocks each token runs through
+    gate:        "sigmoid2p" (SPT: the kept blocks' frozen path is scaled by 2p, which is how the
+                 router learns) or "none" (equals the dense FFN when top_k == blocks)
+    block_order: "contiguous" (SPT) or "clustered" (MoEfication: neurons grouped by balanced
+                 k-means on their up-projection rows)
+    """
+    method: str = _choice("dense", "routed", "off")
+    blocks: int = 4
+    top_k: int = 2
+    gate: str = _choice("sigmoid2p", "none")
+    block_order: str = _choice("contiguous", "clustered")
+
+
+RoutedFFN = MLPConfig  # the routed method's settings live on the MLP config
 
 
 @dataclass

@@ -21,9 +21,12 @@ from torch import nn
 from .config import SparsifyConfig
 from .debug import Report, log
 from .passes import run_passes
+from .passes.routed import ROUTER_KIND
 from .passes.spt import CODEBOOK_KIND
 
 CODEBOOK = "sparsify_pq_codebook"
+ROUTER_WEIGHT, ROUTER_BIAS = "sparsify_router_weight", "sparsify_router_bias"
+NEURON_ORDER = "sparsify_neuron_order"
 _HOOK = "_sparsify_tag_hook"
 
 
@@ -46,27 +49,37 @@ def attach_state(module: nn.Module, kind: str, make_params) -> bool:
     if kind not in states:
         params = make_params()
         for name, tensor in params.items():
-            if not hasattr(module, name):
+            if hasattr(module, name):
+                continue
+            if tensor.is_floating_point():  # learned: a parameter (optimizers, DDP, FSDP see it)
                 module.register_parameter(name, nn.Parameter(tensor))
-                created = True
+            else:  # an index (e.g. the neuron order): a buffer, saved with the checkpoint
+                module.register_buffer(name, tensor)
+            created = True
         states[kind] = list(params)
     if not hasattr(module, _HOOK):
         setattr(module, _HOOK, module.register_forward_hook(_tag_output))
     return created
 
 
-class _QKRecorder(torch.fx.Interpreter):
-    """Runs a rewritten graph and keeps the q and k each sparsify::attention call receives."""
+class _Recorder(torch.fx.Interpreter):
+    """Runs a densely rewritten graph and keeps, per module path, the q and k each
+    sparsify::attention call receives and the up-projection weights of each sparsify::mlp call."""
 
-    def __init__(self, gm, samples):
+    def __init__(self, gm, samples, mlp_weights):
         super().__init__(gm)
-        self.samples = samples
+        self.samples, self.mlp_weights = samples, mlp_weights
 
     def run_node(self, n):
         result = super().run_node(n)
-        if n.op == "call_function" and n.target is torch.ops.sparsify.attention.default:
-            q, k = (self.env[a] if isinstance(a, torch.fx.Node) else a for a in n.args[:2])
-            self.samples[n.meta.get("sparsify_module", "")].append((q.detach(), k.detach()))
+        if n.op == "call_function" and n.target in (torch.ops.sparsify.attention.default,
+                                                     torch.ops.sparsify.mlp.default):
+            args = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in n.args]
+            path = n.meta.get("sparsify_module", "")
+            if n.target is torch.ops.sparsify.attention.default:
+                self.samples[path].append((args[0].detach(), args[1].detach()))
+            else:  # up weight [F, d] in Linear layout, up bias
+                self.mlp_weights[path] = (args[1].detach(), None if args[2] is None else args[2].detach())
         return result
 
 
@@ -113,13 +126,14 @@ def prepare(model: nn.Module, *args, options: Union[SparsifyConfig, Mapping[str,
     config = SparsifyConfig.from_options(options)
     # trace with the dense rewrite: it exposes q and k of every attention region by module path
     tracing = dataclasses.replace(config, attention=dataclasses.replace(config.attention, method="dense"),
-                                  inner="eager", strict=False)
+                                  mlp=dataclasses.replace(config.mlp, method="dense"), inner="eager", strict=False)
     samples: dict = defaultdict(list)
+    mlp_weights: dict = {}
     reports: list = []
 
     def capture(gm, example_inputs):
         reports.append(run_passes(gm, tracing))
-        return _QKRecorder(gm, samples).run
+        return _Recorder(gm, samples, mlp_weights).run
 
     compiled = torch.compile(model, backend=capture, dynamic=False)
     with torch.no_grad():
@@ -146,4 +160,32 @@ def prepare(model: nn.Module, *args, options: Union[SparsifyConfig, Mapping[str,
             if attach_state(module, CODEBOOK_KIND, make_codebook):
                 log.info("prepare: PQ codebook on %s (k-means on %d q/k samples)", region.module,
                          len(samples[region.module]))
+    if config.mlp.method == "routed":
+        _attach_routers(model, report, config, mlp_weights)
     return report
+
+
+def _attach_routers(model: nn.Module, report: Report, config: SparsifyConfig, mlp_weights: dict) -> None:
+    from .ops.routed import cluster_neurons, init_router
+
+    mlp = config.mlp
+    for region in report.by_kind("mlp"):
+        d_ff = region.facts.get("d_ff")
+        if region.decision == "dense" or not d_ff or d_ff % mlp.blocks or region.module not in mlp_weights:
+            continue  # the pass will report why; nothing to attach
+        module = model.get_submodule(region.module)
+        up_w, up_b = mlp_weights[region.module]
+
+        def make_router(up_w=up_w, up_b=up_b):
+            if mlp.block_order == "clustered":
+                order = cluster_neurons(up_w.float(), mlp.blocks)
+            else:
+                order = torch.arange(up_w.shape[0], device=up_w.device)
+            router_w, router_b = init_router(up_w.float(), None if up_b is None else up_b.float(), order, mlp.blocks)
+            params = {ROUTER_WEIGHT: router_w.to(up_w.dtype), ROUTER_BIAS: router_b.to(up_w.dtype)}
+            if mlp.block_order == "clustered":
+                params[NEURON_ORDER] = order
+            return params
+
+        if attach_state(module, ROUTER_KIND, make_router):
+            log.info("prepare: router (%d blocks, %s) on %s", mlp.blocks, mlp.block_order, region.module)

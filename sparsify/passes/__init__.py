@@ -16,6 +16,7 @@ from .canonicalize import canonicalize
 from .dense import rewrite_dense
 from .plan import SparsifyError, plan_regions
 from .regions import Region, find_regions
+from .routed import ROUTER_KIND, rewrite_routed
 from .spt import CODEBOOK_KIND, collect_state, rewrite_spt
 
 _graph_counter = itertools.count()
@@ -32,6 +33,9 @@ def run_passes(gm: GraphModule, config: SparsifyConfig) -> Report:
     for region in regions:
         if region.decision == "spt":
             rewrite_spt(gm, region, states[(region.module, CODEBOOK_KIND)][0], config.attention)
+            rewritten += 1
+        elif region.decision == "routed":
+            rewrite_routed(gm, region, states[(region.module, ROUTER_KIND)], config.mlp)
             rewritten += 1
     rewritten += rewrite_dense(gm, regions)
     report = Report(region_reports(regions, graph_index), graphs=1)

@@ -46,22 +46,31 @@ def rewrite_attention(gm: GraphModule, region: Region) -> None:
     erase_unused(region.interior)
 
 
-def rewrite_mlp(gm: GraphModule, region: Region) -> None:
+def mlp_operands(region: Region) -> tuple:
+    """The 13 tensor operands and the LoRA scales of the MLP ops, in their schema order."""
     up, gate, down = region.facts["_match"]
+
+    def lora(p):
+        return (p.lora_a, p.lora_b) if p is not None and p.lora_a is not None else (None, None)
+
+    def lora_scale(p):
+        return float(p.lora_scale) if p is not None and p.lora_a is not None else 1.0
+
+    return (
+        up.x, up.weight, up.bias,
+        gate.weight if gate else None, gate.bias if gate else None,
+        down.weight, down.bias,
+        *lora(up), *lora(gate), *lora(down),
+        [lora_scale(up), lora_scale(gate), lora_scale(down)],
+    )
+
+
+def rewrite_mlp(gm: GraphModule, region: Region) -> None:
     graph = gm.graph
-    none2 = (None, None)
-    lora = lambda p: (p.lora_a, p.lora_b) if p is not None and p.lora_a is not None else none2
-    scale = lambda p: float(p.lora_scale) if p is not None and p.lora_a is not None else 1.0
     with graph.inserting_before(region.output):
-        args = (
-            up.x, up.weight, up.bias,
-            gate.weight if gate else None, gate.bias if gate else None,
-            down.weight, down.bias,
-            *lora(up), *lora(gate), *lora(down),
-            [scale(up), scale(gate), scale(down)],
-            region.facts["activation"], float(region.facts["dropout_p"]),
-        )
+        args = (*mlp_operands(region), region.facts["activation"], float(region.facts["dropout_p"]))
         call = insert_call(graph, torch.ops.sparsify.mlp.default, args, like=region.output)
+        call.meta["sparsify_module"] = region.module
         out = insert_call(graph, operator.getitem, (call, 0), like=region.output)
     region.output.replace_all_uses_with(out)
     erase_unused(region.interior)

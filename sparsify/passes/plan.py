@@ -5,6 +5,7 @@ import fnmatch
 
 from ..config import SparsifyConfig
 from .regions import Region
+from .routed import routed_guard
 from .spt import spt_guard
 
 # decision names of the rewrites this package ships, by (region kind, method)
@@ -12,6 +13,7 @@ REWRITES = {
     ("attention", "dense"): "sparsify.attention",
     ("attention", "spt"): "spt",
     ("mlp", "dense"): "sparsify.mlp",
+    ("mlp", "routed"): "routed",
 }
 
 
@@ -23,6 +25,8 @@ def _method_guard(region: Region, config: SparsifyConfig, states: dict):
     """The chosen method's own conditions, beyond what every rewrite needs."""
     if region.kind == "attention" and config.attention.method == "spt":
         return spt_guard(region, config.attention, states)
+    if region.kind == "mlp" and config.mlp.method == "routed":
+        return routed_guard(region, config.mlp, states)
     return None
 
 
