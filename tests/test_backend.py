@@ -116,8 +116,9 @@ def test_options_dict_and_config_are_the_same():
 
 @pytest.mark.parametrize("options,message", [
     ({"atention": {}}, "valid keys: \\['attention', 'dump', 'exclude', 'inner', 'mlp', 'strict'\\]"),
-    ({"attention": {"methd": "dense"}}, "options.attention; valid keys: \\['method'\\]"),
+    ({"attention": {"methd": "dense"}}, "\\['methd'\\] in options.attention; valid keys: \\['block_size', "),
     ({"attention": {"method": "magic"}}, "options.attention.method='magic' is not valid; choose one of"),
+    ({"mlp": {"gate": "softmax"}}, "options.mlp.gate='softmax' is not valid; choose one of \\['sigmoid2p', 'none'\\]"),
     ({"inner": "tvm"}, "choose one of \\['inductor', 'aot_eager', 'eager'\\]"),
     ({"strict": "yes"}, "strict must be True or False"),
 ])
