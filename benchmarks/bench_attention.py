@@ -28,15 +28,23 @@ Variants (each is skipped with a printed reason where it cannot run):
                        sparsify::spt_attention op has no CUDA kernel registered at the time of writing
                        (the table says whether it has one when run): on CUDA the op runs its torch reference.
   spt-block-select / spt-block-attn / spt-block
-                       if sparsify.ops.spt_block exists: torch.ops.sparsify.pq_select_blocks and
-                       torch.ops.sparsify.block_sparse_attention, called by their schema's argument names.
+                       if sparsify.ops.spt_block exists: pq_encode + torch.ops.sparsify.pq_select_blocks
+                       (keep_blocks = ceil(keep * n / block) key blocks of --block-size keys per query block), then
+                       torch.ops.sparsify.block_sparse_attention; skipped with the reason (and the ops' schemas)
+                       if the module is absent or the calls fail.
+  spt-block-triton-attn / spt-block-triton
+                       CUDA only: the codegen block-sparse Triton kernels (block_sparse_forward / backward) on
+                       the ops' block selection (the op itself may have no CUDA kernel: the table says).
 The PQ codebook is k-means on the benchmark's own q/k (sparsify.prepare.init_codebook) or random
 (--codebook random). q/k are random, so the selection's *quality* means nothing here (see spt_recall.py);
 its cost does not depend on the values.
 
-Measures (see _timing.py): median of repeats after warm-up; CUDA: synchronize around each call, peak
-allocated bytes of one fwd+bwd (reset before each case); CPU (and also on CUDA): bytes saved for backward
-by the forward (saved_tensors_hooks, unique storages), with and without the inputs' own storages.
+Measures (see _timing.py): a first call (reported apart: it compiles where there is something to compile),
+warm-up calls (on CPU none when the first call alone took longer than the timing budget), then repeats; forward and forward+backward are timed in the same calls (median reported);
+CUDA: synchronize after the forward and after the backward, peak allocated bytes of one more fwd+bwd
+(reset before each case); CPU (and also on CUDA): bytes saved for backward by the forward
+(saved_tensors_hooks, unique storages; collected during the first call, or in an extra call for compiled
+code), with and without the inputs' own storages.
 Results: benchmarks/results/attention_<device>.json / .md, with the device name inside.
 """
 from __future__ import annotations
@@ -46,6 +54,7 @@ import importlib
 import importlib.util
 import math
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -65,6 +74,8 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 GPU_N = [512, 1024, 2048, 4096, 8192]
 CPU_N = [512, 1024, 2048]
 TARGET_N = 4096
+VARIANTS = ("eager", "sdpa", "flex", "sparsify-dense", "spt-token", "spt-token-triton", "spt-block",
+            "spt-block-triton")
 SUBSPACE, CODEWORDS = 8, 16
 
 
@@ -203,76 +214,52 @@ def find_block_mode() -> tuple[bool, str]:
     return True, "found"
 
 
-def _schema(op):
-    return getattr(op, "default", op)._schema
-
-
-def _has_default(arg) -> bool:
-    try:
-        return bool(arg.has_default_value())
-    except AttributeError:
-        return arg.default_value is not None
-
-
-def call_by_schema(op, values: dict, aliases: dict):
-    """Call a torch.ops overload binding each schema argument by name from `values` (or an alias);
-    arguments with defaults may be absent. Raises LookupError naming the first unmapped argument."""
-    schema = _schema(op)
-    args, kwargs = [], {}
-    for a in schema.arguments:
-        names = [a.name] + aliases.get(a.name, [])
-        hit = next((nm for nm in names if nm in values), None)
-        if hit is None:
-            if _has_default(a):
-                continue
-            if str(a.type).endswith("?"):
-                val = None
-            else:
-                raise LookupError(f"no value for argument {a.name!r} of {schema}")
-        else:
-            val = values[hit]
-            if callable(val) and not isinstance(val, torch.Tensor):
-                val = val(a)
-        if a.kwarg_only:
-            kwargs[a.name] = val
-        else:
-            args.append(val)
-    return getattr(op, "default", op)(*args, **kwargs)
-
-
-def block_mode_calls(q, k, v, codebook, keep_frac, causal, scale, block_size):
-    """Build (select(), attend(index, valid)) for block mode from the ops' schemas."""
-    n = k.shape[2]
-    nkb = math.ceil(n / block_size)
-
-    def keep_value(arg):
-        t = str(arg.type)
-        return keep_frac if t.startswith("float") else max(1, math.ceil(keep_frac * nkb))
-
-    common = {"causal": causal, "is_causal": causal, "block_size": block_size, "block_m": block_size,
-              "block_n": block_size, "block_q": block_size, "block_k": block_size, "keep": keep_value,
-              "scale": scale, "dropout_p": 0.0, "key_valid": None, "mask": None, "key_padding_mask": None,
-              "codebook": codebook}
-    aliases = {"keep": ["keep_blocks", "top_k", "topk", "num_blocks", "blocks"],
-               "q_codes": ["codes_q"], "k_codes": ["codes_k"], "block_index": ["index"],
-               "block_valid": ["valid"], "key_valid": ["key_padding_mask"]}
+def block_mode_calls(q, k, v, codebook, keep_frac, causal, scale, block):
+    """(select(), attend(block_index, block_valid), keep_blocks) for the block-granular SPT ops:
+    pq_select_blocks(q_codes, k_codes, keep_blocks, block, causal, key_valid) and
+    block_sparse_attention(q, k, v, block_index, block_valid, block, mask, scale, causal, dropout_p)."""
+    nkb = math.ceil(k.shape[2] / block)
+    keep_blocks = max(1, min(nkb, math.ceil(keep_frac * nkb)))
 
     def select():
-        vals = dict(common, q=q.detach(), k=k.detach())
-        if any(a.name in ("q_codes", "codes_q") for a in _schema(torch.ops.sparsify.pq_select_blocks).arguments):
-            vals["q_codes"] = torch.ops.sparsify.pq_encode(q.detach(), codebook)
-            vals["k_codes"] = torch.ops.sparsify.pq_encode(k.detach(), codebook)
-        out = call_by_schema(torch.ops.sparsify.pq_select_blocks, vals, aliases)
-        if not isinstance(out, (tuple, list)):
-            out = (out, None)
-        return out[0], out[1]
+        qc = torch.ops.sparsify.pq_encode(q.detach(), codebook)
+        kc = torch.ops.sparsify.pq_encode(k.detach(), codebook)
+        return torch.ops.sparsify.pq_select_blocks(qc, kc, keep_blocks, block, causal, None)
 
-    def attend(index, valid):
-        vals = dict(common, q=q, k=k, v=v, block_index=index, block_valid=valid, index=index, valid=valid)
-        out = call_by_schema(torch.ops.sparsify.block_sparse_attention, vals, aliases)
-        return out[0] if isinstance(out, (tuple, list)) else out
+    def attend(block_index, block_valid):
+        return torch.ops.sparsify.block_sparse_attention(q, k, v, block_index, block_valid, block, None, scale,
+                                                         causal, 0.0)[0]
 
-    return select, attend
+    return select, attend, keep_blocks
+
+
+class _TritonBlock(torch.autograd.Function):
+    """Direct use of the codegen block-sparse Triton kernels (block_sparse_forward / backward)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_index, block_valid, block, scale, causal):
+        from sparsify.codegen.spt_attention import block_sparse_forward
+        out, lse = block_sparse_forward(q, k, v, block_index, block_valid, block_m=block, block_n=block,
+                                        causal=causal, scale=scale)
+        ctx.save_for_backward(q, k, v, block_index, block_valid, out, lse)
+        ctx.args = (block, scale, causal)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from sparsify.codegen.spt_attention import block_sparse_backward
+        q, k, v, block_index, block_valid, out, lse = ctx.saved_tensors
+        block, scale, causal = ctx.args
+        dq, dk, dv = block_sparse_backward(grad_out.contiguous(), q, k, v, block_index, block_valid, lse,
+                                           block_m=block, block_n=block, causal=causal, scale=scale, out=out)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _schema_text(name):
+    try:
+        return str(getattr(torch.ops.sparsify, name).default._schema)
+    except Exception:  # noqa: BLE001
+        return f"sparsify::{name} (no schema)"
 
 
 # ------------------------------------------------------------------------------------------ measurement
@@ -280,48 +267,71 @@ def block_mode_calls(q, k, v, codebook, keep_frac, causal, scale, block_size):
 class Case:
     """One variant on one configuration: forward() -> output (or None), backward(output) -> None."""
 
-    def __init__(self, name, forward, backward=None, note="", exclude=()):
-        self.name, self.forward, self.backward, self.note, self.exclude = name, forward, backward, note, exclude
+    def __init__(self, name, forward, backward=None, note="", exclude=(), compiled=False):
+        self.name, self.forward, self.backward, self.note = name, forward, backward, note
+        self.exclude, self.compiled = exclude, compiled
 
 
 def measure(case: Case, inputs, device, args) -> dict:
+    """first call (reported apart; for eager code it also collects the saved-for-backward bytes), warm-up,
+    then repeats timing forward and forward+backward in the same calls; on CUDA one more call for the peak."""
     def clear():
         for t in inputs:
             t.grad = None
 
-    def fwd_bwd():
-        out = case.forward()
-        if case.backward is not None:
+    def once():
+        T.sync(device)
+        t0 = time.perf_counter()
+        if case.backward is None:
+            with torch.no_grad():
+                case.forward()
+            T.sync(device)
+            t1 = t2 = time.perf_counter()
+        else:
+            out = case.forward()
+            T.sync(device)
+            t1 = time.perf_counter()
             case.backward(out)
-        clear()
+            del out
+            clear()
+            T.sync(device)
+            t2 = time.perf_counter()
+        return (t1 - t0) * 1e3, (t2 - t0) * 1e3
 
-    def fwd():
-        with torch.no_grad() if case.backward is None else torch.enable_grad():
-            case.forward()
+    def saved():
+        out, info = T.saved_bytes(case.forward, exclude=case.exclude)
+        case.backward(out)
+        del out
+        clear()
+        return info
 
     res = {"variant": case.name, "status": "ok", "note": case.note}
     T.sync(device)
     t0 = time.perf_counter()
-    fwd_bwd()  # first call: compiles where there is something to compile; reported apart
+    if case.backward is not None and not case.compiled:
+        res.update(saved())  # the first call doubles as the saved-bytes measurement
+    else:
+        once()
     T.sync(device)
     res["first_call_s"] = round(time.perf_counter() - t0, 3)
-    timing = T.time_call(fwd_bwd, device, warmup=args.warmup, min_repeats=args.min_repeats,
-                         max_repeats=args.max_repeats, budget_s=args.budget_s)
-    res["fwd_bwd_ms"] = timing["median_ms"]
-    res["fwd_bwd_timing"] = timing
-    if case.backward is not None:
-        res["fwd_ms"] = T.time_call(fwd, device, warmup=1, min_repeats=args.min_repeats,
-                                    max_repeats=args.max_repeats, budget_s=args.budget_s / 2)["median_ms"]
-    else:
-        res["fwd_ms"] = res["fwd_bwd_ms"]
+    last = res["first_call_s"] * 1e3
+    # on CPU a first call longer than the whole timing budget already warmed everything up (nothing compiles)
+    warmup = 0 if device.type != "cuda" and not case.compiled and last > args.budget_s * 1e3 else args.warmup
+    res["warmup_calls"] = warmup
+    for _ in range(warmup):
+        last = once()[1]
+    repeats = max(args.min_repeats, min(args.max_repeats, int(args.budget_s * 1e3 / max(last, 1e-3))))
+    fwd, tot = zip(*(once() for _ in range(repeats)))
+    res.update(fwd_ms=statistics.median(fwd), fwd_bwd_ms=statistics.median(tot), repeats=repeats,
+               fwd_bwd_times_ms=[round(t, 4) for t in tot], fwd_times_ms=[round(t, 4) for t in fwd])
     if device.type == "cuda":
-        res.update(T.cuda_peak(fwd_bwd, device))
-    if case.backward is not None:
-        out, saved = T.saved_bytes(case.forward, exclude=case.exclude)
-        case.backward(out)
-        del out
-        clear()
-        res.update(saved)
+        res.update(T.cuda_peak(once, device))
+    if case.backward is not None and case.compiled:
+        try:
+            res.update(saved())
+        except Exception as exc:  # noqa: BLE001  (compiled code may refuse saved-tensor hooks)
+            res["saved_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            clear()
     return res
 
 
@@ -406,25 +416,42 @@ def build_cases(q, k, v, grad, cfg, args, device, state) -> list:
         if not ok:
             cases.append(("skip", "spt-block", why))
         else:
+            bs = args.block_size
             try:
-                select, attend = block_mode_calls(q, k, v, codebook, keep_frac, causal, scale, args.block_size)
+                select, attend, keep_blocks = block_mode_calls(q, k, v, codebook, keep_frac, causal, scale, bs)
                 block_sel = select()
+                cfg["keep_blocks"] = keep_blocks
             except Exception as exc:  # noqa: BLE001
-                cases.append(("skip", "spt-block", f"could not call the block-mode ops: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}"))
+                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                cases.append(("skip", "spt-block", f"could not call the block-mode ops ({type(exc).__name__}: {msg}); "
+                              f"schemas: {_schema_text('pq_select_blocks')}; {_schema_text('block_sparse_attention')}"))
             else:
+                blk_note = f"block {bs}, {keep_blocks} of {math.ceil(n / bs)} key blocks per query block"
+                reg = cuda_kernel_registered("sparsify::block_sparse_attention")
+                cfg["block_cuda_kernel_registered"] = reg
+                op_note = blk_note + ("" if device.type != "cuda" or reg else "; op has no CUDA kernel: torch reference")
                 cases.append(Case("spt-block-select", select, None, note="no backward"))
-                cases.append(Case("spt-block-attn", lambda: attend(*block_sel), bwd,
-                                  exclude=inputs + tuple(t for t in block_sel if t is not None)))
-
-                def block_total():
-                    return attend(*select())
-                cases.append(Case("spt-block", block_total, bwd, exclude=inputs))
+                cases.append(Case("spt-block-attn", lambda: attend(*block_sel), bwd, note=op_note,
+                                  exclude=inputs + tuple(block_sel)))
+                cases.append(Case("spt-block", lambda: attend(*select()), bwd, note=op_note, exclude=inputs))
+                if "spt-block-triton" in want:
+                    if device.type != "cuda":
+                        cases.append(("skip", "spt-block-triton", "CUDA only (Triton kernels called directly)"))
+                    else:
+                        cases.append(Case("spt-block-triton-attn",
+                                          lambda: _TritonBlock.apply(q, k, v, *block_sel, bs, scale, causal), bwd,
+                                          note=blk_note + "; codegen kernels called directly",
+                                          exclude=inputs + tuple(block_sel)))
+                        cases.append(Case("spt-block-triton",
+                                          lambda: _TritonBlock.apply(q, k, v, *select(), bs, scale, causal), bwd,
+                                          note=blk_note + "; op selection + codegen kernels", exclude=inputs))
 
     if "flex" in want:
         reason = _flex_available() or state.get("flex_skip")
         if reason:
             cases.append(("skip", "flex-token", reason))
+            if block_sel is not None:
+                cases.append(("skip", "flex-block", reason))
         else:
             try:
                 sel = dense_from_token_selection(index, valid, n)
@@ -439,7 +466,7 @@ def build_cases(q, k, v, grad, cfg, args, device, state) -> list:
                     flex = state["flex_fn"]
                     cases.append(Case("flex-token", lambda: flex(q, k, v, block_mask=bm, scale=scale), bwd,
                                       note=f"BlockMask 128x128, {density:.0%} of blocks non-empty",
-                                      exclude=inputs))
+                                      exclude=inputs, compiled=True))
             if block_sel is not None:
                 try:
                     bi, bv = block_sel
@@ -454,14 +481,17 @@ def build_cases(q, k, v, grad, cfg, args, device, state) -> list:
                     sel_b = flags[..., :nkb].repeat_interleave(bs, 2).repeat_interleave(bs, 3)[..., :n, :n]
                     if causal:
                         sel_b = sel_b & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-                    bmb, dens_b = block_mask_from_dense(sel_b.contiguous(), block=128 if bs % 128 == 0 else bs)
+                    bmb, dens_b = block_mask_from_dense(sel_b.contiguous(), block=bs)
                 except Exception as exc:  # noqa: BLE001
                     cases.append(("skip", "flex-block", f"BlockMask from block selection failed: {exc}"))
                 else:
-                    if not (args.flex_n and n not in args.flex_n):
+                    if args.flex_n and n not in args.flex_n:
+                        cases.append(("skip", "flex-block", f"n={n} not in --flex-n (compile cost per shape)"))
+                    else:
                         flex = state["flex_fn"]
                         cases.append(Case("flex-block", lambda: flex(q, k, v, block_mask=bmb, scale=scale), bwd,
-                                          note=f"{dens_b:.0%} of blocks non-empty", exclude=inputs))
+                                          note=f"BlockMask {bs}x{bs}, {dens_b:.0%} of blocks non-empty",
+                                          exclude=inputs, compiled=True))
     return cases
 
 
@@ -479,7 +509,9 @@ def evaluate_checks(results, device, args) -> list:
     checks = []
     combos = sorted({(r["d"], r["dtype"]) for r in results if r["n"] == TARGET_N})
     targets = [
-        ("block mode fwd+bwd >= 2x faster than SDPA flash", "spt-block", "sdpa-flash", False),
+        ("block mode (sparsify ops) fwd+bwd >= 2x faster than SDPA flash", "spt-block", "sdpa-flash", False),
+        ("block mode (codegen Triton kernels, direct) fwd+bwd >= 2x faster than SDPA flash", "spt-block-triton",
+         "sdpa-flash", False),
         ("token mode (sparsify ops) fwd+bwd >= 2x faster than eager, peak memory <= 1/2 of eager",
          "spt-token", "eager", True),
         ("token mode (codegen Triton kernels, direct) fwd+bwd >= 2x faster than eager, peak <= 1/2 of eager",
@@ -531,13 +563,11 @@ def parse_args(argv):
     p.add_argument("--causal", action="store_true")
     p.add_argument("--codebook", choices=["kmeans", "random"], default="kmeans")
     p.add_argument("--block-size", type=int, default=64, help="block mode: query/key block size")
-    p.add_argument("--variants", nargs="+",
-                   default=["eager", "sdpa", "flex", "sparsify-dense", "spt-token", "spt-token-triton", "spt-block"],
-                   choices=["eager", "sdpa", "flex", "sparsify-dense", "spt-token", "spt-token-triton", "spt-block"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--flex-n", type=int, nargs="*", default=None,
                    help="run FlexAttention only at these n (each shape compiles fwd+bwd kernels; default on GPU: "
                         "1024 and 4096; '--flex-n' with no value: every n)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, help="warm-up calls after the first call (default: GPU 2, CPU 1)")
     p.add_argument("--min-repeats", type=int, default=3)
     p.add_argument("--max-repeats", type=int, default=20)
     p.add_argument("--budget-s", type=float, default=1.5, help="timing budget per case (sets the repeats)")
@@ -560,6 +590,8 @@ def main(argv=None) -> dict:
 def run(args, device) -> dict:
     started = time.perf_counter()
     gpu = device.type == "cuda"
+    if args.warmup is None:
+        args.warmup = 2 if gpu else 1
     if args.n is None:
         args.n = ([TARGET_N] if args.quick else GPU_N) if gpu else ([512, 1024] if args.quick else CPU_N)
     if args.flex_n is None:  # each flex shape compiles fwd+bwd kernels (tens of seconds): two n by default

@@ -253,8 +253,6 @@ def run(args: argparse.Namespace) -> dict:
         encoder = add_lora(encoder, args.lora)
     model = Classifier(encoder, encoder.config.hidden_size, len(labels)).to(device)
     model.train()  # load_minilm returns eval mode; fine-tuning uses BERT's dropout
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
 
     options = resolve_options(args.attention, args.options_json) if args.compile else None
@@ -262,12 +260,21 @@ def run(args: argparse.Namespace) -> dict:
         import sparsify  # noqa: F401  (registers the backend and its ops)
 
         torch._dynamo.reset()  # no cache entries from an earlier run in this process
+        # methods with learned state (SPT codebooks, routers) create it from one example batch;
+        # before the optimizer is built, so it optimises the new parameters too
+        example = train_set.tensors
+        sparsify.prepare(model, example[0][: args.batch].to(device), example[1][: args.batch].to(device),
+                         options=options)
+        torch._dynamo.reset()
         step_model = torch.compile(model, backend="sparsify", options=options)
     else:
         step_model = model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
     # a seeded permutation per epoch, so the batch order is reproducible
     gen = torch.Generator().manual_seed(args.seed)
+    load_start = _load_avg()
     order = torch.empty(0, dtype=torch.long)
     losses, step_times, first_step_s = [], [], None
     train_report = None
@@ -331,6 +338,8 @@ def run(args: argparse.Namespace) -> dict:
                  "eval_batch_median_s": round(eval_batch_s, 4), "eval_batch": eval_batch},
         "memory": memory.result(),
         "device": device_name(device),
+        # CPU timings are only comparable on an otherwise idle host: keep the load next to them
+        "host_load_avg_1m": {"start": load_start, "end": _load_avg()},
         "torch": torch.__version__,
         "transformers": _version("transformers"),
         "sparsify_report": {"train": report_summary(train_report), "eval": report_summary(eval_report)},
@@ -343,6 +352,13 @@ def _last_report():
     import sparsify
 
     return sparsify.last_report()
+
+
+def _load_avg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not available on this platform
+        return None
 
 
 def _version(module: str) -> str | None:

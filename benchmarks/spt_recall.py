@@ -22,6 +22,10 @@ Per layer (6) and keep fraction, L = ceil(keep * n) keys per query, non-causal, 
   recall_pq         sparsify.ops.spt.selection_recall of pq_encode + pq_select (the SPT op path)
   recall_pq_randcb  the same with a random codebook (Gaussian with the per-subspace mean/std of the data)
   recall_random     a uniformly random set of L keys per query (expected L/n): the chance baseline
+  recall_pq_random_ties  expected recall of the same PQ scores if ties at the cut were broken uniformly at random
+                    (pq_select breaks them by the lower key index; MiniLM's head_dim 32 gives M = 4 subspaces,
+                    so the score has 5 levels and the cut usually falls inside a large tie);
+                    keys_at_or_above_cut_per_slot = mean (#keys scoring >= the L-th score) / L
   mass_*            softmax attention mass (scale 1/sqrt(d)) on the selected keys, mean over query rows;
                     mass_exact is the exact top-L (the most any L keys can hold)
 Results: benchmarks/results/spt_recall_cpu.json / .md (the stem is the device slug).
@@ -105,6 +109,24 @@ def random_selection(shape, n, keep, seed):
     return idx.to(torch.int32), torch.ones_like(idx, dtype=torch.bool)
 
 
+def tie_analysis(q, k, qc, kc, keep):
+    """pq_select breaks ties in the code-match score by the lower key index. With M = head_dim / 8 subspaces the
+    score has only M + 1 levels, so the cut at the L-th key usually falls inside a large tie. Returns
+    (expected recall with ties broken uniformly at random instead, mean (#keys scoring >= the cut) / L)."""
+    with torch.no_grad():
+        score = torch.zeros(*qc.shape[:3], kc.shape[2], dtype=torch.int16)
+        for m in range(qc.shape[-1]):
+            score += qc[..., :, None, m] == kc[..., None, :, m]
+        cut = score.topk(keep, dim=-1).values[..., -1:]
+        above, at = score > cut, score == cut
+        top = torch.einsum("bhid,bhjd->bhij", q.double(), k.double()).topk(keep, dim=-1).indices
+        in_top = torch.zeros_like(above).scatter_(-1, top, True)
+        n_above = above.sum(-1).double()
+        frac = (keep - n_above) / at.sum(-1).double()          # share of the tied keys that get a slot
+        hits = (above & in_top).sum(-1).double() + frac * (at & in_top).sum(-1).double()
+        return (hits / keep).mean().item(), ((n_above + at.sum(-1)) / keep).mean().item()
+
+
 def random_codebook_like(q, k, codebook, seed):
     """A Gaussian codebook with the per-subspace mean/std of the q/k sub-vectors."""
     m, e, dc = codebook.shape
@@ -136,10 +158,12 @@ def evaluate(model, inputs, keeps, seed):
             ridx, rval = torch.ops.sparsify.pq_select(rqc, rkc, keep, False, None)
             xidx, xval = random_selection(q.shape[:3], n, keep, seed + 100 * li + keep)
             eidx, evalid = exact_topl(q, k, keep)
+            recall_rt, tied = tie_analysis(q, k, qc, kc, keep)
             rows.append({
                 "layer": li, "keep_frac": keep_frac, "keep": keep, "n": n, "head_dim": d,
                 "subspaces": cb.shape[0], "codewords_used_per_subspace": round(usage, 2),
                 "recall_pq": selection_recall(q, k, idx, val, keep, False),
+                "recall_pq_random_ties": recall_rt, "keys_at_or_above_cut_per_slot": tied,
                 "recall_pq_randcb": selection_recall(q, k, ridx, rval, keep, False),
                 "recall_random": selection_recall(q, k, xidx, xval, keep, False),
                 "expected_random": keep / n,
@@ -241,7 +265,10 @@ def render_markdown(payload) -> str:
            "L = ceil(keep·n), non-causal, batch of 2 sequences × 12 heads. Codebooks: k-means from "
            "sparsify.prepare (no codebook-loss training). Baselines: a random codebook with the data's "
            "per-subspace mean/std, and L random keys per query (expected L/n). mass = softmax attention mass "
-           "on the selected keys (exact top-L = the ceiling for L keys).", "",
+           "on the selected keys (exact top-L = the ceiling for L keys). MiniLM has head_dim 32, so M = 4 PQ "
+           "subspaces and the match score takes 5 values: most of the cut falls inside ties, which pq_select breaks "
+           "by the lower key index; 'random tie-break' is the exact expectation if they were broken at random, and "
+           "'keys scoring >= cut / L' says how many candidates compete for the L slots.", "",
            "Text: sample_texts() (16 sentences) repeated to n tokens — repeated sentences make repeated keys; "
            "'held-out' fits the codebooks on sentences 0-7 and evaluates on 8-15.", "",
            "## Mean over the 6 layers", ""]
@@ -252,11 +279,13 @@ def render_markdown(payload) -> str:
 
         def m(key):
             return f"{statistics.mean(r[key] for r in sel):.3f}"
-        rows.append([setting, n, keep, sel[0]["keep"], m("recall_pq"), m("recall_pq_randcb"), m("recall_random"),
+        rows.append([setting, n, keep, sel[0]["keep"], m("recall_pq"), m("recall_pq_random_ties"),
+                     f"{statistics.mean(r['keys_at_or_above_cut_per_slot'] for r in sel):.1f}",
+                     m("recall_pq_randcb"), m("recall_random"),
                      m("mass_pq"), m("mass_pq_randcb"), m("mass_random"), m("mass_exact")])
-    out.append(T.markdown_table(["setting", "n", "keep", "L", "recall PQ (k-means)", "recall PQ (random cb)",
-                                 "recall random keys", "mass PQ", "mass PQ random cb", "mass random", "mass exact top-L"],
-                                rows))
+    out.append(T.markdown_table(["setting", "n", "keep", "L", "recall PQ (k-means)", "PQ, random tie-break (expected)",
+                                 "keys scoring >= cut / L", "recall PQ (random cb)", "recall random keys", "mass PQ",
+                                 "mass PQ random cb", "mass random", "mass exact top-L"], rows))
     out += ["", "## Per layer", ""]
     out.append(T.markdown_table(
         ["setting", "n", "keep", "layer", "recall PQ", "recall PQ random cb", "recall random", "mass PQ",

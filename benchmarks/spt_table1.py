@@ -18,17 +18,21 @@ Rows:
                  Linears (q, k, v, out, fc1, fc2); eager attention
   (b') LoRA+SDPA the same with F.scaled_dot_product_attention(is_causal=True): a stronger dense baseline,
                  not in the paper
-  (c) SPT        LoRA + SPT sparse attention called directly:
+  (c) SPT        LoRA + SPT sparse attention + routed FFN, the sparsify ops called directly:
                      codes = pq_encode(q | k, C); index, valid = pq_select(codes_q, codes_k, L = n/8, causal)
                      out = spt_attention(q, k, v, index, valid); out = aux_loss(out, codebook_loss(q, C) +
                      codebook_loss(k, C), 1e-2)      -- exactly the graph passes/spt.py writes
                  C is a trainable [head_dim/8, 16, 8] codebook, k-means-initialised on the layer's own q/k
-                 (sparsify.prepare.init_codebook). FFN: the routed FFN does not exist yet, so the SPT row runs
-                 the dense LoRA FFN and says so.
-  (c') SPT via backend (--backend-row, default on): the (b') layer after sparsify.prepare(...), compiled with
-                 torch.compile(backend="sparsify", options={"attention": {"method": "spt", ...},
-                 "inner": <--backend-inner, default aot_eager>}); whole layer only (blocks are not separable
-                 inside one compiled graph). What a user of the backend gets; compile time reported apart.
+                 (sparsify.prepare.init_codebook).
+                 FFN: torch.ops.sparsify.routed_mlp (sparsify/ops/routed.py) when it exists: 4 contiguous
+                 neuron blocks (the paper's split), top-2 per token, gate 2p, LoRA on fc1 / fc2, a trainable
+                 router initialised by routed.init_router. Where it does not exist, the SPT row runs the dense
+                 LoRA FFN and says so ("routed FFN: not implemented yet").
+  (c') SPT via backend (default on; --no-backend-row drops it): the (b') layer after sparsify.prepare(...),
+                 compiled with torch.compile(backend="sparsify", options={"attention": {"method": "spt", ...},
+                 "mlp": {"method": "routed"} where the config has it, "inner": <--backend-inner, default
+                 aot_eager>}); whole layer only (blocks are not separable inside one compiled graph). What a user
+                 of the backend gets; compile time reported apart; the region report says what was rewritten.
 
 The input x [batch, seq, d] requires grad (a layer inside a model passes gradients down), so all rows
 compute dx. Parameter gradients are dropped after each step (no optimizer, no accumulation).
@@ -66,7 +70,7 @@ PAPER = {
 }
 FULL_SIZE = dict(d=2048, heads=32, d_ff=8192, seq=512, batch=16)
 QUICK_SIZE = dict(d=512, heads=8, d_ff=2048, seq=512, batch=2)
-ROUTED_FFN_CANDIDATES = ("sparsify.ops.routed_ffn", "sparsify.ops.routed_mlp", "sparsify.ops.routed")
+ROUTED_BLOCKS, ROUTED_TOP_K = 4, 2
 
 
 # ------------------------------------------------------------------------------------------ modules
@@ -128,6 +132,25 @@ class Attention(nn.Module):
         return self.out_proj(o.transpose(1, 2).reshape(b, n, d))
 
 
+class RoutedFFN(nn.Module):
+    """SPT's routed FFN over two LoRALinear layers: torch.ops.sparsify.routed_mlp, ReLU, 4 contiguous blocks,
+    top-2, gate 2p; the router (blocks x d, + bias) is trainable, initialised by sparsify.ops.routed.init_router."""
+
+    def __init__(self, fc1: "LoRALinear", fc2: "LoRALinear", blocks=ROUTED_BLOCKS, top_k=ROUTED_TOP_K):
+        super().__init__()
+        from sparsify.ops.routed import init_router
+        self.fc1, self.fc2, self.blocks, self.top_k = fc1, fc2, blocks, top_k
+        router_w, router_b = init_router(fc1.base.weight, fc1.base.bias, None, blocks)
+        self.router_w, self.router_b = nn.Parameter(router_w), nn.Parameter(router_b)
+
+    def forward(self, h):
+        f1, f2 = self.fc1, self.fc2
+        return torch.ops.sparsify.routed_mlp(
+            h, f1.base.weight, f1.base.bias, None, None, f2.base.weight, f2.base.bias,
+            f1.lora_A, f1.lora_B, None, None, f2.lora_A, f2.lora_B, [f1.scaling, f1.scaling, f2.scaling],
+            self.router_w, self.router_b, None, self.blocks, self.top_k, "sigmoid2p", "relu", 0.0)[0]
+
+
 class OPTLayer(nn.Module):
     """Pre-LN OPT decoder layer: mha(x) = x + attn(LN1 x); ffn(h) = h + fc2(relu(fc1(LN2 h)))."""
 
@@ -137,11 +160,14 @@ class OPTLayer(nn.Module):
         self.self_attn = Attention(d, heads, kind, keep)
         self.final_layer_norm = nn.LayerNorm(d)
         self.fc1, self.fc2 = nn.Linear(d, d_ff), nn.Linear(d_ff, d)
+        self.routed = None  # a RoutedFFN replaces fc1 -> relu -> fc2 when set
 
     def mha(self, x):
         return x + self.self_attn(self.self_attn_layer_norm(x))
 
     def ffn(self, h):
+        if self.routed is not None:
+            return h + self.routed(self.final_layer_norm(h))
         return h + self.fc2(torch.relu(self.fc1(self.final_layer_norm(h))))
 
     def forward(self, x):
@@ -180,16 +206,26 @@ def attach_codebook(layer: OPTLayer, x: torch.Tensor):
     att.codebook = nn.Parameter(cb)
 
 
-def routed_ffn_status() -> str:
-    for name in ROUTED_FFN_CANDIDATES:
-        try:
-            if importlib.util.find_spec(name) is not None:
-                return f"found {name}, but this script has no adapter for it yet: the SPT row runs the dense LoRA FFN"
-        except Exception:  # noqa: BLE001
-            pass
-    if any(hasattr(torch.ops.sparsify, n) for n in ("routed_mlp", "routed_ffn")):
-        return "a routed op is registered, but this script has no adapter for it yet: SPT row runs the dense LoRA FFN"
-    return "routed FFN: not implemented yet (the SPT row runs the dense LoRA FFN, labelled)"
+def routed_ffn_status() -> tuple[bool, str]:
+    """(available, line to print): sparsify.ops.routed importable and torch.ops.sparsify.routed_mlp registered."""
+    try:
+        if importlib.util.find_spec("sparsify.ops.routed") is None:
+            raise ImportError("no module sparsify.ops.routed")
+        importlib.import_module("sparsify.ops.routed")
+        if not hasattr(torch.ops.sparsify, "routed_mlp"):
+            raise ImportError("sparsify.ops.routed has no sparsify::routed_mlp op")
+    except Exception as exc:  # noqa: BLE001
+        return False, (f"routed FFN: not implemented yet ({type(exc).__name__}: {exc}); the SPT row runs the dense "
+                       "LoRA FFN, labelled")
+    return True, (f"routed FFN: sparsify::routed_mlp ({ROUTED_BLOCKS} contiguous blocks, top-{ROUTED_TOP_K}, gate 2p, "
+                  "LoRA on fc1/fc2)")
+
+
+def backend_supports_routed() -> bool:
+    import dataclasses
+    from sparsify.config import MLPConfig
+    field = {f.name: f for f in dataclasses.fields(MLPConfig)}["method"]
+    return "routed" in field.metadata.get("choices", ())
 
 
 # ------------------------------------------------------------------------------------------ measurement
@@ -234,23 +270,34 @@ def run_row(row, size, args, device, base_state, x, grad, state) -> dict:
     info = {"row": row, "trainable_params": sum(p.numel() for p in layer.parameters() if p.requires_grad)}
     if row == "spt":
         attach_codebook(layer, x.detach())
+        if state["routed"]:
+            layer.routed = RoutedFFN(layer.fc1, layer.fc2)
+            info["ffn_impl"] = f"routed FFN (sparsify::routed_mlp, {ROUTED_BLOCKS} blocks, top-{ROUTED_TOP_K})"
+        else:
+            info["ffn_impl"] = "dense LoRA (routed FFN not implemented yet)"
         info["trainable_params"] = sum(p.numel() for p in layer.parameters() if p.requires_grad)
-        info["ffn_impl"] = "dense LoRA (routed FFN not implemented yet)"
     blocks = {"mha": layer.mha, "ffn": layer.ffn, "layer": layer}
     if row == "spt_backend":
         options = {"attention": {"method": "spt", "keep": args.keep, "min_seq": 1}, "inner": args.backend_inner}
+        if state["routed"] and backend_supports_routed():
+            options["mlp"] = {"method": "routed", "blocks": ROUTED_BLOCKS, "top_k": ROUTED_TOP_K}
+        info["options"] = options
+        # compiled inside a one-child wrapper: the FFN's region belongs to the layer module itself, and the
+        # state a prepared module carries reaches the graph through that module's forward hook, which Dynamo
+        # puts in a graph of its own when the module is the compile root (seen on torch 2.13: the FFN then
+        # stays dense, "no router on this module")
+        model = nn.Sequential(layer)
         t0 = time.perf_counter()
-        report = sparsify.prepare(layer, x.detach(), options=options)
-        compiled = torch.compile(layer, backend="sparsify", options=options)
+        sparsify.prepare(model, x.detach(), options=options)
+        compiled = torch.compile(model, backend="sparsify", options=options)
         out = compiled(x)
         out.backward(grad)
         x.grad = None
         layer.zero_grad(set_to_none=True)
         T.sync(device)
         info["compile_s"] = round(time.perf_counter() - t0, 1)
-        last = sparsify.last_report()
-        info["regions"] = [str(r) for r in (last.regions if last else report.regions)]
-        info["ffn_impl"] = "as the backend left it (see regions)"
+        info["regions"] = [str(r) for r in sparsify.explain(model, x.detach(), options=options).regions]
+        info["ffn_impl"] = "as the backend rewrote it (see regions)"
         blocks = {"layer": compiled}
     # one x, reused: every block sees the same input; the FFN block gets mha(x) as its input
     for name, fn in blocks.items():
@@ -281,7 +328,7 @@ ROW_LABELS = {
     "full": "(a) full fine-tune (eager attn)",
     "lora": "(b) LoRA r=16 (eager attn)",
     "lora_sdpa": "(b') LoRA r=16 + SDPA [not in paper]",
-    "spt": "(c) SPT: LoRA + sparse attn, FFN dense LoRA*",
+    "spt": "(c) SPT: LoRA + sparse attn + routed FFN*",
     "spt_backend": "(c') SPT via sparsify backend",
 }
 
@@ -333,14 +380,14 @@ def run(args, device) -> dict:
     env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32 if gpu else None
     print(f"device: {env['device_name']}  torch {env['torch']}")
     print(f"layer: {scale_label}: {size}, fp32, LoRA r={args.rank}, keep={args.keep}, causal")
-    ffn_status = routed_ffn_status()
+    routed_ok, ffn_status = routed_ffn_status()
     print(ffn_status)
 
     torch.manual_seed(args.seed)
     base_state = OPTLayer(size["d"], size["heads"], size["d_ff"]).to(device).state_dict()
     x = torch.randn(size["batch"], size["seq"], size["d"], device=device, requires_grad=True)
     grad = torch.randn_like(x)
-    state = {}
+    state = {"routed": routed_ok}
     infos = []
     for row in rows:
         print(f"\n== {ROW_LABELS[row]}")
@@ -360,6 +407,7 @@ def run(args, device) -> dict:
         "size_label": scale_label,
         "settings": {k_: v_ for k_, v_ in vars(args).items() if k_ != "out_dir"},
         "routed_ffn": ffn_status,
+        "routed_ffn_available": routed_ok,
         "measures": {
             "time": "median wall ms of fwd+bwd (x.requires_grad, random output gradient) after warm-up"
                     + (", torch.cuda.synchronize around each" if gpu else ""),
@@ -420,11 +468,12 @@ def render_markdown(payload, gpu) -> str:
                      ratio_t, ratio_m])
     out.append(T.markdown_table(["row", "MHA ms", "FFN ms", "layer ms", f"MHA {mem_name}", f"FFN {mem_name}",
                                  f"layer {mem_name}", "layer time / full", "layer mem / full"], rows))
-    out += ["", "\\* SPT row: FFN is the dense LoRA FFN (the routed FFN does not exist yet).", ""]
+    spt = next((r for r in payload["rows"] if r["row"] == "spt"), {})
+    out += ["", f"\\* SPT row FFN: {spt.get('ffn_impl', payload['routed_ffn'])}.", ""]
     for r in payload["rows"]:
         if r.get("regions"):
-            out += [f"(c') compiled in {r.get('compile_s')} s (prepare + compile + first step, inner="
-                    f"{payload['settings']['backend_inner']}); regions: " + "; ".join(r["regions"]), ""]
+            out += [f"(c') options {r.get('options')}; compiled in {r.get('compile_s')} s (prepare + compile + "
+                    "first step); regions: " + "; ".join(r["regions"]), ""]
         for b in ("mha", "ffn", "layer"):
             if isinstance(r.get(b), dict) and "error" in r[b]:
                 out += [f"{ROW_LABELS[r['row']]} {b}: ERROR {r[b]['error']}", ""]

@@ -19,6 +19,7 @@ What is checked:
 """
 import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -181,33 +182,43 @@ def test_double_backward_is_a_clear_error():
 # 3. equality with the dense-masked reference
 # ---------------------------------------------------------------------------------------------
 
-def _check_against_reference(args, atol=1e-5, rtol=1e-5):
+def _check_against_reference(args, tol=1e-5, grad_tol=2e-5, grad_seed=0):
+    """Forward (tol) and every gradient (grad_tol) against routed_reference, fp32; absolute tolerances are
+    scaled by the reference's magnitude when it is above 1. The grouped path (one GEMM per block) and the
+    dense-masked one (GEMMs over all F) round differently, not bitwise alike; gradient elements that come out
+    of a cancellation (g * u + s * l near 0) amplify that: over 100 gradient draws of a 1-token case both fp32
+    paths stayed within 1.3e-5 of an fp64 oracle (the op) and 4e-6 (the reference), hence 2e-5."""
     out, ids, seed = routed_op(*args)
     ref = _ref(args, seed)
-    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    _close(out, ref, tol)
     t = math.prod(args[0].shape[:-1])
     assert ids.dtype == torch.int32 and tuple(ids.shape) == (t, args[18])
     leaves = _leaves(args)
     if not leaves:
         return
-    grad_out = torch.randn_like(out)
+    grad_out = _randn(_gen(grad_seed), *out.shape, dtype=out.dtype)
     for a, b, leaf in zip(_grads(out, leaves, grad_out), _grads(ref, leaves, grad_out), leaves):
-        a = torch.zeros_like(leaf) if a is None else a
-        b = torch.zeros_like(leaf) if b is None else b
-        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+        _close(torch.zeros_like(leaf) if a is None else a, torch.zeros_like(leaf) if b is None else b, grad_tol)
 
 
-@settings(max_examples=40, **HYP)
+def _close(a, b, tol):
+    scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
+    torch.testing.assert_close(a, b, atol=tol * scale, rtol=1e-5)
+
+
+@settings(max_examples=int(os.environ.get("ROUTED_EXAMPLES", 40)), **HYP)
 @given(
     t=st.integers(0, 40), d=st.integers(8, 32), fb=st.integers(1, 6), blocks=st.sampled_from([2, 4]),
     k_frac=st.floats(0.0, 1.0), gated=st.booleans(), bias=st.booleans(), lora=st.sampled_from([0, 0, 3]),
     activation=st.sampled_from(ACTS), gate=st.sampled_from(["sigmoid2p", "sigmoid2p", "none"]),
-    perm=st.booleans(), seed=st.integers(0, 2**16),
+    perm=st.booleans(), dropout_p=st.sampled_from([0.0, 0.0, 0.0, 0.3]), seed=st.integers(0, 2**16),
 )
-def test_matches_reference(t, d, fb, blocks, k_frac, gated, bias, lora, activation, gate, perm, seed):
+def test_matches_reference(t, d, fb, blocks, k_frac, gated, bias, lora, activation, gate, perm, dropout_p, seed):
     top_k = 1 + min(blocks - 1, int(k_frac * blocks))
+    torch.manual_seed(seed)  # the op's dropout seed comes from the global RNG
     args = make_routed(_gen(seed), lead=(t,), d=d, d_ff=fb * blocks, d_out=7, blocks=blocks, top_k=top_k,
-                       gated=gated, bias=bias, lora_rank=lora, perm=perm, gate=gate, activation=activation)
+                       gated=gated, bias=bias, lora_rank=lora, perm=perm, gate=gate, activation=activation,
+                       dropout_p=dropout_p)
     _check_against_reference(args)
 
 
@@ -245,13 +256,13 @@ def test_gate_none_all_blocks_equals_dense_mlp(gated, bias, lora_rank, activatio
     torch.manual_seed(123)
     dense, dense_seed = mlp_op(*mlp_args)
     assert torch.equal(seed, dense_seed)
-    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    _close(out, dense, 1e-5)
     torch.testing.assert_close(_ref(args, seed), mlp_reference(*mlp_args[:14], activation, dropout_p, seed),
                                atol=1e-6, rtol=1e-6)
     leaves = _leaves(args[:13])
-    grad_out = torch.randn_like(out)
+    grad_out = _randn(_gen(80), *out.shape)
     for a, b in zip(_grads(out, leaves, grad_out), _grads(dense, leaves, grad_out)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        _close(a, b, 2e-5)
 
 
 def test_partial_requires_grad_frozen_base():
@@ -302,26 +313,21 @@ def test_dropout_replayed_in_backward():
     out, _, seed = routed_op(*args)
     assert seed.device.type == "cpu"
     ref = _ref(args, seed)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    _close(out, ref, 1e-5)
     leaves = _leaves(args)
-    grad_out = torch.randn_like(out)
+    grad_out = _randn(_gen(81), *out.shape)
     for a, b in zip(_grads(out, leaves, grad_out), _grads(ref, leaves, grad_out)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        _close(a, b, 2e-5)
     out2 = routed_op(*args)[0]
     assert not torch.allclose(out, out2)  # a fresh draw per call
 
 
 def test_dropout_rate_and_p_one():
-    args = make_routed(_gen(12), lead=(64,), d_ff=64, blocks=4, top_k=4, gate="none", activation="relu",
-                       dropout_p=0.25, requires_grad=False)
-    x2, up_w = args[0], args[1]
-    h = F.relu(x2 @ up_w.t())
     keep = routed._keep_mask(64, 64, 0.25, torch.tensor(5), "cpu")
     assert abs(keep.float().mean().item() - 0.75) < 0.05
-    args[21] = 1.0
-    args[6] = None
+    args = make_routed(_gen(12), lead=(64,), requires_grad=False, dropout_p=1.0)
+    args[6] = None  # no down bias: everything dropped gives exact zeros (no NaN from 0 / 0)
     torch.testing.assert_close(routed_op(*args)[0], torch.zeros(64, 6))
-    assert h.numel()  # (h only documents what is dropped)
 
 
 def test_saved_for_backward_is_inputs_ids_and_seed():
@@ -335,11 +341,11 @@ def test_saved_for_backward_is_inputs_ids_and_seed():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = routed_op(*args)[0]
-    inputs = {id(a) for a in args if isinstance(a, torch.Tensor)}
-    extra = [t for t in saved if not any(t is a for a in args if isinstance(a, torch.Tensor))]
-    assert all(t.dtype in (torch.int32, torch.int64) for t in extra), [(t.dtype, t.shape) for t in extra]
-    assert sum(t.numel() for t in extra) <= 16 * 2 + 1
-    assert inputs and out.shape == (16, 6)
+    inputs = [a for a in args if isinstance(a, torch.Tensor)]
+    extra = [t for t in saved if not any(t is a for a in inputs)]
+    # block_ids [16, 2] int32 and the int64 seed: nothing of size T * F, no float activation besides x
+    assert sorted((str(t.dtype), t.numel()) for t in extra) == [("torch.int32", 32), ("torch.int64", 1)], extra
+    assert out.shape == (16, 6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,7 +535,9 @@ def _up_inputs(g, t, d, fb, blocks, top_k, empty, opts, dtype):
     if opts.get("lora"):
         kw["lora"] = (_randn(g, t, 3, dtype=dtype), _randn(g, d_ff, 3, dtype=dtype, scale=0.5), 0.7)
     if opts.get("gated"):
-        lg = (_randn(g, t, 2, dtype=dtype), _randn(g, d_ff, 2, dtype=dtype, scale=0.5), 1.3) if opts.get("lora") else None
+        lg = None
+        if opts.get("lora"):
+            lg = (_randn(g, t, 2, dtype=dtype), _randn(g, d_ff, 2, dtype=dtype, scale=0.5), 1.3)
         kw["gate"] = (_randn(g, d_ff, d, dtype=dtype, scale=d ** -0.5),
                       _randn(g, d_ff, dtype=dtype, scale=0.5) if opts.get("bias") else None, lg)
     return grp, x, w, kw
@@ -613,7 +621,7 @@ def test_triton_forward_backward_match_reference(interpreter, opts):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     tensors = [a.detach() if a is not None else None for a in _tensors16(args)]
     needs = [a is not None and a.requires_grad for a in _tensors16(args)]
-    grad_out = torch.randn_like(out)
+    grad_out = _randn(_gen(82), *out.shape)
     got = routed.routed_mlp_backward_triton(grad_out, tensors, ids, seed, args[13], *args[17:22], needs)
     want = _grads(ref, _leaves(args), grad_out)
     got = [gr for gr, n in zip(got, needs) if n]

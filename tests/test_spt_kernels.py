@@ -127,11 +127,16 @@ def token_reference(q, k, v, index, valid, mask, scale, causal):
 
 
 def _safe_softmax_out(s, v, eq):
+    """softmax(s) @ v over the last dim, max-subtracted (as the kernels and SDPA: with
+    fp32 scores near finfo.min, exp(s - logsumexp) would not be normalised)."""
     has = (s > float("-inf")).any(-1, keepdim=True)
     s2 = torch.where(has, s, 0.0)  # avoids NaN values *and* NaN gradients on empty rows
-    lse = torch.logsumexp(s2, -1, keepdim=True)
-    p = torch.exp(s2 - lse) * has
+    m = s2.amax(-1, keepdim=True).detach()
+    e = torch.exp(s2 - m)
+    total = e.sum(-1, keepdim=True)
+    p = e / total * has
     out = torch.einsum(eq, p, v)
+    lse = m + torch.log(total)
     return out, torch.where(has, lse, float("-inf")).squeeze(-1)
 
 
@@ -249,13 +254,17 @@ def test_token_matches_sdpa_with_equivalent_mask(interpreter, causal):
     q, k, v = make_qkv(B, H, Hkv, L, L, D, D, torch.float32, seed=3)
     index, valid = random_slots(B, H, L, L, keep, causal, seed=4, drop=0.3, keep_diagonal=True)
     mask = torch.randn(1, 1, L, L, generator=torch.Generator().manual_seed(5))
+    # HF-style padding of the first keys with finfo.min: with causal, rows 0..2 keep only such
+    # keys, whose fp32 scores are all absorbed to finfo.min: SDPA (math, fp32) averages them
+    mask[..., :3] = torch.finfo(torch.float32).min
     allowed = slots_to_dense(index, valid, L, causal)
     assert allowed.any(-1).all()
     attn_mask = torch.where(allowed, mask, float("-inf"))
     do = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(6))
 
     qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    ref = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=attn_mask, enable_gqa=True)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        ref = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=attn_mask, enable_gqa=True)
     ref.backward(do)
 
     out, lse = spt_forward(q, k, v, index, valid, mask, causal=causal, block_k=4)

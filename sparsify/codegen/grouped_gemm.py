@@ -49,7 +49,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from string import Template
-from typing import Optional
 
 import torch
 
@@ -104,7 +103,7 @@ class GroupedGemmSpec:
             raise ValueError(f"unsupported activation {self.activation!r}; expected one of {UP_ACTIVATIONS}")
         up_only = (self.activation != "none", self.gated, self.bias, self.gate_bias, self.lora, self.gate_lora)
         if self.kind != "up" and any(up_only):
-            raise ValueError(f"GroupedGemmSpec: activation / gated / bias / lora apply to kind 'up' only")
+            raise ValueError("GroupedGemmSpec: activation / gated / bias / lora apply to kind 'up' only")
         if self.kind == "wgrad" and self.row_scale:
             raise ValueError("GroupedGemmSpec: wgrad takes no row_scale (scale its input instead)")
         if (self.gate_bias or self.gate_lora) and not self.gated:

@@ -16,6 +16,10 @@ Public API::
                           block_n=64, causal=False, key_padding_mask=None, scale=None,
                           out=None) -> (dq, dk, dv)
     dense_block_map(Lq, Lk, block_m, block_n, causal=False) -> (block_index, block_valid)
+    default_token_blocks(...), default_block_tiles(...)   # GPU launch configurations
+
+(all four kernels also take optional tile-size overrides: block_m / block_k for the
+token kernels, tile_m / tile_n for the block kernels)
 
 Shapes: q [B, H, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv], any strides, one dtype
 out of fp16 / bf16 / fp32. GQA: H % Hkv == 0 and query head h reads kv head
@@ -33,7 +37,8 @@ Semantics shared by both kinds:
   selections are expected to be distinct.
 * Backward needs D_i = rowsum(P * dP). By default the kernel computes it in an extra
   pass over the kept entries (no forward output needed); pass ``out=`` to instead use
-  rowsum(dO * O) computed here with torch (one pass less, FlashAttention-2 style).
+  rowsum(dO * O) computed here with torch (one pass less, FlashAttention-2 style; the
+  token kernel ignores ``out`` when it has an additive mask, see ``spt_backward``).
 * dk / dv are accumulated with ``tl.atomic_add`` into fp32 buffers (one key row /
   block is shared by many query rows and, with GQA, by several query heads), then cast.
   Summation order is therefore not deterministic on a GPU.
@@ -50,10 +55,12 @@ gradients are rare).
 Block kernel (``block_sparse_*``): block_index [B, H, ceil(Lq / block_m), kb] int32
 (int64 accepted) lists the key blocks (block_n keys each) visited by each query block,
 block_valid (bool, same shape, None: all valid) switches entries off; both broadcast.
-block_m / block_n are the map's granularity and also the kernel tile sizes: powers of
-two in 16..256 (tl.dot needs >= 16). key_padding_mask: [B, Lk], nonzero = attend (the
-Hugging Face attention_mask convention). Head dims that are not a power of two (up to
-256) are zero-padded inside the kernel to the next power of two (>= 16), no copy.
+block_m / block_n are the map's granularity: powers of two in 16..256 (tl.dot needs
+>= 16). The kernel tiles (tile_m <= block_m rows per program, tile_n <= block_n keys
+per step) may be smaller, so a coarse map does not force register-spilling tiles.
+key_padding_mask: [B, Lk], nonzero = attend (the Hugging Face attention_mask
+convention). Head dims that are not a power of two (up to 256) are zero-padded inside
+the kernel to the next power of two (>= 16), no copy.
 
 Interpreter notes (TRITON_INTERPRET=1, CPU tensors): kernels are built lazily and keyed
 on the mode (see emitter.py); bf16 ``tl.dot`` is not exact in the interpreter, so the
@@ -84,6 +91,8 @@ __all__ = [
     "block_sparse_forward",
     "block_sparse_backward",
     "dense_block_map",
+    "default_token_blocks",
+    "default_block_tiles",
     "MAX_HEAD_DIM",
 ]
 
@@ -309,6 +318,7 @@ def _token_source(spec: TokenSparseSpec) -> str:
         token_slots=slots,
         token_recompute=recompute,
         token_delta=delta,
+        renormalise="" if spec.precomputed_delta else T.TOKEN_RENORMALISE,
         delta_param=T.DELTA_PARAM if spec.precomputed_delta else "",
         delta_strides=T.DELTA_STRIDES if spec.precomputed_delta else "",
         ds_param=T.TOKEN_DS_PARAM if spec.mask_grad else "",
@@ -466,27 +476,6 @@ def _check_runnable(kernel, q):
         raise RuntimeError("sparsify.codegen kernels need a GPU tensor, or TRITON_INTERPRET=1 for CPU tensors")
 
 
-# Kernel tiles (tile_m, tile_n, num_warps) of the block kernels on a GPU, by padded head
-# dim. Picked offline from ptxas register / spill reports for sm_90 (no timing yet):
-# the largest tiles that compile without (or with a few bytes of) register spills.
-_BLOCK_TILES = {
-    # head dim <=: (forward, backward)
-    64: ((64, 64, 4), (64, 32, 8)),
-    128: ((64, 32, 8), (64, 32, 8)),  # bwd: a few bytes of spills, but 4x fewer atomics than 16 rows
-    256: ((32, 32, 8), (16, 32, 8)),  # bwd spills whatever the tile
-}
-
-
-def default_block_tiles(head_dim, block_m, block_n, backward=False, interpret=False):
-    """(tile_m, tile_n, num_warps) of the block kernels for a map of block_m x block_n.
-    The interpreter runs one program at a time in numpy: the map blocks themselves."""
-    if interpret:
-        return block_m, block_n, 4
-    bd = max(16, _next_pow2(head_dim))
-    tm, tn, warps = _BLOCK_TILES[min(k for k in _BLOCK_TILES if k >= bd)][int(backward)]
-    return min(tm, block_m), min(tn, block_n), warps
-
-
 # --- token-granular API ----------------------------------------------------------------------
 
 # (block_m, block_k, num_warps) of the token kernels on a GPU, by padded head dim: the
@@ -635,8 +624,11 @@ def spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale=None, *, caus
     """Token-sparse attention backward: ``(dq, dk, dv)`` in the input dtypes.
 
     P is recomputed from ``lse`` (from ``spt_forward`` with the same arguments). With
-    ``out=`` (the forward output), D_i = rowsum(dO * O) is computed here instead of by an
-    extra kernel pass. ``mask_grad=True`` (needs a float ``mask``) also returns dmask
+    ``out=`` (the forward output) and no mask, D_i = rowsum(dO * O) is computed here
+    instead of by an extra kernel pass. With a mask the pass is kept: it also
+    renormalises rows whose kept keys are all masked with finfo.min-like values (fp32
+    absorbs their scores: the forward averages them, as fp32 SDPA, and lse alone cannot
+    reproduce that). ``mask_grad=True`` (needs a float ``mask``) also returns dmask
     (fp32, the mask's shape) as a 4th element.
     """
     (B, H, Hkv, Lq, Lk, D, Dv, keep), index, valid, mask, mask_shape, scale = _token_inputs(
@@ -650,7 +642,10 @@ def spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale=None, *, caus
     dv_acc = torch.zeros((B, Hkv, Lk, Dv), dtype=torch.float32, device=q.device)
     ds = torch.zeros((B, H, Lq, keep), dtype=torch.float32, device=q.device) if mask_grad else None
     if B * H * Lq:
-        delta = None if out is None else _delta_from_out(grad_out, out, (B, H, Lq), q)
+        # with an additive mask the kernel's own D_i pass is kept: it also renormalises rows
+        # whose scores fp32 absorbs (see TOKEN_DELTA_PASS), which D_i from `out` cannot
+        use_out = out is not None and mask is None
+        delta = _delta_from_out(grad_out, out, (B, H, Lq), q) if use_out else None
         spec, warps = _token_spec(q, D, Dv, causal, mask, mask_grad, delta is not None, block_m, block_k,
                                   backward=True)
         kernel = get_spt_kernel(spec)
@@ -682,6 +677,27 @@ def spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale=None, *, caus
 
 
 # --- block-granular API ----------------------------------------------------------------------
+
+# Kernel tiles (tile_m, tile_n, num_warps) of the block kernels on a GPU, by padded head
+# dim. Picked offline from ptxas register / spill reports for sm_90 (no timing yet):
+# the largest tiles that compile without (or with a few bytes of) register spills.
+_BLOCK_TILES = {
+    # head dim <=: (forward, backward)
+    64: ((64, 64, 4), (64, 32, 8)),
+    128: ((64, 32, 8), (64, 32, 8)),  # bwd: a few bytes of spills, but 4x fewer atomics than 16 rows
+    256: ((32, 32, 8), (16, 32, 8)),  # bwd spills whatever the tile
+}
+
+
+def default_block_tiles(head_dim, block_m, block_n, backward=False, interpret=False):
+    """(tile_m, tile_n, num_warps) of the block kernels for a map of block_m x block_n.
+    The interpreter runs one program at a time in numpy: the map blocks themselves."""
+    if interpret:
+        return block_m, block_n, 4
+    bd = max(16, _next_pow2(head_dim))
+    tm, tn, warps = _BLOCK_TILES[min(k for k in _BLOCK_TILES if k >= bd)][int(backward)]
+    return min(tm, block_m), min(tn, block_n), warps
+
 
 def dense_block_map(Lq: int, Lk: int, block_m: int, block_n: int, causal: bool = False, device=None):
     """Every allowed key block for every query block: ``(block_index int32 [nqb, nkb],

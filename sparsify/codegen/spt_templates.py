@@ -132,8 +132,8 @@ ${mask_add}        s = tl.where(keep, s, float("-inf"))
 
 @triton.jit
 def ${name}_bwd(
-    q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, ${mask_param}do_ptr, lse_ptr, ${delta_param}
-    dq_ptr, dk_ptr, dv_ptr, ${ds_param}
+    q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, ${mask_param}do_ptr, lse_ptr,${delta_param}
+    dq_ptr, dk_ptr, dv_ptr,${ds_param}
     H, GROUP, Lq, Lk, KEEP, sm_scale,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
@@ -181,7 +181,7 @@ ${mask_rows}${ds_rows}
 ${token_delta}
     dq = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
     for s0 in range(0, KEEP, BLOCK_K):
-${token_slots}${token_recompute}
+${token_slots}${token_recompute}${renormalise}
         # dS = P * (dP - D_i): the gradient w.r.t. the pre-softmax score (scaled qk + mask)
         ds = p * (dp - delta[:, None])
 ${ds_store}        dq += tl.reduce(ds[:, :, None] * kt, 1, _sum_combine)
@@ -217,18 +217,27 @@ TOKEN_RECOMPUTE = Template('''\
         kt = tl.load(k_base + kidx[:, :, None] * s_kn + offs_d[None, None, :] * s_kd,
                      mask=keep[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)
         s = tl.reduce(q[:, None, :] * kt, 2, _sum_combine) * sm_scale
-${mask_add}        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+${mask_add}        p = tl.exp(tl.where(keep, s - lse[:, None], float("-inf")))
         vt = tl.load(v_base + kidx[:, :, None] * s_vn + offs_e[None, None, :] * s_vd,
                      mask=keep[:, :, None] & e_ok[None, None, :], other=0.0).to(tl.float32)
         dp = tl.reduce(do[:, None, :] * vt, 2, _sum_combine)
 ''')
 
 # D_i computed in the kernel: one extra pass over the kept slots (no `out` needed).
+# It also re-sums exp(s - lse): 1 up to rounding, except in a row whose kept scores all
+# sit at a magnitude where fp32 absorbs log(l) (every kept key masked with finfo.min):
+# there the forward is the uniform average (as fp32 SDPA) but lse == s, so exp(s - lse)
+# is 1 per key. Dividing by the re-sum makes P exact in both cases.
 TOKEN_DELTA_PASS = Template('''\
     delta = tl.full((BLOCK_M,), 0.0, tl.float32)
+    p_sum = tl.full((BLOCK_M,), 0.0, tl.float32)
     for s0 in range(0, KEEP, BLOCK_K):
 ${token_slots}${token_recompute}        delta += tl.reduce(p * dp, 1, _sum_combine)
+        p_sum += tl.reduce(p, 1, _sum_combine)
+    inv_norm = 1.0 / tl.where(p_sum > 0.0, p_sum, 1.0)
+    delta = delta * inv_norm
 ''')
+TOKEN_RENORMALISE = "        p = p * inv_norm[:, None]\n"
 
 # additive mask: gathered at (row, key index); 0-strides encode broadcast dims
 TOKEN_MASK_PARAM = "mask_ptr, "
@@ -239,7 +248,7 @@ TOKEN_MASK_ADD = (
 )
 
 # D_i precomputed by the caller from the forward output (rowsum(dO * O))
-DELTA_PARAM = "delta_ptr, "
+DELTA_PARAM = " delta_ptr,"
 DELTA_STRIDES = "s_eb, s_eh, s_em,\n    "
 TOKEN_DELTA_LOAD = (
     "    delta = tl.load(delta_ptr + b * s_eb + h * s_eh + offs_m * s_em, mask=m_ok, other=0.0)\n"
@@ -247,7 +256,7 @@ TOKEN_DELTA_LOAD = (
 
 # dS stored per slot (fp32 [B, H, Lq, KEEP], 0 on dropped slots): the mask gradient
 # is scattered from it by the caller
-TOKEN_DS_PARAM = "ds_ptr,"
+TOKEN_DS_PARAM = " ds_ptr,"
 TOKEN_DS_STRIDES = "s_sb, s_sh, s_sm, s_ss,\n    "
 TOKEN_DS_ROWS = "    ds_rows = ds_ptr + b * s_sb + h * s_sh + offs_m[:, None] * s_sm\n"
 TOKEN_DS_STORE = "        tl.store(ds_rows + offs_s[None, :] * s_ss, ds, mask=slot_ok)\n"
@@ -317,7 +326,7 @@ ${block_scores}
 
 @triton.jit
 def ${name}_bwd(
-    q_ptr, k_ptr, v_ptr, bidx_ptr, bval_ptr, ${kpm_param}do_ptr, lse_ptr, ${delta_param}
+    q_ptr, k_ptr, v_ptr, bidx_ptr, bval_ptr, ${kpm_param}do_ptr, lse_ptr,${delta_param}
     dq_ptr, dk_ptr, dv_ptr,
     H, GROUP, Lq, Lk, KB, NKB, sm_scale,
     s_qb, s_qh, s_qm, s_qd,

@@ -6,6 +6,9 @@ from . import attention as _attention  # noqa: F401  (registers sparsify::attent
 from . import mlp as _mlp  # noqa: F401  (registers sparsify::mlp)
 from . import tag as _tag  # noqa: F401  (registers sparsify::tag)
 from . import spt as _spt  # noqa: F401  (registers the SPT ops: pq_encode, pq_select, spt_attention, aux_loss)
+from . import spt_block as _spt_block  # noqa: F401  (pq_select_blocks, block_sparse_attention)
+from . import spt_cuda as _spt_cuda  # noqa: F401  (the Triton kernels as the CUDA implementations)
+from . import routed as _routed  # noqa: F401  (routed_mlp: SPT routed FFN)
 from .attention import attention_reference
 from .mlp import ACTIVATIONS, mlp_reference
 

@@ -61,9 +61,12 @@ FLOPs (registered for both ops; 2 per multiply-add; A = T * top_k assignments, f
     forward  = 2*A*fb*d*(2 if gated else 1) + 2*A*fb*d_out + 2*T*blocks*d
                + LoRA: up / gate 2*T*r*d + 2*A*fb*r each, down 2*A*fb*r + 2*T*r*d_out
              = top_k / blocks of sparsify::mlp's count (LoRA's A x and B_down z terms excepted) + the router.
-    backward = exactly the GEMMs listed above for the gradients asked for (routed_backward_flops); with
-               every gradient needed and no LoRA it is 3x the forward (recompute 1x + input / weight grads
-               2x), as for the dense op; with frozen base weights (LoRA fine-tuning) about 2x.
+    backward = exactly the GEMMs listed above for the gradients asked for (routed_backward_flops). With
+               every gradient needed and no LoRA: 3 * forward - 2*A*fb*d_out (recompute 1x, input and weight
+               gradients 2x, less the down GEMM's forward, which is never recomputed: its output is not
+               needed); sparsify::mlp's backward counts 3x. With frozen base weights (LoRA fine-tuning) the
+               weight-gradient GEMMs drop out: recompute + v = W_down^T dy + dx (+ LoRA, router) is about 2x
+               (tests/test_routed_ops.py::test_flops_with_lora_and_frozen_base checks the exact count).
 """
 from __future__ import annotations
 

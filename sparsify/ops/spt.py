@@ -252,8 +252,7 @@ def _broadcast_mask(mask, q, k):
     return mask.broadcast_to(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
-@torch.library.custom_op("sparsify::spt_attention", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def spt_attention(
+def spt_attention_reference(
     q: Tensor, k: Tensor, v: Tensor, index: Tensor, valid: Tensor, mask: Optional[Tensor],
     scale: float, dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -281,6 +280,17 @@ def spt_attention(
     return out, lse, seed
 
 
+
+
+@torch.library.custom_op("sparsify::spt_attention", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def spt_attention(
+    q: Tensor, k: Tensor, v: Tensor, index: Tensor, valid: Tensor, mask: Optional[Tensor],
+    scale: float, dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The CPU implementation; CUDA: sparsify/ops/spt_cuda.py."""
+    return spt_attention_reference(q, k, v, index, valid, mask, scale, dropout_p)
+
+
 @spt_attention.register_fake
 def _(q, k, v, index, valid, mask, scale, dropout_p):
     b, h, lq, _ = q.shape
@@ -305,8 +315,7 @@ def _reduce_to_shape(grad: Tensor, shape) -> Tensor:
     return grad.sum(dim=dims, keepdim=True) if dims else grad
 
 
-@torch.library.custom_op("sparsify::spt_attention_backward", mutates_args=())
-def spt_attention_backward(
+def spt_attention_backward_reference(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, index: Tensor, valid: Tensor, mask: Optional[Tensor],
     lse: Tensor, seed: Tensor, scale: float, dropout_p: float, needs_grad: list[bool],
 ) -> list[Tensor]:
@@ -358,6 +367,17 @@ def spt_attention_backward(
     # one fresh empty tensor per missing gradient: outputs may not alias each other
     return [g.to(t.dtype) if g is not None else grad_out.new_empty(0)
             for g, t in zip((dq, dk, dv, dmask), (q, k, v, mask))]
+
+
+
+
+@torch.library.custom_op("sparsify::spt_attention_backward", mutates_args=())
+def spt_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, index: Tensor, valid: Tensor, mask: Optional[Tensor],
+    lse: Tensor, seed: Tensor, scale: float, dropout_p: float, needs_grad: list[bool],
+) -> list[Tensor]:
+    """The CPU implementation; CUDA: sparsify/ops/spt_cuda.py."""
+    return spt_attention_backward_reference(grad_out, q, k, v, index, valid, mask, lse, seed, scale, dropout_p, needs_grad)
 
 
 @spt_attention_backward.register_fake

@@ -50,8 +50,8 @@ probabilities).
 Memory of this CPU reference. pq_select_blocks: the histograms [B, H|Hkv, n_blocks, M*E] and the block scores
 [B, H, nQB, nKB]: no token-pair tensor. block_sparse_attention: the selected block map is expanded to a boolean
 token mask and dense masked attention is computed per chunk of query rows, so the temporaries are
-[B, H, rows, Lk] (rows chosen so that stays about _CHUNK_ELEMS elements); GQA reshapes q to
-[B, Hkv, H/Hkv, rows, D] against k [B, Hkv, Lk, D], so K and V are never repeated. Saved for backward: q, k, v,
+[B, H, rows, Lk] (rows chosen so that stays about _CHUNK_ELEMS elements); GQA folds the query heads of a kv head into
+rows ([B, Hkv, H/Hkv * rows, D] against k [B, Hkv, Lk, D]), so K and V are never repeated. Saved for backward: q, k, v,
 block_index, block_valid, mask, lse and the seed (no probabilities); the backward recomputes P per chunk from lse
 with the explicit formulas (docstring of block_sparse_attention_backward). With dropout_p > 0 the keep-mask is
 drawn at full size [B, H, Lq, Lk] (fp32) once per call: the generator draws it in one piece. A float mask that
@@ -274,27 +274,27 @@ def _allowed_rows(bmap: Tensor, rows: slice, lk: int, block: int, causal: bool, 
     return allowed
 
 
+def _fold_group(t: Tensor, hkv: int) -> Tensor:
+    """[B, H, r, X] -> [B, Hkv, G*r, X] (h = hkv * G + g): the query heads of one kv head become extra rows."""
+    b, h, r, x = t.shape
+    return t.reshape(b, hkv, (h // hkv) * r, x)
+
+
 def _gqa_scores(q_rows: Tensor, k: Tensor) -> Tensor:
-    """q_rows [B, H, r, D] . k [B, Hkv, Lk, D] -> [B, H, r, Lk] without repeating k."""
-    b, h, r, d = q_rows.shape
-    hkv = k.shape[1]
-    s = torch.einsum("bkgid,bkjd->bkgij", q_rows.reshape(b, hkv, h // hkv, r, d), k)
-    return s.reshape(b, h, r, k.shape[2])
+    """q_rows [B, H, r, D] . k [B, Hkv, Lk, D] -> [B, H, r, Lk]; one matmul per kv head, k never repeated."""
+    b, h, r, _ = q_rows.shape
+    return torch.matmul(_fold_group(q_rows, k.shape[1]), k.transpose(-1, -2)).reshape(b, h, r, k.shape[2])
 
 
 def _gqa_apply(p: Tensor, v: Tensor) -> Tensor:
-    """p [B, H, r, Lk] @ v [B, Hkv, Lk, Dv] -> [B, H, r, Dv] without repeating v."""
-    b, h, r, lk = p.shape
-    hkv = v.shape[1]
-    out = torch.einsum("bkgij,bkjd->bkgid", p.reshape(b, hkv, h // hkv, r, lk), v)
-    return out.reshape(b, h, r, v.shape[-1])
+    """p [B, H, r, Lk] @ v [B, Hkv, Lk, Dv] -> [B, H, r, Dv], v never repeated."""
+    b, h, r, _ = p.shape
+    return torch.matmul(_fold_group(p, v.shape[1]), v).reshape(b, h, r, v.shape[-1])
 
 
 def _gqa_adjoint(p: Tensor, x: Tensor, hkv: int) -> Tensor:
-    """sum over query rows and the GQA group: p [B, H, r, Lk], x [B, H, r, X] -> [B, Hkv, Lk, X]."""
-    b, h, r, lk = p.shape
-    g = h // hkv
-    return torch.einsum("bkgij,bkgid->bkjd", p.reshape(b, hkv, g, r, lk), x.reshape(b, hkv, g, r, x.shape[-1]))
+    """Sum over query rows and the GQA group: p [B, H, r, Lk], x [B, H, r, X] -> p^T x as [B, Hkv, Lk, X]."""
+    return torch.matmul(_fold_group(p, hkv).transpose(-1, -2), _fold_group(x, hkv))
 
 
 def _masked_scores(q_rows, k, bmap, rows, block, causal, mask_rows, scale, acc):
@@ -319,9 +319,7 @@ def _dropout_scale(shape, dtype, device, p: float, seed: Tensor) -> Optional[Ten
     return seeded_dropout(torch.ones(shape, dtype=dtype, device=device), p, seed)
 
 
-@torch.library.custom_op("sparsify::block_sparse_attention", mutates_args=(),
-                         tags=(torch.Tag.nondeterministic_seeded,))
-def block_sparse_attention(
+def block_sparse_attention_reference(
     q: Tensor, k: Tensor, v: Tensor, block_index: Tensor, block_valid: Tensor, block: int,
     mask: Optional[Tensor], scale: float, causal: bool, dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -348,6 +346,18 @@ def block_sparse_attention(
     return out, lse, seed
 
 
+
+
+@torch.library.custom_op("sparsify::block_sparse_attention", mutates_args=(),
+                         tags=(torch.Tag.nondeterministic_seeded,))
+def block_sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, block_index: Tensor, block_valid: Tensor, block: int,
+    mask: Optional[Tensor], scale: float, causal: bool, dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The CPU implementation; CUDA: sparsify/ops/spt_cuda.py."""
+    return block_sparse_attention_reference(q, k, v, block_index, block_valid, block, mask, scale, causal, dropout_p)
+
+
 @block_sparse_attention.register_fake
 def _(q, k, v, block_index, block_valid, block, mask, scale, causal, dropout_p):
     b, h, lq, _ = q.shape
@@ -356,8 +366,7 @@ def _(q, k, v, block_index, block_valid, block, mask, scale, causal, dropout_p):
             torch.empty((), dtype=torch.int64, device="cpu"))
 
 
-@torch.library.custom_op("sparsify::block_sparse_attention_backward", mutates_args=())
-def block_sparse_attention_backward(
+def block_sparse_attention_backward_reference(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, block_index: Tensor, block_valid: Tensor, block: int,
     mask: Optional[Tensor], lse: Tensor, seed: Tensor, scale: float, causal: bool, dropout_p: float,
     needs_grad: list[bool],
@@ -369,7 +378,7 @@ def block_sparse_attention_backward(
         Z = dropout keep / (1 - p) replayed from seed;  Pd = P * Z
         dV += Pd^T dO;  dP = (dO V^T) * Z;  dS = P * (dP - rowsum(P * dP))
         dQ = dS K * scale;  dK += dS^T q * scale;  dmask = dS (then summed to the mask's shape)
-    GQA: dK / dV sum over the query heads of each kv head (einsum over the group dim, no repeat).
+    GQA: dK / dV sum over the query heads of each kv head (folded into the rows of one matmul, no repeat).
     """
     needs = _effective_needs(mask, needs_grad)
     b, h, lq, _ = q.shape
@@ -410,6 +419,18 @@ def block_sparse_attention_backward(
     # one fresh empty tensor per missing gradient: outputs may not alias each other
     return [g.to(t.dtype) if g is not None else grad_out.new_empty(0)
             for g, t in zip((dq, dk, dv, dmask), (q, k, v, mask))]
+
+
+
+
+@torch.library.custom_op("sparsify::block_sparse_attention_backward", mutates_args=())
+def block_sparse_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, block_index: Tensor, block_valid: Tensor, block: int,
+    mask: Optional[Tensor], lse: Tensor, seed: Tensor, scale: float, causal: bool, dropout_p: float,
+    needs_grad: list[bool],
+) -> list[Tensor]:
+    """The CPU implementation; CUDA: sparsify/ops/spt_cuda.py."""
+    return block_sparse_attention_backward_reference(grad_out, q, k, v, block_index, block_valid, block, mask, lse, seed, scale, causal, dropout_p, needs_grad)
 
 
 @block_sparse_attention_backward.register_fake

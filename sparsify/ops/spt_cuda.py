@@ -1,0 +1,78 @@
+"""CUDA implementations of the SPT ops: the Triton kernels from codegen/, where they apply.
+
+What a kernel does not cover falls back to the op's plain-torch reference on the same device (the
+same math, unfused), so a CUDA tensor never meets an unsupported kernel:
+  spt_attention: dropout (the token kernel has none)
+  block_sparse_attention: a mask tensor or dropout (the block kernel takes causality only), and
+                          causal with Lq != Lk (the kernel aligns causality bottom-right, the op
+                          top-left; they agree when Lq == Lk)
+"""
+from __future__ import annotations
+
+import torch
+
+from .spt import spt_attention_backward_reference, spt_attention_reference
+from .spt_block import block_sparse_attention_backward_reference, block_sparse_attention_reference
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _empty_like_needs(grads, tensors, needs, like):
+    return [g if need and t is not None else like.new_empty(0) for g, t, need in zip(grads, tensors, needs)]
+
+
+@torch.library.register_kernel("sparsify::spt_attention", "cuda")
+def _spt_attention_cuda(q, k, v, index, valid, mask, scale, dropout_p):
+    if dropout_p > 0 or q.dtype not in KERNEL_DTYPES:
+        return spt_attention_reference(q, k, v, index, valid, mask, scale, dropout_p)
+    from ..codegen.spt_attention import spt_forward
+    out, lse = spt_forward(q, k, v, index, valid, mask, scale)
+    return out, lse, torch.zeros((), dtype=torch.int64)
+
+
+@torch.library.register_kernel("sparsify::spt_attention_backward", "cuda")
+def _spt_attention_backward_cuda(grad_out, q, k, v, index, valid, mask, lse, seed, scale, dropout_p, needs_grad):
+    if dropout_p > 0 or q.dtype not in KERNEL_DTYPES:
+        return spt_attention_backward_reference(grad_out, q, k, v, index, valid, mask, lse, seed, scale,
+                                                dropout_p, needs_grad)
+    from ..codegen.spt_attention import spt_backward
+    mask_grad = bool(needs_grad[3]) and mask is not None and mask.is_floating_point()
+    grads = spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale, mask_grad=mask_grad)
+    grads = list(grads) + [None] * (4 - len(grads))
+    return _empty_like_needs(grads, (q, k, v, mask), needs_grad, grad_out)
+
+
+def _block_kernel_applies(q, k, mask, causal, dropout_p) -> bool:
+    return (mask is None and dropout_p == 0 and q.dtype in KERNEL_DTYPES
+            and (not causal or q.shape[2] == k.shape[2]))
+
+
+@torch.library.register_kernel("sparsify::block_sparse_attention", "cuda")
+def _block_sparse_attention_cuda(q, k, v, block_index, block_valid, block, mask, scale, causal, dropout_p):
+    if not _block_kernel_applies(q, k, mask, causal, dropout_p):
+        return block_sparse_attention_reference(q, k, v, block_index, block_valid, block, mask, scale, causal,
+                                                dropout_p)
+    from ..codegen.spt_attention import block_sparse_forward
+    out, lse = block_sparse_forward(q, k, v, block_index, block_valid, block_m=block, block_n=block,
+                                    causal=causal, scale=scale)
+    return out, lse, torch.zeros((), dtype=torch.int64)
+
+
+@torch.library.register_kernel("sparsify::block_sparse_attention_backward", "cuda")
+def _block_sparse_attention_backward_cuda(grad_out, q, k, v, block_index, block_valid, block, mask, lse, seed,
+                                          scale, causal, dropout_p, needs_grad):
+    if not _block_kernel_applies(q, k, mask, causal, dropout_p):
+        return block_sparse_attention_backward_reference(grad_out, q, k, v, block_index, block_valid, block, mask,
+                                                         lse, seed, scale, causal, dropout_p, needs_grad)
+    from ..codegen.spt_attention import block_sparse_backward
+    dq, dk, dv = block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, block_m=block,
+                                       block_n=block, causal=causal, scale=scale)
+    return _empty_like_needs([dq, dk, dv, None], (q, k, v, mask), needs_grad, grad_out)
+
+
+def register_pq_kernels() -> None:
+    from ..codegen.pq_kernels import register_cuda_kernels
+    register_cuda_kernels()
+
+
+register_pq_kernels()
