@@ -177,7 +177,7 @@ def test_dynamic_sequence_lengths_stay_sparse_and_exact():
             torch.testing.assert_close(first_output(compiled(**inputs)), first_output(model(**inputs)),
                                        atol=1e-5, rtol=0)
         assert {r.decision for r in sparsify.last_report().by_kind("attention")} == {"spt"}
-    assert sparsify.last_report().by_kind("attention")[0].facts["keep_keys"] == "ceil(1*n)"
+    assert sparsify.last_report().by_kind("attention")[0].facts["keep_keys"] == "ceil(1*n_keys)"
 
 
 def _pattern_mask(index, valid, lk):
@@ -205,3 +205,35 @@ def test_sparse_attention_equals_flex_attention_with_the_same_mask():
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
     torch.testing.assert_close(out, sdpa, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "t5"])
+def test_block_granularity_all_blocks_reproduces_dense(family):
+    model = tiny_model(family, "sdpa").train()
+    inputs = tiny_inputs(family, seq=32)
+    options = spt_options(granularity="block", block_size=16)
+    sparsify.prepare(model, **inputs, options=options)
+    reference = first_output(model(**inputs))
+    reference.square().mean().backward()
+    reference_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    out = first_output(torch.compile(model, backend="sparsify", options=options)(**inputs))
+    report = sparsify.last_report()
+    assert {r.decision for r in report.by_kind("attention")} == {"spt"}
+    assert {r.facts["keep_blocks"] for r in report.by_kind("attention")} == {2}
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    out.square().mean().backward()
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(_grads(model)[name], grad, atol=1e-5, rtol=0, msg=name)
+
+
+def test_block_granularity_keeps_fewer_blocks():
+    model = tiny_model("gpt2", "sdpa").train()
+    inputs = tiny_inputs("gpt2", seq=64)
+    options = spt_options(granularity="block", block_size=16, keep=0.5, codebook_loss=1e-2)
+    sparsify.prepare(model, **inputs, options=options)
+    compiled = torch.compile(model, backend="sparsify", options=options)
+    out = first_output(compiled(**inputs))
+    assert {r.facts["keep_blocks"] for r in sparsify.last_report().by_kind("attention")} == {2}
+    out.square().mean().backward()
+    assert model.get_parameter("h.0.attn.sparsify_pq_codebook").grad is not None

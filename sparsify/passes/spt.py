@@ -58,8 +58,8 @@ def spt_guard(region: Region, config: AttentionConfig, states: dict) -> Optional
         seq = seq.node.hint if seq.node.hint is not None else config.min_seq
     if seq < config.min_seq:
         return f"sequence length {seq} is below min_seq={config.min_seq}"
-    if config.granularity != "token":
-        return "granularity='block' is not wired into the pass yet (its kernel is in codegen/)"
+    if config.granularity == "block" and config.block_size not in (16, 32, 64, 128):
+        return f"block_size={config.block_size} is not one of 16, 32, 64, 128"
     if (region.module, CODEBOOK_KIND) not in states:
         return ("no PQ codebook on this module: call sparsify.prepare(model, *example_inputs, "
                 "options=...) before torch.compile")
@@ -96,38 +96,55 @@ def rewrite_spt(gm: GraphModule, region: Region, codebook: Node, config: Attenti
     like = region.output
     with graph.inserting_before(region.output):
         k, mask = attention_operands(graph, region)
-        keep = _keep_keys(graph, k, config.keep, like)
         q_codes = insert_call(graph, torch.ops.sparsify.pq_encode.default, (f.q, codebook), like=like)
         k_codes = insert_call(graph, torch.ops.sparsify.pq_encode.default, (k, codebook), like=like)
         key_valid = None
         if mask is not None:
             key_valid = insert_call(graph, key_valid_from_mask, (mask, f.q, k), like=like)
         causal = bool(region.facts["causal"])
-        selected = insert_call(graph, torch.ops.sparsify.pq_select.default,
-                               (q_codes, k_codes, keep, causal, key_valid), like=like)
-        index = insert_call(graph, operator.getitem, (selected, 0), like=like)
-        valid = insert_call(graph, operator.getitem, (selected, 1), like=like)
-        call = insert_call(graph, torch.ops.sparsify.spt_attention.default,
-                           (f.q, k, f.v, index, valid, mask, float(f.scale), float(f.dropout_p)), like=like)
+        if config.granularity == "block":  # per query block, the key blocks with the best PQ score
+            block = config.block_size
+            keep = _keep_count(graph, k, config.keep, like, block)
+            selected = insert_call(graph, torch.ops.sparsify.pq_select_blocks.default,
+                                   (q_codes, k_codes, keep, block, causal, key_valid), like=like)
+            args = (f.q, k, f.v, _item(graph, selected, 0, like), _item(graph, selected, 1, like), block, mask,
+                    float(f.scale), causal, float(f.dropout_p))
+            call = insert_call(graph, torch.ops.sparsify.block_sparse_attention.default, args, like=like)
+        else:  # per query, the L keys with the most matching codes
+            keep = _keep_count(graph, k, config.keep, like)
+            selected = insert_call(graph, torch.ops.sparsify.pq_select.default,
+                                   (q_codes, k_codes, keep, causal, key_valid), like=like)
+            args = (f.q, k, f.v, _item(graph, selected, 0, like), _item(graph, selected, 1, like), mask,
+                    float(f.scale), float(f.dropout_p))
+            call = insert_call(graph, torch.ops.sparsify.spt_attention.default, args, like=like)
         call.meta["sparsify_module"] = region.module
-        out = insert_call(graph, operator.getitem, (call, 0), like=like)
+        out = _item(graph, call, 0, like)
         if config.codebook_loss > 0:
             aux = insert_call(graph, spt_codebook_aux, (f.q, k, codebook), like=like)
             out = insert_call(graph, torch.ops.sparsify.aux_loss.default,
                               (out, aux, float(config.codebook_loss), region.module), like=like)
     region.output.replace_all_uses_with(out)
     erase_unused(region.interior)
-    region.facts["keep_keys"] = keep if isinstance(keep, int) else f"ceil({config.keep:g}*n)"
+    unit = "blocks" if config.granularity == "block" else "keys"
+    region.facts[f"keep_{unit}"] = keep if isinstance(keep, int) else f"ceil({config.keep:g}*n_{unit})"
 
 
-def _keep_keys(graph, k: Node, keep: float, like: Node):
-    """L = ceil(keep * Lk): an int for a static length, else SymInt arithmetic in the graph
-    (keep as a fraction num/den, so the count is exact integer math)."""
+def _item(graph, node: Node, index: int, like: Node) -> Node:
+    return insert_call(graph, operator.getitem, (node, index), like=like)
+
+
+def _keep_count(graph, k: Node, keep: float, like: Node, block: int = 1):
+    """ceil(keep * n) for n = Lk keys, or n = ceil(Lk / block) key blocks: an int for a static
+    length, else SymInt arithmetic in the graph (keep as a fraction num/den: exact integer math)."""
     lk = shape(k)[-2]
     if isinstance(lk, int):
-        return max(1, min(lk, math.ceil(keep * lk)))
+        n = -(-lk // block)
+        return max(1, min(n, math.ceil(keep * n)))
     ratio = Fraction(keep).limit_denominator(4096)
     size = insert_call(graph, torch.ops.aten.sym_size.int, (k, 2), like=like)
+    if block > 1:
+        padded = insert_call(graph, operator.add, (size, block - 1), like=like)
+        size = insert_call(graph, operator.floordiv, (padded, block), like=like)
     scaled = insert_call(graph, operator.mul, (size, ratio.numerator), like=like)
     rounded_up = insert_call(graph, operator.add, (scaled, ratio.denominator - 1), like=like)
     return insert_call(graph, operator.floordiv, (rounded_up, ratio.denominator), like=like)
