@@ -447,51 +447,44 @@ def build_cases(q, k, v, grad, cfg, args, device, state) -> list:
                                           note=blk_note + "; op selection + codegen kernels", exclude=inputs))
 
     if "flex" in want:
-        reason = _flex_available() or state.get("flex_skip")
-        if reason:
-            cases.append(("skip", "flex-token", reason))
-            if block_sel is not None:
-                cases.append(("skip", "flex-block", reason))
-        else:
+        reason = _flex_available()
+        flex_ok = reason is None and not state.get("flex_skip")
+        skip_n = f"n={n} not in --flex-n (each shape compiles its own kernels)" if args.flex_n and n not in args.flex_n \
+            else None
+        # the BlockMasks are built (and their density reported) even where flex itself cannot run
+        bm = bmb = None
+        if reason is None:
             try:
-                sel = dense_from_token_selection(index, valid, n)
-                bm, density = block_mask_from_dense(sel)
+                bm, density = block_mask_from_dense(dense_from_token_selection(index, valid, n))
                 cfg["flex_token_block_density"] = round(density, 4)
             except Exception as exc:  # noqa: BLE001
                 cases.append(("skip", "flex-token", f"BlockMask build failed: {type(exc).__name__}: {exc}"))
-            else:
-                if args.flex_n and n not in args.flex_n:
-                    cases.append(("skip", "flex-token", f"n={n} not in --flex-n (compile cost per shape)"))
-                else:
-                    flex = state["flex_fn"]
-                    cases.append(Case("flex-token", lambda: flex(q, k, v, block_mask=bm, scale=scale), bwd,
-                                      note=f"BlockMask 128x128, {density:.0%} of blocks non-empty",
-                                      exclude=inputs, compiled=True))
             if block_sel is not None:
                 try:
-                    bi, bv = block_sel
-                    if bi.dim() != 4 and bi.dim() != 2:
-                        raise ValueError(f"unexpected block_index shape {tuple(bi.shape)}")
-                    bi4 = bi.expand(q.shape[0], q.shape[1], *bi.shape[-2:]) if bi.dim() == 2 else bi
-                    bv4 = torch.ones_like(bi4, dtype=torch.bool) if bv is None else bv.expand_as(bi4)
                     bs = args.block_size
-                    nqb, nkb = math.ceil(n / bs), math.ceil(n / bs)
-                    flags = torch.zeros(*bi4.shape[:3], nkb + 1, dtype=torch.bool, device=q.device)
-                    flags.scatter_(-1, torch.where(bv4, bi4.long().clamp(0, nkb), nkb), True)
+                    bi, bv = block_sel
+                    nkb = math.ceil(n / bs)
+                    flags = torch.zeros(*bi.shape[:3], nkb + 1, dtype=torch.bool, device=q.device)
+                    flags.scatter_(-1, torch.where(bv, bi.long().clamp(0, nkb), nkb), True)
                     sel_b = flags[..., :nkb].repeat_interleave(bs, 2).repeat_interleave(bs, 3)[..., :n, :n]
                     if causal:
                         sel_b = sel_b & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
                     bmb, dens_b = block_mask_from_dense(sel_b.contiguous(), block=bs)
+                    cfg["flex_block_block_density"] = round(dens_b, 4)
                 except Exception as exc:  # noqa: BLE001
-                    cases.append(("skip", "flex-block", f"BlockMask from block selection failed: {exc}"))
-                else:
-                    if args.flex_n and n not in args.flex_n:
-                        cases.append(("skip", "flex-block", f"n={n} not in --flex-n (compile cost per shape)"))
-                    else:
-                        flex = state["flex_fn"]
-                        cases.append(Case("flex-block", lambda: flex(q, k, v, block_mask=bmb, scale=scale), bwd,
-                                          note=f"BlockMask {bs}x{bs}, {dens_b:.0%} of blocks non-empty",
-                                          exclude=inputs, compiled=True))
+                    cases.append(("skip", "flex-block", f"BlockMask from the block selection failed: {exc}"))
+        for name, mask, label in (("flex-token", bm, "BlockMask 128x128"),
+                                  ("flex-block", bmb, f"BlockMask {args.block_size}x{args.block_size}")):
+            if name == "flex-block" and block_sel is None:
+                continue
+            why = reason or state.get("flex_skip") or skip_n
+            if why:
+                cases.append(("skip", name, why))
+            elif mask is not None and flex_ok:
+                flex = state["flex_fn"]
+                dens = cfg.get("flex_token_block_density" if name == "flex-token" else "flex_block_block_density")
+                cases.append(Case(name, lambda m=mask: flex(q, k, v, block_mask=m, scale=scale), bwd,
+                                  note=f"{label}, {dens:.0%} of blocks non-empty", exclude=inputs, compiled=True))
     return cases
 
 
@@ -650,6 +643,7 @@ def run(args, device) -> dict:
                         status = "oom" if T.is_oom(exc) else "error"
                         if case.name.startswith("flex") and "CPU" in msg:
                             state["flex_skip"] = msg  # the same on every later CPU config: do not retry
+                            status = "skipped"
                         if status == "error" and os.environ.get("BENCH_TRACEBACK"):
                             traceback.print_exc()
                         print(f"  {case.name:22s} {status.upper()}: {msg[:300]}")
@@ -722,7 +716,7 @@ def _rows(results, gpu):
             mem = [T.fmt_mib(r.get("peak_bytes")), T.fmt_mib(r.get("saved_bytes"))]
         else:
             mem = [T.fmt_mib(r.get("saved_bytes")), T.fmt_mib(r.get("saved_excl_bytes"))]
-        sp = r.get("speedup_vs_eager")
+        sp = r.get("speedup_vs_eager") if not r["variant"].endswith("-select") else None
         yield [r["n"], r["d"], r["dtype"], r["variant"], T.fmt_ms(r["fwd_ms"]), T.fmt_ms(r["fwd_bwd_ms"]),
                *mem, f"{sp:.2f}x" if sp else "-", r.get("note", "")]
 
@@ -756,12 +750,12 @@ def render_markdown(payload, gpu):
     if gpu and flags:
         lines += [f"sparsify::spt_attention has a CUDA kernel registered: {flags == {True}} "
                   "(if False, the spt-token rows run the op's torch reference on CUDA).", ""]
-    dens = [(c["n"], c["d"], c["dtype"], c["flex_token_block_density"]) for c in payload["configs"]
-            if "flex_token_block_density" in c]
-    if dens:
-        lines += ["Token selection as a 128x128 BlockMask — fraction of blocks that are non-empty (what a "
-                  "block-sparse kernel must visit): " + ", ".join(f"n={n} d={d} {t}: {x:.0%}" for n, d, t, x in dens),
-                  ""]
+    for key, what in (("flex_token_block_density", "Token selection as a 128x128 BlockMask"),
+                      ("flex_block_block_density", f"Block selection as a {s['block_size']}x{s['block_size']} BlockMask")):
+        dens = [(c["n"], c["d"], c["dtype"], c[key]) for c in payload["configs"] if key in c]
+        if dens:
+            lines += [f"{what} — fraction of blocks that are non-empty (what a block-sparse kernel must visit): "
+                      + ", ".join(f"n={n} d={d} {t}: {x:.0%}" for n, d, t, x in dens), ""]
     lines += [T.markdown_table(_header(gpu), _rows(payload["results"], gpu)), "", "## Checks (issue targets)", ""]
     lines += [T.markdown_table(["result", "check", "numbers / reason"],
                                [[c["result"], c["check"], c["why"]] for c in payload["checks"]])]
