@@ -384,7 +384,7 @@ def run(args, device) -> dict:
     print(ffn_status)
 
     torch.manual_seed(args.seed)
-    base_state = OPTLayer(size["d"], size["heads"], size["d_ff"]).to(device).state_dict()
+    base_state = OPTLayer(size["d"], size["heads"], size["d_ff"]).state_dict()  # on CPU: not in any GPU peak
     x = torch.randn(size["batch"], size["seq"], size["d"], device=device, requires_grad=True)
     grad = torch.randn_like(x)
     state = {"routed": routed_ok}

@@ -28,20 +28,23 @@ from . import templates as T
 from .spec import UpProjectionSpec, spec_key
 
 
-def _template_digest() -> str:
-    """Digest of every template string. Part of each cache key, so that processes running
-    different sparsify versions never share (or fight over) one file name."""
+def templates_digest(*namespaces: dict) -> str:
+    """Digest of the upper-case template strings (str, string.Template, or dicts of them) in the
+    given namespaces. Part of each cache key, so that an edited template, or another sparsify
+    version, never shares (or fights over) one cached file name."""
     parts = []
-    for name in sorted(vars(T)):
-        value = getattr(T, name)
-        if isinstance(value, dict):
-            parts += [f"{name}.{k}={getattr(v, 'template', v)}" for k, v in sorted(value.items())]
-        elif isinstance(value, (str, Template)) and name.isupper():
-            parts.append(f"{name}={getattr(value, 'template', value)}")
+    for namespace in namespaces:
+        for name, value in sorted(namespace.items()):
+            if not name.isupper():
+                continue
+            if isinstance(value, dict):
+                parts += sorted(f"{name}.{k}={getattr(v, 'template', v)}" for k, v in value.items())
+            elif isinstance(value, (str, Template)):
+                parts.append(f"{name}={getattr(value, 'template', value)}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-_TEMPLATE_DIGEST = _template_digest()
+_TEMPLATE_DIGEST = templates_digest(vars(T))
 
 CacheInfo = namedtuple("CacheInfo", "hits misses generated entries")
 
@@ -229,30 +232,40 @@ def _with_block_configs(fn, interpret):
     return launcher
 
 
-def get_kernel(spec: UpProjectionSpec) -> CompiledKernel:
-    """The compiled kernel for ``spec``: generated, written and imported on first use,
-    then served from memory (same spec -> same object, no re-generation)."""
-    if not isinstance(spec, UpProjectionSpec):
-        raise ValueError(f"expected an UpProjectionSpec, got {type(spec).__name__}")
+def load_generated(key: str, make_source, family: str, build):
+    """The one cache every kernel family goes through: on first use of (key, interpreter mode),
+    generate the source, write it to the cache directory, import it, and keep
+    build(module, source, path, interpret); afterwards serve that object from memory.
+
+    A distinct module per mode: the same file decorated under the other mode is a different kind
+    of function object (TRITON_INTERPRET is read at @triton.jit time)."""
     interpret = interpret_mode()
-    key = kernel_key(spec)
     with _lock:
         kernel = _kernels.get((key, interpret))
         if kernel is not None:
             _stats["hits"] += 1
             return kernel
         _stats["misses"] += 1
-        source = kernel_source(spec)
+        source = make_source()
         _stats["generated"] += 1
         path = cache_dir() / f"{key}.py"
         _write_source(path, source)
-        # distinct module per mode: the same file decorated under the other mode is
-        # a different kind of function object
-        module_name = f"_sparsify_kernel_{key[:24]}_{'interp' if interpret else 'jit'}"
-        module = _import_file(path, module_name)
-        kernel = CompiledKernel(spec, key, source, path, getattr(module, spec.kernel_name), interpret)
+        module = _import_file(path, f"_sparsify_{family}_{key[:24]}_{'interp' if interpret else 'jit'}")
+        kernel = build(module, source, path, interpret)
         _kernels[(key, interpret)] = kernel
         return kernel
+
+
+def get_kernel(spec: UpProjectionSpec) -> CompiledKernel:
+    """The compiled kernel for ``spec``: generated, written and imported on first use,
+    then served from memory (same spec -> same object, no re-generation)."""
+    if not isinstance(spec, UpProjectionSpec):
+        raise ValueError(f"expected an UpProjectionSpec, got {type(spec).__name__}")
+    key = kernel_key(spec)
+    return load_generated(
+        key, lambda: kernel_source(spec), "kernel",
+        lambda module, source, path, interpret: CompiledKernel(
+            spec, key, source, path, getattr(module, spec.kernel_name), interpret))
 
 
 def cache_info() -> CacheInfo:

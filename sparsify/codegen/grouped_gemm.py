@@ -47,14 +47,12 @@ sparsify.codegen kernel (see templates.py); bf16 tl.dot is inexact in the interp
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from string import Template
 
 import torch
 
 from . import emitter as _emitter
 from . import templates as _T
-from .emitter import cache_dir, interpret_mode
 from .spec import _DTYPE_NAMES, SUPPORTED_DTYPES, spec_key
 
 __all__ = [
@@ -291,16 +289,6 @@ $neuron
 ''')
 
 
-def _template_digest() -> str:
-    parts = [_emitter._TEMPLATE_DIGEST]  # the activation snippets come from templates.py
-    for name, value in sorted(globals().items()):
-        if name.isupper() and isinstance(value, str):
-            parts.append(f"{name}={value}")
-        elif name.isupper() and isinstance(value, Template):
-            parts.append(f"{name}={value.template}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
 _TEMPLATE_DIGEST = None  # computed on first use (after every template above is defined)
 
 
@@ -309,7 +297,8 @@ def kernel_key(spec: GroupedGemmSpec) -> str:
     if not isinstance(spec, GroupedGemmSpec):
         raise ValueError(f"expected a GroupedGemmSpec, got {type(spec).__name__}")
     if _TEMPLATE_DIGEST is None:
-        _TEMPLATE_DIGEST = _template_digest()
+        # the activation snippets come from templates.py, hence the emitter's digest too
+        _TEMPLATE_DIGEST = _emitter._TEMPLATE_DIGEST + _emitter.templates_digest(globals())
     return spec_key(spec, salt="grouped|" + _TEMPLATE_DIGEST)
 
 
@@ -445,23 +434,10 @@ def get_grouped_kernel(spec: GroupedGemmSpec) -> GroupedKernel:
     """Generated, written to ``cache_dir()`` and imported on first use, then served from the emitter's
     in-memory cache (``sparsify.codegen.cache_info()`` / ``clear_cache()`` cover it), keyed on the
     interpreter mode like ``emitter.get_kernel``."""
-    interpret = interpret_mode()
     key = kernel_key(spec)
-    with _emitter._lock:
-        kernel = _emitter._kernels.get((key, interpret))
-        if kernel is not None:
-            _emitter._stats["hits"] += 1
-            return kernel
-        _emitter._stats["misses"] += 1
-        source = kernel_source(spec)
-        _emitter._stats["generated"] += 1
-        path = cache_dir() / f"{key}.py"
-        _emitter._write_source(path, source)
-        module_name = f"_sparsify_grouped_{key[:24]}_{'interp' if interpret else 'jit'}"
-        module = _emitter._import_file(path, module_name)
-        kernel = GroupedKernel(spec, key, source, path, getattr(module, spec.kernel_name), interpret)
-        _emitter._kernels[(key, interpret)] = kernel
-        return kernel
+    return _emitter.load_generated(
+        key, lambda: kernel_source(spec), "grouped",
+        lambda module, source, path, interpret: GroupedKernel(spec, key, source, path, getattr(module, spec.kernel_name), interpret))
 
 
 # --- launch ----------------------------------------------------------------------------------

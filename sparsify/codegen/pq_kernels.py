@@ -66,14 +66,13 @@ operations are much faster). The tests run both under the interpreter and compar
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from string import Template
 from typing import Optional
 
 import torch
 
 from . import emitter as _emitter
-from .emitter import cache_dir, interpret_mode
+from .emitter import interpret_mode
 from .spec import spec_key
 
 __all__ = [
@@ -358,15 +357,7 @@ class PQSelectSpec:
                 f"vector={int(self.vector)})")
 
 
-def _template_digest() -> str:
-    parts = []
-    for name, value in sorted(globals().items()):
-        if name.startswith("PQ_") and name.isupper():
-            parts.append(f"{name}={getattr(value, 'template', value)}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-_TEMPLATE_DIGEST = _template_digest()
+_TEMPLATE_DIGEST = _emitter.templates_digest({k: v for k, v in globals().items() if k.startswith("PQ_")})
 
 
 def _check_spec(spec):
@@ -422,23 +413,10 @@ def get_pq_kernel(spec) -> PQKernel:
     """The kernel for ``spec``: generated, written to ``cache_dir()`` and imported on first use (the emitter's
     file + import helpers), then served from the emitter's in-memory cache keyed on (key, interpreter mode)."""
     _check_spec(spec)
-    interpret = interpret_mode()
     key = kernel_key(spec)
-    with _emitter._lock:
-        kernel = _emitter._kernels.get((key, interpret))
-        if kernel is not None:
-            _emitter._stats["hits"] += 1
-            return kernel
-        _emitter._stats["misses"] += 1
-        source = kernel_source(spec)
-        _emitter._stats["generated"] += 1
-        path = cache_dir() / f"{key}.py"
-        _emitter._write_source(path, source)
-        module_name = f"_sparsify_pq_{key[:24]}_{'interp' if interpret else 'jit'}"
-        module = _emitter._import_file(path, module_name)
-        kernel = PQKernel(spec, key, source, path, getattr(module, spec.kernel_name), interpret)
-        _emitter._kernels[(key, interpret)] = kernel
-        return kernel
+    return _emitter.load_generated(
+        key, lambda: kernel_source(spec), "pq",
+        lambda module, source, path, interpret: PQKernel(spec, key, source, path, getattr(module, spec.kernel_name), interpret))
 
 
 # --- launchers -----------------------------------------------------------------------------

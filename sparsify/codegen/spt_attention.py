@@ -70,13 +70,12 @@ block kernel is checked there in fp32 / fp16 only.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import torch
 
 from . import emitter as _emitter
 from . import spt_templates as T
-from .emitter import cache_dir, interpret_mode
+from .emitter import interpret_mode
 from .spec import _DTYPE_NAMES, SUPPORTED_DTYPES, spec_key
 
 __all__ = [
@@ -270,20 +269,7 @@ class BlockSparseSpec:
 
 # --- source generation -------------------------------------------------------------------
 
-def _template_digest() -> str:
-    """Digest of this family's templates: part of every key, so editing a template never
-    reuses a stale cached file (mirrors emitter._template_digest)."""
-    parts = []
-    for name in sorted(vars(T)):
-        value = getattr(T, name)
-        if name.isupper() and isinstance(value, str):
-            parts.append(f"{name}={value}")
-        elif name.isupper() and hasattr(value, "template"):
-            parts.append(f"{name}={value.template}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-_TEMPLATE_DIGEST = _template_digest()
+_TEMPLATE_DIGEST = _emitter.templates_digest(vars(T))
 
 
 def _check_spec(spec):
@@ -399,23 +385,10 @@ def get_spt_kernel(spec) -> SparseAttentionKernels:
     ``clear_cache()`` of sparsify.codegen cover these kernels too). Keyed on the
     interpreter mode as well, like ``emitter.get_kernel``."""
     _check_spec(spec)
-    interpret = interpret_mode()
     key = kernel_key(spec)
-    with _emitter._lock:
-        kernel = _emitter._kernels.get((key, interpret))
-        if kernel is not None:
-            _emitter._stats["hits"] += 1
-            return kernel
-        _emitter._stats["misses"] += 1
-        source = kernel_source(spec)
-        _emitter._stats["generated"] += 1
-        path = cache_dir() / f"{key}.py"
-        _emitter._write_source(path, source)
-        module_name = f"_sparsify_spt_{key[:24]}_{'interp' if interpret else 'jit'}"
-        module = _emitter._import_file(path, module_name)
-        kernel = SparseAttentionKernels(spec, key, source, path, module, interpret)
-        _emitter._kernels[(key, interpret)] = kernel
-        return kernel
+    return _emitter.load_generated(
+        key, lambda: kernel_source(spec), "spt",
+        lambda module, source, path, interpret: SparseAttentionKernels(spec, key, source, path, module, interpret))
 
 
 # --- argument checking ---------------------------------------------------------------------
