@@ -469,7 +469,12 @@ def render_markdown(payload, gpu) -> str:
     out.append(T.markdown_table(["row", "MHA ms", "FFN ms", "layer ms", f"MHA {mem_name}", f"FFN {mem_name}",
                                  f"layer {mem_name}", "layer time / full", "layer mem / full"], rows))
     spt = next((r for r in payload["rows"] if r["row"] == "spt"), {})
-    out += ["", f"\\* SPT row FFN: {spt.get('ffn_impl', payload['routed_ffn'])}.", ""]
+    out += ["", f"\\* SPT row FFN: {spt.get('ffn_impl', payload['routed_ffn'])}.", "",
+            "Row (c) runs the ops eagerly, so autograd keeps every intermediate of the PQ codebook loss (the "
+            "[tokens*heads, M, 16] distance and assignment tensors of q and of k). Under the backend, row (c'), the "
+            "codebook loss's incoming gradient is the constant weight injected by sparsify::aux_loss, so AOTAutograd "
+            "can compute that part of the backward inside the forward and keep only its results: compare memory "
+            "with (c') for what a backend user gets.", ""]
     for r in payload["rows"]:
         if r.get("regions"):
             out += [f"(c') options {r.get('options')}; compiled in {r.get('compile_s')} s (prepare + compile + "

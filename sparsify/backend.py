@@ -57,21 +57,26 @@ def explain(model: torch.nn.Module, *args, options: Union[SparsifyConfig, Mappin
     The call runs once (without autograd) through the rewritten graphs, so an explain that
     succeeds also shows the rewritten model executes. The model itself is not changed.
     """
-    config = SparsifyConfig.from_options(options)
+    report = trace(model, args, kwargs, SparsifyConfig.from_options(options), lambda gm: gm.forward)
+    print(report)
+    return report
+
+
+def trace(model: torch.nn.Module, args: tuple, kwargs: dict, config: SparsifyConfig, runner) -> Report:
+    """Run model(*args, **kwargs) once, without autograd, through Dynamo and the passes; each
+    rewritten graph executes as runner(gm) returns. The merged report of all graphs.
+    A fresh compile: Dynamo's cache entries are per backend, so this always traces anew."""
     reports: list = []
 
     def capture(gm: GraphModule, example_inputs) -> Callable:
         reports.append(run_passes(gm, config))
-        return gm.forward
+        return runner(gm)
 
-    # a fresh compile: Dynamo's cache entries are per backend, so this traces anew
-    compiled = torch.compile(model, backend=capture, dynamic=False)
     with torch.no_grad():
-        compiled(*args, **kwargs)
+        torch.compile(model, backend=capture, dynamic=False)(*args, **kwargs)
     merged = Report(graphs=len(reports))
     for r in reports:
         merged.regions.extend(r.regions)
-    print(merged)
     return merged
 
 

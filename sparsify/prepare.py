@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import SparsifyConfig
 from .debug import Report, log
-from .passes import run_passes
+from .backend import trace
 from .passes.routed import ROUTER_KIND
 from .passes.spt import CODEBOOK_KIND
 
@@ -129,18 +129,7 @@ def prepare(model: nn.Module, *args, options: Union[SparsifyConfig, Mapping[str,
                                   mlp=dataclasses.replace(config.mlp, method="dense"), inner="eager", strict=False)
     samples: dict = defaultdict(list)
     mlp_weights: dict = {}
-    reports: list = []
-
-    def capture(gm, example_inputs):
-        reports.append(run_passes(gm, tracing))
-        return _Recorder(gm, samples, mlp_weights).run
-
-    compiled = torch.compile(model, backend=capture, dynamic=False)
-    with torch.no_grad():
-        compiled(*args, **kwargs)
-    report = Report(graphs=len(reports))
-    for r in reports:
-        report.regions.extend(r.regions)
+    report = trace(model, args, kwargs, tracing, lambda gm: _Recorder(gm, samples, mlp_weights).run)
 
     if config.attention.method == "spt":
         attention = config.attention

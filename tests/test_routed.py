@@ -1,10 +1,9 @@
 """SPT routed FFN through the backend: exactness at top_k == blocks, state, guards, FLOPs."""
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import sparsify
-from families import first_output, tiny_inputs, tiny_model
+from families import first_output, op_flops, tiny_inputs, tiny_model
 
 
 def routed_options(**mlp):
@@ -82,9 +81,7 @@ def test_without_prepare_the_report_says_what_to_do():
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_flops_are_top_k_over_blocks_of_dense_plus_router(family):
-    """FlopCounterMode on the compiled graph (captured and replayed: Dynamo steps aside under a
-    dispatch mode): MLP FLOPs at top_k / blocks of dense, plus the router's."""
-    from sparsify.passes import run_passes
+    """FlopCounterMode on the rewritten graph: MLP FLOPs at top_k / blocks of dense, plus the router's."""
     inputs = tiny_inputs(family, padded=False)
     tokens = inputs["input_ids"].numel()
 
@@ -93,21 +90,7 @@ def test_flops_are_top_k_over_blocks_of_dense_plus_router(family):
         model = tiny_model(family, "sdpa").eval()
         if options["mlp"]["method"] == "routed":
             sparsify.prepare(model, **inputs, options=options)
-        captured = {}
-
-        def backend(gm, example_inputs):
-            run_passes(gm, sparsify.SparsifyConfig.from_options(options))
-
-            def run(*args):
-                captured["graph"], captured["args"] = gm, args
-                return gm(*args)
-            return run
-
-        with torch.no_grad():
-            torch.compile(model, backend=backend)(**inputs)
-            with FlopCounterMode(display=False) as counter:
-                captured["graph"](*captured["args"])
-        counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+        counts = op_flops(model, inputs, options)
         return counts.get("sparsify.mlp", 0) + counts.get("sparsify.routed_mlp", 0)
 
     dense = mlp_flops({"mlp": {"method": "dense"}})
