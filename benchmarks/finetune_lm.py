@@ -193,6 +193,7 @@ def run_variant(name: str, options: dict, base_model, tokenizer, train, held, ar
     if options.get("mlp", {}).get("method", "dense") == "dense" and args.eager_reference:
         eager_ref = perplexity(model, held, args.eval_batch, device)
         result["ppl_eager_before"] = eager_ref
+        print(f"[{name}] eager perplexity {eager_ref['ppl']:.3f}", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
     prepare_report = None
@@ -208,6 +209,8 @@ def run_variant(name: str, options: dict, base_model, tokenizer, train, held, ar
     t0 = time.perf_counter()
     result["ppl_before"] = perplexity(compiled, held, args.eval_batch, device)
     result["ppl_before"]["wall_s (incl. compile)"] = round(time.perf_counter() - t0, 2)
+    print(f"[{name}] perplexity before {result['ppl_before']['ppl']:.3f} "
+          f"({result['ppl_before']['wall_s (incl. compile)']} s incl. compile)", file=sys.stderr, flush=True)
     eval_report = sparsify.last_report()
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -244,6 +247,7 @@ def run_variant(name: str, options: dict, base_model, tokenizer, train, held, ar
     t0 = time.perf_counter()
     result["ppl_after"] = perplexity(compiled, held, args.eval_batch, device)
     result["ppl_after"]["wall_s"] = round(time.perf_counter() - t0, 2)
+    print(f"[{name}] perplexity after {result['ppl_after']['ppl']:.3f}", file=sys.stderr, flush=True)
     if not math.isfinite(losses[-1]):
         result["warning"] = "non-finite training loss"
     tail = max(1, len(losses) // 10)

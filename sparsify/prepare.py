@@ -31,19 +31,24 @@ _HOOK = "_sparsify_tag_hook"
 
 
 def _tag_output(module: nn.Module, args, output):
-    """Forward hook: route the module's state into the compiled graph (a no-op outside compile)."""
+    """Forward hook: route state into the compiled graph (a no-op outside compile). The hook sits
+    on the state's owner, or on one of its children when the owner is the compiled root (the
+    root's own hooks run outside the traced frame); the tag name then carries the child's path
+    below the owner ("router@up"), so the pass can find the owner's path again."""
     if not torch.compiler.is_compiling():
         return None
     first = output[0] if isinstance(output, tuple) else output
-    for kind, names in module._sparsify_states.items():
-        first = torch.ops.sparsify.tag(first, [getattr(module, n) for n in names], kind)
+    for owner, kind, names, offset in module.__dict__["_sparsify_tags"]:
+        name = f"{kind}@{offset}" if offset else kind
+        first = torch.ops.sparsify.tag(first, [getattr(owner, n) for n in names], name)
     return (first, *output[1:]) if isinstance(output, tuple) else first
 
 
-def attach_state(module: nn.Module, kind: str, make_params) -> bool:
+def attach_state(module: nn.Module, kind: str, make_params, hook_child: str = "") -> bool:
     """Register the parameters of one state kind on `module` unless they exist (so recompiles,
-    repeated prepares and loaded checkpoints keep them), and the tag hook once. `make_params()`
-    returns {attribute name: tensor}; it is only called when the state is new. True if created."""
+    repeated prepares and loaded checkpoints keep them), and its tag hook once (on the submodule
+    `hook_child` when given). `make_params()` returns {attribute name: tensor}; it is only called
+    when the state is new. True if created."""
     states = module.__dict__.setdefault("_sparsify_states", {})
     created = False
     if kind not in states:
@@ -57,8 +62,12 @@ def attach_state(module: nn.Module, kind: str, make_params) -> bool:
                 module.register_buffer(name, tensor)
             created = True
         states[kind] = list(params)
-    if not hasattr(module, _HOOK):
-        setattr(module, _HOOK, module.register_forward_hook(_tag_output))
+    hooked = module.get_submodule(hook_child) if hook_child else module
+    tags = hooked.__dict__.setdefault("_sparsify_tags", [])  # a plain list: no submodule registration
+    if not any(owner is module and k == kind for owner, k, _, _ in tags):
+        tags.append((module, kind, states[kind], hook_child))
+    if not hasattr(hooked, _HOOK):
+        setattr(hooked, _HOOK, hooked.register_forward_hook(_tag_output))
     return created
 
 
@@ -176,5 +185,7 @@ def _attach_routers(model: nn.Module, report: Report, config: SparsifyConfig, ml
                 params[NEURON_ORDER] = order
             return params
 
-        if attach_state(module, ROUTER_KIND, make_router):
+        # the compiled root's own hooks run outside the traced frame: tag from its up projection
+        hook_child = region.facts.get("up", "") if region.module == "" else ""
+        if attach_state(module, ROUTER_KIND, make_router, hook_child):
             log.info("prepare: router (%d blocks, %s) on %s", mlp.blocks, mlp.block_order, region.module)

@@ -97,3 +97,22 @@ def test_flops_are_top_k_over_blocks_of_dense_plus_router(family):
     routed = mlp_flops(routed_options(top_k=2))
     router = 2 * 2 * tokens * 4 * 32  # 2 layers x 2·T·blocks·d_model
     assert routed == dense * 2 // 4 + router
+
+
+def test_mlp_module_compiled_as_the_root():
+    """The compiled root's own hooks run outside the traced frame: its router is tagged from its
+    up projection instead, and the region still becomes routed."""
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    model, x = MLP(), torch.randn(4, 16)
+    options = routed_options(top_k=4, gate="none")
+    sparsify.prepare(model, x, options=options)
+    out = torch.compile(model, backend="sparsify", options=options)(x)
+    assert [r.decision for r in sparsify.last_report().by_kind("mlp")] == ["routed"]
+    torch.testing.assert_close(out, model(x), atol=1e-5, rtol=0)

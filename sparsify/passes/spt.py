@@ -32,10 +32,14 @@ def collect_state(gm: GraphModule) -> dict[tuple[str, str], list]:
     states = {}
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in (torch.ops.sparsify.tag, torch.ops.sparsify.tag.default):
-            x, state, kind = node.args
-            # the tag runs in the owning module's forward hook, so its module path is the module's
-            # path relative to *this* compile's root (which may differ from the one prepare saw)
-            states[(module_path(node), kind)] = list(state)
+            x, state, name = node.args
+            # the tag runs in a forward hook of the owning module (or of its child `offset`), so
+            # its module path is relative to *this* compile's root, whichever prepare saw
+            kind, _, offset = name.partition("@")
+            path = module_path(node)
+            if offset:
+                path = path[: -len(offset)].rstrip(".") if path.endswith(offset) else path
+            states[(path, kind)] = list(state)
             node.replace_all_uses_with(x)
             gm.graph.erase_node(node)
     return states
