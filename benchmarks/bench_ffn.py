@@ -522,7 +522,9 @@ def render_markdown(payload, gpu):
     lines = [f"# FFN fwd+bwd benchmark — {'GPU' if gpu else 'CPU'}: {env['device_name']}", ""]
     if not gpu:
         lines += ["**CPU run** — capped sizes (d_model <= "
-                  f"{s['cpu_max_d']}, T <= {s['cpu_max_tokens']}), fp32, 1 torch thread on a shared 2-core machine: "
+                  f"{s['cpu_max_d']}, T <= {s['cpu_max_tokens']}; measured: T {', '.join(map(str, s['tokens']))}"
+                  f"{' (--quick)' if s['quick'] else ''}), fp32, {env['torch_threads']} torch thread(s) on a shared "
+                  "2-core machine: "
                   "timings are indicative only and say nothing about GPU speed. On CPU the routed op runs its "
                   "plain-torch per-block implementation (one torch GEMM per block over the block's gathered rows, "
                   "no Triton), and Inductor generates C++ rather than Triton. Memory is the bytes the forward saves "

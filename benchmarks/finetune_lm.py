@@ -395,6 +395,12 @@ def main(argv=None) -> dict:
     return payload
 
 
+def _loss_ends(losses: list) -> str:
+    """Mean train loss of the first and of the last quarter of the steps (single-batch losses are noisy)."""
+    q = max(1, len(losses) // 4)
+    return f"{statistics.mean(losses[:q]):.3f} -> {statistics.mean(losses[-q:]):.3f}"
+
+
 def _mem(r) -> str:
     m = r.get("memory")
     return f"{m['peak_minus_start_mib']:.0f}" if m else "-"
@@ -422,7 +428,7 @@ def render_markdown(payload: dict, device) -> str:
               f"({data.get('eval_windows', 0) * (s['seq_len'] - 1)} predicted tokens); training used "
               f"{data.get('train_windows_used')} windows ({data.get('epochs_over_train')} epochs of the train stream).",
               ""]
-    header = ["variant", "options (mlp)", "ppl before", "ppl after", "train loss first 10% -> last 10%",
+    header = ["variant", "options (mlp)", "ppl before", "ppl after", "train loss first 25% -> last 25% of steps",
               "step median s", "first step s (compile)", "peak mem MiB" + ("" if gpu else " (RSS)"),
               "trainable params", "regions rewritten (train graph)"]
     rows = []
@@ -436,7 +442,7 @@ def render_markdown(payload: dict, device) -> str:
         if "ppl_eager_before" in r:
             before += f" (eager {r['ppl_eager_before']['ppl']:.2f})"
         rows.append([r["variant"], json.dumps(r["options"].get("mlp", {})), before, f"{r['ppl_after']['ppl']:.2f}",
-                     f"{r['train_loss']['mean_first_10pct']:.3f} -> {r['train_loss']['mean_last_10pct']:.3f}",
+                     _loss_ends(r["train_loss"]["all"]),
                      f"{r['time']['step_median_s']}", f"{r['time']['first_step_s (incl. compile)']}", _mem(r),
                      f"{r['trainable_params']:,}" + (f" (routers {r['router_params']:,})" if r["router_params"] else ""),
                      f"{rep['rewritten']}/{rep['regions']}: {dec}" if rep else "-"])

@@ -73,7 +73,7 @@ def attach_state(module: nn.Module, kind: str, make_params, hook_child: str = ""
 
 class _Recorder(torch.fx.Interpreter):
     """Runs a densely rewritten graph and keeps, per module path, the q and k each
-    sparsify::attention call receives and the up-projection weights of each sparsify::mlp call."""
+    sparsify::attention call receives and the activation's projection of each sparsify::mlp call."""
 
     def __init__(self, gm, samples, mlp_weights):
         super().__init__(gm)
@@ -87,8 +87,10 @@ class _Recorder(torch.fx.Interpreter):
             path = n.meta.get("sparsify_module", "")
             if n.target is torch.ops.sparsify.attention.default:
                 self.samples[path].append((args[0].detach(), args[1].detach()))
-            else:  # up weight [F, d] in Linear layout, up bias
-                self.mlp_weights[path] = (args[1].detach(), None if args[2] is None else args[2].detach())
+            else:  # the projection the activation reads ([F, d], Linear layout) and its bias:
+                # the gate projection of a gated MLP, else the up projection (what init_router wants)
+                w, b = (args[3], args[4]) if args[3] is not None else (args[1], args[2])
+                self.mlp_weights[path] = (w.detach(), None if b is None else b.detach())
         return result
 
 
