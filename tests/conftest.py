@@ -23,3 +23,21 @@ def _fresh_dynamo():
     """Each test compiles from scratch, so cache entries of one test never serve another."""
     torch._dynamo.reset()
     yield
+
+
+@pytest.fixture(scope="module")
+def kernel_cache_dir(tmp_path_factory):
+    """Generated kernel sources go to a temporary directory, not ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPARSIFY_CACHE_DIR", str(tmp_path_factory.mktemp("sparsify_kernels")))
+        yield
+
+
+@pytest.fixture
+def interpreter(kernel_cache_dir, monkeypatch):
+    """Triton's interpreter on CPU tensors, for this test only. triton.language is imported first, in
+    the process's own mode: its @jit helpers are decorated at import (TRITON_INTERPRET is read then),
+    and a GPU run must not get interpreter versions of them."""
+    import triton.language  # noqa: F401
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -44,26 +44,8 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 T, K, N = 37, 48, 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _kernel_cache_dir(tmp_path_factory):
-    """Generated sources go to a temporary directory, not ~/.cache."""
-    old = os.environ.get("SPARSIFY_CACHE_DIR")
-    os.environ["SPARSIFY_CACHE_DIR"] = str(tmp_path_factory.mktemp("sparsify_kernels"))
-    yield
-    if old is None:
-        os.environ.pop("SPARSIFY_CACHE_DIR", None)
-    else:
-        os.environ["SPARSIFY_CACHE_DIR"] = old
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    """Run kernels in Triton's interpreter on CPU tensors (for this test only)."""
-    # Import triton.language first, in the process's own mode: its @jit helpers are
-    # decorated at import, and a GPU run must not get interpreter versions of them.
-    import triton.language  # noqa: F401
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+# generated kernels go to a temporary cache directory (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("kernel_cache_dir")
 
 
 def _act(name, v):

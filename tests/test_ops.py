@@ -680,17 +680,7 @@ def test_mlp_bad_inputs_raise():
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 
-@pytest.fixture(scope="module")
-def kernel_cache_dir(tmp_path_factory):
-    """Generated kernel sources go to a temporary directory, not ~/.cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPARSIFY_CACHE_DIR", str(tmp_path_factory.mktemp("sparsify_kernels")))
-        yield
-
-
-@pytest.fixture
-def interpreter(kernel_cache_dir, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+# kernel_cache_dir and interpreter: tests/conftest.py
 
 
 @needs_triton

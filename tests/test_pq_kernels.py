@@ -36,30 +36,14 @@ from sparsify.codegen.pq_kernels import (  # noqa: E402
 )
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+# generated kernels go to a temporary cache directory (tests/conftest.py)
+pytestmark = [pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"),
+              pytest.mark.usefixtures("kernel_cache_dir")]
 
 pq_encode_ref = torch.ops.sparsify.pq_encode
 pq_select_ref = torch.ops.sparsify.pq_select
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _kernel_cache_dir(tmp_path_factory):
-    """Generated sources go to a temporary directory, not ~/.cache."""
-    old = os.environ.get("SPARSIFY_CACHE_DIR")
-    os.environ["SPARSIFY_CACHE_DIR"] = str(tmp_path_factory.mktemp("pq_kernels"))
-    yield
-    if old is None:
-        os.environ.pop("SPARSIFY_CACHE_DIR", None)
-    else:
-        os.environ["SPARSIFY_CACHE_DIR"] = old
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    """Triton's interpreter on CPU tensors, for this test only."""
-    import triton.language  # noqa: F401  (imported in the process's own mode first)
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _gen(seed):

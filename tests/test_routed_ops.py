@@ -486,18 +486,7 @@ def test_torch_compile_aot_eager():
 # 9. Triton grouped kernels (interpreter on CPU tensors)
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def kernel_cache_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPARSIFY_CACHE_DIR", str(tmp_path_factory.mktemp("sparsify_grouped")))
-        yield
-
-
-@pytest.fixture
-def interpreter(kernel_cache_dir, monkeypatch):
-    import triton.language  # noqa: F401  (imported in the process's own mode first: see test_codegen.py)
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+# kernel_cache_dir and interpreter: tests/conftest.py
 
 
 def _grouping(g, t, blocks, top_k, empty=()):

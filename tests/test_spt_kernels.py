@@ -48,24 +48,8 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _kernel_cache_dir(tmp_path_factory):
-    """Generated sources go to a temporary directory, not ~/.cache."""
-    old = os.environ.get("SPARSIFY_CACHE_DIR")
-    os.environ["SPARSIFY_CACHE_DIR"] = str(tmp_path_factory.mktemp("spt_kernels"))
-    yield
-    if old is None:
-        os.environ.pop("SPARSIFY_CACHE_DIR", None)
-    else:
-        os.environ["SPARSIFY_CACHE_DIR"] = old
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    """Triton's interpreter on CPU tensors, for this test only."""
-    import triton.language  # noqa: F401  (imported in the process's own mode first)
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+# generated kernels go to a temporary cache directory (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("kernel_cache_dir")
 
 
 # --- inputs ------------------------------------------------------------------------------------
