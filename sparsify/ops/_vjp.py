@@ -74,6 +74,11 @@ def seeded_dropout(x: Tensor, p: float, seed: Tensor) -> Tensor:
     return x * keep.to(x.dtype) / (1.0 - p)
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for the half types and fp32, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def fresh_seed() -> Tensor:
     """A CPU int64 seed from torch's global RNG (torch.manual_seed makes runs reproducible; on CPU so
     reading it never synchronises a GPU stream)."""

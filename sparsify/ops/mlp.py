@@ -53,16 +53,17 @@ def mlp_reference(
     return _proj(h, down_w, down_b, down_lora_a, down_lora_b, lora_scales[2])
 
 
-def check_mlp_inputs(x, up_w, gate_w, down_w, activation, dropout_p) -> None:
+def check_mlp_inputs(x, up_w, gate_w, down_w, activation, dropout_p, op: str = "sparsify::mlp") -> None:
+    """The checks every MLP op shares; `op` names the op in the messages."""
     if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"sparsify::mlp: dropout_p must be in [0, 1], got {dropout_p}")
+        raise ValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p}")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"sparsify::mlp: unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+        raise ValueError(f"{op}: unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
     if up_w.shape[1] != x.shape[-1] or down_w.shape[1] != up_w.shape[0]:
-        raise ValueError(f"sparsify::mlp: shapes do not chain: x {tuple(x.shape)}, up {tuple(up_w.shape)}, "
+        raise ValueError(f"{op}: shapes do not chain: x {tuple(x.shape)}, up {tuple(up_w.shape)}, "
                          f"down {tuple(down_w.shape)}")
     if gate_w is not None and gate_w.shape != up_w.shape:
-        raise ValueError(f"sparsify::mlp: gate {tuple(gate_w.shape)} and up {tuple(up_w.shape)} differ")
+        raise ValueError(f"{op}: gate {tuple(gate_w.shape)} and up {tuple(up_w.shape)} differ")
 
 
 _TENSOR_ARGS = 13  # x, up_w, up_b, gate_w, gate_b, down_w, down_b, and six LoRA factors

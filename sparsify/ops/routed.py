@@ -78,17 +78,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from ._vjp import fresh_seed, placeholder_grads
-from .mlp import ACTIVATIONS
+from ._vjp import _acc_dtype, fresh_seed, placeholder_grads
+from .mlp import ACTIVATIONS, check_mlp_inputs
 
 GATES = ("sigmoid2p", "none")
 _TENSOR_ARGS = 13   # x, up_w, up_b, gate_w, gate_b, down_w, down_b, six LoRA factors (sparsify::mlp's)
 _ALL_TENSORS = 16   # ... then router_w, router_b, neuron_order
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp32 for the half types and fp32, fp64 for fp64."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,17 +266,9 @@ def _sorted_dropout(h: Tensor, grp: Grouping, fb: int, p: float, seed: Tensor) -
 
 def check_routed_inputs(x, up_w, gate_w, down_w, router_w, router_b, neuron_order, blocks, top_k, gate,
                         activation, dropout_p) -> None:
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"sparsify::routed_mlp: dropout_p must be in [0, 1], got {dropout_p}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"sparsify::routed_mlp: unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+    check_mlp_inputs(x, up_w, gate_w, down_w, activation, dropout_p, op="sparsify::routed_mlp")
     if gate not in GATES:
         raise ValueError(f"sparsify::routed_mlp: unknown gate {gate!r}; known: {GATES}")
-    if up_w.shape[1] != x.shape[-1] or down_w.shape[1] != up_w.shape[0]:
-        raise ValueError(f"sparsify::routed_mlp: shapes do not chain: x {tuple(x.shape)}, up {tuple(up_w.shape)}, "
-                         f"down {tuple(down_w.shape)}")
-    if gate_w is not None and gate_w.shape != up_w.shape:
-        raise ValueError(f"sparsify::routed_mlp: gate {tuple(gate_w.shape)} and up {tuple(up_w.shape)} differ")
     d_ff = up_w.shape[0]
     if blocks < 1 or d_ff % blocks:
         raise ValueError(f"sparsify::routed_mlp: d_ff={d_ff} is not a multiple of blocks={blocks}")

@@ -42,18 +42,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from ._vjp import fresh_seed, placeholder_grads, seeded_dropout
+from ._vjp import _acc_dtype, fresh_seed, placeholder_grads, seeded_dropout
 
 # Element budget for the per-chunk temporaries of the references (about 64 MiB in fp32).
 _CHUNK_ELEMS = 1 << 24
 
 # sparsify::aux_loss records the last auxiliary value per name here (a side effect, for logging only).
 AUX_LOSSES: dict[str, Tensor] = {}
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp32 for half types and fp32, fp64 for fp64."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _row_chunks(rows: int, per_row: int):

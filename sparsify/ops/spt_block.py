@@ -68,8 +68,8 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from ._vjp import fresh_seed, placeholder_grads, seeded_dropout
-from .spt import _acc_dtype, _broadcast_mask, _effective_needs, _reduce_to_shape
+from ._vjp import fresh_seed, placeholder_grads
+from .spt import _acc_dtype, _broadcast_mask, _dropout_scale, _effective_needs, _probs, _reduce_to_shape
 
 # Element budget for the per-chunk [B, H, rows, Lk] temporaries (about 64 MiB in fp32).
 _CHUNK_ELEMS = 1 << 24
@@ -305,18 +305,6 @@ def _masked_scores(q_rows, k, bmap, rows, block, causal, mask_rows, scale, acc):
         s = s + mask_rows.to(acc)
     allowed = _allowed_rows(bmap, rows, k.shape[2], block, causal, mask_rows, b, h)
     return s.masked_fill(~allowed, float("-inf"))
-
-
-def _probs(s: Tensor, lse: Tensor) -> Tensor:
-    """exp(s - lse) with empty rows (lse = -inf) giving 0 instead of NaN."""
-    return torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
-
-
-def _dropout_scale(shape, dtype, device, p: float, seed: Tensor) -> Optional[Tensor]:
-    """keep / (1 - p) over the [B, H, Lq, Lk] probabilities, the same draw as _vjp.seeded_dropout."""
-    if p <= 0.0:
-        return None
-    return seeded_dropout(torch.ones(shape, dtype=dtype, device=device), p, seed)
 
 
 def block_sparse_attention_reference(
