@@ -34,6 +34,10 @@ class AttentionConfig:
     min_seq:       regions with fewer keys stay dense (sparsity does not pay below it)
     granularity:   "token" (top-L keys per query) or "block" (top key blocks per query block)
     block_size:    query/key block size of the block granularity
+    score:         how keys are ranked: "codes" (SPT: the number of matching PQ codes; cheap integer
+                   work, needs the codebook) or "exact" (the true q . k, as top-k attention does: one
+                   Q K^T in the forward, no codebook, no codebook loss; keeps the quality where the
+                   codes' recall is low, e.g. head_dim 32 -> only 4 subspaces)
     """
     method: str = _choice("dense", "spt", "off")
     keep: float = 0.125
@@ -43,6 +47,7 @@ class AttentionConfig:
     min_seq: int = 128
     granularity: str = _choice("token", "block")
     block_size: int = 64
+    score: str = _choice("codes", "exact")
 
 
 SparseAttention = AttentionConfig  # the SPT method's settings live on the attention config

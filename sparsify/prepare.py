@@ -142,7 +142,7 @@ def prepare(model: nn.Module, *args, options: Union[SparsifyConfig, Mapping[str,
     mlp_weights: dict = {}
     report = trace(model, args, kwargs, tracing, lambda gm: _Recorder(gm, samples, mlp_weights).run)
 
-    if config.attention.method == "spt":
+    if config.attention.method == "spt" and config.attention.score == "codes":  # "exact" needs no state
         attention = config.attention
         for region in report.by_kind("attention"):
             head_dim = region.facts.get("head_dim")

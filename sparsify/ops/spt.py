@@ -8,6 +8,8 @@ pq_encode, pq_select, spt_attention and its backward are registered at the botto
     pq_select(q_codes[B,H,Lq,M], k_codes[B,Hkv,Lk,M], keep, causal, key_valid[B,Lk]?)
         -> (index[B,H,Lq,keep] int32, valid[B,H,Lq,keep] bool)
         Per query row, the `keep` allowed keys with the most matching codes.
+    qk_select(q[B,H,Lq,D], k[B,Hkv,Lk,D], keep, causal, key_valid[B,Lk]?) -> (index, valid) as pq_select
+        The same contract ranked by the exact q . k (score="exact"; no codebook).
     spt_attention(q, k, v, index, valid, mask?, scale, dropout_p) -> (out[B,H,Lq,Dv], lse[B,H,Lq], seed)
         Softmax attention restricted to the kept (valid) slots; backward via spt_attention_backward.
     aux_loss(y, aux, weight, name) -> y (a copy); backward adds weight * d(aux) (gradient injection).
@@ -156,12 +158,7 @@ def pq_select(
             allowed = allowed & key_valid[:, None, None, None, :]
         rank = rank.masked_fill(~allowed, -1)
         top_rank, top_idx = rank.topk(keep, dim=-1)
-        ok = top_rank >= 0
-        # ELL layout: kept keys in ascending order, spare (invalid) slots last with index 0
-        sorted_idx, _ = torch.where(ok, top_idx, lk).sort(dim=-1)
-        ok = sorted_idx < lk
-        index[:, :, :, rows] = torch.where(ok, sorted_idx, 0).to(torch.int32)
-        valid[:, :, :, rows] = ok
+        index[:, :, :, rows], valid[:, :, :, rows] = _ell_layout(top_idx, top_rank >= 0, lk)
     return index.reshape(b, h, lq, keep), valid.reshape(b, h, lq, keep)
 
 
@@ -170,6 +167,72 @@ def _(q_codes, k_codes, keep, causal, key_valid):
     shape = (*q_codes.shape[:-1], keep)
     return (torch.empty(shape, dtype=torch.int32, device=q_codes.device),
             torch.empty(shape, dtype=torch.bool, device=q_codes.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# qk_select: the exact top-L (score="exact")
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("sparsify::qk_select", mutates_args=())
+def qk_select(
+    q: Tensor, k: Tensor, keep: int, causal: bool, key_valid: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Top-`keep` keys per query by the exact score q . k: (index int32, valid bool), both [B, H, Lq, keep].
+
+    pq_select's contract (allowed keys, ELL layout, invalid slots last with index 0) with the true score
+    instead of the code-match count: the selection of top-k attention (Gupta et al. 2021). Ties go to the
+    lower key index (a stable descending sort). Costs one Q K^T per query chunk in the forward, computed
+    in fp32 (fp64 for fp64 inputs) and dropped at once: nothing of size Lq x Lk is kept or saved, and the
+    selection has no gradient. Plain torch, so the same code runs on CPU and CUDA (cuBLAS + sort).
+    """
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] \
+            or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"sparsify::qk_select expects q [B,H,Lq,D] and k [B,Hkv,Lk,D] with H % Hkv == 0; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}")
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if not 1 <= keep <= lk:
+        raise ValueError(f"sparsify::qk_select: keep must be in [1, Lk={lk}], got {keep}")
+    if key_valid is not None and (key_valid.dtype != torch.bool or tuple(key_valid.shape) != (b, lk)):
+        raise ValueError(f"sparsify::qk_select: key_valid must be bool [B, Lk] = {(b, lk)}, got "
+                         f"{key_valid.dtype} {tuple(key_valid.shape)}")
+    groups = h // hkv
+    acc = _acc_dtype(q.dtype)
+    qg = q.reshape(b, hkv, groups, lq, d)          # GQA as a broadcast dim, no repeat of k
+    kt = k.to(acc).transpose(-1, -2)[:, :, None]  # [B, Hkv, 1, D, Lk]
+    keys = torch.arange(lk, device=q.device)
+    index = torch.empty(b, hkv, groups, lq, keep, dtype=torch.int32, device=q.device)
+    valid = torch.empty(b, hkv, groups, lq, keep, dtype=torch.bool, device=q.device)
+    with torch.no_grad():
+        for rows in _row_chunks(lq, b * h * lk):
+            score = qg[:, :, :, rows].to(acc) @ kt                   # [B, Hkv, G, rows, Lk]
+            allowed = torch.ones_like(score, dtype=torch.bool)
+            if causal:  # top-left aligned, as pq_select
+                qpos = torch.arange(rows.start, rows.stop, device=q.device)
+                allowed = allowed & (keys[None, :] <= qpos[:, None])
+            if key_valid is not None:
+                allowed = allowed & key_valid[:, None, None, None, :]
+            # NaN scores rank as disallowed, so a NaN row selects nothing rather than garbage
+            allowed = allowed & ~score.isnan()
+            score = score.masked_fill(~allowed, float("-inf"))
+            _, order = score.sort(dim=-1, descending=True, stable=True)
+            top_idx = order[..., :keep]
+            ok = allowed.gather(-1, top_idx)
+            index[:, :, :, rows], valid[:, :, :, rows] = _ell_layout(top_idx, ok, lk)
+    return index.reshape(b, h, lq, keep), valid.reshape(b, h, lq, keep)
+
+
+@qk_select.register_fake
+def _(q, k, keep, causal, key_valid):
+    shape = (*q.shape[:-1], keep)
+    return q.new_empty(shape, dtype=torch.int32), q.new_empty(shape, dtype=torch.bool)
+
+
+def _ell_layout(top_idx: Tensor, ok: Tensor, lk: int) -> tuple[Tensor, Tensor]:
+    """Kept keys in ascending order, spare (invalid) slots last with index 0: (index int32, valid)."""
+    sorted_idx, _ = torch.where(ok, top_idx, lk).sort(dim=-1)
+    ok = sorted_idx < lk
+    return torch.where(ok, sorted_idx, 0).to(torch.int32), ok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,6 +589,12 @@ def pq_select_flops(q_codes_shape, k_codes_shape, *args, out_shape=None, **kwarg
     return b * h * lq * k_codes_shape[2] * m
 
 
+def qk_select_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    """The scores q . k of every (query, key) pair: 2 * B*H*Lq*Lk*D (the sort is not counted)."""
+    b, h, lq, d = q_shape
+    return 2 * b * h * lq * k_shape[2] * d
+
+
 def pq_encode_flops(x_shape, codebook_shape, *args, out_shape=None, **kwargs) -> int:
     """2 per (sub-vector, codeword, dim): |x - c| accumulated, B*H*L*M*E*dc*2."""
     m, e, dc = codebook_shape
@@ -536,3 +605,4 @@ register_flop_formula(torch.ops.sparsify.spt_attention)(spt_attention_flops)
 register_flop_formula(torch.ops.sparsify.spt_attention_backward)(spt_attention_backward_flops)
 register_flop_formula(torch.ops.sparsify.pq_select)(pq_select_flops)
 register_flop_formula(torch.ops.sparsify.pq_encode)(pq_encode_flops)
+register_flop_formula(torch.ops.sparsify.qk_select)(qk_select_flops)

@@ -7,6 +7,8 @@ attention op and its backward are registered at the bottom of this file:
         -> (block_index[B,H,nQB,keep_blocks] int32, block_valid[B,H,nQB,keep_blocks] bool)
         Per query block of `block` rows, the `keep_blocks` key blocks (of `block` keys) with the highest
         aggregated code-match score. nQB = ceil(Lq / block), nKB = ceil(Lk / block), keep_blocks in [1, nKB].
+    qk_select_blocks(q[B,H,Lq,D], k[B,Hkv,Lk,D], keep_blocks, block, causal, key_valid[B,Lk]?) -> the same,
+        ranked by the exact aggregated score sum q_i . k_j (score="exact"; no codebook).
     block_sparse_attention(q, k, v, block_index, block_valid, block, mask?, scale, causal, dropout_p)
         -> (out[B,H,Lq,Dv], lse[B,H,Lq], seed)
         Softmax attention restricted to the selected key blocks of each query block (& causal & mask);
@@ -65,11 +67,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ._vjp import fresh_seed, placeholder_grads
-from .spt import _acc_dtype, _broadcast_mask, _dropout_scale, _effective_needs, _probs, _reduce_to_shape
+from .spt import _acc_dtype, _broadcast_mask, _dropout_scale, _effective_needs, _ell_layout, _probs, _reduce_to_shape
 
 # Element budget for the per-chunk [B, H, rows, Lk] temporaries (about 64 MiB in fp32).
 _CHUNK_ELEMS = 1 << 24
@@ -194,16 +197,71 @@ def pq_select_blocks(
     kb = torch.arange(nkb, device=dev)
     rank = torch.where(cand, score * nkb + (nkb - 1 - kb), -1)
     top_rank, top_idx = rank.topk(keep_blocks, dim=-1)
-    ok = top_rank >= 0
-    sorted_idx, _ = torch.where(ok, top_idx, nkb).sort(dim=-1)
-    ok = sorted_idx < nkb
-    return torch.where(ok, sorted_idx, 0).to(torch.int32), ok
+    return _ell_layout(top_idx, top_rank >= 0, nkb)
 
 
 @pq_select_blocks.register_fake
 def _(q_codes, k_codes, keep_blocks, block, causal, key_valid):
     shape = (q_codes.shape[0], q_codes.shape[1], _cdiv(q_codes.shape[2], block), keep_blocks)
     return (q_codes.new_empty(shape, dtype=torch.int32), q_codes.new_empty(shape, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# qk_select_blocks: block selection by the exact score (score="exact")
+# ---------------------------------------------------------------------------------------------
+
+def _block_sums(x: Tensor, block: int, weight: Optional[Tensor]) -> Tensor:
+    """x [B, X, L, D] -> per-block sums [B, X, ceil(L / block), D] in the accumulation dtype (weight [B, L]:
+    0/1 per row, so invalid keys add nothing)."""
+    b, n_heads, l, d = x.shape
+    nblk = _cdiv(l, block)
+    x = x.to(_acc_dtype(x.dtype))
+    if weight is not None:
+        x = x * weight.to(x.dtype)[:, None, :, None]
+    x = F.pad(x, (0, 0, 0, nblk * block - l))
+    return x.view(b, n_heads, nblk, block, d).sum(3)
+
+
+@torch.library.custom_op("sparsify::qk_select_blocks", mutates_args=())
+def qk_select_blocks(
+    q: Tensor, k: Tensor, keep_blocks: int, block: int, causal: bool, key_valid: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """pq_select_blocks' contract (candidates, forced causal diagonal, ELL layout) with the exact aggregated
+    score: the sum of q_i . k_j over the query rows i of qb and the valid keys j of kb, which is
+    (sum_i q_i) . (sum_j k_j): one [nQB, D] x [D, nKB] product per head, no token pair is formed. Ties (and
+    NaN scores, which rank last) go to the lower block index."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] \
+            or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"sparsify::qk_select_blocks expects q [B,H,Lq,D] and k [B,Hkv,Lk,D] with H % Hkv == 0; "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}")
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if block < 1:
+        raise ValueError(f"sparsify::qk_select_blocks: block must be >= 1, got {block}")
+    nqb, nkb = _cdiv(lq, block), _cdiv(lk, block)
+    if not 1 <= keep_blocks <= nkb:
+        raise ValueError(f"sparsify::qk_select_blocks: keep_blocks must be in [1, nKB={nkb}], got {keep_blocks}")
+    if key_valid is not None and (key_valid.dtype != torch.bool or tuple(key_valid.shape) != (b, lk)):
+        raise ValueError(f"sparsify::qk_select_blocks: key_valid must be bool [B, Lk] = {(b, lk)}, got "
+                         f"{key_valid.dtype} {tuple(key_valid.shape)}")
+    with torch.no_grad():
+        qs = _block_sums(q, block, None).reshape(b, hkv, (h // hkv) * nqb, d)   # GQA: heads share kv sums
+        ks = _block_sums(k, block, key_valid)                                     # [B, Hkv, nKB, D]
+        score = (qs @ ks.transpose(-1, -2)).reshape(b, h, nqb, nkb)
+        cand, forced = block_candidates(lq, lk, block, causal, key_valid, b, q.device)
+        cand, forced = cand[:, None], forced[:, None]
+        score = score.nan_to_num(nan=float("-inf"), posinf=torch.finfo(score.dtype).max)
+        score = torch.where(forced, float("inf"), score)   # the causal diagonal first
+        score = torch.where(cand, score, float("-inf"))
+        _, order = score.sort(dim=-1, descending=True, stable=True)
+        top_idx = order[..., :keep_blocks]
+        return _ell_layout(top_idx, cand.expand_as(score).gather(-1, top_idx), nkb)
+
+
+@qk_select_blocks.register_fake
+def _(q, k, keep_blocks, block, causal, key_valid):
+    shape = (q.shape[0], q.shape[1], _cdiv(q.shape[2], block), keep_blocks)
+    return q.new_empty(shape, dtype=torch.int32), q.new_empty(shape, dtype=torch.bool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,5 +533,12 @@ def block_sparse_attention_backward_flops(grad_out_shape, q_shape, k_shape, v_sh
     return 2 * b * h * lq * _visited_keys(k_shape, block_index_shape, block) * (3 * d + 2 * v_shape[-1])
 
 
+def qk_select_blocks_flops(q_shape, k_shape, keep_blocks, block, *args, out_shape=None, **kwargs) -> int:
+    """The pooled scores: 2 * B*H*nQB*nKB*D (the block sums are additions, not counted)."""
+    b, h, lq, d = q_shape
+    return 2 * b * h * _cdiv(lq, block) * _cdiv(k_shape[2], block) * d
+
+
+register_flop_formula(torch.ops.sparsify.qk_select_blocks)(qk_select_blocks_flops)
 register_flop_formula(torch.ops.sparsify.block_sparse_attention)(block_sparse_attention_flops)
 register_flop_formula(torch.ops.sparsify.block_sparse_attention_backward)(block_sparse_attention_backward_flops)

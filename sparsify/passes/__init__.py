@@ -32,7 +32,8 @@ def run_passes(gm: GraphModule, config: SparsifyConfig) -> Report:
     rewritten = 0
     for region in regions:
         if region.decision == "spt":
-            rewrite_spt(gm, region, states[(region.module, CODEBOOK_KIND)][0], config.attention)
+            codebook = states.get((region.module, CODEBOOK_KIND), [None])[0]  # None for score="exact"
+            rewrite_spt(gm, region, codebook, config.attention)
             rewritten += 1
         elif region.decision == "routed":
             rewrite_routed(gm, region, states[(region.module, ROUTER_KIND)], config.mlp)

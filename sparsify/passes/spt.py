@@ -2,6 +2,7 @@
 
     codes_q = pq_encode(q, C)   codes_k = pq_encode(k, C)            C: the module's PQ codebook
     index, valid = pq_select(codes_q, codes_k, L, causal, key_valid)  top-L keys per query
+                 (score="exact": qk_select(q, k, ...) ranks by q . k; no codebook)
     out = spt_attention(q, k, v, index, valid, mask, scale, dropout)  attention on the kept pattern
     out = aux_loss(out, codebook_loss(q, C) + codebook_loss(k, C), w) gradient injection (DESIGN 6)
 
@@ -52,7 +53,7 @@ def spt_guard(region: Region, config: AttentionConfig, states: dict) -> Optional
     if not 0.0 < config.keep <= 1.0:
         return f"keep={config.keep} is outside (0, 1]"
     head_dim = facts.get("head_dim")
-    if not head_dim or head_dim % config.subspace_dim:
+    if config.score == "codes" and (not head_dim or head_dim % config.subspace_dim):
         return f"head_dim {head_dim} is not a multiple of subspace_dim {config.subspace_dim}"
     if value(f.q).dtype not in SPT_DTYPES:
         return f"dtype {value(f.q).dtype} has no SPT kernel (supported: fp16, bf16, fp32)"
@@ -64,6 +65,8 @@ def spt_guard(region: Region, config: AttentionConfig, states: dict) -> Optional
         return f"sequence length {seq} is below min_seq={config.min_seq}"
     if config.granularity == "block" and config.block_size not in (16, 32, 64, 128):
         return f"block_size={config.block_size} is not one of 16, 32, 64, 128"
+    if config.score == "exact":
+        return None  # ranks by q . k: no codebook to check
     if (region.module, CODEBOOK_KIND) not in states:
         return ("no PQ codebook on this module: call sparsify.prepare(model, *example_inputs, "
                 "options=...) before torch.compile")
@@ -94,14 +97,19 @@ def spt_codebook_aux(q: torch.Tensor, k: torch.Tensor, codebook: torch.Tensor) -
     return codebook_loss(q, codebook) + codebook_loss(k, codebook)
 
 
-def rewrite_spt(gm: GraphModule, region: Region, codebook: Node, config: AttentionConfig) -> None:
+def rewrite_spt(gm: GraphModule, region: Region, codebook: Optional[Node], config: AttentionConfig) -> None:
+    """Replace the region by selection + sparse attention; `codebook` is None for score="exact"."""
     f = region.facts["_match"]
     graph = gm.graph
     like = region.output
+    exact = config.score == "exact"
     with graph.inserting_before(region.output):
         k, mask = attention_operands(graph, region)
-        q_codes = insert_call(graph, torch.ops.sparsify.pq_encode.default, (f.q, codebook), like=like)
-        k_codes = insert_call(graph, torch.ops.sparsify.pq_encode.default, (k, codebook), like=like)
+        if exact:  # the selection ops rank by q . k itself
+            q_codes, k_codes = f.q, k
+        else:
+            q_codes = insert_call(graph, torch.ops.sparsify.pq_encode.default, (f.q, codebook), like=like)
+            k_codes = insert_call(graph, torch.ops.sparsify.pq_encode.default, (k, codebook), like=like)
         key_valid = None
         if mask is not None:
             key_valid = insert_call(graph, key_valid_from_mask, (mask, f.q, k), like=like)
@@ -109,21 +117,23 @@ def rewrite_spt(gm: GraphModule, region: Region, codebook: Node, config: Attenti
         if config.granularity == "block":  # per query block, the key blocks with the best PQ score
             block = config.block_size
             keep = _keep_count(graph, k, config.keep, like, block)
-            selected = insert_call(graph, torch.ops.sparsify.pq_select_blocks.default,
+            select = torch.ops.sparsify.qk_select_blocks if exact else torch.ops.sparsify.pq_select_blocks
+            selected = insert_call(graph, select.default,
                                    (q_codes, k_codes, keep, block, causal, key_valid), like=like)
             args = (f.q, k, f.v, _item(graph, selected, 0, like), _item(graph, selected, 1, like), block, mask,
                     float(f.scale), causal, float(f.dropout_p))
             call = insert_call(graph, torch.ops.sparsify.block_sparse_attention.default, args, like=like)
-        else:  # per query, the L keys with the most matching codes
+        else:  # per query, the L keys with the most matching codes (or the highest q . k)
             keep = _keep_count(graph, k, config.keep, like)
-            selected = insert_call(graph, torch.ops.sparsify.pq_select.default,
+            select = torch.ops.sparsify.qk_select if exact else torch.ops.sparsify.pq_select
+            selected = insert_call(graph, select.default,
                                    (q_codes, k_codes, keep, causal, key_valid), like=like)
             args = (f.q, k, f.v, _item(graph, selected, 0, like), _item(graph, selected, 1, like), mask,
                     float(f.scale), float(f.dropout_p))
             call = insert_call(graph, torch.ops.sparsify.spt_attention.default, args, like=like)
         call.meta["sparsify_module"] = region.module
         out = _item(graph, call, 0, like)
-        if config.codebook_loss > 0:
+        if config.codebook_loss > 0 and not exact:
             aux = insert_call(graph, spt_codebook_aux, (f.q, k, codebook), like=like)
             out = insert_call(graph, torch.ops.sparsify.aux_loss.default,
                               (out, aux, float(config.codebook_loss), region.module), like=like)

@@ -1,0 +1,218 @@
+"""SPT with score="exact": sparsify::qk_select / qk_select_blocks (top-L by the true q . k) and the backend path.
+
+Checked: both ops against brute-force loops (allowed keys, causal, key padding, GQA, ties -> lower index,
+ELL layout, short rows masked), opcheck, FLOP formulas, recall 1 by construction, and through the backend:
+no codebook needed, keep=1 equals dense (forward and gradients), keep<1 equals SDPA on the selected pattern,
+FlopCounterMode counts the selection's Q K^T.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+import sparsify
+import sparsify.ops  # noqa: F401  (registers the ops)
+from families import first_output, op_flops, tiny_inputs, tiny_model
+from sparsify.ops.spt import selection_recall
+from sparsify.prepare import CODEBOOK
+
+qk_select = torch.ops.sparsify.qk_select
+qk_select_blocks = torch.ops.sparsify.qk_select_blocks
+HYP = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _grid(g, *shape, levels=3):
+    """Small integers as floats: q . k is exact in any order of summation, and ties are frequent."""
+    return torch.randint(-levels, levels + 1, shape, generator=g).float()
+
+
+def _ok(result):
+    return result and all(r == "SUCCESS" for r in result.values())
+
+
+def brute_qk_select(q, k, keep, causal, key_valid):
+    b, h, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    index = torch.zeros(b, h, lq, keep, dtype=torch.int32)
+    valid = torch.zeros(b, h, lq, keep, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            kh = hi // (h // hkv)
+            for i in range(lq):
+                allowed = [j for j in range(lk) if (not causal or j <= i)
+                           and (key_valid is None or bool(key_valid[bi, j]))]
+                score = {j: float(q[bi, hi, i] @ k[bi, kh, j]) for j in allowed}
+                chosen = sorted(sorted(allowed, key=lambda j: (-score[j], j))[:keep])
+                index[bi, hi, i, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+                valid[bi, hi, i, :len(chosen)] = True
+    return index, valid
+
+
+@given(seed=st.integers(0, 2**16), lq=st.integers(1, 10), lk=st.integers(1, 10), data=st.data(),
+       groups=st.sampled_from([1, 2]), hkv=st.sampled_from([1, 2]), causal=st.booleans(), padded=st.booleans())
+@settings(max_examples=40, **HYP)
+def test_qk_select_matches_brute_force(seed, lq, lk, data, groups, hkv, causal, padded):
+    g = _gen(seed)
+    keep = data.draw(st.integers(1, lk))
+    b, h, d = 2, hkv * groups, 4
+    q, k = _grid(g, b, h, lq, d), _grid(g, b, hkv, lk, d)
+    kv = (torch.rand(b, lk, generator=g) < 0.7) if padded else None
+    index, valid = qk_select(q, k, keep, causal, kv)
+    want_index, want_valid = brute_qk_select(q, k, keep, causal, kv)
+    assert index.dtype == torch.int32 and valid.dtype == torch.bool
+    assert torch.equal(valid, want_valid)
+    assert torch.equal(index, want_index)
+
+
+def test_qk_select_ties_lowest_index_and_half_inputs():
+    q = torch.ones(1, 1, 2, 4)
+    k = torch.ones(1, 1, 8, 4)
+    k[0, 0, 5] = 2.0  # the best key; the other seven tie
+    index, valid = qk_select(q, k, 3, False, None)
+    assert valid.all() and index[0, 0, 0].tolist() == [0, 1, 5]
+    index16, valid16 = qk_select(q.half(), k.half(), 3, False, None)
+    assert torch.equal(index16, index) and torch.equal(valid16, valid)
+
+
+def test_qk_select_has_recall_one_and_chunks_consistently(monkeypatch):
+    g = _gen(1)
+    q, k = torch.randn(2, 4, 40, 8, generator=g), torch.randn(2, 2, 40, 8, generator=g)
+    kv = torch.rand(2, 40, generator=g) < 0.8
+    index, valid = qk_select(q, k, 5, True, kv)
+    assert selection_recall(q, k, index, valid, 5, True, kv) == 1.0
+    monkeypatch.setattr(sparsify.ops.spt, "_CHUNK_ELEMS", 37)  # a few rows per chunk
+    again = qk_select(q, k, 5, True, kv)
+    assert torch.equal(again[0], index) and torch.equal(again[1], valid)
+
+
+def test_qk_select_bad_inputs():
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4)
+    for keep in (0, 6):
+        with pytest.raises(ValueError, match="keep"):
+            qk_select(q, k, keep, False, None)
+    with pytest.raises(ValueError, match="H % Hkv"):
+        qk_select(q, torch.randn(1, 3, 5, 4), 2, False, None)
+    with pytest.raises(ValueError, match="key_valid"):
+        qk_select(q, k, 2, False, torch.ones(1, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("h,hkv,causal,padded", [(2, 2, False, False), (4, 2, True, False), (4, 1, True, True)])
+def test_opcheck_qk_select(h, hkv, causal, padded):
+    g = _gen(2)
+    q, k = torch.randn(2, h, 6, 8, generator=g), torch.randn(2, hkv, 7, 8, generator=g)
+    kv = (torch.rand(2, 7, generator=g) < 0.7) if padded else None
+    assert _ok(torch.library.opcheck(qk_select.default, (q, k, 3, causal, kv)))
+    blocks = (q, k, 2, 4, causal, kv)
+    assert _ok(torch.library.opcheck(qk_select_blocks.default, blocks))
+
+
+def brute_qk_select_blocks(q, k, keep, block, causal, key_valid):
+    """Block score = sum of q_i . k_j over the query rows of qb and the valid keys of kb; candidates have an
+    allowed pair; causal: the diagonal block first; ties -> lower block; ELL order."""
+    b, h, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    nqb, nkb = -(-lq // block), -(-lk // block)
+    index = torch.zeros(b, h, nqb, keep, dtype=torch.int32)
+    valid = torch.zeros(b, h, nqb, keep, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            kh = hi // (h // hkv)
+            for qb in range(nqb):
+                rows = range(qb * block, min(lq, (qb + 1) * block))
+                ranked = []
+                for kb in range(nkb):
+                    keys = [j for j in range(kb * block, min(lk, (kb + 1) * block))
+                            if key_valid is None or bool(key_valid[bi, j])]
+                    if not any(not causal or j <= i for i in rows for j in keys):
+                        continue
+                    score = sum(float(q[bi, hi, i] @ k[bi, kh, j]) for i in rows for j in keys)
+                    ranked.append((0 if causal and kb == qb else 1, -score, kb))
+                chosen = sorted(kb for *_, kb in sorted(ranked)[:keep])
+                index[bi, hi, qb, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+                valid[bi, hi, qb, :len(chosen)] = True
+    return index, valid
+
+
+@given(seed=st.integers(0, 2**16), lq=st.integers(1, 13), lk=st.integers(1, 13), block=st.sampled_from([2, 4]),
+       data=st.data(), hkv=st.sampled_from([1, 2]), causal=st.booleans(), padded=st.booleans())
+@settings(max_examples=30, **HYP)
+def test_qk_select_blocks_matches_brute_force(seed, lq, lk, block, data, hkv, causal, padded):
+    g = _gen(seed)
+    keep = data.draw(st.integers(1, -(-lk // block)))
+    q, k = _grid(g, 2, 2 * hkv, lq, 4), _grid(g, 2, hkv, lk, 4)
+    kv = (torch.rand(2, lk, generator=g) < 0.7) if padded else None
+    got = qk_select_blocks(q, k, keep, block, causal, kv)
+    want = brute_qk_select_blocks(q, k, keep, block, causal, kv)
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[0], want[0])
+
+
+def test_flop_formulas_of_the_selection():
+    q, k = torch.randn(2, 4, 12, 8), torch.randn(2, 2, 10, 8)
+    with FlopCounterMode(display=False) as counter:
+        qk_select(q, k, 3, False, None)
+        qk_select_blocks(q, k, 2, 4, False, None)
+    flops = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert flops["sparsify.qk_select"] == 2 * 2 * 4 * 12 * 10 * 8
+    assert flops["sparsify.qk_select_blocks"] == 2 * 2 * 4 * 3 * 3 * 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the backend
+# ---------------------------------------------------------------------------------------------
+
+def exact_options(**attention):
+    base = {"method": "spt", "score": "exact", "keep": 1.0, "min_seq": 1}
+    return {"attention": {**base, **attention}, "inner": "aot_eager"}
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family,granularity", [("bert", "token"), ("llama", "token"), ("gpt2", "block")])
+def test_exact_keep_one_reproduces_dense_without_prepare(family, granularity):
+    model = tiny_model(family, "sdpa").train()
+    inputs = tiny_inputs(family, seq=32)
+    options = exact_options(granularity=granularity, block_size=16)
+    sparsify.prepare(model, **inputs, options=options)  # allowed, and a no-op for score="exact"
+    assert not any(name.endswith(CODEBOOK) for name, _ in model.named_parameters())  # no state needed
+    reference = first_output(model(**inputs))
+    reference.square().mean().backward()
+    reference_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    out = first_output(torch.compile(model, backend="sparsify", options=options)(**inputs))
+    assert {r.decision for r in sparsify.last_report().by_kind("attention")} == {"spt"}
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    out.square().mean().backward()
+    grads = _grads(model)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=0, msg=name)
+
+
+def test_exact_selection_equals_sdpa_on_the_selected_pattern():
+    """keep < 1: the op pair equals SDPA with a bool mask allowing exactly the top-L keys of q . k."""
+    g = _gen(3)
+    q, k, v = (torch.randn(1, 2, 32, 8, generator=g) for _ in range(3))
+    index, valid = qk_select(q, k, 4, True, None)
+    out, _, _ = torch.ops.sparsify.spt_attention(q, k, v, index, valid, None, 8 ** -0.5, 0.0)
+    scores = (q @ k.transpose(-1, -2)).masked_fill(~torch.ones(32, 32, dtype=torch.bool).tril(), float("-inf"))
+    top = scores.topk(4, dim=-1).indices
+    allowed = torch.zeros(1, 2, 32, 32, dtype=torch.bool).scatter_(-1, top, True) & torch.ones(32, 32).tril().bool()
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=allowed), atol=1e-5, rtol=0)
+
+
+def test_exact_flops_count_the_selection_and_the_sparse_work():
+    seq = 64
+    inputs = tiny_inputs("bert", seq=seq, padded=False)
+    flops = op_flops(tiny_model("bert", "sdpa").eval(), inputs, exact_options(keep=0.125))
+    per_layer_dense = 2 * 2 * 4 * seq * seq * (8 + 8)  # 2·B·H·n·n·(D+Dv), as sparsify::attention counts
+    assert flops["sparsify.spt_attention"] * 8 == 2 * per_layer_dense
+    assert flops["sparsify.qk_select"] == 2 * (2 * 2 * 4 * seq * seq * 8)  # one Q K^T per layer
+    assert "sparsify.pq_select" not in flops and "sparsify.pq_encode" not in flops
