@@ -32,6 +32,10 @@ Variants (each is skipped with a printed reason where it cannot run):
                        (keep_blocks = ceil(keep * n / block) key blocks of --block-size keys per query block), then
                        torch.ops.sparsify.block_sparse_attention; skipped with the reason (and the ops' schemas)
                        if the module is absent or the calls fail.
+  spt-token-exact-select / spt-token-exact / spt-block-exact-select / spt-block-exact
+                       score="exact": torch.ops.sparsify.qk_select (top-L of the true q . k, one Q K^T per
+                       query chunk, plain torch on every device) + spt_attention, and qk_select_blocks (pooled
+                       q . k per block pair) + block_sparse_attention: what the quality-preserving selection costs
   spt-block-triton-attn / spt-block-triton
                        CUDA only: the codegen block-sparse Triton kernels (block_sparse_forward / backward) on
                        the ops' block selection (the op itself may have no CUDA kernel: the table says).
@@ -75,7 +79,7 @@ GPU_N = [512, 1024, 2048, 4096, 8192]
 CPU_N = [512, 1024, 2048]
 TARGET_N = 4096
 VARIANTS = ("eager", "sdpa", "flex", "sparsify-dense", "spt-token", "spt-token-triton", "spt-block",
-            "spt-block-triton")
+            "spt-block-triton", "spt-exact")
 SUBSPACE, CODEWORDS = 8, 16
 
 
@@ -393,6 +397,26 @@ def build_cases(q, k, v, grad, cfg, args, device, state) -> list:
             i, m = token_select(q, k, codebook, keep, causal)
             return spt_op_attention(q, k, v, i, m, scale)
         cases.append(Case("spt-token", spt_total, bwd, note=op_note, exclude=inputs))
+
+    if "spt-exact" in want:
+        cases.append(Case("spt-token-exact-select", lambda: torch.ops.sparsify.qk_select(q.detach(), k.detach(), keep,
+                                                                                          causal, None),
+                          None, note="score='exact': top-L of q.k; no backward"))
+
+        def exact_total():
+            i, m = torch.ops.sparsify.qk_select(q.detach(), k.detach(), keep, causal, None)
+            return spt_op_attention(q, k, v, i, m, scale)
+        cases.append(Case("spt-token-exact", exact_total, bwd, note="qk_select + spt_attention", exclude=inputs))
+        if state["block_mode"][0]:
+            bs = args.block_size
+            _, attend, keep_blocks = block_mode_calls(q, k, v, None, keep_frac, causal, scale, bs)
+
+            def exact_blocks():
+                return torch.ops.sparsify.qk_select_blocks(q.detach(), k.detach(), keep_blocks, bs, causal, None)
+            cases.append(Case("spt-block-exact-select", exact_blocks, None, note="score='exact'; no backward"))
+            cases.append(Case("spt-block-exact", lambda: attend(*exact_blocks()), bwd,
+                              note=f"qk_select_blocks + block_sparse_attention, block {bs}, {keep_blocks} key blocks",
+                              exclude=inputs))
 
     if "spt-token-triton" in want:
         if device.type != "cuda":

@@ -216,6 +216,7 @@ def _brute_select_blocks(qc, kc, keep, block, causal, kv):
     (2, 2, 2, 19, 26, 3, 1, True, True, 3),    # keep 1, Lq < Lk, odd block
     (1, 3, 3, 26, 13, 4, 2, True, False, 4),   # Lq > Lk: query blocks past the last key block
     (2, 2, 1, 16, 16, 5, 4, True, True, 4),    # keep = nKB with causal: upper blocks invalid
+    (2, 2, 1, 8, 4, 2, 1, True, True, 3),      # Lq > Lk, causal, padded key block: never a candidate
 ])
 def test_pq_select_blocks_matches_brute_force(b, h, hkv, lq, lk, block, keep, causal, padded, e):
     g = _gen(lq * 100 + lk)

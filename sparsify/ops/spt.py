@@ -181,9 +181,9 @@ def qk_select(
 
     pq_select's contract (allowed keys, ELL layout, invalid slots last with index 0) with the true score
     instead of the code-match count: the selection of top-k attention (Gupta et al. 2021). Ties go to the
-    lower key index (a stable descending sort). Costs one Q K^T per query chunk in the forward, computed
+    lower key index. Costs one Q K^T per query chunk in the forward, computed
     in fp32 (fp64 for fp64 inputs) and dropped at once: nothing of size Lq x Lk is kept or saved, and the
-    selection has no gradient. Plain torch, so the same code runs on CPU and CUDA (cuBLAS + sort).
+    selection has no gradient. Plain torch, so the same code runs on CPU and CUDA (cuBLAS + topk).
     """
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] \
             or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
@@ -215,10 +215,21 @@ def qk_select(
             # NaN scores rank as disallowed, so a NaN row selects nothing rather than garbage
             allowed = allowed & ~score.isnan()
             score = score.masked_fill(~allowed, float("-inf"))
-            _, order = score.sort(dim=-1, descending=True, stable=True)
-            top_idx = order[..., :keep]
-            ok = allowed.gather(-1, top_idx)
-            index[:, :, :, rows], valid[:, :, :, rows] = _ell_layout(top_idx, ok, lk)
+            # threshold selection, cheaper than a sort: every key above the L-th best score, then the
+            # lowest-index keys tied with it until L are taken
+            cut = score.topk(keep, dim=-1).values[..., -1:]
+            above = score > cut
+            tied = (score == cut) & allowed
+            chosen = above | (tied & (tied.cumsum(-1) <= keep - above.sum(-1, keepdim=True)))
+            # ELL layout without a sort: the chosen keys in ascending order fill slots 0.. of the row,
+            # everything else is scattered into a spare column that is dropped
+            slot = torch.where(chosen, chosen.cumsum(-1) - 1, keep)
+            out = torch.zeros(*slot.shape[:-1], keep + 1, dtype=torch.int32, device=q.device)
+            out.scatter_(-1, slot, keys.to(torch.int32).expand_as(slot))
+            count = chosen.sum(-1, keepdim=True)
+            ok = torch.arange(keep, device=q.device) < count
+            index[:, :, :, rows] = torch.where(ok, out[..., :keep], 0)
+            valid[:, :, :, rows] = ok
     return index.reshape(b, h, lq, keep), valid.reshape(b, h, lq, keep)
 
 

@@ -166,7 +166,8 @@ def block_candidates(lq: int, lk: int, block: int, causal: bool, key_valid: Opti
         first = pos.view(batch, nkb, block).amin(-1)
     if causal:
         last_row = torch.clamp((torch.arange(nqb, device=device) + 1) * block, max=lq) - 1
-        cand = first[:, None, :] <= last_row[None, :, None]
+        # first == lk marks a block without a valid key, which a long query block's last row can reach
+        cand = (first < lk)[:, None, :] & (first[:, None, :] <= last_row[None, :, None])
         forced = cand & torch.eye(nqb, nkb, dtype=torch.bool, device=device)[None]
     else:
         cand = (first < lk)[:, None, :].expand(batch, nqb, nkb)
