@@ -157,7 +157,9 @@ def prepare(model: nn.Module, *args, options: Union[SparsifyConfig, Mapping[str,
                     codebook = codebook.to(device=weight.device, dtype=weight.dtype)
                 return {CODEBOOK: codebook}
 
-            if attach_state(module, CODEBOOK_KIND, make_codebook):
+            # the compiled root's own hooks run outside the traced frame: tag from its q projection
+            hook_child = (region.facts.get("q_projection") or "") if region.module == "" else ""
+            if attach_state(module, CODEBOOK_KIND, make_codebook, hook_child):
                 log.info("prepare: PQ codebook on %s (k-means on %d q/k samples)", region.module,
                          len(samples[region.module]))
     if config.mlp.method == "routed":

@@ -218,3 +218,19 @@ def test_block_granularity_keeps_fewer_blocks():
     assert {r.facts["keep_blocks"] for r in sparsify.last_report().by_kind("attention")} == {2}
     out.square().mean().backward()
     assert model.get_parameter("h.0.attn.sparsify_pq_codebook").grad is not None
+
+
+def test_attention_module_compiled_as_the_root_gets_its_codebook():
+    """A root's own hooks run outside the traced frame: its codebook is tagged from its q projection, so
+    compiling just the attention module still rewrites it (and keep=1 still equals eager)."""
+    model = tiny_model("bert", "sdpa").eval()
+    attention = model.encoder.layer[0].attention.self
+    hidden = torch.randn(2, SEQ, model.config.hidden_size)
+    options = spt_options()
+    sparsify.prepare(attention, hidden, options=options)
+    assert attention.sparsify_pq_codebook.shape == (1, 16, 8)
+    with torch.no_grad():
+        out = first_output(torch.compile(attention, backend="sparsify", options=options)(hidden))
+        torch.testing.assert_close(out, first_output(attention(hidden)), atol=1e-5, rtol=0)
+    report = sparsify.last_report().by_kind("attention")
+    assert [(r.decision, r.facts["q_projection"]) for r in report] == [("spt", "query")]

@@ -309,6 +309,7 @@ def _attention_region(f: AttentionFacts, output: Node, interior: list, module: s
         "gqa_groups": (heads // kv_heads) if heads and kv_heads else None,
         "head_dim": q_shape[-1] if q_shape else None,
         "additive_mask_terms": len(f.additive_masks),
+        "q_projection": _producing_projection(f.q),
         "_match": f,
     }
     if heads and kv_heads and heads % kv_heads:
@@ -321,6 +322,22 @@ def _attention_region(f: AttentionFacts, output: Node, interior: list, module: s
                 continue
             unsupported = unsupported or f"intermediate {n.name} is used outside the block"
     return Region("attention", module, output, interior, facts, unsupported=unsupported)
+
+
+def _producing_projection(q: Node, max_nodes: int = 64) -> Optional[str]:
+    """Module path of the nearest Linear upstream of q (breadth-first over the inputs): where state for
+    an attention module compiled as the root can be tagged, since a root's own hooks run outside the
+    traced frame (sparsify.prepare)."""
+    seen, frontier = set(), [q]
+    while frontier and len(seen) < max_nodes:
+        node = frontier.pop(0)
+        if node in seen or not isinstance(node, Node):
+            continue
+        seen.add(node)
+        if kind_of(node) == "linear":
+            return module_path(node) or None
+        frontier.extend(n for n in node.all_input_nodes if n not in seen)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
