@@ -216,3 +216,19 @@ def test_exact_flops_count_the_selection_and_the_sparse_work():
     assert flops["sparsify.spt_attention"] * 8 == 2 * per_layer_dense
     assert flops["sparsify.qk_select"] == 2 * (2 * 2 * 4 * seq * seq * 8)  # one Q K^T per layer
     assert "sparsify.pq_select" not in flops and "sparsify.pq_encode" not in flops
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_exact_selection_on_cuda_matches_cpu(dtype):
+    """Integer-grid q/k make q . k exact in every dtype and summation order, so CUDA must pick the same keys."""
+    g = _gen(7)
+    q, k = _grid(g, 2, 4, 300, 16).to(dtype), _grid(g, 2, 2, 300, 16).to(dtype)
+    kv = torch.rand(2, 300, generator=g) < 0.8
+    for causal in (False, True):
+        want = qk_select(q, k, 37, causal, kv)
+        got = qk_select(q.cuda(), k.cuda(), 37, causal, kv.cuda())
+        assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+        want_b = qk_select_blocks(q, k, 2, 64, causal, kv)
+        got_b = qk_select_blocks(q.cuda(), k.cuda(), 2, 64, causal, kv.cuda())
+        assert torch.equal(got_b[0].cpu(), want_b[0]) and torch.equal(got_b[1].cpu(), want_b[1])
