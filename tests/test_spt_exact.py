@@ -17,6 +17,7 @@ import sparsify.ops  # noqa: F401  (registers the ops)
 from families import first_output, op_flops, tiny_inputs, tiny_model
 from sparsify.ops.spt import selection_recall
 from sparsify.prepare import CODEBOOK
+from test_spt_ops import brute_select
 
 qk_select = torch.ops.sparsify.qk_select
 qk_select_blocks = torch.ops.sparsify.qk_select_blocks
@@ -37,21 +38,7 @@ def _ok(result):
 
 
 def brute_qk_select(q, k, keep, causal, key_valid):
-    b, h, lq, _ = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    index = torch.zeros(b, h, lq, keep, dtype=torch.int32)
-    valid = torch.zeros(b, h, lq, keep, dtype=torch.bool)
-    for bi in range(b):
-        for hi in range(h):
-            kh = hi // (h // hkv)
-            for i in range(lq):
-                allowed = [j for j in range(lk) if (not causal or j <= i)
-                           and (key_valid is None or bool(key_valid[bi, j]))]
-                score = {j: float(q[bi, hi, i] @ k[bi, kh, j]) for j in allowed}
-                chosen = sorted(sorted(allowed, key=lambda j: (-score[j], j))[:keep])
-                index[bi, hi, i, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
-                valid[bi, hi, i, :len(chosen)] = True
-    return index, valid
+    return brute_select(q, k, keep, causal, key_valid, score_of=lambda qi, kj: float(qi @ kj))
 
 
 @given(seed=st.integers(0, 2**16), lq=st.integers(1, 10), lk=st.integers(1, 10), data=st.data(),

@@ -218,7 +218,12 @@ def test_pq_encode_no_gradient_needed():
     assert not codes.requires_grad and codes.grad_fn is None
 
 
-def brute_select(qc, kc, keep, causal, key_valid):
+def code_matches(qi, kj):
+    return int((qi == kj).sum())
+
+
+def brute_select(qc, kc, keep, causal, key_valid, score_of=code_matches):
+    """Per query row: the allowed keys ranked by score_of(query row, key row), ties to the lower index."""
     b, h, lq, _ = qc.shape
     hkv, lk = kc.shape[1], kc.shape[2]
     index = torch.zeros(b, h, lq, keep, dtype=torch.int32)
@@ -229,7 +234,7 @@ def brute_select(qc, kc, keep, causal, key_valid):
             for i in range(lq):
                 allowed = [j for j in range(lk) if (not causal or j <= i)
                            and (key_valid is None or bool(key_valid[bi, j]))]
-                score = {j: int((qc[bi, hi, i] == kc[bi, kh, j]).sum()) for j in allowed}
+                score = {j: score_of(qc[bi, hi, i], kc[bi, kh, j]) for j in allowed}
                 chosen = sorted(sorted(allowed, key=lambda j: (-score[j], j))[:keep])
                 index[bi, hi, i, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
                 valid[bi, hi, i, :len(chosen)] = True

@@ -173,6 +173,24 @@ def _(q_codes, k_codes, keep, causal, key_valid):
 # qk_select: the exact top-L (score="exact")
 # ---------------------------------------------------------------------------------------------
 
+def check_qk_select_inputs(op: str, q: Tensor, k: Tensor, keep: int, block: int, key_valid: Optional[Tensor]):
+    """Shared by qk_select (block = 1: keep counts keys) and qk_select_blocks (keep counts key blocks)."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] \
+            or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"sparsify::{op} expects q [B,H,Lq,D] and k [B,Hkv,Lk,D] with H % Hkv == 0; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}")
+    if block < 1:
+        raise ValueError(f"sparsify::{op}: block must be >= 1, got {block}")
+    b, lk = q.shape[0], k.shape[2]
+    units = -(-lk // block)
+    if not 1 <= keep <= units:
+        what = "Lk" if block == 1 else "nKB"
+        raise ValueError(f"sparsify::{op}: keep must be in [1, {what}={units}], got {keep}")
+    if key_valid is not None and (key_valid.dtype != torch.bool or tuple(key_valid.shape) != (b, lk)):
+        raise ValueError(f"sparsify::{op}: key_valid must be bool [B, Lk] = {(b, lk)}, got "
+                         f"{key_valid.dtype} {tuple(key_valid.shape)}")
+
+
 @torch.library.custom_op("sparsify::qk_select", mutates_args=())
 def qk_select(
     q: Tensor, k: Tensor, keep: int, causal: bool, key_valid: Optional[Tensor],
@@ -185,17 +203,9 @@ def qk_select(
     in fp32 (fp64 for fp64 inputs) and dropped at once: nothing of size Lq x Lk is kept or saved, and the
     selection has no gradient. Plain torch, so the same code runs on CPU and CUDA (cuBLAS + topk).
     """
-    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] \
-            or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise ValueError(f"sparsify::qk_select expects q [B,H,Lq,D] and k [B,Hkv,Lk,D] with H % Hkv == 0; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}")
+    check_qk_select_inputs("qk_select", q, k, keep, 1, key_valid)
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    if not 1 <= keep <= lk:
-        raise ValueError(f"sparsify::qk_select: keep must be in [1, Lk={lk}], got {keep}")
-    if key_valid is not None and (key_valid.dtype != torch.bool or tuple(key_valid.shape) != (b, lk)):
-        raise ValueError(f"sparsify::qk_select: key_valid must be bool [B, Lk] = {(b, lk)}, got "
-                         f"{key_valid.dtype} {tuple(key_valid.shape)}")
     groups = h // hkv
     acc = _acc_dtype(q.dtype)
     qg = q.reshape(b, hkv, groups, lq, d)          # GQA as a broadcast dim, no repeat of k

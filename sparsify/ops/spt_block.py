@@ -72,7 +72,8 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ._vjp import fresh_seed, placeholder_grads
-from .spt import _acc_dtype, _broadcast_mask, _dropout_scale, _effective_needs, _ell_layout, _probs, _reduce_to_shape
+from .spt import (_acc_dtype, _broadcast_mask, _dropout_scale, _effective_needs, _ell_layout, _probs,
+                  _reduce_to_shape, check_qk_select_inputs)
 
 # Element budget for the per-chunk [B, H, rows, Lk] temporaries (about 64 MiB in fp32).
 _CHUNK_ELEMS = 1 << 24
@@ -231,20 +232,10 @@ def qk_select_blocks(
     score: the sum of q_i . k_j over the query rows i of qb and the valid keys j of kb, which is
     (sum_i q_i) . (sum_j k_j): one [nQB, D] x [D, nKB] product per head, no token pair is formed. Ties (and
     NaN scores, which rank last) go to the lower block index."""
-    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] \
-            or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise ValueError(f"sparsify::qk_select_blocks expects q [B,H,Lq,D] and k [B,Hkv,Lk,D] with H % Hkv == 0; "
-                         f"got {tuple(q.shape)}, {tuple(k.shape)}")
+    check_qk_select_inputs("qk_select_blocks", q, k, keep_blocks, block, key_valid)
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    if block < 1:
-        raise ValueError(f"sparsify::qk_select_blocks: block must be >= 1, got {block}")
     nqb, nkb = _cdiv(lq, block), _cdiv(lk, block)
-    if not 1 <= keep_blocks <= nkb:
-        raise ValueError(f"sparsify::qk_select_blocks: keep_blocks must be in [1, nKB={nkb}], got {keep_blocks}")
-    if key_valid is not None and (key_valid.dtype != torch.bool or tuple(key_valid.shape) != (b, lk)):
-        raise ValueError(f"sparsify::qk_select_blocks: key_valid must be bool [B, Lk] = {(b, lk)}, got "
-                         f"{key_valid.dtype} {tuple(key_valid.shape)}")
     with torch.no_grad():
         qs = _block_sums(q, block, None).reshape(b, hkv, (h // hkv) * nqb, d)   # GQA: heads share kv sums
         ks = _block_sums(k, block, key_valid)                                     # [B, Hkv, nKB, D]
