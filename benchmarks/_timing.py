@@ -241,3 +241,24 @@ def finish_environment(env: dict, device: torch.device, started: float) -> dict:
 
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def add_timing_args(p, *, warmup_help: str, warmup: Optional[int] = None, max_repeats: int = 20,
+                    budget_s: float = 1.5, stem_help: str = "") -> None:
+    """The options every timing benchmark shares: repeats, budget, output, seed, CPU threads."""
+    p.add_argument("--warmup", type=int, default=warmup, help=warmup_help)
+    p.add_argument("--min-repeats", type=int, default=3)
+    p.add_argument("--max-repeats", type=int, default=max_repeats)
+    p.add_argument("--budget-s", type=float, default=budget_s, help="timing budget per case (sets the repeats)")
+    p.add_argument("--out-dir", default=default_out_dir())
+    p.add_argument("--stem", help=stem_help or "result file name without extension")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU: torch threads (default 1: steadier on a shared machine)")
+
+
+def run_on_device(args, run: Callable, device: Optional[torch.device] = None):
+    """run(args, device) on args.device (or `device`), with args.threads CPU threads (default 1)."""
+    device = device or pick_device(args.device)
+    with cpu_threads(device, args.threads or 1):
+        return run(args, device)
+

@@ -62,7 +62,7 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -592,24 +592,15 @@ def parse_args(argv):
     p.add_argument("--flex-n", type=int, nargs="*", default=None,
                    help="run FlexAttention only at these n (each shape compiles fwd+bwd kernels; default on GPU: "
                         "1024 and 4096; '--flex-n' with no value: every n)")
-    p.add_argument("--warmup", type=int, help="warm-up calls after the first call (default: GPU 2, CPU 1)")
-    p.add_argument("--min-repeats", type=int, default=3)
-    p.add_argument("--max-repeats", type=int, default=20)
-    p.add_argument("--budget-s", type=float, default=1.5, help="timing budget per case (sets the repeats)")
     p.add_argument("--quick", action="store_true",
                    help="small sweep: CPU n in {512, 1024}, d=64; GPU n=4096 (the target case), d 64 and 128, fp16")
-    p.add_argument("--out-dir", default=T.default_out_dir())
-    p.add_argument("--stem", help="result file name without extension (default attention_<device>)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="CPU: torch threads (default 1: steadier on a shared machine)")
+    T.add_timing_args(p, warmup_help="warm-up calls after the first call (default: GPU 2, CPU 1)",
+                      stem_help="result file name without extension (default attention_<device>)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    device = T.pick_device(args.device)
-    with T.cpu_threads(device, args.threads or 1):
-        return run(args, device)
+    return T.run_on_device(parse_args(argv), run)
 
 
 def run(args, device) -> dict:

@@ -41,13 +41,11 @@ Results: benchmarks/results/ffn_<device>.json / .md, with the device name inside
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
 import time
 import traceback
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -333,24 +331,15 @@ def parse_args(argv):
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (mode lora)")
     p.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--warmup", type=int, help="warm-up calls after the first call (default: GPU 3, CPU 1)")
-    p.add_argument("--min-repeats", type=int, default=3)
-    p.add_argument("--max-repeats", type=int, default=20)
-    p.add_argument("--budget-s", type=float, default=1.5, help="timing budget per case (sets the repeats)")
     p.add_argument("--quick", action="store_true",
                    help="CPU: 768x3072, T 1024 2048; GPU: 2048x8192 (the target case), T 4096 8192 16384, fp16")
-    p.add_argument("--out-dir", default=T.default_out_dir())
-    p.add_argument("--stem", help="result file name without extension (default ffn_<device>)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="CPU: torch threads (default 1: steadier on a shared machine)")
+    T.add_timing_args(p, warmup_help="warm-up calls after the first call (default: GPU 3, CPU 1)",
+                      stem_help="result file name without extension (default ffn_<device>)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    device = T.pick_device(args.device)
-    with T.cpu_threads(device, args.threads or 1):
-        return run(args, device)
+    return T.run_on_device(parse_args(argv), run)
 
 
 def _sizes(args, gpu) -> tuple[list, list]:

@@ -347,22 +347,12 @@ def parse_args(argv):
                    choices=list(ROW_LABELS))
     p.add_argument("--no-backend-row", action="store_true", help="drop row (c')")
     p.add_argument("--backend-inner", default="aot_eager", choices=["aot_eager", "inductor", "eager"])
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--min-repeats", type=int, default=3)
-    p.add_argument("--max-repeats", type=int, default=10)
-    p.add_argument("--budget-s", type=float, default=3.0)
-    p.add_argument("--threads", type=int, help="CPU: torch threads (default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=T.default_out_dir())
-    p.add_argument("--stem")
+    T.add_timing_args(p, warmup_help="warm-up calls after the first call", warmup=2, max_repeats=10, budget_s=3.0)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    device = T.pick_device(args.device)
-    with T.cpu_threads(device, args.threads or 1):
-        return run(args, device)
+    return T.run_on_device(parse_args(argv), run)
 
 
 def run(args, device) -> dict:
