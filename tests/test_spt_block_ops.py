@@ -22,11 +22,11 @@ from torch.utils.flop_counter import FlopCounterMode
 import sparsify.ops.spt  # noqa: F401
 import sparsify.ops.spt_block as sb
 from sparsify.ops._vjp import seeded_dropout
+from op_inputs import gen as _gen, opcheck_ok as _ok, qkv as _qkv, randn as _randn
 
 select_blocks = torch.ops.sparsify.pq_select_blocks
 bsa = torch.ops.sparsify.block_sparse_attention
 bsa_backward = torch.ops.sparsify.block_sparse_attention_backward
-ZERO_SEED = torch.zeros((), dtype=torch.int64)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,26 +39,8 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _randn(g, *shape, dtype=torch.float32, requires_grad=False):
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
-
-
-def _qkv(g, b, h, hkv, lq, lk, d, dv=None, dtype=torch.float32, requires_grad=True):
-    return (_randn(g, b, h, lq, d, dtype=dtype, requires_grad=requires_grad),
-            _randn(g, b, hkv, lk, d, dtype=dtype, requires_grad=requires_grad),
-            _randn(g, b, hkv, lk, dv or d, dtype=dtype, requires_grad=requires_grad))
-
-
 def _codes(g, b, h, l, m=2, e=4):
     return torch.randint(0, e, (b, h, l, m), generator=g, dtype=torch.int32)
-
-
-def _ok(result):
-    return result and all(r == "SUCCESS" for r in result.values())
 
 
 def _pattern(g, b, h, hkv, lq, lk, keep_blocks, block, causal, key_valid=None, m=2, e=4):

@@ -8,33 +8,25 @@ FlopCounterMode counts the selection's Q K^T.
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparsify
 import sparsify.ops  # noqa: F401  (registers the ops)
 from families import first_output, op_flops, tiny_inputs, tiny_model
+from op_inputs import HYP, gen as _gen, opcheck_ok as _ok
 from sparsify.ops.spt import selection_recall
 from sparsify.prepare import CODEBOOK
 from test_spt_ops import brute_select
 
 qk_select = torch.ops.sparsify.qk_select
 qk_select_blocks = torch.ops.sparsify.qk_select_blocks
-HYP = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def _grid(g, *shape, levels=3):
     """Small integers as floats: q . k is exact in any order of summation, and ties are frequent."""
     return torch.randint(-levels, levels + 1, shape, generator=g).float()
-
-
-def _ok(result):
-    return result and all(r == "SUCCESS" for r in result.values())
 
 
 def brute_qk_select(q, k, keep, causal, key_valid):

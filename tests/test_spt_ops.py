@@ -19,37 +19,20 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparsify.ops  # noqa: F401  (registers sparsify::attention, the dense op)
 import sparsify.ops.spt as spt
 from sparsify.ops._vjp import seeded_dropout
+from op_inputs import HYP, gen as _gen, opcheck_ok as _ok, qkv as _qkv, randn as _randn
 
 pq_encode = torch.ops.sparsify.pq_encode
 pq_select = torch.ops.sparsify.pq_select
 spt_attention = torch.ops.sparsify.spt_attention
 spt_backward = torch.ops.sparsify.spt_attention_backward
 aux_loss = torch.ops.sparsify.aux_loss
-HYP = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-ZERO_SEED = torch.zeros((), dtype=torch.int64)
-
-
-def _gen(seed):
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
-
-
-def _randn(g, *shape, dtype=torch.float32, requires_grad=False):
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
-
-
-def _qkv(g, b, h, hkv, lq, lk, d, dv=None, dtype=torch.float32, requires_grad=True):
-    return (_randn(g, b, h, lq, d, dtype=dtype, requires_grad=requires_grad),
-            _randn(g, b, hkv, lk, d, dtype=dtype, requires_grad=requires_grad),
-            _randn(g, b, hkv, lk, dv or d, dtype=dtype, requires_grad=requires_grad))
 
 
 def _random_pattern(g, b, h, hkv, lq, lk, keep, causal, m=2, e=4, key_valid=None):
@@ -97,10 +80,6 @@ def sparse_reference(q, k, v, index, valid, mask, scale, dropout_p, seed):
     p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
     p = seeded_dropout(p, dropout_p, seed)
     return (p.unsqueeze(-1) * vg).sum(-2)
-
-
-def _ok(result):
-    return result and all(r == "SUCCESS" for r in result.values())
 
 
 # ---------------------------------------------------------------------------------------------
