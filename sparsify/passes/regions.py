@@ -486,6 +486,9 @@ def match_mlp(down: Projection) -> Optional[Region]:
             up, act_input, act_nodes = _activation_chain(h)
         except Unsupported:
             return None  # e.g. a norm or residual sum before a Linear: not an MLP
+    d_in, d_out = (shape(up.weight) or (None, None))[1], (shape(down.weight) or (None,))[0]
+    if d_in is not None and d_out is not None and d_in != d_out:
+        return None  # a transformer FFN returns to d_model (the residual); e.g. pooler -> classifier does not
     projections = [p for p in (up, gate, down) if p is not None]
     module = common_module([p.module for p in projections])
     activation = identify_activation(act_input, act_nodes)
