@@ -1,5 +1,5 @@
 """sparsify: compile sparsity into stock Transformers with torch.compile(model, backend="sparsify")."""
-from .backend import backend, explain, last_report, sparsify_backend
+from .backend import backend, count_flops, explain, last_report, sparsify_backend
 from .config import AttentionConfig, MLPConfig, SparseAttention, SparsifyConfig
 from .debug import Report, RegionReport
 from .passes import SparsifyError
@@ -8,4 +8,4 @@ from . import ops  # noqa: F401  (registers torch.ops.sparsify.*)
 
 __version__ = "0.1.0"
 __all__ = ["AttentionConfig", "MLPConfig", "SparseAttention", "prepare", "Report", "RegionReport", "SparsifyConfig", "SparsifyError",
-           "backend", "explain", "last_report", "sparsify_backend"]
+           "backend", "count_flops", "explain", "last_report", "sparsify_backend"]

@@ -62,6 +62,26 @@ def explain(model: torch.nn.Module, *args, options: Union[SparsifyConfig, Mappin
     return report
 
 
+def count_flops(model: torch.nn.Module, *args, options: Union[SparsifyConfig, Mapping[str, Any], None] = None,
+                **kwargs) -> dict[str, int]:
+    """FLOPs of one forward of model(*args, **kwargs) as the backend rewrites it, per op name ("sparsify.spt_attention",
+    "aten.mm", ...), counted by torch.utils.flop_counter with the sparsify ops' own formulas (so sparse ops
+    count their sparse work, not dense n x n). Runs the rewritten graphs once without autograd; the model is
+    not changed. Compare two option sets to see what a method saves."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+
+    def counted(gm: GraphModule) -> Callable:
+        def run(*graph_args):
+            with counter:  # Dynamo steps aside while a dispatch mode is active: enter it per graph call
+                return gm.forward(*graph_args)
+        return run
+
+    trace(model, args, kwargs, SparsifyConfig.from_options(options), counted)
+    return {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
+
+
 def trace(model: torch.nn.Module, args: tuple, kwargs: dict, config: SparsifyConfig, runner) -> Report:
     """Run model(*args, **kwargs) once, without autograd, through Dynamo and the passes; each
     rewritten graph executes as runner(gm) returns. The merged report of all graphs.

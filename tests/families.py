@@ -67,26 +67,7 @@ def first_output(out) -> torch.Tensor:
 
 
 def op_flops(model, inputs: dict, options: dict) -> dict:
-    """FLOPs per op name of the graph the sparsify passes produce for model(**inputs).
-
-    Dynamo steps aside while a dispatch mode is active, so the rewritten graph is captured by a
-    small backend and replayed under FlopCounterMode directly."""
+    """FLOPs per op name of one forward of the graph the sparsify passes produce for model(**inputs)."""
     import sparsify
-    from sparsify.passes import run_passes
-    from torch.utils.flop_counter import FlopCounterMode
 
-    captured = {}
-
-    def backend(gm, example_inputs):
-        run_passes(gm, sparsify.SparsifyConfig.from_options(options))
-
-        def run(*args):
-            captured["graph"], captured["args"] = gm, args
-            return gm(*args)
-        return run
-
-    with torch.no_grad():
-        torch.compile(model, backend=backend)(**inputs)
-        with FlopCounterMode(display=False) as counter:
-            captured["graph"](*captured["args"])
-    return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    return sparsify.count_flops(model, **inputs, options=options)

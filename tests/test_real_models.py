@@ -48,3 +48,20 @@ def test_smollm2_all_blocks_matched_and_equal_to_eager():
     assert all(r.facts["gqa_groups"] == 3 and r.facts["causal"] for r in report.by_kind("attention"))
     assert {r.facts["activation"] for r in report.by_kind("mlp")} == {"silu"}
     torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+
+
+@needs_minilm
+@pytest.mark.slow
+def test_quickstart_example_runs():
+    """The README's first command runs examples/quickstart.py: dense check, then SPT + routed with FLOPs."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "examples", "quickstart.py"), "--inner", "aot_eager"],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "regions rewritten         12 of 12" in done.stdout
+    assert "MLP        dense 7.25 -> routed 3.63" in done.stdout
+    assert "one training step through the sparse graph" in done.stdout
