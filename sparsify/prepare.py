@@ -87,11 +87,32 @@ class _Recorder(torch.fx.Interpreter):
             path = n.meta.get("sparsify_module", "")
             if n.target is torch.ops.sparsify.attention.default:
                 self.samples[path].append((args[0].detach(), args[1].detach()))
-            else:  # the projection the activation reads ([F, d], Linear layout) and its bias:
-                # the gate projection of a gated MLP, else the up projection (what init_router wants)
-                w, b = (args[3], args[4]) if args[3] is not None else (args[1], args[2])
-                self.mlp_weights[path] = (w.detach(), None if b is None else b.detach())
+            else:
+                self.mlp_weights[path] = _mlp_sample(args)
         return result
+
+
+# tokens of the example batch kept per MLP for fitting its router (enough for a [d + 1] x blocks ridge fit)
+_ROUTER_SAMPLE_TOKENS = 8192
+
+
+def _mlp_sample(args: list) -> dict:
+    """What sparsify.prepare needs of one sparsify::mlp call: the projection the activation reads ([F, d], the
+    gate projection of a gated MLP, else the up projection: what neuron clustering groups), and sample inputs
+    x [T, d] with their activations [T, F] and the down projection (what fit_router fits to)."""
+    from .ops.mlp import ACTIVATIONS, _proj
+
+    x, up_w, up_b, gate_w, gate_b, down_w = args[:6]
+    lora_a, lora_b, scales, activation = args[7:13:2], args[8:13:2], args[13], args[14]
+    with torch.no_grad():
+        x2d = x.detach().reshape(-1, x.shape[-1])[:_ROUTER_SAMPLE_TOKENS]
+        up = _proj(x2d, up_w, up_b, lora_a[0], lora_b[0], scales[0])
+        act = ACTIVATIONS[activation]
+        hidden = act(_proj(x2d, gate_w, gate_b, lora_a[1], lora_b[1], scales[1])) * up if gate_w is not None \
+            else act(up)
+    w, b = (gate_w, gate_b) if gate_w is not None else (up_w, up_b)
+    return {"weight": w.detach(), "bias": None if b is None else b.detach(), "x": x2d, "hidden": hidden,
+            "down_weight": down_w.detach()}
 
 
 def kmeans_codebook(vectors: torch.Tensor, codewords: int, iterations: int = 12,
@@ -168,7 +189,7 @@ def prepare(model: nn.Module, *args, options: Union[SparsifyConfig, Mapping[str,
 
 
 def _attach_routers(model: nn.Module, report: Report, config: SparsifyConfig, mlp_weights: dict) -> None:
-    from .ops.routed import cluster_neurons, init_router
+    from .ops.routed import cluster_neurons, fit_router
 
     mlp = config.mlp
     for region in report.by_kind("mlp"):
@@ -176,14 +197,15 @@ def _attach_routers(model: nn.Module, report: Report, config: SparsifyConfig, ml
         if region.decision == "dense" or not d_ff or d_ff % mlp.blocks or region.module not in mlp_weights:
             continue  # the pass will report why; nothing to attach
         module = model.get_submodule(region.module)
-        up_w, up_b = mlp_weights[region.module]
+        sample = mlp_weights[region.module]
 
-        def make_router(up_w=up_w, up_b=up_b):
+        def make_router(sample=sample):
+            up_w = sample["weight"]
             if mlp.block_order == "clustered":
                 order = cluster_neurons(up_w.float(), mlp.blocks)
             else:
                 order = torch.arange(up_w.shape[0], device=up_w.device)
-            router_w, router_b = init_router(up_w.float(), None if up_b is None else up_b.float(), order, mlp.blocks)
+            router_w, router_b = fit_router(sample["x"], sample["hidden"], sample["down_weight"], order, mlp.blocks)
             params = {ROUTER_WEIGHT: router_w.to(up_w.dtype), ROUTER_BIAS: router_b.to(up_w.dtype)}
             if mlp.block_order == "clustered":
                 params[NEURON_ORDER] = order

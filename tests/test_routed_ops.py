@@ -35,6 +35,7 @@ from sparsify.ops.routed import (
     TORCH_GROUPED,
     Grouping,
     cluster_neurons,
+    fit_router,
     init_router,
     route,
     routed_flops,
@@ -444,6 +445,37 @@ def test_init_router_prefers_the_most_excited_blocks():
     rw0, rb0 = init_router(up_w, None, None, 4, scale=0.5)
     assert torch.count_nonzero(rb0) == 0
     torch.testing.assert_close(rw0.sum(0), torch.zeros(8), atol=1e-6, rtol=0)
+
+
+def test_fit_router_ranks_blocks_by_their_contribution():
+    """Planted: block b's activations scale with exp(x . u_b), so its share of the output is log-linear in x and
+    a fitted router must rank blocks by contribution on new tokens too; logits are scaled to std 0.05."""
+    g = _gen(21)
+    d, d_ff, blocks, tokens = 8, 16, 4, 400
+    u = _randn(g, blocks, d)
+    order = torch.randperm(d_ff, generator=g)
+    down_w = _randn(g, 6, d_ff)
+
+    def sample(n):
+        x = _randn(g, n, d)
+        base = _randn(g, n, d_ff).abs() + 0.5
+        scale = (x @ u.t()).exp().repeat_interleave(d_ff // blocks, dim=1)   # block-major in `order`
+        hidden = torch.empty(n, d_ff)
+        hidden[:, order] = base * scale
+        contrib = torch.einsum("tbf,obf->tbo", hidden[:, order].view(n, blocks, -1),
+                               down_w[:, order].view(6, blocks, -1)).norm(dim=-1)
+        return x, hidden, contrib
+
+    x, hidden, _ = sample(tokens)
+    rw, rb = fit_router(x, hidden, down_w, order, blocks)
+    assert rw.shape == (blocks, d) and rb.shape == (blocks,)
+    assert abs((x @ rw.t() + rb).std().item() - 0.05) < 1e-4
+    x_new, _, contrib_new = sample(200)
+    picked = (x_new @ rw.t() + rb).topk(2, dim=-1).indices.sort(-1).values
+    best = contrib_new.topk(2, dim=-1).indices.sort(-1).values
+    assert (picked == best).all(-1).double().mean() > 0.9
+    with pytest.raises(ValueError, match="multiple"):
+        fit_router(x, hidden, down_w, None, 3)
 
 
 # ---------------------------------------------------------------------------------------------

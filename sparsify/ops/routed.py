@@ -817,3 +817,37 @@ def init_router(up_w: Tensor, up_b: Optional[Tensor], neuron_order: Optional[Ten
         else:
             router_b = torch.zeros(blocks, dtype=torch.float64, device=up_w.device)
     return router_w.to(up_w.dtype), router_b.to(up_w.dtype)
+
+
+def fit_router(x: Tensor, hidden: Tensor, down_w: Tensor, neuron_order: Optional[Tensor], blocks: int,
+               logit_std: float = 0.05, ridge: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """A router fitted on sample tokens: (router_w [blocks, d], router_b [blocks]) in down_w's dtype and device.
+
+    x [T, d] are the MLP's inputs, hidden [T, F] its activations (after the activation and the gated product,
+    before the down projection), down_w [d_out, F]. Block i's contribution to a token's output is
+    c_i = || hidden[:, block i] @ down_w[:, block i]^T ||; its log, centred per token over the blocks, is the
+    target a ridge regression on [x, 1] fits. So the router ranks blocks by their predicted share of the output
+    (what top-k routing should keep), from the start. The logits are then scaled to a standard deviation of
+    `logit_std` over the samples: ranking does not depend on the scale, and small logits keep p = sigmoid near
+    1/2, so the SPT gate 2p starts near 1 (the kept blocks' outputs unscaled) where the sigmoid's slope is
+    largest (the router learns fastest). Computed in float64."""
+    tokens, d_ff = hidden.shape
+    if blocks < 1 or d_ff % blocks:
+        raise ValueError(f"fit_router: d_ff={d_ff} is not a multiple of blocks={blocks}")
+    with torch.no_grad():
+        order = torch.arange(d_ff, device=hidden.device) if neuron_order is None else neuron_order.long()
+        h = hidden.detach().to(torch.float64)[:, order].reshape(tokens, blocks, d_ff // blocks)
+        w = down_w.detach().to(torch.float64)[:, order].reshape(-1, blocks, d_ff // blocks)
+        contrib = torch.einsum("tbf,obf->tbo", h, w).norm(dim=-1)                      # [T, blocks]
+        target = contrib.clamp_min(1e-12).log()
+        target = target - target.mean(1, keepdim=True)
+        xs = torch.cat([x.detach().to(torch.float64).reshape(tokens, -1),
+                        torch.ones(tokens, 1, dtype=torch.float64, device=x.device)], dim=1)
+        gram = xs.T @ xs
+        gram += ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype,
+                                                                              device=gram.device)
+        coef = torch.linalg.solve(gram, xs.T @ target)                                  # [d + 1, blocks]
+        logits = xs @ coef
+        coef = coef * (logit_std / logits.std().clamp_min(1e-12))
+    return coef[:-1].T.contiguous().to(down_w.dtype), coef[-1].contiguous().to(down_w.dtype)
+
