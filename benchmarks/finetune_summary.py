@@ -43,7 +43,12 @@ def _mean_sd(values: list) -> tuple[float, float | None]:
 def summarise(runs: list[dict]) -> dict:
     groups: dict[str, dict[int, dict]] = defaultdict(dict)
     for run in runs:
-        groups[label_of(run.get("options"))][run["seed"]] = run
+        label = label_of(run.get("options"))
+        if run.get("variant_note"):  # same options, different code (e.g. an earlier initialisation)
+            label += f" [{run['variant_note']}]"
+        if run["seed"] in groups[label]:
+            raise ValueError(f"two runs of {label!r} with seed {run['seed']}")
+        groups[label][run["seed"]] = run
     baseline = groups.get("dense", {})
     rows = []
     for label, by_seed in groups.items():
@@ -72,7 +77,7 @@ def summarise(runs: list[dict]) -> dict:
             "setting": setting, "variants": rows}
 
 
-def render(summary: dict) -> str:
+def render(summary: dict, notes: list[str] = ()) -> str:
     s = summary["setting"]
     pct = lambda x: "-" if x is None else f"{100 * x:.2f}"  # noqa: E731
     rows = []
@@ -100,6 +105,7 @@ def render(summary: dict) -> str:
         "Times and memory are CPU measurements on a shared 2-core host (load average at each run's start is in "
         "the JSON): indicative only; the CPU path of the sparse ops is the plain-torch reference.",
     ]
+    lines += [""] + [f"- {note}" for note in notes] if notes else []
     return "\n".join(lines)
 
 
@@ -108,6 +114,7 @@ def main(argv=None) -> dict:
     p.add_argument("runs", nargs="+", help="finetune.py JSON results")
     p.add_argument("--out-dir", default=T.default_out_dir())
     p.add_argument("--stem", default="finetune_summary")
+    p.add_argument("--note", action="append", default=[], help="a line for the notes under the table (repeatable)")
     args = p.parse_args(argv)
     runs = []
     for path in args.runs:
@@ -115,7 +122,8 @@ def main(argv=None) -> dict:
             runs.append(json.load(f))
     summary = summarise(runs)
     summary["runs"] = [os.path.relpath(p, args.out_dir) for p in args.runs]
-    markdown = render(summary)
+    summary["notes"] = args.note
+    markdown = render(summary, args.note)
     paths = T.write_results(args.out_dir, args.stem, summary, markdown)
     print(markdown)
     print("wrote", *paths)
