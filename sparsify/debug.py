@@ -30,7 +30,7 @@ def _register_with_torch_logging() -> None:
 _register_with_torch_logging()
 
 _PUBLIC_FACTS = {
-    "attention": ("source", "mask", "causal", "scale", "dropout_p", "heads", "kv_heads", "head_dim", "keep_keys", "keep_blocks"),
+    "attention": ("source", "mask", "causal", "scale", "dropout_p", "heads", "kv_heads", "head_dim", "keep_keys", "keep_blocks", "score"),
     "mlp": ("activation", "gated", "bias", "lora", "dropout_p", "d_model", "d_ff"),
 }
 

@@ -233,4 +233,5 @@ def test_attention_module_compiled_as_the_root_gets_its_codebook():
         out = first_output(torch.compile(attention, backend="sparsify", options=options)(hidden))
         torch.testing.assert_close(out, first_output(attention(hidden)), atol=1e-5, rtol=0)
     report = sparsify.last_report().by_kind("attention")
-    assert [(r.decision, r.facts["q_projection"]) for r in report] == [("spt", "query")]
+    assert [(r.decision, r.facts["q_projection"], r.facts["score"]) for r in report] == [
+        ("spt", "query", "codes(1 subspaces)")]

@@ -167,7 +167,7 @@ def test_exact_keep_one_reproduces_dense_without_prepare(family, granularity):
     reference_grads = _grads(model)
     model.zero_grad(set_to_none=True)
     out = first_output(torch.compile(model, backend="sparsify", options=options)(**inputs))
-    assert {r.decision for r in sparsify.last_report().by_kind("attention")} == {"spt"}
+    assert {(r.decision, r.facts["score"]) for r in sparsify.last_report().by_kind("attention")} == {("spt", "exact")}
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
     out.square().mean().backward()
     grads = _grads(model)

@@ -141,6 +141,8 @@ def rewrite_spt(gm: GraphModule, region: Region, codebook: Optional[Node], confi
     erase_unused(region.interior)
     unit = "blocks" if config.granularity == "block" else "keys"
     region.facts[f"keep_{unit}"] = keep if isinstance(keep, int) else f"ceil({config.keep:g}*n_{unit})"
+    # what ranks the keys: few PQ subspaces make a coarse score (README: recall at head_dim 32)
+    region.facts["score"] = "exact" if exact else f"codes({value(codebook).shape[0]} subspaces)"
 
 
 def _item(graph, node: Node, index: int, like: Node) -> Node:
