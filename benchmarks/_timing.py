@@ -139,6 +139,43 @@ def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int = 2
             "repeats": repeats, "times_ms": [round(t, 4) for t in times]}
 
 
+def time_fwd_bwd(once: Callable[[], tuple], saved: Callable[[], dict], clear: Callable[[], None],
+                 device: torch.device, args, *, compiled: bool, with_saved: bool = True) -> dict:
+    """The protocol of the op benchmarks, for one case whose once() runs forward + backward and returns
+    (forward ms, forward+backward ms), and whose saved() runs them once under saved_tensors_hooks and
+    returns the saved-bytes info: a first call reported apart (for eager code it doubles as the
+    saved-bytes measurement; compiled code gets an extra call afterwards), args.warmup warm-up calls (none
+    on CPU when the first call alone exceeded args.budget_s: nothing compiles there), then repeats fitting
+    the budget within [args.min_repeats, args.max_repeats]; on CUDA one more call for the peak."""
+    res = {}
+    sync(device)
+    t0 = time.perf_counter()
+    if with_saved and not compiled:
+        res.update(saved())
+    else:
+        once()
+    sync(device)
+    res["first_call_s"] = round(time.perf_counter() - t0, 3)
+    last = res["first_call_s"] * 1e3
+    warmup = 0 if device.type != "cuda" and not compiled and last > args.budget_s * 1e3 else args.warmup
+    res["warmup_calls"] = warmup
+    for _ in range(warmup):
+        last = once()[1]
+    repeats = max(args.min_repeats, min(args.max_repeats, int(args.budget_s * 1e3 / max(last, 1e-3))))
+    fwd, tot = zip(*(once() for _ in range(repeats)))
+    res.update(fwd_ms=statistics.median(fwd), fwd_bwd_ms=statistics.median(tot), repeats=repeats,
+               fwd_bwd_times_ms=[round(t, 4) for t in tot], fwd_times_ms=[round(t, 4) for t in fwd])
+    if device.type == "cuda":
+        res.update(cuda_peak(once, device))
+    if with_saved and compiled:
+        try:
+            res.update(saved())
+        except Exception as exc:  # noqa: BLE001  (compiled code may refuse saved-tensor hooks)
+            res["saved_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            clear()
+    return res
+
+
 # ------------------------------------------------------------------------------------------ memory
 
 def cuda_peak(fn: Callable[[], object], device: torch.device) -> dict:

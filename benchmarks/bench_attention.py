@@ -58,7 +58,6 @@ import importlib
 import importlib.util
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -313,34 +312,9 @@ def measure(case: Case, inputs, device, args) -> dict:
         clear()
         return info
 
-    res = {"variant": case.name, "status": "ok", "note": case.note}
-    T.sync(device)
-    t0 = time.perf_counter()
-    if case.backward is not None and not case.compiled:
-        res.update(saved())  # the first call doubles as the saved-bytes measurement
-    else:
-        once()
-    T.sync(device)
-    res["first_call_s"] = round(time.perf_counter() - t0, 3)
-    last = res["first_call_s"] * 1e3
-    # on CPU a first call longer than the whole timing budget already warmed everything up (nothing compiles)
-    warmup = 0 if device.type != "cuda" and not case.compiled and last > args.budget_s * 1e3 else args.warmup
-    res["warmup_calls"] = warmup
-    for _ in range(warmup):
-        last = once()[1]
-    repeats = max(args.min_repeats, min(args.max_repeats, int(args.budget_s * 1e3 / max(last, 1e-3))))
-    fwd, tot = zip(*(once() for _ in range(repeats)))
-    res.update(fwd_ms=statistics.median(fwd), fwd_bwd_ms=statistics.median(tot), repeats=repeats,
-               fwd_bwd_times_ms=[round(t, 4) for t in tot], fwd_times_ms=[round(t, 4) for t in fwd])
-    if device.type == "cuda":
-        res.update(T.cuda_peak(once, device))
-    if case.backward is not None and case.compiled:
-        try:
-            res.update(saved())
-        except Exception as exc:  # noqa: BLE001  (compiled code may refuse saved-tensor hooks)
-            res["saved_error"] = f"{type(exc).__name__}: {exc}"[:300]
-            clear()
-    return res
+    return {"variant": case.name, "status": "ok", "note": case.note,
+            **T.time_fwd_bwd(once, saved, clear, device, args, compiled=case.compiled,
+                             with_saved=case.backward is not None)}
 
 
 def build_cases(q, k, v, grad, cfg, args, device, state) -> list:
