@@ -4,30 +4,13 @@ The sizes mean nothing; the tests check that the scripts run end to end, write t
 report honestly (GPU targets are NOT RUN on CPU; no numbers invented; failures say why).
 """
 import importlib.util
-import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-FAST = ["--warmup", "1", "--min-repeats", "1", "--max-repeats", "2", "--budget-s", "0.01"]
-
-
-def _load(name):
-    if BENCH not in sys.path:
-        sys.path.insert(0, BENCH)
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(BENCH, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses (data_fortunes._Pool) look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def _files(tmp_path, stem):
-    return json.loads((tmp_path / f"{stem}.json").read_text()), (tmp_path / f"{stem}.md").read_text()
+from bench_helpers import FAST, load_benchmark as _load, result_files as _files
 
 
 def test_bench_ffn_tiny(tmp_path):
@@ -103,8 +86,8 @@ def test_finetune_lm_data_split_is_by_fortune():
     assert not any(torch.equal(h, t) for h in held for t in train)
 
 
-def test_finetune_lm_tiny(tmp_path):
-    pytest.importorskip("transformers")
+def _run_tiny_lm(tmp_path, *extra):
+    """finetune_lm.main on the tiny model, or a skip when the fortunes or MiniLM's tokenizer are missing."""
     ft = _load("finetune_lm")
     data_fortunes = _load("data_fortunes")
     if not data_fortunes.fortunes_available():
@@ -112,9 +95,14 @@ def test_finetune_lm_tiny(tmp_path):
     from sparsify.models import ModelPackageMissing
 
     try:
-        payload = ft.main(_tiny_lm_args(tmp_path, "--variants", "dense", "routed"))
+        return ft.main(_tiny_lm_args(tmp_path, *extra))
     except ModelPackageMissing as exc:  # the tiny model borrows MiniLM's tokenizer
         pytest.skip(str(exc))
+
+
+def test_finetune_lm_tiny(tmp_path):
+    pytest.importorskip("transformers")
+    payload = _run_tiny_lm(tmp_path, "--variants", "dense", "routed")
     saved, markdown = _files(tmp_path, "lm")
     rows = {r["variant"]: r for r in payload["variants"]}
     assert set(rows) == {"dense", "routed"}
@@ -134,16 +122,7 @@ def test_finetune_lm_tiny(tmp_path):
 
 def test_finetune_lm_tiny_lora(tmp_path):
     pytest.importorskip("peft")
-    ft = _load("finetune_lm")
-    data_fortunes = _load("data_fortunes")
-    if not data_fortunes.fortunes_available():
-        pytest.skip(data_fortunes.INSTALL_HINT)
-    from sparsify.models import ModelPackageMissing
-
-    try:
-        payload = ft.main(_tiny_lm_args(tmp_path, "--variants", "routed", "--lora", "4"))
-    except ModelPackageMissing as exc:
-        pytest.skip(str(exc))
+    payload = _run_tiny_lm(tmp_path, "--variants", "routed", "--lora", "4")
     (r,) = payload["variants"]
     assert "status" not in r, r.get("reason")
     assert r["router_params"] > 0 and r["trainable_params"] < 200_000  # LoRA factors + routers only

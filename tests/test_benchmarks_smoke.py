@@ -3,30 +3,10 @@
 Sizes are far too small to mean anything; the tests check that the scripts run end to end, write
 their JSON / markdown, and report honestly (skips and NOT RUN checks say why; no numbers are invented).
 """
-import importlib.util
-import json
-import os
-import sys
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-FAST = ["--warmup", "1", "--min-repeats", "1", "--max-repeats", "2", "--budget-s", "0.01"]
-
-
-def _load(name):
-    if BENCH not in sys.path:
-        sys.path.insert(0, BENCH)
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(BENCH, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _files(tmp_path, stem):
-    payload = json.loads((tmp_path / f"{stem}.json").read_text())
-    markdown = (tmp_path / f"{stem}.md").read_text()
-    return payload, markdown
+from bench_helpers import FAST, load_benchmark as _load, result_files as _files
 
 
 def test_bench_attention_tiny(tmp_path):
