@@ -187,6 +187,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def timed_step(compute_loss, optimizer, device: torch.device) -> tuple[float, float]:
+    """One optimizer step on compute_loss(): (loss value, seconds from forward to the optimizer step's end)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    loss = compute_loss()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    return loss.item(), elapsed
+
+
 def evaluate(model, dataset, batch: int, device: torch.device) -> tuple[float, float]:
     """(accuracy, seconds per batch) over `dataset`, in eval mode without grad."""
     model.eval()
@@ -284,15 +297,8 @@ def run(args: argparse.Namespace) -> dict:
                 order = torch.cat([order, torch.randperm(len(train_set), generator=gen)])
             idx, order = order[:args.batch], order[args.batch:]
             ids, mask, y = (t[idx].to(device) for t in train_set.tensors)
-            _sync(device)
-            t0 = time.perf_counter()
-            loss = loss_fn(step_model(ids, mask), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            _sync(device)
-            elapsed = time.perf_counter() - t0
-            losses.append(loss.item())
+            loss, elapsed = timed_step(lambda: loss_fn(step_model(ids, mask), y), optimizer, device)
+            losses.append(loss)
             if step == 0:
                 first_step_s = elapsed
                 if args.compile:

@@ -51,7 +51,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 import data_fortunes  # noqa: E402
-from finetune import PeakMemory, report_summary  # noqa: E402
+from finetune import PeakMemory, report_summary, timed_step  # noqa: E402
 
 VARIANTS = {
     "dense": {"mlp": {"method": "dense"}},
@@ -149,10 +149,6 @@ def needs_prepare(options: dict) -> bool:
     return options.get("mlp", {}).get("method") == "routed" or options.get("attention", {}).get("method") == "spt"
 
 
-def _sync(device):
-    T.sync(device)
-
-
 def perplexity(model, data: torch.Tensor, batch: int, device) -> dict:
     """exp(mean NLL) over every predicted token of `data` (no padding), eval mode, no grad."""
     was_training = model.training
@@ -161,10 +157,10 @@ def perplexity(model, data: torch.Tensor, batch: int, device) -> dict:
     with torch.no_grad():
         for start in range(0, len(data), batch):
             ids = data[start:start + batch].to(device)
-            _sync(device)
+            T.sync(device)
             t0 = time.perf_counter()
             loss = model(input_ids=ids, labels=ids).loss
-            _sync(device)
+            T.sync(device)
             times.append(time.perf_counter() - t0)
             n = ids.shape[0] * (ids.shape[1] - 1)  # HF shifts labels: seq_len - 1 predictions per row
             total += loss.float().item() * n
@@ -224,15 +220,8 @@ def run_variant(name: str, options: dict, base_model, tokenizer, train, held, ar
     with PeakMemory(device) as memory:
         for step in range(args.steps):
             ids = train[order[(step * args.batch + torch.arange(args.batch)) % len(train)]].to(device)
-            _sync(device)
-            t0 = time.perf_counter()
-            loss = compiled(input_ids=ids, labels=ids).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            _sync(device)
-            elapsed = time.perf_counter() - t0
-            losses.append(loss.item())
+            loss, elapsed = timed_step(lambda: compiled(input_ids=ids, labels=ids).loss, optimizer, device)
+            losses.append(loss)
             if step == 0:
                 first_step_s = elapsed
                 train_report = sparsify.last_report()
