@@ -66,6 +66,30 @@ def first_output(out) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def grads_of(model) -> dict:
+    """Parameter name -> a copy of its gradient, for the parameters that have one."""
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_compiled_matches_eager(model, inputs: dict, options: dict, atol: float = 1e-5):
+    """torch.compile(model, backend="sparsify", options) gives eager's output and every gradient eager computes,
+    within atol (loss: mean square of the first output). Returns the compiled report (sparsify.last_report())."""
+    import sparsify
+
+    reference = first_output(model(**inputs))
+    reference.square().mean().backward()
+    reference_grads = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    out = first_output(torch.compile(model, backend="sparsify", options=options)(**inputs))
+    report = sparsify.last_report()
+    torch.testing.assert_close(out, reference, atol=atol, rtol=0)
+    out.square().mean().backward()
+    grads = grads_of(model)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=atol, rtol=0, msg=name)
+    return report
+
+
 def op_flops(model, inputs: dict, options: dict) -> dict:
     """FLOPs per op name of one forward of the graph the sparsify passes produce for model(**inputs)."""
     import sparsify

@@ -8,15 +8,11 @@ import pytest
 import torch
 
 import sparsify
-from families import FAMILIES, first_output, tiny_inputs, tiny_model
+from families import FAMILIES, first_output, grads_of, tiny_inputs, tiny_model
 
 
 def _loss(out):
     return first_output(out).square().mean()
-
-
-def _grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _compare_with_eager(family, impl, inner, atol=1e-5):
@@ -24,7 +20,7 @@ def _compare_with_eager(family, impl, inner, atol=1e-5):
     inputs = tiny_inputs(family)
     reference = first_output(model(**inputs)).detach()
     _loss(model(**inputs)).backward()
-    reference_grads = _grads(model)
+    reference_grads = grads_of(model)
     model.zero_grad(set_to_none=True)
 
     compiled = torch.compile(model, backend="sparsify", options={"inner": inner})
@@ -33,7 +29,7 @@ def _compare_with_eager(family, impl, inner, atol=1e-5):
     assert len(report.rewritten) == len(report.regions) > 0
     torch.testing.assert_close(first_output(out), reference, atol=atol, rtol=0)
     _loss(out).backward()
-    grads = _grads(model)
+    grads = grads_of(model)
     assert reference_grads.keys() <= grads.keys()
     for name, grad in grads.items():  # AOTAutograd gives unused parameters (the pooler) zeros, not None
         expected = reference_grads.get(name, torch.zeros_like(grad))
