@@ -139,6 +139,29 @@ def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int = 2
             "repeats": repeats, "times_ms": [round(t, 4) for t in times]}
 
 
+def fwd_bwd_ms(forward: Callable[[], object], backward: Optional[Callable[[object], None]],
+               clear: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """One forward + backward call: (forward ms, forward+backward ms). backward None: the forward runs without
+    autograd and both times are the forward's. clear() drops the gradients after the backward."""
+    sync(device)
+    t0 = time.perf_counter()
+    if backward is None:
+        with torch.no_grad():
+            forward()
+        sync(device)
+        t1 = t2 = time.perf_counter()
+    else:
+        out = forward()
+        sync(device)
+        t1 = time.perf_counter()
+        backward(out)
+        del out
+        clear()
+        sync(device)
+        t2 = time.perf_counter()
+    return (t1 - t0) * 1e3, (t2 - t0) * 1e3
+
+
 def time_fwd_bwd(once: Callable[[], tuple], saved: Callable[[], dict], clear: Callable[[], None],
                  device: torch.device, args, *, compiled: bool, with_saved: bool = True) -> dict:
     """The protocol of the op benchmarks, for one case whose once() runs forward + backward and returns

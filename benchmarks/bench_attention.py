@@ -287,23 +287,7 @@ def measure(case: Case, inputs, device, args) -> dict:
             t.grad = None
 
     def once():
-        T.sync(device)
-        t0 = time.perf_counter()
-        if case.backward is None:
-            with torch.no_grad():
-                case.forward()
-            T.sync(device)
-            t1 = t2 = time.perf_counter()
-        else:
-            out = case.forward()
-            T.sync(device)
-            t1 = time.perf_counter()
-            case.backward(out)
-            del out
-            clear()
-            T.sync(device)
-            t2 = time.perf_counter()
-        return (t1 - t0) * 1e3, (t2 - t0) * 1e3
+        return T.fwd_bwd_ms(case.forward, case.backward, clear, device)
 
     def saved():
         out, info = T.saved_bytes(case.forward, exclude=case.exclude)

@@ -148,17 +148,7 @@ def measure(case: Case, x, ffn: FFN, grad, device, args) -> dict:
         return res[0] if isinstance(res, (tuple, list)) else res
 
     def once():
-        T.sync(device)
-        t0 = time.perf_counter()
-        out = output(case.forward())
-        T.sync(device)
-        t1 = time.perf_counter()
-        out.backward(grad)
-        del out
-        clear()
-        T.sync(device)
-        t2 = time.perf_counter()
-        return (t1 - t0) * 1e3, (t2 - t0) * 1e3
+        return T.fwd_bwd_ms(lambda: output(case.forward()), lambda out: out.backward(grad), clear, device)
 
     def saved():
         res, info = T.saved_bytes(case.forward, exclude=exclude)
