@@ -73,11 +73,12 @@ def attach_state(module: nn.Module, kind: str, make_params, hook_child: str = ""
 
 class _Recorder(torch.fx.Interpreter):
     """Runs a densely rewritten graph and keeps, per module path, the q and k each
-    sparsify::attention call receives and the activation's projection of each sparsify::mlp call."""
+    sparsify::attention call receives and, when mlp_samples is a dict, what fitting a router needs of each
+    sparsify::mlp call (_mlp_sample)."""
 
-    def __init__(self, gm, samples, mlp_weights):
+    def __init__(self, gm, samples, mlp_samples):
         super().__init__(gm)
-        self.samples, self.mlp_weights = samples, mlp_weights
+        self.samples, self.mlp_samples = samples, mlp_samples
 
     def run_node(self, n):
         result = super().run_node(n)
@@ -87,8 +88,8 @@ class _Recorder(torch.fx.Interpreter):
             path = n.meta.get("sparsify_module", "")
             if n.target is torch.ops.sparsify.attention.default:
                 self.samples[path].append((args[0].detach(), args[1].detach()))
-            else:
-                self.mlp_weights[path] = _mlp_sample(args)
+            elif self.mlp_samples is not None:
+                self.mlp_samples[path] = _mlp_sample(args)
         return result
 
 
@@ -100,16 +101,13 @@ def _mlp_sample(args: list) -> dict:
     """What sparsify.prepare needs of one sparsify::mlp call: the projection the activation reads ([F, d], the
     gate projection of a gated MLP, else the up projection: what neuron clustering groups), and sample inputs
     x [T, d] with their activations [T, F] and the down projection (what fit_router fits to)."""
-    from .ops.mlp import ACTIVATIONS, _proj
+    from .ops.mlp import mlp_hidden
 
-    x, up_w, up_b, gate_w, gate_b, down_w = args[:6]
-    lora_a, lora_b, scales, activation = args[7:13:2], args[8:13:2], args[13], args[14]
+    x, up_w, up_b, gate_w, gate_b, down_w, _, up_lora_a, up_lora_b, gate_lora_a, gate_lora_b = args[:11]
     with torch.no_grad():
         x2d = x.detach().reshape(-1, x.shape[-1])[:_ROUTER_SAMPLE_TOKENS]
-        up = _proj(x2d, up_w, up_b, lora_a[0], lora_b[0], scales[0])
-        act = ACTIVATIONS[activation]
-        hidden = act(_proj(x2d, gate_w, gate_b, lora_a[1], lora_b[1], scales[1])) * up if gate_w is not None \
-            else act(up)
+        hidden = mlp_hidden(x2d, up_w, up_b, gate_w, gate_b, up_lora_a, up_lora_b, gate_lora_a, gate_lora_b,
+                            args[13], args[14])  # lora_scales, activation
     w, b = (gate_w, gate_b) if gate_w is not None else (up_w, up_b)
     return {"weight": w.detach(), "bias": None if b is None else b.detach(), "x": x2d, "hidden": hidden,
             "down_weight": down_w.detach()}
@@ -160,8 +158,9 @@ def prepare(model: nn.Module, *args, options: Union[SparsifyConfig, Mapping[str,
     tracing = dataclasses.replace(config, attention=dataclasses.replace(config.attention, method="dense"),
                                   mlp=dataclasses.replace(config.mlp, method="dense"), inner="eager", strict=False)
     samples: dict = defaultdict(list)
-    mlp_weights: dict = {}
-    report = trace(model, args, kwargs, tracing, lambda gm: _Recorder(gm, samples, mlp_weights).run)
+    # MLP activations are only needed to fit routers: no [tokens, d_ff] copies otherwise
+    mlp_samples: Optional[dict] = {} if config.mlp.method == "routed" else None
+    report = trace(model, args, kwargs, tracing, lambda gm: _Recorder(gm, samples, mlp_samples).run)
 
     if config.attention.method == "spt" and config.attention.score == "codes":  # "exact" needs no state
         attention = config.attention
@@ -184,20 +183,20 @@ def prepare(model: nn.Module, *args, options: Union[SparsifyConfig, Mapping[str,
                 log.info("prepare: PQ codebook on %s (k-means on %d q/k samples)", region.module,
                          len(samples[region.module]))
     if config.mlp.method == "routed":
-        _attach_routers(model, report, config, mlp_weights)
+        _attach_routers(model, report, config, mlp_samples)
     return report
 
 
-def _attach_routers(model: nn.Module, report: Report, config: SparsifyConfig, mlp_weights: dict) -> None:
+def _attach_routers(model: nn.Module, report: Report, config: SparsifyConfig, mlp_samples: dict) -> None:
     from .ops.routed import cluster_neurons, fit_router
 
     mlp = config.mlp
     for region in report.by_kind("mlp"):
         d_ff = region.facts.get("d_ff")
-        if region.decision == "dense" or not d_ff or d_ff % mlp.blocks or region.module not in mlp_weights:
+        if region.decision == "dense" or not d_ff or d_ff % mlp.blocks or region.module not in mlp_samples:
             continue  # the pass will report why; nothing to attach
         module = model.get_submodule(region.module)
-        sample = mlp_weights[region.module]
+        sample = mlp_samples[region.module]
 
         def make_router(sample=sample):
             up_w = sample["weight"]

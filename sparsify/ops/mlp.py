@@ -35,6 +35,20 @@ def _proj(x: Tensor, w: Tensor, b: Optional[Tensor], lora_a: Optional[Tensor], l
     return y
 
 
+def mlp_hidden(
+    x: Tensor, up_w: Tensor, up_b: Optional[Tensor], gate_w: Optional[Tensor], gate_b: Optional[Tensor],
+    up_lora_a: Optional[Tensor], up_lora_b: Optional[Tensor],
+    gate_lora_a: Optional[Tensor], gate_lora_b: Optional[Tensor],
+    lora_scales: list[float], activation: str,
+) -> Tensor:
+    """The activations the down projection reads: act(up x), or act(gate x) * (up x) for a gated MLP."""
+    act = ACTIVATIONS[activation]
+    up = _proj(x, up_w, up_b, up_lora_a, up_lora_b, lora_scales[0])
+    if gate_w is not None:
+        return act(_proj(x, gate_w, gate_b, gate_lora_a, gate_lora_b, lora_scales[1])) * up
+    return act(up)
+
+
 def mlp_reference(
     x: Tensor, up_w: Tensor, up_b: Optional[Tensor], gate_w: Optional[Tensor], gate_b: Optional[Tensor],
     down_w: Tensor, down_b: Optional[Tensor],
@@ -43,12 +57,8 @@ def mlp_reference(
     down_lora_a: Optional[Tensor], down_lora_b: Optional[Tensor],
     lora_scales: list[float], activation: str, dropout_p: float, seed: Tensor,
 ) -> Tensor:
-    act = ACTIVATIONS[activation]
-    up = _proj(x, up_w, up_b, up_lora_a, up_lora_b, lora_scales[0])
-    if gate_w is not None:
-        h = act(_proj(x, gate_w, gate_b, gate_lora_a, gate_lora_b, lora_scales[1])) * up
-    else:
-        h = act(up)
+    h = mlp_hidden(x, up_w, up_b, gate_w, gate_b, up_lora_a, up_lora_b, gate_lora_a, gate_lora_b, lora_scales,
+                   activation)
     h = seeded_dropout(h, dropout_p, seed)
     return _proj(h, down_w, down_b, down_lora_a, down_lora_b, lora_scales[2])
 

@@ -850,4 +850,3 @@ def fit_router(x: Tensor, hidden: Tensor, down_w: Tensor, neuron_order: Optional
         logits = xs @ coef
         coef = coef * (logit_std / logits.std().clamp_min(1e-12))
     return coef[:-1].T.contiguous().to(down_w.dtype), coef[-1].contiguous().to(down_w.dtype)
-

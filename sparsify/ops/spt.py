@@ -210,7 +210,8 @@ def qk_select(
     acc = _acc_dtype(q.dtype)
     qg = q.reshape(b, hkv, groups, lq, d)          # GQA as a broadcast dim, no repeat of k
     kt = k.to(acc).transpose(-1, -2)[:, :, None]  # [B, Hkv, 1, D, Lk]
-    keys = torch.arange(lk, device=q.device)
+    keys = torch.arange(lk, device=q.device, dtype=torch.int32)
+    slots = torch.arange(keep, device=q.device)
     index = torch.empty(b, hkv, groups, lq, keep, dtype=torch.int32, device=q.device)
     valid = torch.empty(b, hkv, groups, lq, keep, dtype=torch.bool, device=q.device)
     with torch.no_grad():
@@ -235,9 +236,8 @@ def qk_select(
             # everything else is scattered into a spare column that is dropped
             slot = torch.where(chosen, chosen.cumsum(-1) - 1, keep)
             out = torch.zeros(*slot.shape[:-1], keep + 1, dtype=torch.int32, device=q.device)
-            out.scatter_(-1, slot, keys.to(torch.int32).expand_as(slot))
-            count = chosen.sum(-1, keepdim=True)
-            ok = torch.arange(keep, device=q.device) < count
+            out.scatter_(-1, slot, keys.expand_as(slot))
+            ok = slots < chosen.sum(-1, keepdim=True)
             index[:, :, :, rows] = torch.where(ok, out[..., :keep], 0)
             valid[:, :, :, rows] = ok
     return index.reshape(b, h, lq, keep), valid.reshape(b, h, lq, keep)

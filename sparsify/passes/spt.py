@@ -105,11 +105,12 @@ def rewrite_spt(gm: GraphModule, region: Region, codebook: Optional[Node], confi
     exact = config.score == "exact"
     with graph.inserting_before(region.output):
         k, mask = attention_operands(graph, region)
-        if exact:  # the selection ops rank by q . k itself
-            q_codes, k_codes = f.q, k
+        # what the selection ranks: q and k themselves ("exact"), or their PQ codes
+        if exact:
+            rank_q, rank_k = f.q, k
         else:
-            q_codes = insert_call(graph, torch.ops.sparsify.pq_encode.default, (f.q, codebook), like=like)
-            k_codes = insert_call(graph, torch.ops.sparsify.pq_encode.default, (k, codebook), like=like)
+            rank_q = insert_call(graph, torch.ops.sparsify.pq_encode.default, (f.q, codebook), like=like)
+            rank_k = insert_call(graph, torch.ops.sparsify.pq_encode.default, (k, codebook), like=like)
         key_valid = None
         if mask is not None:
             key_valid = insert_call(graph, key_valid_from_mask, (mask, f.q, k), like=like)
@@ -119,7 +120,7 @@ def rewrite_spt(gm: GraphModule, region: Region, codebook: Optional[Node], confi
             keep = _keep_count(graph, k, config.keep, like, block)
             select = torch.ops.sparsify.qk_select_blocks if exact else torch.ops.sparsify.pq_select_blocks
             selected = insert_call(graph, select.default,
-                                   (q_codes, k_codes, keep, block, causal, key_valid), like=like)
+                                   (rank_q, rank_k, keep, block, causal, key_valid), like=like)
             args = (f.q, k, f.v, _item(graph, selected, 0, like), _item(graph, selected, 1, like), block, mask,
                     float(f.scale), causal, float(f.dropout_p))
             call = insert_call(graph, torch.ops.sparsify.block_sparse_attention.default, args, like=like)
@@ -127,7 +128,7 @@ def rewrite_spt(gm: GraphModule, region: Region, codebook: Optional[Node], confi
             keep = _keep_count(graph, k, config.keep, like)
             select = torch.ops.sparsify.qk_select if exact else torch.ops.sparsify.pq_select
             selected = insert_call(graph, select.default,
-                                   (q_codes, k_codes, keep, causal, key_valid), like=like)
+                                   (rank_q, rank_k, keep, causal, key_valid), like=like)
             args = (f.q, k, f.v, _item(graph, selected, 0, like), _item(graph, selected, 1, like), mask,
                     float(f.scale), float(f.dropout_p))
             call = insert_call(graph, torch.ops.sparsify.spt_attention.default, args, like=like)
