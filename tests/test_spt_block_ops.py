@@ -160,11 +160,13 @@ def test_block_scores_histogram_identity():
     torch.testing.assert_close(sb.block_scores(qc, kc, block, kv), want, rtol=0, atol=0)
 
 
-def _brute_select_blocks(qc, kc, keep, block, causal, kv):
+def brute_select_blocks(qc, kc, keep, block, causal, kv, token_scores=_token_scores):
+    """Per query block: candidates with an allowed pair, the causal diagonal first, then the block score (the
+    sum of token_scores(qc, kc) [B, H, Lq, Lk] over the allowed pairs), ties to the lower block; ELL order."""
     b, h, lq, _ = qc.shape
     lk = kc.shape[2]
     nqb, nkb = -(-lq // block), -(-lk // block)
-    tok = _token_scores(qc, kc)
+    tok = token_scores(qc, kc)
     allowed = torch.ones(b, lq, lk, dtype=torch.bool)
     if causal:
         allowed &= torch.ones(lq, lk, dtype=torch.bool).tril()
@@ -182,7 +184,7 @@ def _brute_select_blocks(qc, kc, keep, block, causal, kv):
                     sub = allowed[bi, rows, cols]
                     if not sub.any():
                         continue
-                    score = int((tok[bi, hi, rows, cols] * sub).sum())
+                    score = (tok[bi, hi, rows, cols] * sub).sum().item()
                     forced = causal and kb == qb
                     cands.append((0 if forced else 1, -score, kb))
                 chosen = sorted(kb for _, _, kb in sorted(cands)[:keep])
@@ -208,7 +210,7 @@ def test_pq_select_blocks_matches_brute_force(b, h, hkv, lq, lk, block, keep, ca
         kv = torch.rand(b, lk, generator=g) < 0.6
         kv[0, :block] = False  # a fully padded key block
     got = select_blocks(qc, kc, keep, block, causal, kv)
-    want = _brute_select_blocks(qc, kc, keep, block, causal, kv)
+    want = brute_select_blocks(qc, kc, keep, block, causal, kv)
     assert got[0].dtype == torch.int32 and got[1].dtype == torch.bool
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
     if causal:  # the diagonal block is always kept when it has an allowed key

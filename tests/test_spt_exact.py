@@ -18,6 +18,7 @@ from families import assert_compiled_matches_eager, op_flops, tiny_inputs, tiny_
 from op_inputs import HYP, gen as _gen, opcheck_ok as _ok
 from sparsify.ops.spt import selection_recall
 from sparsify.prepare import CODEBOOK
+from test_spt_block_ops import brute_select_blocks
 from test_spt_ops import brute_select
 
 qk_select = torch.ops.sparsify.qk_select
@@ -91,31 +92,16 @@ def test_opcheck_qk_select(h, hkv, causal, padded):
     assert _ok(torch.library.opcheck(qk_select_blocks.default, blocks))
 
 
+def _dot_scores(q, k):
+    """q . k of every (query, key) pair, [B, H, Lq, Lk] (GQA: each query head reads its kv head)."""
+    return q @ k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2)
+
+
 def brute_qk_select_blocks(q, k, keep, block, causal, key_valid):
-    """Block score = sum of q_i . k_j over the query rows of qb and the valid keys of kb; candidates have an
-    allowed pair; causal: the diagonal block first; ties -> lower block; ELL order."""
-    b, h, lq, _ = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    nqb, nkb = -(-lq // block), -(-lk // block)
-    index = torch.zeros(b, h, nqb, keep, dtype=torch.int32)
-    valid = torch.zeros(b, h, nqb, keep, dtype=torch.bool)
-    for bi in range(b):
-        for hi in range(h):
-            kh = hi // (h // hkv)
-            for qb in range(nqb):
-                rows = range(qb * block, min(lq, (qb + 1) * block))
-                ranked = []
-                for kb in range(nkb):
-                    keys = [j for j in range(kb * block, min(lk, (kb + 1) * block))
-                            if key_valid is None or bool(key_valid[bi, j])]
-                    if not any(not causal or j <= i for i in rows for j in keys):
-                        continue
-                    score = sum(float(q[bi, hi, i] @ k[bi, kh, j]) for i in rows for j in keys)
-                    ranked.append((0 if causal and kb == qb else 1, -score, kb))
-                chosen = sorted(kb for *_, kb in sorted(ranked)[:keep])
-                index[bi, hi, qb, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
-                valid[bi, hi, qb, :len(chosen)] = True
-    return index, valid
+    """pq_select_blocks' brute force with the q . k of every pair as the token score. It sums the scores over
+    the allowed pairs; the pooled score sums over all (row, valid key) pairs: they differ only in the causal
+    diagonal block, which is forced, so its score never decides."""
+    return brute_select_blocks(q, k, keep, block, causal, key_valid, token_scores=_dot_scores)
 
 
 @given(seed=st.integers(0, 2**16), lq=st.integers(1, 13), lk=st.integers(1, 13), block=st.sampled_from([2, 4]),
