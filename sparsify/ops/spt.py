@@ -5,10 +5,11 @@ pq_encode, pq_select, spt_attention and its backward are registered at the botto
 
     pq_encode(x[B,H,L,D], codebook[M,E,dc]) -> codes[B,H,L,M] int32
         code[m] = argmin_e || x_m - C[m, e] ||_1, ties -> lowest e. Integer output: no gradient.
-    pq_select(q_codes[B,H,Lq,M], k_codes[B,Hkv,Lk,M], keep, causal, key_valid[B,Lk]?)
+    pq_select(q_codes[B,H,Lq,M], k_codes[B,Hkv,Lk,M], keep, causal, allowed?)
         -> (index[B,H,Lq,keep] int32, valid[B,H,Lq,keep] bool)
-        Per query row, the `keep` allowed keys with the most matching codes.
-    qk_select(q[B,H,Lq,D], k[B,Hkv,Lk,D], keep, causal, key_valid[B,Lk]?) -> (index, valid) as pq_select
+        Per query row, the `keep` allowed keys with the most matching codes. allowed: bool, 4 dims, broadcastable
+        to [B, H, Lq, Lk] (each of dims 0-2 is 1 or full; HF masks are [B, 1, Lq, Lk], key padding [B, 1, 1, Lk]).
+    qk_select(q[B,H,Lq,D], k[B,Hkv,Lk,D], keep, causal, allowed?) -> (index, valid) as pq_select
         The same contract ranked by the exact q . k (score="exact"; no codebook).
     spt_attention(q, k, v, index, valid, mask?, scale, dropout_p) -> (out[B,H,Lq,Dv], lse[B,H,Lq], seed)
         Softmax attention restricted to the kept (valid) slots; backward via spt_attention_backward.
@@ -17,9 +18,10 @@ pq_encode, pq_select, spt_attention and its backward are registered at the botto
 Plus two plain functions: codebook_loss (the PQ codebook's auxiliary loss) and selection_recall.
 
 Semantics decisions (the Triton kernels must match these):
-  * Causal selection is top-left aligned, key j allowed for query i iff j <= i: what SDPA's is_causal and
-    sparsify::attention do. SPT fine-tunes on full sequences (Lq == Lk); a KV-cache decode (Lq < Lk) needs
-    bottom-right alignment and must pass causal=False plus key_valid / a mask instead.
+  * Candidates: key j is a candidate for query i of head h iff allowed[b, h, i, j] (broadcast) and, when
+    `causal`, j <= i. `causal` is exactly SDPA's is_causal (top-left aligned, as SDPA computes it when
+    Lq != Lk); every other structure (padding, causal masks aligned bottom-right for a KV cache or a prefix,
+    sliding windows, block-diagonal packing) arrives in `allowed`, row by row, never reduced to a key mask.
   * Ranking: highest score first, ties broken by the lower key index (deterministic). The kept slots of a row
     are then returned sorted by ascending key index (ELL layout, friendlier to a kernel's loads), with the
     invalid slots last.
@@ -108,7 +110,34 @@ def _(x, codebook):
 # pq_select
 # ---------------------------------------------------------------------------------------------
 
-def _check_select_inputs(q_codes, k_codes, keep, key_valid):
+def check_allowed(op: str, allowed: Optional[Tensor], b: int, h: int, lq: int, lk: int) -> None:
+    """The selection ops' `allowed` mask: bool, 4 dims, each of dims 0-2 either 1 or [B, H, Lq], dim 3 Lk."""
+    if allowed is None:
+        return
+    full = (b, h, lq, lk)
+    if allowed.dtype != torch.bool or allowed.dim() != 4 or allowed.shape[3] != lk or any(
+            n not in (1, f) for n, f in zip(allowed.shape[:3], full[:3])):
+        raise ValueError(f"sparsify::{op}: allowed must be a bool mask broadcastable to [B, H, Lq, Lk] = {full} "
+                         f"with 4 dims, got {allowed.dtype} {tuple(allowed.shape)}")
+
+
+def allowed_rows(allowed: Optional[Tensor], rows: slice, lq: int, hkv: int, groups: int) -> Optional[Tensor]:
+    """`allowed` for the query rows `rows`, shaped to broadcast against [B, Hkv, G, rows, Lk] (GQA as a dim)."""
+    if allowed is None:
+        return None
+    chunk = allowed.expand(-1, -1, lq, -1)[:, :, rows]
+    if chunk.shape[1] == 1:
+        return chunk.unsqueeze(2)
+    return chunk.reshape(chunk.shape[0], hkv, groups, *chunk.shape[2:])
+
+
+def causal_rows(rows: slice, lk: int, device) -> Tensor:
+    """[rows, Lk] bool, key j <= query i: SDPA's is_causal (top-left aligned)."""
+    qpos = torch.arange(rows.start, rows.stop, device=device)
+    return torch.arange(lk, device=device)[None, :] <= qpos[:, None]
+
+
+def _check_select_inputs(q_codes, k_codes, keep, allowed):
     if q_codes.dim() != 4 or k_codes.dim() != 4:
         raise ValueError(f"sparsify::pq_select expects codes [B,H,L,M]; got {tuple(q_codes.shape)}, "
                          f"{tuple(k_codes.shape)}")
@@ -123,17 +152,15 @@ def _check_select_inputs(q_codes, k_codes, keep, key_valid):
     lk = k_codes.shape[2]
     if not 1 <= keep <= lk:
         raise ValueError(f"sparsify::pq_select: keep must be in [1, Lk={lk}], got {keep}")
-    if key_valid is not None and (key_valid.dtype != torch.bool or tuple(key_valid.shape) != (b, lk)):
-        raise ValueError(f"sparsify::pq_select: key_valid must be bool [B, Lk] = {(b, lk)}, got "
-                         f"{key_valid.dtype} {tuple(key_valid.shape)}")
+    check_allowed("pq_select", allowed, b, h, q_codes.shape[2], lk)
 
 
 @torch.library.custom_op("sparsify::pq_select", mutates_args=())
 def pq_select(
-    q_codes: Tensor, k_codes: Tensor, keep: int, causal: bool, key_valid: Optional[Tensor],
+    q_codes: Tensor, k_codes: Tensor, keep: int, causal: bool, allowed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
     """Top-`keep` keys per query by code matches: (index int32, valid bool), both [B, H, Lq, keep]."""
-    _check_select_inputs(q_codes, k_codes, keep, key_valid)
+    _check_select_inputs(q_codes, k_codes, keep, allowed)
     b, h, lq, m = q_codes.shape
     hkv, lk = k_codes.shape[1], k_codes.shape[2]
     groups = h // hkv
@@ -150,20 +177,19 @@ def pq_select(
         for sub in range(m):  # one subspace at a time keeps the temporary at [.., rows, Lk] bool
             score += qc[:, :, :, rows, sub, None] == kc[..., sub]
         rank = score.to(torch.int32) * lk + tie_break
-        allowed = torch.ones_like(rank, dtype=torch.bool)
-        if causal:  # top-left aligned: key j <= query i
-            qpos = torch.arange(rows.start, rows.stop, device=q_codes.device)
-            allowed = allowed & (keys[None, :] <= qpos[:, None])
-        if key_valid is not None:
-            allowed = allowed & key_valid[:, None, None, None, :]
-        rank = rank.masked_fill(~allowed, -1)
+        candidate = torch.ones_like(rank, dtype=torch.bool)
+        if causal:
+            candidate = candidate & causal_rows(rows, lk, q_codes.device)
+        if allowed is not None:
+            candidate = candidate & allowed_rows(allowed, rows, lq, hkv, groups)
+        rank = rank.masked_fill(~candidate, -1)
         top_rank, top_idx = rank.topk(keep, dim=-1)
         index[:, :, :, rows], valid[:, :, :, rows] = _ell_layout(top_idx, top_rank >= 0, lk)
     return index.reshape(b, h, lq, keep), valid.reshape(b, h, lq, keep)
 
 
 @pq_select.register_fake
-def _(q_codes, k_codes, keep, causal, key_valid):
+def _(q_codes, k_codes, keep, causal, allowed):
     shape = (*q_codes.shape[:-1], keep)
     return (torch.empty(shape, dtype=torch.int32, device=q_codes.device),
             torch.empty(shape, dtype=torch.bool, device=q_codes.device))
@@ -173,7 +199,7 @@ def _(q_codes, k_codes, keep, causal, key_valid):
 # qk_select: the exact top-L (score="exact")
 # ---------------------------------------------------------------------------------------------
 
-def check_qk_select_inputs(op: str, q: Tensor, k: Tensor, keep: int, block: int, key_valid: Optional[Tensor]):
+def check_qk_select_inputs(op: str, q: Tensor, k: Tensor, keep: int, block: int, allowed: Optional[Tensor]):
     """Shared by qk_select (block = 1: keep counts keys) and qk_select_blocks (keep counts key blocks)."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] \
             or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
@@ -186,14 +212,12 @@ def check_qk_select_inputs(op: str, q: Tensor, k: Tensor, keep: int, block: int,
     if not 1 <= keep <= units:
         what = "Lk" if block == 1 else "nKB"
         raise ValueError(f"sparsify::{op}: keep must be in [1, {what}={units}], got {keep}")
-    if key_valid is not None and (key_valid.dtype != torch.bool or tuple(key_valid.shape) != (b, lk)):
-        raise ValueError(f"sparsify::{op}: key_valid must be bool [B, Lk] = {(b, lk)}, got "
-                         f"{key_valid.dtype} {tuple(key_valid.shape)}")
+    check_allowed(op, allowed, b, q.shape[1], q.shape[2], lk)
 
 
 @torch.library.custom_op("sparsify::qk_select", mutates_args=())
 def qk_select(
-    q: Tensor, k: Tensor, keep: int, causal: bool, key_valid: Optional[Tensor],
+    q: Tensor, k: Tensor, keep: int, causal: bool, allowed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
     """Top-`keep` keys per query by the exact score q . k: (index int32, valid bool), both [B, H, Lq, keep].
 
@@ -203,7 +227,7 @@ def qk_select(
     in fp32 (fp64 for fp64 inputs) and dropped at once: nothing of size Lq x Lk is kept or saved, and the
     selection has no gradient. Plain torch, so the same code runs on CPU and CUDA (cuBLAS + topk).
     """
-    check_qk_select_inputs("qk_select", q, k, keep, 1, key_valid)
+    check_qk_select_inputs("qk_select", q, k, keep, 1, allowed)
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     groups = h // hkv
@@ -217,20 +241,18 @@ def qk_select(
     with torch.no_grad():
         for rows in _row_chunks(lq, b * h * lk):
             score = qg[:, :, :, rows].to(acc) @ kt                   # [B, Hkv, G, rows, Lk]
-            allowed = torch.ones_like(score, dtype=torch.bool)
-            if causal:  # top-left aligned, as pq_select
-                qpos = torch.arange(rows.start, rows.stop, device=q.device)
-                allowed = allowed & (keys[None, :] <= qpos[:, None])
-            if key_valid is not None:
-                allowed = allowed & key_valid[:, None, None, None, :]
             # NaN scores rank as disallowed, so a NaN row selects nothing rather than garbage
-            allowed = allowed & ~score.isnan()
-            score = score.masked_fill(~allowed, float("-inf"))
+            candidate = ~score.isnan()
+            if causal:
+                candidate = candidate & causal_rows(rows, lk, q.device)
+            if allowed is not None:
+                candidate = candidate & allowed_rows(allowed, rows, lq, hkv, groups)
+            score = score.masked_fill(~candidate, float("-inf"))
             # threshold selection, cheaper than a sort: every key above the L-th best score, then the
             # lowest-index keys tied with it until L are taken
             cut = score.topk(keep, dim=-1).values[..., -1:]
             above = score > cut
-            tied = (score == cut) & allowed
+            tied = (score == cut) & candidate
             chosen = above | (tied & (tied.cumsum(-1) <= keep - above.sum(-1, keepdim=True)))
             # ELL layout without a sort: the chosen keys in ascending order fill slots 0.. of the row,
             # everything else is scattered into a spare column that is dropped
@@ -244,7 +266,7 @@ def qk_select(
 
 
 @qk_select.register_fake
-def _(q, k, keep, causal, key_valid):
+def _(q, k, keep, causal, allowed):
     shape = (*q.shape[:-1], keep)
     return q.new_empty(shape, dtype=torch.int32), q.new_empty(shape, dtype=torch.bool)
 
@@ -555,7 +577,7 @@ aux_loss.register_autograd(_aux_backward, setup_context=_aux_setup_context)
 
 def selection_recall(
     q: Tensor, k: Tensor, index: Tensor, valid: Tensor, keep: int, causal: bool,
-    key_valid: Optional[Tensor] = None,
+    allowed: Optional[Tensor] = None,
 ) -> float:
     """Mean over query rows of |selected & exact top-L| / L, where exact top-L ranks the allowed keys by q . k
     and L = min(keep, allowed keys in the row); rows with no allowed key are skipped. Materialises the dense
@@ -566,13 +588,13 @@ def selection_recall(
     with torch.no_grad():
         scores = torch.einsum("bkgid,bkjd->bkgij", q.reshape(b, hkv, groups, lq, -1).double(), k.double())
         scores = scores.reshape(b, h, lq, lk)
-        allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).expand(b, h, lq, lk)
+        candidate = torch.ones(lq, lk, dtype=torch.bool, device=q.device).expand(b, h, lq, lk)
         if causal:
-            allowed = allowed & torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
-        if key_valid is not None:
-            allowed = allowed & key_valid[:, None, None, :]
-        target = allowed.sum(-1).clamp(max=keep)
-        top = scores.masked_fill(~allowed, float("-inf")).topk(keep, dim=-1).indices
+            candidate = candidate & torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        if allowed is not None:
+            candidate = candidate & allowed
+        target = candidate.sum(-1).clamp(max=keep)
+        top = scores.masked_fill(~candidate, float("-inf")).topk(keep, dim=-1).indices
         in_top = torch.zeros(b, h, lq, lk, dtype=torch.bool, device=q.device)
         slot = torch.arange(keep, device=q.device)
         in_top.scatter_(-1, top, (slot < target.unsqueeze(-1)))

@@ -3,11 +3,11 @@
 Ops (namespace "sparsify"), each with a fake kernel and a CPU reference in plain torch; FLOP formulas for the
 attention op and its backward are registered at the bottom of this file:
 
-    pq_select_blocks(q_codes[B,H,Lq,M], k_codes[B,Hkv,Lk,M], keep_blocks, block, causal, key_valid[B,Lk]?)
+    pq_select_blocks(q_codes[B,H,Lq,M], k_codes[B,Hkv,Lk,M], keep_blocks, block, causal, allowed?)
         -> (block_index[B,H,nQB,keep_blocks] int32, block_valid[B,H,nQB,keep_blocks] bool)
         Per query block of `block` rows, the `keep_blocks` key blocks (of `block` keys) with the highest
         aggregated code-match score. nQB = ceil(Lq / block), nKB = ceil(Lk / block), keep_blocks in [1, nKB].
-    qk_select_blocks(q[B,H,Lq,D], k[B,Hkv,Lk,D], keep_blocks, block, causal, key_valid[B,Lk]?) -> the same,
+    qk_select_blocks(q[B,H,Lq,D], k[B,Hkv,Lk,D], keep_blocks, block, causal, allowed?) -> the same,
         ranked by the exact aggregated score sum q_i . k_j (score="exact"; no codebook).
     block_sparse_attention(q, k, v, block_index, block_valid, block, mask?, scale, causal, dropout_p)
         -> (out[B,H,Lq,Dv], lse[B,H,Lq], seed)
@@ -19,7 +19,7 @@ block score is the sum of score(i, j) over the query rows i of query block qb an
 kb. It is computed from per-block code histograms instead of the [Lq, Lk] token scores:
 
     Qhist[b, h, qb, m, e]   = #{i in qb : qc[i, m] == e}
-    Khist[b, hkv, kb, m, e] = #{j in kb : kc[j, m] == e and key_valid[j]}
+    Khist[b, hkv, kb, m, e] = #{j in kb : kc[j, m] == e and key j is visible to some query (allowed)}
     sum_{i in qb} sum_{j in kb, valid} sum_m [qc[i, m] == kc[j, m]]
         = sum_m sum_e #{i in qb : qc[i, m] == e} * #{j in kb valid : kc[j, m] == e}
         = sum_m sum_e Qhist[qb, m, e] * Khist[kb, m, e]
@@ -30,10 +30,11 @@ its Khist, nothing is repeated), with E = max code + 1, and cost O((Lq + Lk) M +
 O(Lq Lk M). The matmul is done in float64 (exact integer counts up to 2**53).
 
 Which key blocks may be selected, and the order of preference:
-  * a key block is a candidate for query block qb iff it has at least one allowed (query, key) pair: a valid key
-    (key_valid) and, with `causal` (top-left aligned, key j allowed for query i iff j <= i, as in pq_select),
-    j <= the last query row of qb. Under causal that excludes every key block strictly after the query block
-    (kb > qb), and all pairs of a block kb < qb are allowed, so the histogram identity is exact for them.
+  * a key block is a candidate for query block qb iff it holds an allowed (query, key) pair (`allowed`: the
+    bool mask of pq_select, [B, H|1, Lq|1, Lk], pooled per block pair) and, with `causal` (SDPA's is_causal,
+    top-left aligned, key j allowed for query i iff j <= i, as in pq_select), its first key is <= the last query
+    row of qb. The two are pooled separately, so a block pair may be a candidate without a pair allowed by
+    both: that only spends a slot, the attention applies the mask and causality in full.
   * causal: the diagonal block kb == qb, when a candidate, is always kept (every query row must at least see
     itself and its block neighbours before it). Its histogram score would count the pairs j > i too; being
     forced, its score is never used.
@@ -72,7 +73,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ._vjp import fresh_seed, placeholder_grads
-from .spt import (_acc_dtype, _broadcast_mask, _dropout_scale, _effective_needs, _ell_layout, _probs,
+from .spt import (check_allowed, _acc_dtype, _broadcast_mask, _dropout_scale, _effective_needs, _ell_layout, _probs,
                   _reduce_to_shape, check_qk_select_inputs)
 
 # Element budget for the per-chunk [B, H, rows, Lk] temporaries (about 64 MiB in fp32).
@@ -93,7 +94,7 @@ def _row_chunks(rows: int, per_row: int):
 # pq_select_blocks
 # ---------------------------------------------------------------------------------------------
 
-def _check_block_select_inputs(q_codes, k_codes, keep_blocks, block, key_valid):
+def _check_block_select_inputs(q_codes, k_codes, keep_blocks, block, allowed):
     if q_codes.dim() != 4 or k_codes.dim() != 4:
         raise ValueError(f"sparsify::pq_select_blocks expects codes [B,H,L,M]; got {tuple(q_codes.shape)}, "
                          f"{tuple(k_codes.shape)}")
@@ -109,10 +110,7 @@ def _check_block_select_inputs(q_codes, k_codes, keep_blocks, block, key_valid):
     nkb = _cdiv(k_codes.shape[2], block)
     if not 1 <= keep_blocks <= nkb:
         raise ValueError(f"sparsify::pq_select_blocks: keep_blocks must be in [1, nKB={nkb}], got {keep_blocks}")
-    lk = k_codes.shape[2]
-    if key_valid is not None and (key_valid.dtype != torch.bool or tuple(key_valid.shape) != (b, lk)):
-        raise ValueError(f"sparsify::pq_select_blocks: key_valid must be bool [B, Lk] = {(b, lk)}, got "
-                         f"{key_valid.dtype} {tuple(key_valid.shape)}")
+    check_allowed("pq_select_blocks", allowed, b, h, q_codes.shape[2], k_codes.shape[2])
 
 
 def _code_hist(codes: Tensor, block: int, e: int, weight: Optional[Tensor]) -> Tensor:
@@ -132,7 +130,7 @@ def _code_hist(codes: Tensor, block: int, e: int, weight: Optional[Tensor]) -> T
     return hist.view(b, x, nblk, m * e)
 
 
-def block_scores(q_codes: Tensor, k_codes: Tensor, block: int, key_valid: Optional[Tensor] = None) -> Tensor:
+def block_scores(q_codes: Tensor, k_codes: Tensor, block: int, key_weight: Optional[Tensor] = None) -> Tensor:
     """Aggregated block scores [B, H, nQB, nKB] float64 via the histogram identity (module docstring): the number
     of code matches over all (query in qb, valid key in kb) pairs, causality not applied."""
     b, h, lq, m = q_codes.shape
@@ -145,43 +143,44 @@ def block_scores(q_codes: Tensor, k_codes: Tensor, block: int, key_valid: Option
         raise ValueError(f"sparsify::pq_select_blocks: codes must be >= 0, got {lo}")
     e = max(int(q_codes.max()), int(k_codes.max())) + 1
     qh = _code_hist(q_codes, block, e, None)                    # [B, H, nQB, M*E]
-    kh = _code_hist(k_codes, block, e, key_valid)               # [B, Hkv, nKB, M*E]
+    kh = _code_hist(k_codes, block, e, key_weight)              # [B, Hkv, nKB, M*E]
     nqb, nkb = qh.shape[2], kh.shape[2]
     qh = qh.reshape(b, hkv, (h // hkv) * nqb, m * e)            # query heads of one kv head share its Khist
     return torch.matmul(qh, kh.transpose(-1, -2)).reshape(b, h, nqb, nkb)
 
 
-def block_candidates(lq: int, lk: int, block: int, causal: bool, key_valid: Optional[Tensor], batch: int,
+def key_visible(allowed: Optional[Tensor]) -> Optional[Tensor]:
+    """[B, Lk] float 0/1: keys some query of some head may attend to (the block scores count only those)."""
+    if allowed is None:
+        return None
+    return allowed.any(dim=2).any(dim=1).to(torch.float32)
+
+
+def block_candidates(lq: int, lk: int, block: int, causal: bool, allowed: Optional[Tensor], batch: int,
                      device=None) -> tuple[Tensor, Tensor]:
-    """(candidate [B, nQB, nKB] bool, forced [B, nQB, nKB] bool): blocks with at least one allowed pair, and the
-    causal diagonal blocks that are always kept (module docstring)."""
+    """(candidate [B, H|1, nQB, nKB] bool, forced, the same shape): block pairs holding an allowed pair, and
+    the causal diagonal blocks that are always kept (module docstring)."""
     nqb, nkb = _cdiv(lq, block), _cdiv(lk, block)
-    keys = torch.arange(lk, device=device)
-    if key_valid is None:
-        first = (torch.arange(nkb, device=device) * block).expand(batch, nkb)
-    else:  # first valid key of each block, Lk where none
-        pos = torch.where(key_valid, keys, lk)
-        pad = nkb * block - lk
-        if pad:
-            pos = torch.cat([pos, pos.new_full((batch, pad), lk)], dim=1)
-        first = pos.view(batch, nkb, block).amin(-1)
+    cand = torch.ones(1, 1, nqb, nkb, dtype=torch.bool, device=device)
+    if allowed is not None:  # any allowed pair in the block pair: pad to whole blocks, pool
+        a = allowed.expand(-1, -1, lq, -1)
+        a = F.pad(a, (0, nkb * block - lk, 0, nqb * block - lq))
+        cand = a.view(*a.shape[:2], nqb, block, nkb, block).any(dim=5).any(dim=3)
+    forced = torch.zeros_like(cand)
     if causal:
         last_row = torch.clamp((torch.arange(nqb, device=device) + 1) * block, max=lq) - 1
-        # first == lk marks a block without a valid key, which a long query block's last row can reach
-        cand = (first < lk)[:, None, :] & (first[:, None, :] <= last_row[None, :, None])
-        forced = cand & torch.eye(nqb, nkb, dtype=torch.bool, device=device)[None]
-    else:
-        cand = (first < lk)[:, None, :].expand(batch, nqb, nkb)
-        forced = torch.zeros_like(cand)
-    return cand, forced
+        first_key = torch.arange(nkb, device=device) * block
+        cand = cand & (first_key[None, :] <= last_row[:, None])
+        forced = cand & torch.eye(nqb, nkb, dtype=torch.bool, device=device)
+    return cand.expand(batch, -1, -1, -1), forced.expand(batch, -1, -1, -1)
 
 
 @torch.library.custom_op("sparsify::pq_select_blocks", mutates_args=())
 def pq_select_blocks(
-    q_codes: Tensor, k_codes: Tensor, keep_blocks: int, block: int, causal: bool, key_valid: Optional[Tensor],
+    q_codes: Tensor, k_codes: Tensor, keep_blocks: int, block: int, causal: bool, allowed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
     """Top-`keep_blocks` key blocks per query block: (block_index int32, block_valid bool) [B, H, nQB, keep]."""
-    _check_block_select_inputs(q_codes, k_codes, keep_blocks, block, key_valid)
+    _check_block_select_inputs(q_codes, k_codes, keep_blocks, block, allowed)
     b, h, lq, _ = q_codes.shape
     lk = k_codes.shape[2]
     nqb, nkb = _cdiv(lq, block), _cdiv(lk, block)
@@ -189,9 +188,8 @@ def pq_select_blocks(
     if nqb == 0:
         return (torch.empty(b, h, 0, keep_blocks, dtype=torch.int32, device=dev),
                 torch.empty(b, h, 0, keep_blocks, dtype=torch.bool, device=dev))
-    score = block_scores(q_codes, k_codes, block, key_valid).to(torch.int64)     # [B, H, nQB, nKB]
-    cand, forced = block_candidates(lq, lk, block, causal, key_valid, b, dev)
-    cand, forced = cand[:, None], forced[:, None]
+    score = block_scores(q_codes, k_codes, block, key_visible(allowed)).to(torch.int64)  # [B, H, nQB, nKB]
+    cand, forced = block_candidates(lq, lk, block, causal, allowed, b, dev)
     # rank = score * nKB + (nKB - 1 - kb): unique, higher is better, lower kb wins ties; forced blocks first,
     # non-candidates -1. Scores are at most block^2 * M, far from overflowing int64.
     top_score = int(score.max()) + 1 if score.numel() else 1
@@ -203,7 +201,7 @@ def pq_select_blocks(
 
 
 @pq_select_blocks.register_fake
-def _(q_codes, k_codes, keep_blocks, block, causal, key_valid):
+def _(q_codes, k_codes, keep_blocks, block, causal, allowed):
     shape = (q_codes.shape[0], q_codes.shape[1], _cdiv(q_codes.shape[2], block), keep_blocks)
     return (q_codes.new_empty(shape, dtype=torch.int32), q_codes.new_empty(shape, dtype=torch.bool))
 
@@ -226,22 +224,21 @@ def _block_sums(x: Tensor, block: int, weight: Optional[Tensor]) -> Tensor:
 
 @torch.library.custom_op("sparsify::qk_select_blocks", mutates_args=())
 def qk_select_blocks(
-    q: Tensor, k: Tensor, keep_blocks: int, block: int, causal: bool, key_valid: Optional[Tensor],
+    q: Tensor, k: Tensor, keep_blocks: int, block: int, causal: bool, allowed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
     """pq_select_blocks' contract (candidates, forced causal diagonal, ELL layout) with the exact aggregated
     score: the sum of q_i . k_j over the query rows i of qb and the valid keys j of kb, which is
     (sum_i q_i) . (sum_j k_j): one [nQB, D] x [D, nKB] product per head, no token pair is formed. Ties (and
     NaN scores, which rank last) go to the lower block index."""
-    check_qk_select_inputs("qk_select_blocks", q, k, keep_blocks, block, key_valid)
+    check_qk_select_inputs("qk_select_blocks", q, k, keep_blocks, block, allowed)
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     nqb, nkb = _cdiv(lq, block), _cdiv(lk, block)
     with torch.no_grad():
         qs = _block_sums(q, block, None).reshape(b, hkv, (h // hkv) * nqb, d)   # GQA: heads share kv sums
-        ks = _block_sums(k, block, key_valid)                                     # [B, Hkv, nKB, D]
+        ks = _block_sums(k, block, key_visible(allowed))                          # [B, Hkv, nKB, D]
         score = (qs @ ks.transpose(-1, -2)).reshape(b, h, nqb, nkb)
-        cand, forced = block_candidates(lq, lk, block, causal, key_valid, b, q.device)
-        cand, forced = cand[:, None], forced[:, None]
+        cand, forced = block_candidates(lq, lk, block, causal, allowed, b, q.device)
         score = score.nan_to_num(nan=float("-inf"), posinf=torch.finfo(score.dtype).max)
         score = torch.where(forced, float("inf"), score)   # the causal diagonal first
         score = torch.where(cand, score, float("-inf"))
@@ -251,7 +248,7 @@ def qk_select_blocks(
 
 
 @qk_select_blocks.register_fake
-def _(q, k, keep_blocks, block, causal, key_valid):
+def _(q, k, keep_blocks, block, causal, allowed):
     shape = (q.shape[0], q.shape[1], _cdiv(q.shape[2], block), keep_blocks)
     return q.new_empty(shape, dtype=torch.int32), q.new_empty(shape, dtype=torch.bool)
 

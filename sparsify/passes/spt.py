@@ -1,13 +1,19 @@
 """SPT sparse attention (papers.md section 1): each attention region becomes
 
     codes_q = pq_encode(q, C)   codes_k = pq_encode(k, C)            C: the module's PQ codebook
-    index, valid = pq_select(codes_q, codes_k, L, causal, key_valid)  top-L keys per query
+    index, valid = pq_select(codes_q, codes_k, L, is_causal, allowed)  top-L keys per query
                  (score="exact": qk_select(q, k, ...) ranks by q . k; no codebook)
     out = spt_attention(q, k, v, index, valid, mask, scale, dropout)  attention on the kept pattern
     out = aux_loss(out, codebook_loss(q, C) + codebook_loss(k, C), w) gradient injection (DESIGN 6)
 
 The codebook is the nn.Parameter sparsify.prepare() registered on the attention module; it reaches
 the graph through a sparsify::tag node (DESIGN.md decision 5), which collect_state() removes.
+
+Masks keep their full meaning: the selection is given the region's whole mask as `allowed` [B, H|1, Lq, Lk]
+(allowed_from_mask), row by row, and the attention op adds or applies the same mask to every kept score. So
+padding, causal masks aligned bottom-right (KV-cache decoding, prefix tuning), sliding windows and the
+block-diagonal masks of packed sequences all hold exactly; `is_causal` is only SDPA's own flag (top-left, as
+SDPA computes it). Causality read off how a mask was built is a report fact, never applied a second time.
 """
 from __future__ import annotations
 
@@ -59,9 +65,9 @@ def spt_guard(region: Region, config: AttentionConfig, states: dict) -> Optional
         return f"dtype {value(f.q).dtype} has no SPT kernel (supported: fp16, bf16, fp32)"
     k_shape = shape(f.k)
     seq = k_shape[-1] if f.k_transposed else k_shape[-2]
-    if isinstance(seq, torch.SymInt):  # dynamic length: decide on the length that was traced
-        seq = seq.node.hint if seq.node.hint is not None else config.min_seq
-    if seq < config.min_seq:
+    # a dynamic length is compared symbolically: bool() installs a shape guard, so a later call on the other
+    # side of min_seq recompiles with its own plan (the plan never depends on the order of lengths)
+    if bool(seq < config.min_seq):
         return f"sequence length {seq} is below min_seq={config.min_seq}"
     if config.granularity == "block" and config.block_size not in (16, 32, 64, 128):
         return f"block_size={config.block_size} is not one of 16, 32, 64, 128"
@@ -77,19 +83,24 @@ def spt_guard(region: Region, config: AttentionConfig, states: dict) -> Optional
     return None
 
 
-def key_valid_from_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """[batch, lk] bool: keys any query may attend to, read off the mask's last query row.
+# An additive mask entry at or below this masks its key: eager's exp() of such a score relative to any row
+# with an unmasked key is exactly 0 in every float dtype (HF uses finfo.min; older models -1e4 or -1e9).
+MASKED_BELOW = -1e4
 
-    HF's padding masks mask keys (every row alike) and their causal masks allow all keys in the last
-    row, so the last row is the key-padding mask; the full mask is still applied to every kept
-    score by spt_attention, so a mask of another shape costs selection quality, never correctness.
+
+def allowed_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """[B|1, H|1, Lq|1, Lk] bool, the selection's `allowed`: where the region's mask lets query i see key j.
+
+    bool masks as they are (a row with no key gives 0, as SDPA). A float mask's row that masks every key with
+    a finite value is softmax over equally shifted scores in eager (the uniform average for finfo.min, e.g.
+    left-padding rows): every key stays a candidate there, and the attention adds the mask in full, as eager.
     """
-    batch, lq, lk = q.shape[0], q.shape[-2], k.shape[-2]
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    last_row = allowed.expand(*allowed.shape[:-2], lq, lk)[..., -1, :]
-    while last_row.dim() > 2:
-        last_row = last_row.any(dim=1)
-    return last_row.expand(batch, lk)
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.dtype == torch.bool:
+        return mask
+    allowed = mask > MASKED_BELOW
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
 def spt_codebook_aux(q: torch.Tensor, k: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -111,24 +122,22 @@ def rewrite_spt(gm: GraphModule, region: Region, codebook: Optional[Node], confi
         else:
             rank_q = insert_call(graph, torch.ops.sparsify.pq_encode.default, (f.q, codebook), like=like)
             rank_k = insert_call(graph, torch.ops.sparsify.pq_encode.default, (k, codebook), like=like)
-        key_valid = None
-        if mask is not None:
-            key_valid = insert_call(graph, key_valid_from_mask, (mask, f.q, k), like=like)
-        causal = bool(region.facts["causal"])
+        allowed = None if mask is None else insert_call(graph, allowed_from_mask, (mask,), like=like)
+        is_causal = bool(f.is_causal)  # SDPA's flag; a causal mask is in `allowed` and `mask`
         if config.granularity == "block":  # per query block, the key blocks with the best PQ score
             block = config.block_size
             keep = _keep_count(graph, k, config.keep, like, block)
             select = torch.ops.sparsify.qk_select_blocks if exact else torch.ops.sparsify.pq_select_blocks
             selected = insert_call(graph, select.default,
-                                   (rank_q, rank_k, keep, block, causal, key_valid), like=like)
+                                   (rank_q, rank_k, keep, block, is_causal, allowed), like=like)
             args = (f.q, k, f.v, _item(graph, selected, 0, like), _item(graph, selected, 1, like), block, mask,
-                    float(f.scale), causal, float(f.dropout_p))
+                    float(f.scale), is_causal, float(f.dropout_p))
             call = insert_call(graph, torch.ops.sparsify.block_sparse_attention.default, args, like=like)
         else:  # per query, the L keys with the most matching codes (or the highest q . k)
             keep = _keep_count(graph, k, config.keep, like)
             select = torch.ops.sparsify.qk_select if exact else torch.ops.sparsify.pq_select
             selected = insert_call(graph, select.default,
-                                   (rank_q, rank_k, keep, causal, key_valid), like=like)
+                                   (rank_q, rank_k, keep, is_causal, allowed), like=like)
             args = (f.q, k, f.v, _item(graph, selected, 0, like), _item(graph, selected, 1, like), mask,
                     float(f.scale), float(f.dropout_p))
             call = insert_call(graph, torch.ops.sparsify.spt_attention.default, args, like=like)
