@@ -336,8 +336,14 @@ def _scores(q, k, idx, valid, mask_b, scale, acc):
 
 
 def _probs(s: Tensor, lse: Tensor) -> Tensor:
-    """exp(s - lse) with empty rows (lse = -inf) giving 0 instead of NaN."""
-    return torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
+    """exp(s - lse), renormalised, with empty rows (lse = -inf) giving 0 instead of NaN.
+
+    The renormalisation matters where every score of a row carries a huge finite mask (HF's finfo.min on a
+    left-padding row): lse = max + log(sum) rounds to max there, exp(s - lse) sums to the row length instead
+    of 1, and eager's softmax (the uniform average) would be missed by that factor."""
+    p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
+    total = p.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, p / torch.where(total > 0, total, 1.0), 0.0)
 
 
 def _dropout_scale(shape, dtype, device, p: float, seed: Tensor) -> Optional[Tensor]:

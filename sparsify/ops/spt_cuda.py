@@ -2,7 +2,8 @@
 
 What a kernel does not cover falls back to the op's plain-torch reference on the same device (the
 same math, unfused), so a CUDA tensor never meets an unsupported kernel:
-  spt_attention: dropout (the token kernel has none)
+  spt_attention: dropout (the token kernel has none); in backward, rows whose every kept key carries a huge
+                 finite mask (see _absorbed_rows)
   block_sparse_attention: a mask tensor or dropout (the block kernel takes causality only), and
                           causal with Lq != Lk (the kernel aligns causality bottom-right, the op
                           top-left; they agree when Lq == Lk)
@@ -32,7 +33,7 @@ def _spt_attention_cuda(q, k, v, index, valid, mask, scale, dropout_p):
 
 @torch.library.register_kernel("sparsify::spt_attention_backward", "cuda")
 def _spt_attention_backward_cuda(grad_out, q, k, v, index, valid, mask, lse, seed, scale, dropout_p, needs_grad):
-    if dropout_p > 0 or q.dtype not in KERNEL_DTYPES:
+    if dropout_p > 0 or q.dtype not in KERNEL_DTYPES or _absorbed_rows(mask, lse):
         return spt_attention_backward_reference(grad_out, q, k, v, index, valid, mask, lse, seed, scale,
                                                 dropout_p, needs_grad)
     from ..codegen.spt_attention import spt_backward
@@ -40,6 +41,13 @@ def _spt_attention_backward_cuda(grad_out, q, k, v, index, valid, mask, lse, see
     grads = spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale, mask_grad=mask_grad)
     grads = list(grads) + [None] * (4 - len(grads))
     return _empty_like_needs(grads, (q, k, v, mask), needs_grad, grad_out)
+
+
+def _absorbed_rows(mask, lse) -> bool:
+    """A float mask put a huge finite value on every kept key of some row (HF's finfo.min on a left-padding
+    row): its lse rounds to the row max and the kernel's exp(s - lse) would not sum to 1; the reference
+    renormalises (ops/spt.py _probs). One host sync, only for float masks."""
+    return mask is not None and mask.is_floating_point() and bool(((lse < -1e30) & lse.isfinite()).any())
 
 
 def _block_kernel_applies(q, k, mask, causal, dropout_p) -> bool:
