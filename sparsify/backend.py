@@ -57,7 +57,7 @@ def explain(model: torch.nn.Module, *args, options: Union[SparsifyConfig, Mappin
     The call runs once (without autograd) through the rewritten graphs, so an explain that
     succeeds also shows the rewritten model executes. The model itself is not changed.
     """
-    report = trace(model, args, kwargs, SparsifyConfig.from_options(options), lambda gm: gm.forward)
+    report = trace(model, args, kwargs, SparsifyConfig.from_options(options), lambda gm: gm.forward, announce=False)
     print(report)
     return report
 
@@ -82,14 +82,15 @@ def count_flops(model: torch.nn.Module, *args, options: Union[SparsifyConfig, Ma
     return {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
 
 
-def trace(model: torch.nn.Module, args: tuple, kwargs: dict, config: SparsifyConfig, runner) -> Report:
+def trace(model: torch.nn.Module, args: tuple, kwargs: dict, config: SparsifyConfig, runner,
+          announce: bool = True) -> Report:
     """Run model(*args, **kwargs) once, without autograd, through Dynamo and the passes; each
     rewritten graph executes as runner(gm) returns. The merged report of all graphs.
     A fresh compile: Dynamo's cache entries are per backend, so this always traces anew."""
     reports: list = []
 
     def capture(gm: GraphModule, example_inputs) -> Callable:
-        reports.append(run_passes(gm, config))
+        reports.append(run_passes(gm, config, announce))
         return runner(gm)
 
     with torch.no_grad():

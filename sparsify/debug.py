@@ -29,6 +29,18 @@ def _register_with_torch_logging() -> None:
 
 _register_with_torch_logging()
 
+
+def single_handlers() -> None:
+    """Drop duplicate stream handlers of our logger. TORCH_LOGS="sparsify" is read both as our registered name and
+    as a module name whenever torch re-reads the variable (imports of torch's compiler stack do), and each
+    reading adds a handler: every line would print twice. Called before each graph's lines are logged."""
+    seen = set()
+    for handler in list(log.handlers):
+        key = (type(handler), getattr(handler, "stream", None), getattr(handler, "baseFilename", None))
+        if key in seen:
+            log.removeHandler(handler)
+        seen.add(key)
+
 _PUBLIC_FACTS = {
     "attention": ("source", "mask", "causal", "scale", "dropout_p", "heads", "kv_heads", "head_dim", "keep_keys", "keep_blocks", "score"),
     "mlp": ("activation", "gated", "bias", "lora", "dropout_p", "d_model", "d_ff"),

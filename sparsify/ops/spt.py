@@ -554,7 +554,8 @@ def aux_loss(y: Tensor, aux: Tensor, weight: float, name: str) -> Tensor:
     model's outputs. Side effect: AUX_LOSSES[name] = aux.detach() on every real (not fake) call, for
     logging; the last value wins. Under torch.compile it runs when the compiled forward runs.
     """
-    AUX_LOSSES[name] = aux.detach()
+    # a copy: under Inductor `aux` lives in a buffer the compiled graph reuses for later values
+    AUX_LOSSES[name] = aux.detach().clone()
     return y.clone()
 
 

@@ -1,0 +1,91 @@
+"""What the backend did is never hidden (issue 8, items 5, 10, 12, 13): recorded auxiliary losses are the real values
+under Inductor, a requested sparse method that some regions do not get is warned about once per graph (strict
+raises), min_seq is decided per length class whatever the order of calls, TORCH_LOGS prints each line once."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import sparsify
+from families import tiny_inputs, tiny_model
+from sparsify.ops.spt import AUX_LOSSES
+
+SPT_CODES = {"attention": {"method": "spt", "min_seq": 0, "keep": 0.5}}
+
+
+@pytest.mark.slow
+def test_recorded_codebook_loss_under_inductor_is_the_true_value():
+    """Item 5: the value sparsify::aux_loss records must not share a buffer the compiled graph reuses."""
+    model = tiny_model("llama")
+    inputs = tiny_inputs("llama", seq=16)
+    sparsify.prepare(model, **inputs, options=SPT_CODES)
+    recorded = {}
+    for inner in ("aot_eager", "inductor"):
+        torch._dynamo.reset()
+        AUX_LOSSES.clear()
+        out = torch.compile(model, backend="sparsify", options={**SPT_CODES, "inner": inner})(**inputs)
+        out.last_hidden_state.sum().backward()  # the backward reuses the forward's buffers under Inductor
+        recorded[inner] = {name: value.item() for name, value in AUX_LOSSES.items()}
+    assert set(recorded["inductor"]) == {"layers.0.self_attn", "layers.1.self_attn"}
+    for name, value in recorded["aot_eager"].items():
+        assert recorded["inductor"][name] == pytest.approx(value, rel=1e-4), name
+
+
+def test_requested_method_left_dense_warns_once_with_count_and_reason():
+    """Item 10: SPT codes requested without prepare: one warning for the graph, naming the count and the reason."""
+    model = tiny_model("bert")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(model, backend="sparsify", options={**SPT_CODES, "inner": "aot_eager"})(**tiny_inputs("bert"))
+    ours = [str(w.message) for w in caught if "was requested" in str(w.message)]
+    assert len(ours) == 1, ours
+    assert "2 of 2 attention regions" in ours[0] and "call sparsify.prepare" in ours[0]
+    # strict turns the same fallback into an error naming the module
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="encoder.layer.0.attention.self"):
+        torch.compile(model, backend="sparsify",
+                      options={**SPT_CODES, "inner": "aot_eager", "strict": True})(**tiny_inputs("bert"))
+
+
+def test_min_seq_fallback_warns_and_dense_default_does_not():
+    model = tiny_model("llama")
+    options = {"attention": {"method": "spt", "score": "exact", "min_seq": 64}, "inner": "aot_eager"}
+    with pytest.warns(UserWarning, match="below min_seq=64"):
+        torch.compile(model, backend="sparsify", options=options)(**tiny_inputs("llama"))
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(model, backend="sparsify", options={"inner": "aot_eager"})(**tiny_inputs("llama"))
+    assert not [w for w in caught if "was requested" in str(w.message)]
+
+
+def test_explain_prints_instead_of_warning(capsys):
+    model = tiny_model("bert")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = sparsify.explain(model, **tiny_inputs("bert"), options=SPT_CODES)
+    assert not [w for w in caught if "was requested" in str(w.message)]
+    assert "call sparsify.prepare" in capsys.readouterr().out
+    assert {r.decision for r in report.by_kind("attention")} == {"dense"}
+
+
+def test_torch_logs_prints_each_line_once(tmp_path):
+    """Item 13: TORCH_LOGS="sparsify" logs one line per region, not two."""
+    script = (
+        "import sys, torch; sys.path.insert(0, %r)\n"
+        "from families import tiny_model, tiny_inputs\n"
+        "import sparsify\n"
+        "m = tiny_model('bert')\n"
+        "torch.compile(m, backend='sparsify', options={'inner': 'eager'})(**tiny_inputs('bert'))\n"
+    ) % os.path.dirname(__file__)
+    env = {**os.environ, "TORCH_LOGS": "sparsify"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if "attention encoder.layer.0.attention.self" in line]
+    assert len(lines) == 1, result.stderr[-2000:]
