@@ -223,7 +223,7 @@ def find_block_mode() -> tuple[bool, str]:
 
 def block_mode_calls(q, k, v, codebook, keep_frac, causal, scale, block):
     """(select(), attend(block_index, block_valid), keep_blocks) for the block-granular SPT ops:
-    pq_select_blocks(q_codes, k_codes, keep_blocks, block, causal, key_valid) and
+    pq_select_blocks(q_codes, k_codes, keep_blocks, block, causal, allowed) (allowed None here: no mask) and
     block_sparse_attention(q, k, v, block_index, block_valid, block, mask, scale, causal, dropout_p)."""
     nkb = math.ceil(k.shape[2] / block)
     keep_blocks = max(1, min(nkb, math.ceil(keep_frac * nkb)))

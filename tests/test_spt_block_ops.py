@@ -4,8 +4,10 @@
 What is checked:
   * torch.library.opcheck on every op (schema, fake kernel, autograd registration, AOT dispatch);
   * the histogram identity of the block scores against token-level code matches, and pq_select_blocks against a
-    brute-force loop over (query block, key block) pairs (causal, key padding, GQA, Lq != Lk, ties);
-  * keep_blocks = nKB equals dense attention (SDPA with the same mask), forward and gradients, 1e-5 in fp32;
+    brute-force loop over (query block, key block) pairs (causal, `allowed` masks of every broadcast shape and
+    the structured ones: sliding window, packed sequences, KV cache; GQA, Lq != Lk, ties);
+  * keep_blocks = nKB equals dense attention (SDPA with the same mask), forward and gradients, 1e-5 in fp32,
+    also with a structured mask as the selection's `allowed` and the attention's mask;
   * fewer blocks equals SDPA with the block map expanded to a token mask, forward and gradients;
   * float64 gradcheck through the registered autograd (GQA, float mask with grad, bool mask, causal, dropout);
   * dropout replay, empty rows, row chunking, saved-tensor memory, FLOP formulas, a torch.compile smoke test;
@@ -22,7 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import sparsify.ops.spt  # noqa: F401
 import sparsify.ops.spt_block as sb
 from sparsify.ops._vjp import seeded_dropout
-from op_inputs import gen as _gen, opcheck_ok as _ok, qkv as _qkv, randn as _randn
+from op_inputs import (STRUCTURED_ALLOWED, allowed_at, gen as _gen, opcheck_ok as _ok, qkv as _qkv, randn as _randn,
+                       random_allowed, structured_allowed)
 
 select_blocks = torch.ops.sparsify.pq_select_blocks
 bsa = torch.ops.sparsify.block_sparse_attention
@@ -43,9 +46,9 @@ def _codes(g, b, h, l, m=2, e=4):
     return torch.randint(0, e, (b, h, l, m), generator=g, dtype=torch.int32)
 
 
-def _pattern(g, b, h, hkv, lq, lk, keep_blocks, block, causal, key_valid=None, m=2, e=4):
+def _pattern(g, b, h, hkv, lq, lk, keep_blocks, block, causal, allowed=None, m=2, e=4):
     return select_blocks(_codes(g, b, h, lq, m, e), _codes(g, b, hkv, lk, m, e), keep_blocks, block, causal,
-                         key_valid)
+                         allowed)
 
 
 def _token_mask(block_index, block_valid, block, lq, lk, causal):
@@ -83,12 +86,13 @@ def _sdpa(q, k, v, bool_mask=None, float_mask=None, scale=None):
 # 1. opcheck
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("h,hkv,causal,padded", [(2, 2, False, False), (4, 2, True, False), (4, 1, True, True)])
-def test_opcheck_pq_select_blocks(h, hkv, causal, padded):
+@pytest.mark.parametrize("h,hkv,causal,allowed_kind", [(2, 2, False, None), (4, 2, True, "rows"), (4, 1, True, "keys"),
+                                                      (4, 2, False, "heads"), (2, 1, True, "shared")])
+def test_opcheck_pq_select_blocks(h, hkv, causal, allowed_kind):
     g = _gen(1)
     qc, kc = _codes(g, 2, h, 13), _codes(g, 2, hkv, 11)
-    kv = (torch.rand(2, 11, generator=g) < 0.7) if padded else None
-    assert _ok(torch.library.opcheck(select_blocks.default, (qc, kc, 2, 4, causal, kv)))
+    allowed = random_allowed(g, allowed_kind, 2, h, 13, 11)
+    assert _ok(torch.library.opcheck(select_blocks.default, (qc, kc, 2, 4, causal, allowed)))
 
 
 CASES = {
@@ -158,33 +162,40 @@ def test_block_scores_histogram_identity():
     pad = F.pad(tok, (0, nkb * block - lk, 0, nqb * block - lq))
     want = pad.reshape(b, h, nqb, block, nkb, block).sum((3, 5)).double()
     torch.testing.assert_close(sb.block_scores(qc, kc, block, kv), want, rtol=0, atol=0)
+    # the ops' key weight: a key counts iff some query row of some head may attend to it
+    allowed = torch.rand(b, h, lq, lk, generator=g) < 0.02
+    allowed[..., :3] = False  # keys 0-2 visible to nobody
+    weight = sb.key_visible(allowed)
+    assert weight.dtype == torch.float32 and weight.shape == (b, lk)
+    assert torch.equal(weight.bool(), allowed.any(2).any(1)) and not weight[:, :3].any()
+    assert torch.equal(sb.key_visible(allowed[:1, :1, :1]).bool(), allowed[:1, 0, 0])
 
 
-def brute_select_blocks(qc, kc, keep, block, causal, kv, token_scores=_token_scores):
-    """Per query block: candidates with an allowed pair, the causal diagonal first, then the block score (the
-    sum of token_scores(qc, kc) [B, H, Lq, Lk] over the allowed pairs), ties to the lower block; ELL order."""
+def brute_select_blocks(qc, kc, keep, block, causal, allowed, token_scores=_token_scores):
+    """The module docstring's contract, looped over (query block, key block) pairs. Key block kb is a candidate
+    for query block qb iff `allowed` (broadcast to [B, H, Lq, Lk]) has a True in the block pair and, if causal,
+    kb's first key <= qb's last query row (the two checked separately); the causal diagonal candidate first,
+    then the block score: the sum of token_scores(qc, kc) [B, H, Lq, Lk] over every query row of qb and the keys
+    of kb that some query of some head may attend to; ties to the lower block; ELL order."""
     b, h, lq, _ = qc.shape
     lk = kc.shape[2]
     nqb, nkb = -(-lq // block), -(-lk // block)
     tok = token_scores(qc, kc)
-    allowed = torch.ones(b, lq, lk, dtype=torch.bool)
-    if causal:
-        allowed &= torch.ones(lq, lk, dtype=torch.bool).tril()
-    if kv is not None:
-        allowed &= kv[:, None, :]
+    full = allowed_at(allowed, b, h, lq, lk)
+    visible_key = full.any(2).any(1)                                  # [B, Lk]
     index = torch.zeros(b, h, nqb, keep, dtype=torch.int32)
     valid = torch.zeros(b, h, nqb, keep, dtype=torch.bool)
     for bi in range(b):
         for hi in range(h):
             for qb in range(nqb):
                 rows = slice(qb * block, (qb + 1) * block)
+                last_row = min((qb + 1) * block, lq) - 1
                 cands = []
                 for kb in range(nkb):
                     cols = slice(kb * block, (kb + 1) * block)
-                    sub = allowed[bi, rows, cols]
-                    if not sub.any():
+                    if not full[bi, hi, rows, cols].any() or (causal and kb * block > last_row):
                         continue
-                    score = (tok[bi, hi, rows, cols] * sub).sum().item()
+                    score = (tok[bi, hi, rows, cols] * visible_key[bi, cols]).sum().item()
                     forced = causal and kb == qb
                     cands.append((0 if forced else 1, -score, kb))
                 chosen = sorted(kb for _, _, kb in sorted(cands)[:keep])
@@ -193,33 +204,58 @@ def brute_select_blocks(qc, kc, keep, block, causal, kv, token_scores=_token_sco
     return index, valid
 
 
-@pytest.mark.parametrize("b,h,hkv,lq,lk,block,keep,causal,padded,e", [
-    (2, 2, 2, 24, 24, 4, 2, False, False, 3),
-    (2, 4, 2, 23, 23, 4, 3, True, False, 2),   # heavy ties (E = 2)
-    (1, 2, 1, 30, 17, 4, 5, False, True, 4),   # keep = nKB
-    (2, 2, 2, 19, 26, 3, 1, True, True, 3),    # keep 1, Lq < Lk, odd block
-    (1, 3, 3, 26, 13, 4, 2, True, False, 4),   # Lq > Lk: query blocks past the last key block
-    (2, 2, 1, 16, 16, 5, 4, True, True, 4),    # keep = nKB with causal: upper blocks invalid
-    (2, 2, 1, 8, 4, 2, 1, True, True, 3),      # Lq > Lk, causal, padded key block: never a candidate
+def _block_allowed(g, kind, b, h, lq, lk, block):
+    """The `allowed` mask of a brute-force case: a random kind of op_inputs.random_allowed (for "keys", key
+    block 0 of batch 0 fully padded) or a structured one of op_inputs.structured_allowed."""
+    if kind in STRUCTURED_ALLOWED:
+        return structured_allowed(kind, b, lq, lk)
+    allowed = random_allowed(g, kind, b, h, lq, lk, p=0.6)
+    if kind == "keys":
+        allowed[0, ..., :block] = False  # a fully padded key block
+    return allowed
+
+
+@pytest.mark.parametrize("b,h,hkv,lq,lk,block,keep,causal,kind,e", [
+    (2, 2, 2, 24, 24, 4, 2, False, None, 3),
+    (2, 4, 2, 23, 23, 4, 3, True, None, 2),       # heavy ties (E = 2)
+    (1, 2, 1, 30, 17, 4, 5, False, "keys", 4),    # keep = nKB
+    (2, 2, 2, 19, 26, 3, 1, True, "keys", 3),     # keep 1, Lq < Lk, odd block
+    (1, 3, 3, 26, 13, 4, 2, True, None, 4),       # Lq > Lk: query blocks past the last key block
+    (2, 2, 1, 16, 16, 5, 4, True, "keys", 4),     # keep = nKB with causal: upper blocks invalid
+    (2, 2, 1, 8, 4, 2, 1, True, "keys", 3),       # Lq > Lk, causal, padded key block: never a candidate
+    (2, 4, 2, 21, 18, 4, 2, False, "rows", 3),    # an HF-shaped mask [B, 1, Lq, Lk], row by row
+    (2, 4, 2, 18, 18, 3, 3, True, "rows", 3),
+    (2, 4, 2, 17, 22, 4, 2, True, "heads", 3),    # per-head masks: candidates differ between heads
+    (2, 2, 1, 20, 20, 4, 3, False, "shared", 3),  # one [1, 1, Lq, Lk] mask for the batch
+    (2, 4, 2, 24, 24, 4, 2, False, "window", 3),  # sliding window (causal, bottom-right): a band of blocks
+    (2, 4, 2, 23, 23, 4, 3, True, "window", 3),
+    (2, 2, 1, 22, 22, 4, 3, False, "packed", 3),  # block-diagonal packing
+    (2, 2, 1, 22, 22, 4, 3, True, "packed", 3),
+    (2, 4, 2, 6, 21, 4, 2, False, "kv_cache", 3),  # KV-cache decode, Lq < Lk bottom-right (causal=False)
+    (2, 4, 2, 6, 21, 4, 2, True, "kv_cache", 3),   # ... with SDPA's top-left is_causal on top
 ])
-def test_pq_select_blocks_matches_brute_force(b, h, hkv, lq, lk, block, keep, causal, padded, e):
+def test_pq_select_blocks_matches_brute_force(b, h, hkv, lq, lk, block, keep, causal, kind, e):
     g = _gen(lq * 100 + lk)
     qc, kc = _codes(g, b, h, lq, 3, e), _codes(g, b, hkv, lk, 3, e)
-    kv = None
-    if padded:
-        kv = torch.rand(b, lk, generator=g) < 0.6
-        kv[0, :block] = False  # a fully padded key block
-    got = select_blocks(qc, kc, keep, block, causal, kv)
-    want = brute_select_blocks(qc, kc, keep, block, causal, kv)
+    allowed = _block_allowed(g, kind, b, h, lq, lk, block)
+    got = select_blocks(qc, kc, keep, block, causal, allowed)
+    want = brute_select_blocks(qc, kc, keep, block, causal, allowed)
     assert got[0].dtype == torch.int32 and got[1].dtype == torch.bool
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
-    if causal:  # the diagonal block is always kept when it has an allowed key
-        nqb, nkb = got[0].shape[2], -(-lk // block)
+    full = allowed_at(allowed, b, h, lq, lk)
+    nqb, nkb = got[0].shape[2], -(-lk // block)
+    if causal:  # the diagonal block is always kept when the mask allows a pair in it
         for qb in range(min(nqb, nkb)):
-            has_key = kv is None or kv[:, qb * block:min(lk, (qb + 1) * block, lq)].any(-1)
+            has_pair = full[:, :, qb * block:(qb + 1) * block, qb * block:(qb + 1) * block].flatten(2).any(-1)
             kept = ((got[0][:, :, qb] == qb) & got[1][:, :, qb]).any(-1)
-            assert torch.equal(kept, torch.as_tensor(has_key).reshape(-1, 1).expand_as(kept))
-    if padded:  # the fully padded block is never selected
+            assert torch.equal(kept, has_pair)
+    # a key block is never selected for a query block whose rows the mask gives no key of it
+    for qb in range(nqb):
+        for kb in range(nkb):
+            pair = full[:, :, qb * block:(qb + 1) * block, kb * block:(kb + 1) * block].flatten(2).any(-1)
+            chosen = ((got[0][:, :, qb] == kb) & got[1][:, :, qb]).any(-1)
+            assert not (chosen & ~pair).any(), (qb, kb)
+    if kind == "keys":  # the fully padded block is never selected
         assert not ((got[0][0] == 0) & got[1][0]).any()
 
 
@@ -233,8 +269,12 @@ def test_pq_select_blocks_bad_inputs():
         select_blocks(qc.float(), qc, 1, 4, False, None)
     with pytest.raises(ValueError, match=">= 0"):
         select_blocks(qc - 1, qc, 1, 4, False, None)
-    with pytest.raises(ValueError, match="key_valid"):
-        select_blocks(qc, qc, 1, 4, False, torch.ones(1, 7, dtype=torch.bool))
+    for allowed in (torch.ones(1, 8, dtype=torch.bool),          # the old [B, Lk] key-padding form
+                    torch.ones(1, 1, 1, 7, dtype=torch.bool),    # wrong Lk
+                    torch.ones(1, 1, 4, 8, dtype=torch.bool),    # Lq neither 1 nor 8
+                    torch.ones(1, 1, 8, 8, dtype=torch.int32)):  # not bool
+        with pytest.raises(ValueError, match="allowed must be a bool mask broadcastable to \\[B, H, Lq, Lk\\]"):
+            select_blocks(qc, qc, 1, 4, False, allowed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,25 +321,49 @@ def test_all_blocks_equals_dense_attention(causal, mask_kind, hkv):
     _check_fwd_bwd(got, want, inputs)
 
 
-@pytest.mark.parametrize("b,h,hkv,lq,lk,block,keep,causal,padded", [
-    (2, 4, 2, 33, 33, 8, 2, False, False),
-    (2, 4, 2, 33, 33, 8, 2, True, False),
-    (1, 2, 1, 40, 27, 4, 3, True, True),    # Lq > Lk, padding via key_valid and a bool mask
-    (2, 2, 2, 17, 45, 5, 4, False, True),
+@pytest.mark.parametrize("score", ["pq", "exact"])
+@pytest.mark.parametrize("kind", STRUCTURED_ALLOWED)
+def test_all_blocks_with_structured_mask_equals_dense_attention(kind, score):
+    """keep_blocks = nKB with the region's mask as `allowed` and as the attention mask: dense attention
+    (sparsify::attention, causal=False: a KV cache's bottom-right causality lives only in the mask)."""
+    g = _gen(23)
+    lq, lk = {"window": (22, 22), "packed": (21, 21), "kv_cache": (7, 22)}[kind]
+    b, h, hkv, d, block = 2, 4, 2, 16, 4
+    q, k, v = _qkv(g, b, h, hkv, lq, lk, d)
+    mask = structured_allowed(kind, b, lq, lk)
+    nkb = -(-lk // block)
+    if score == "pq":
+        bi, bv = _pattern(g, b, h, hkv, lq, lk, nkb, block, False, allowed=mask)
+    else:
+        bi, bv = torch.ops.sparsify.qk_select_blocks(q.detach(), k.detach(), nkb, block, False, mask)
+    # every block pair holding an allowed pair is selected, no other
+    covered = _token_mask(bi, bv, block, lq, lk, False)
+    assert not (mask & ~covered).any()
+    scale = d ** -0.5
+    got = bsa(q, k, v, bi, bv, block, mask, scale, False, 0.0)[0]
+    dense, _ = torch.ops.sparsify.attention(q, k, v, mask, scale, 0.0, False)
+    torch.testing.assert_close(got, _sdpa(q, k, v, mask, scale=scale), atol=1e-5, rtol=1e-5)
+    _check_fwd_bwd(got, dense, [q, k, v])
+
+
+@pytest.mark.parametrize("b,h,hkv,lq,lk,block,keep,causal,kind", [
+    (2, 4, 2, 33, 33, 8, 2, False, None),
+    (2, 4, 2, 33, 33, 8, 2, True, None),
+    (1, 2, 1, 40, 27, 4, 3, True, "keys"),    # Lq > Lk, key padding as `allowed` and as the bool mask
+    (2, 2, 2, 17, 45, 5, 4, False, "keys"),
+    (2, 4, 2, 9, 33, 4, 3, False, "kv_cache"),  # bottom-right causality only in the mask
+    (2, 2, 1, 30, 30, 4, 3, False, "packed"),
 ])
-def test_fewer_blocks_equals_sdpa_with_expanded_mask(b, h, hkv, lq, lk, block, keep, causal, padded):
+def test_fewer_blocks_equals_sdpa_with_expanded_mask(b, h, hkv, lq, lk, block, keep, causal, kind):
     g = _gen(8)
     q, k, v = _qkv(g, b, h, hkv, lq, lk, 8, dv=6)
-    kv = None
-    if padded:
-        kv = torch.rand(b, lk, generator=g) < 0.7
-    bi, bv = _pattern(g, b, h, hkv, lq, lk, keep, block, causal, key_valid=kv, m=3, e=4)
+    allowed = _block_allowed(g, kind, b, h, lq, lk, block) if kind else None
+    bi, bv = _pattern(g, b, h, hkv, lq, lk, keep, block, causal, allowed=allowed, m=3, e=4)
     assert bi.shape == (b, h, -(-lq // block), keep)
-    mask = None if kv is None else kv[:, None, None, :]
-    got, lse, _ = bsa(q, k, v, bi, bv, block, mask, 0.4, causal, 0.0)
+    got, lse, _ = bsa(q, k, v, bi, bv, block, allowed, 0.4, causal, 0.0)
     visible = _token_mask(bi, bv, block, lq, lk, causal)
-    if kv is not None:
-        visible &= kv[:, None, None, :]
+    if allowed is not None:
+        visible &= allowed
     assert not visible.all()  # a real sparsity pattern
     want = _sdpa(q, k, v, visible, scale=0.4)
     _check_fwd_bwd(got, want, [q, k, v])
@@ -373,9 +437,9 @@ def test_gradcheck_block_sparse_attention(h, hkv, causal, mask_kind, mask_shape,
     g = _gen(12)
     b, lq, lk, block = 2, 7, 9, 3
     q, k, v = _qkv(g, b, h, hkv, lq, lk, 4, dv=3, dtype=torch.float64)
-    kv = torch.ones(b, lk, dtype=torch.bool)
-    kv[1, -4:] = False
-    bi, bv = _pattern(g, b, h, hkv, lq, lk, 2, block, causal, key_valid=kv)
+    kv = torch.ones(b, 1, 1, lk, dtype=torch.bool)
+    kv[1, ..., -4:] = False
+    bi, bv = _pattern(g, b, h, hkv, lq, lk, 2, block, causal, allowed=kv)
     if mask_kind == "float":
         mask = _randn(g, *mask_shape, dtype=torch.float64, requires_grad=True)
     elif mask_kind == "bool":
@@ -475,14 +539,15 @@ def test_compile_aot_eager_matches_eager():
     g = _gen(17)
     q, k, v = _qkv(g, 2, 4, 2, 16, 16, 16)
     cb = _randn(g, 2, 16, 8)
-    kv = torch.ones(2, 16, dtype=torch.bool)
-    kv[0, -5:] = False
+    allowed = torch.ones(2, 1, 16, 16, dtype=torch.bool)  # an HF-shaped mask [B, 1, Lq, Lk]
+    allowed[0, ..., -5:] = False
+    allowed[1, :, 8:, :4] = False
 
     def f(q, k, v):
         qc = torch.ops.sparsify.pq_encode(q.detach(), cb)
         kc = torch.ops.sparsify.pq_encode(k.detach(), cb)
-        bi, bv = select_blocks(qc, kc, 2, 4, True, kv)
-        return bsa(q, k, v, bi, bv, 4, kv[:, None, None, :], 0.25, True, 0.0)[0]
+        bi, bv = select_blocks(qc, kc, 2, 4, True, allowed)
+        return bsa(q, k, v, bi, bv, 4, allowed, 0.25, True, 0.0)[0]
 
     want = f(q, k, v)
     want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
@@ -502,10 +567,10 @@ class TestGPU:
     def test_select_blocks_cuda_equals_cpu(self):
         g = _gen(20)
         qc, kc = _codes(g, 2, 8, 300, 8, 16), _codes(g, 2, 2, 300, 8, 16)
-        kv = torch.rand(2, 300, generator=g) < 0.9
-        got = select_blocks(qc.cuda(), kc.cuda(), 4, 32, True, kv.cuda())
-        want = select_blocks(qc, kc, 4, 32, True, kv)
-        assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+        for allowed in (torch.rand(2, 1, 1, 300, generator=g) < 0.9, torch.rand(2, 8, 300, 300, generator=g) < 0.5):
+            got = select_blocks(qc.cuda(), kc.cuda(), 4, 32, True, allowed.cuda())
+            want = select_blocks(qc, kc, 4, 32, True, allowed)
+            assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_attention_cuda_all_blocks_equals_sdpa(self, dtype):

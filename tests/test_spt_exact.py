@@ -1,7 +1,8 @@
 """SPT with score="exact": sparsify::qk_select / qk_select_blocks (top-L by the true q . k) and the backend path.
 
-Checked: both ops against brute-force loops (allowed keys, causal, key padding, GQA, ties -> lower index,
-ELL layout, short rows masked), opcheck, FLOP formulas, recall 1 by construction, and through the backend:
+Checked: both ops against brute-force loops (`allowed` masks of every broadcast shape and the structured ones:
+sliding window, packed sequences, KV cache; causal, GQA, ties -> lower index, ELL layout, short rows masked),
+opcheck, FLOP formulas, recall 1 by construction, and through the backend:
 no codebook needed, keep=1 equals dense (forward and gradients), keep<1 equals SDPA on the selected pattern,
 FlopCounterMode counts the selection's Q K^T.
 """
@@ -15,11 +16,12 @@ from torch.utils.flop_counter import FlopCounterMode
 import sparsify
 import sparsify.ops  # noqa: F401  (registers the ops)
 from families import assert_compiled_matches_eager, op_flops, tiny_inputs, tiny_model
-from op_inputs import HYP, gen as _gen, opcheck_ok as _ok
+from op_inputs import (HYP, RANDOM_ALLOWED, STRUCTURED_ALLOWED, gen as _gen, opcheck_ok as _ok, random_allowed,
+                       structured_allowed)
 from sparsify.ops.spt import selection_recall
 from sparsify.prepare import CODEBOOK
 from test_spt_block_ops import brute_select_blocks
-from test_spt_ops import brute_select
+from test_spt_ops import STRUCTURED_SHAPES, brute_select
 
 qk_select = torch.ops.sparsify.qk_select
 qk_select_blocks = torch.ops.sparsify.qk_select_blocks
@@ -30,24 +32,39 @@ def _grid(g, *shape, levels=3):
     return torch.randint(-levels, levels + 1, shape, generator=g).float()
 
 
-def brute_qk_select(q, k, keep, causal, key_valid):
-    return brute_select(q, k, keep, causal, key_valid, score_of=lambda qi, kj: float(qi @ kj))
+def brute_qk_select(q, k, keep, causal, allowed):
+    return brute_select(q, k, keep, causal, allowed, score_of=lambda qi, kj: float(qi @ kj))
 
 
 @given(seed=st.integers(0, 2**16), lq=st.integers(1, 10), lk=st.integers(1, 10), data=st.data(),
-       groups=st.sampled_from([1, 2]), hkv=st.sampled_from([1, 2]), causal=st.booleans(), padded=st.booleans())
+       groups=st.sampled_from([1, 2]), hkv=st.sampled_from([1, 2]), causal=st.booleans(),
+       allowed_kind=st.sampled_from(RANDOM_ALLOWED))
 @settings(max_examples=40, **HYP)
-def test_qk_select_matches_brute_force(seed, lq, lk, data, groups, hkv, causal, padded):
+def test_qk_select_matches_brute_force(seed, lq, lk, data, groups, hkv, causal, allowed_kind):
     g = _gen(seed)
     keep = data.draw(st.integers(1, lk))
     b, h, d = 2, hkv * groups, 4
     q, k = _grid(g, b, h, lq, d), _grid(g, b, hkv, lk, d)
-    kv = (torch.rand(b, lk, generator=g) < 0.7) if padded else None
-    index, valid = qk_select(q, k, keep, causal, kv)
-    want_index, want_valid = brute_qk_select(q, k, keep, causal, kv)
+    allowed = random_allowed(g, allowed_kind, b, h, lq, lk)
+    index, valid = qk_select(q, k, keep, causal, allowed)
+    want_index, want_valid = brute_qk_select(q, k, keep, causal, allowed)
     assert index.dtype == torch.int32 and valid.dtype == torch.bool
     assert torch.equal(valid, want_valid)
     assert torch.equal(index, want_index)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", STRUCTURED_ALLOWED)
+def test_qk_select_structured_masks_match_brute_force(kind, causal):
+    """Sliding window, packed sequences, KV-cache decode (bottom-right, Lq < Lk), with and without is_causal."""
+    g = _gen(8)
+    lq, lk = STRUCTURED_SHAPES[kind]
+    q, k = _grid(g, 2, 4, lq, 4), _grid(g, 2, 2, lk, 4)
+    allowed = structured_allowed(kind, 2, lq, lk)
+    for keep in (1, 3, lk):
+        got = qk_select(q, k, keep, causal, allowed)
+        want = brute_qk_select(q, k, keep, causal, allowed)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
 def test_qk_select_ties_lowest_index_and_half_inputs():
@@ -63,12 +80,18 @@ def test_qk_select_ties_lowest_index_and_half_inputs():
 def test_qk_select_has_recall_one_and_chunks_consistently(monkeypatch):
     g = _gen(1)
     q, k = torch.randn(2, 4, 40, 8, generator=g), torch.randn(2, 2, 40, 8, generator=g)
-    kv = torch.rand(2, 40, generator=g) < 0.8
-    index, valid = qk_select(q, k, 5, True, kv)
-    assert selection_recall(q, k, index, valid, 5, True, kv) == 1.0
-    monkeypatch.setattr(sparsify.ops.spt, "_CHUNK_ELEMS", 37)  # a few rows per chunk
-    again = qk_select(q, k, 5, True, kv)
-    assert torch.equal(again[0], index) and torch.equal(again[1], valid)
+    for allowed in (torch.rand(2, 1, 1, 40, generator=g) < 0.8,     # key padding
+                    torch.rand(2, 1, 40, 40, generator=g) < 0.5,    # row by row (an HF mask)
+                    torch.rand(2, 4, 40, 40, generator=g) < 0.5):   # per head
+        monkeypatch.setattr(sparsify.ops.spt, "_CHUNK_ELEMS", 1 << 24)
+        index, valid = qk_select(q, k, 5, True, allowed)
+        assert selection_recall(q, k, index, valid, 5, True, allowed) == 1.0
+        monkeypatch.setattr(sparsify.ops.spt, "_CHUNK_ELEMS", 37)  # a few rows per chunk: the mask's rows follow
+        again = qk_select(q, k, 5, True, allowed)
+        assert torch.equal(again[0], index) and torch.equal(again[1], valid)
+    # recall reads the mask: the top-5 chosen without it keeps keys the mask forbids, measured below 1
+    index, valid = qk_select(q, k, 5, True, None)
+    assert selection_recall(q, k, index, valid, 5, True, allowed) < 0.9
 
 
 def test_qk_select_bad_inputs():
@@ -78,17 +101,21 @@ def test_qk_select_bad_inputs():
             qk_select(q, k, keep, False, None)
     with pytest.raises(ValueError, match="H % Hkv"):
         qk_select(q, torch.randn(1, 3, 5, 4), 2, False, None)
-    with pytest.raises(ValueError, match="key_valid"):
-        qk_select(q, k, 2, False, torch.ones(1, 4, dtype=torch.bool))
+    for allowed in (torch.ones(1, 5, dtype=torch.bool), torch.ones(1, 1, 1, 4, dtype=torch.bool),
+                    torch.ones(1, 2, 2, 5, dtype=torch.bool), torch.ones(1, 1, 3, 5, dtype=torch.uint8)):
+        for op, args in ((qk_select, (q, k, 2, False, allowed)), (qk_select_blocks, (q, k, 1, 2, False, allowed))):
+            with pytest.raises(ValueError, match="allowed must be a bool mask broadcastable to \\[B, H, Lq, Lk\\]"):
+                op(*args)
 
 
-@pytest.mark.parametrize("h,hkv,causal,padded", [(2, 2, False, False), (4, 2, True, False), (4, 1, True, True)])
-def test_opcheck_qk_select(h, hkv, causal, padded):
+@pytest.mark.parametrize("h,hkv,causal,allowed_kind", [(2, 2, False, None), (4, 2, True, "rows"), (4, 1, True, "keys"),
+                                                      (4, 2, False, "heads"), (2, 1, True, "shared")])
+def test_opcheck_qk_select(h, hkv, causal, allowed_kind):
     g = _gen(2)
     q, k = torch.randn(2, h, 6, 8, generator=g), torch.randn(2, hkv, 7, 8, generator=g)
-    kv = (torch.rand(2, 7, generator=g) < 0.7) if padded else None
-    assert _ok(torch.library.opcheck(qk_select.default, (q, k, 3, causal, kv)))
-    blocks = (q, k, 2, 4, causal, kv)
+    allowed = random_allowed(g, allowed_kind, 2, h, 6, 7)
+    assert _ok(torch.library.opcheck(qk_select.default, (q, k, 3, causal, allowed)))
+    blocks = (q, k, 2, 4, causal, allowed)
     assert _ok(torch.library.opcheck(qk_select_blocks.default, blocks))
 
 
@@ -97,25 +124,37 @@ def _dot_scores(q, k):
     return q @ k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2)
 
 
-def brute_qk_select_blocks(q, k, keep, block, causal, key_valid):
-    """pq_select_blocks' brute force with the q . k of every pair as the token score. It sums the scores over
-    the allowed pairs; the pooled score sums over all (row, valid key) pairs: they differ only in the causal
-    diagonal block, which is forced, so its score never decides."""
-    return brute_select_blocks(q, k, keep, block, causal, key_valid, token_scores=_dot_scores)
+def brute_qk_select_blocks(q, k, keep, block, causal, allowed):
+    """pq_select_blocks' brute force with the q . k of every pair as the token score: the sum over every query
+    row of the block and the keys some query may attend to (the pooled score of the contract)."""
+    return brute_select_blocks(q, k, keep, block, causal, allowed, token_scores=_dot_scores)
 
 
 @given(seed=st.integers(0, 2**16), lq=st.integers(1, 13), lk=st.integers(1, 13), block=st.sampled_from([2, 4]),
-       data=st.data(), hkv=st.sampled_from([1, 2]), causal=st.booleans(), padded=st.booleans())
+       data=st.data(), hkv=st.sampled_from([1, 2]), causal=st.booleans(), allowed_kind=st.sampled_from(RANDOM_ALLOWED))
 @settings(max_examples=30, **HYP)
-def test_qk_select_blocks_matches_brute_force(seed, lq, lk, block, data, hkv, causal, padded):
+def test_qk_select_blocks_matches_brute_force(seed, lq, lk, block, data, hkv, causal, allowed_kind):
     g = _gen(seed)
     keep = data.draw(st.integers(1, -(-lk // block)))
     q, k = _grid(g, 2, 2 * hkv, lq, 4), _grid(g, 2, hkv, lk, 4)
-    kv = (torch.rand(2, lk, generator=g) < 0.7) if padded else None
-    got = qk_select_blocks(q, k, keep, block, causal, kv)
-    want = brute_qk_select_blocks(q, k, keep, block, causal, kv)
+    allowed = random_allowed(g, allowed_kind, 2, 2 * hkv, lq, lk, p=0.5)
+    got = qk_select_blocks(q, k, keep, block, causal, allowed)
+    want = brute_qk_select_blocks(q, k, keep, block, causal, allowed)
     assert torch.equal(got[1], want[1])
     assert torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", STRUCTURED_ALLOWED)
+def test_qk_select_blocks_structured_masks_match_brute_force(kind, causal):
+    g = _gen(9)
+    lq, lk = {"window": (22, 22), "packed": (21, 21), "kv_cache": (6, 21)}[kind]
+    q, k = _grid(g, 2, 4, lq, 4), _grid(g, 2, 2, lk, 4)
+    allowed = structured_allowed(kind, 2, lq, lk)
+    for keep in (1, 2, -(-lk // 4)):
+        got = qk_select_blocks(q, k, keep, 4, causal, allowed)
+        want = brute_qk_select_blocks(q, k, keep, 4, causal, allowed)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
 def test_flop_formulas_of_the_selection():
@@ -177,11 +216,12 @@ def test_exact_selection_on_cuda_matches_cpu(dtype):
     """Integer-grid q/k make q . k exact in every dtype and summation order, so CUDA must pick the same keys."""
     g = _gen(7)
     q, k = _grid(g, 2, 4, 300, 16).to(dtype), _grid(g, 2, 2, 300, 16).to(dtype)
-    kv = torch.rand(2, 300, generator=g) < 0.8
-    for causal in (False, True):
-        want = qk_select(q, k, 37, causal, kv)
-        got = qk_select(q.cuda(), k.cuda(), 37, causal, kv.cuda())
+    kv = torch.rand(2, 1, 1, 300, generator=g) < 0.8
+    rows = torch.rand(2, 1, 300, 300, generator=g) < 0.5
+    for causal, allowed in ((False, kv), (True, kv), (True, rows)):
+        want = qk_select(q, k, 37, causal, allowed)
+        got = qk_select(q.cuda(), k.cuda(), 37, causal, allowed.cuda())
         assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
-        want_b = qk_select_blocks(q, k, 2, 64, causal, kv)
-        got_b = qk_select_blocks(q.cuda(), k.cuda(), 2, 64, causal, kv.cuda())
+        want_b = qk_select_blocks(q, k, 2, 64, causal, allowed)
+        got_b = qk_select_blocks(q.cuda(), k.cuda(), 2, 64, causal, allowed.cuda())
         assert torch.equal(got_b[0].cpu(), want_b[0]) and torch.equal(got_b[1].cpu(), want_b[1])

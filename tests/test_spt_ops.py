@@ -3,10 +3,13 @@ codebook_loss, aux_loss, selection_recall, FLOP formulas.
 
 What is checked:
   * torch.library.opcheck on every op (schema, fake kernel, autograd registration, AOT dispatch);
-  * pq_encode / pq_select against brute-force loops, deterministic ties, short rows masked (no duplicates);
+  * pq_encode / pq_select against brute-force loops, deterministic ties, short rows masked (no duplicates),
+    with `allowed` masks of every broadcast shape (key padding, per row, per head, shared over the batch) and
+    the structured ones of real models (sliding window, packed sequences, KV-cache decode aligned bottom-right);
   * spt_attention == SDPA with a boolean mask allowing exactly the selected pairs (plus the float mask),
-    forward and gradients, over hypothesis-drawn shapes, GQA, causal, key padding and dtypes;
-  * keep == Lk equals dense attention (sparsify::attention and SDPA), forward and gradients;
+    forward and gradients, over hypothesis-drawn shapes, GQA, causal, selection masks and dtypes;
+  * keep == Lk equals dense attention (sparsify::attention and SDPA), forward and gradients, also when the
+    structured mask is the selection's `allowed` and the attention's mask;
   * float64 gradcheck through the registered autograd (GQA, float mask with grad, invalid slots, causal, dropout);
   * dropout: drop rate, seeded replay in backward, reproducibility;
   * codebook loss value and gradient flow; aux_loss gradient injection == task + weight * aux in eager;
@@ -26,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import sparsify.ops  # noqa: F401  (registers sparsify::attention, the dense op)
 import sparsify.ops.spt as spt
 from sparsify.ops._vjp import seeded_dropout
-from op_inputs import HYP, gen as _gen, opcheck_ok as _ok, qkv as _qkv, randn as _randn
+from op_inputs import (HYP, RANDOM_ALLOWED, STRUCTURED_ALLOWED, allowed_at, gen as _gen, opcheck_ok as _ok,
+                       qkv as _qkv, randn as _randn, random_allowed, structured_allowed)
 
 pq_encode = torch.ops.sparsify.pq_encode
 pq_select = torch.ops.sparsify.pq_select
@@ -35,11 +39,11 @@ spt_backward = torch.ops.sparsify.spt_attention_backward
 aux_loss = torch.ops.sparsify.aux_loss
 
 
-def _random_pattern(g, b, h, hkv, lq, lk, keep, causal, m=2, e=4, key_valid=None):
+def _random_pattern(g, b, h, hkv, lq, lk, keep, causal, m=2, e=4, allowed=None):
     """index / valid from pq_select over random codes (few codewords, so many ties)."""
     qc = torch.randint(0, e, (b, h, lq, m), generator=g, dtype=torch.int32)
     kc = torch.randint(0, e, (b, hkv, lk, m), generator=g, dtype=torch.int32)
-    return pq_select(qc, kc, keep, causal, key_valid)
+    return pq_select(qc, kc, keep, causal, allowed)
 
 
 def allowed_mask(index, valid, lk):
@@ -96,13 +100,14 @@ def test_opcheck_pq_encode(requires_grad):
     assert _ok(torch.library.opcheck(pq_encode.default, (xt, _randn(g, 4, 8, 4))))
 
 
-@pytest.mark.parametrize("h,hkv,causal,padded", [(2, 2, False, False), (4, 2, True, False), (4, 1, True, True)])
-def test_opcheck_pq_select(h, hkv, causal, padded):
+@pytest.mark.parametrize("h,hkv,causal,allowed_kind", [(2, 2, False, None), (4, 2, True, "rows"), (4, 1, True, "keys"),
+                                                      (4, 2, False, "heads"), (2, 1, True, "shared")])
+def test_opcheck_pq_select(h, hkv, causal, allowed_kind):
     g = _gen(1)
     qc = torch.randint(0, 4, (2, h, 5, 2), generator=g, dtype=torch.int32)
     kc = torch.randint(0, 4, (2, hkv, 7, 2), generator=g, dtype=torch.int32)
-    kv = (torch.rand(2, 7, generator=g) < 0.7) if padded else None
-    assert _ok(torch.library.opcheck(pq_select.default, (qc, kc, 3, causal, kv)))
+    allowed = random_allowed(g, allowed_kind, 2, h, 5, 7)
+    assert _ok(torch.library.opcheck(pq_select.default, (qc, kc, 3, causal, allowed)))
 
 
 SPT_OPCHECK_CASES = {
@@ -201,49 +206,75 @@ def code_matches(qi, kj):
     return int((qi == kj).sum())
 
 
-def brute_select(qc, kc, keep, causal, key_valid, score_of=code_matches):
-    """Per query row: the allowed keys ranked by score_of(query row, key row), ties to the lower index."""
+def brute_select(qc, kc, keep, causal, allowed, score_of=code_matches):
+    """Per query row: the candidate keys (allowed[b, h, i, j] broadcast, and j <= i if causal) ranked by
+    score_of(query row, key row), ties to the lower index."""
     b, h, lq, _ = qc.shape
     hkv, lk = kc.shape[1], kc.shape[2]
+    full = allowed_at(allowed, b, h, lq, lk)
     index = torch.zeros(b, h, lq, keep, dtype=torch.int32)
     valid = torch.zeros(b, h, lq, keep, dtype=torch.bool)
     for bi in range(b):
         for hi in range(h):
             kh = hi // (h // hkv)
             for i in range(lq):
-                allowed = [j for j in range(lk) if (not causal or j <= i)
-                           and (key_valid is None or bool(key_valid[bi, j]))]
-                score = {j: score_of(qc[bi, hi, i], kc[bi, kh, j]) for j in allowed}
-                chosen = sorted(sorted(allowed, key=lambda j: (-score[j], j))[:keep])
+                cands = [j for j in range(lk) if (not causal or j <= i) and bool(full[bi, hi, i, j])]
+                score = {j: score_of(qc[bi, hi, i], kc[bi, kh, j]) for j in cands}
+                chosen = sorted(sorted(cands, key=lambda j: (-score[j], j))[:keep])
                 index[bi, hi, i, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
                 valid[bi, hi, i, :len(chosen)] = True
     return index, valid
 
 
 @given(seed=st.integers(0, 2**16), lq=st.integers(1, 12), lk=st.integers(1, 12), data=st.data(),
-       groups=st.sampled_from([1, 2]), hkv=st.sampled_from([1, 2]), causal=st.booleans(), padded=st.booleans(),
-       m=st.integers(1, 3), e=st.sampled_from([2, 4, 16]))
+       groups=st.sampled_from([1, 2]), hkv=st.sampled_from([1, 2]), causal=st.booleans(),
+       allowed_kind=st.sampled_from(RANDOM_ALLOWED), m=st.integers(1, 3), e=st.sampled_from([2, 4, 16]))
 @settings(max_examples=40, **HYP)
-def test_pq_select_matches_brute_force(seed, lq, lk, data, groups, hkv, causal, padded, m, e):
+def test_pq_select_matches_brute_force(seed, lq, lk, data, groups, hkv, causal, allowed_kind, m, e):
     g = _gen(seed)
     keep = data.draw(st.integers(1, lk))
     b, h = 2, hkv * groups
     qc = torch.randint(0, e, (b, h, lq, m), generator=g, dtype=torch.int32)
     kc = torch.randint(0, e, (b, hkv, lk, m), generator=g, dtype=torch.int32)
-    kv = (torch.rand(b, lk, generator=g) < 0.7) if padded else None
-    index, valid = pq_select(qc, kc, keep, causal, kv)
-    want_index, want_valid = brute_select(qc, kc, keep, causal, kv)
+    allowed = random_allowed(g, allowed_kind, b, h, lq, lk)
+    index, valid = pq_select(qc, kc, keep, causal, allowed)
+    want_index, want_valid = brute_select(qc, kc, keep, causal, allowed)
     assert index.dtype == torch.int32 and valid.dtype == torch.bool
     assert torch.equal(valid, want_valid)
     assert torch.equal(index, want_index)
+
+
+STRUCTURED_SHAPES = {"window": (10, 10), "packed": (11, 11), "kv_cache": (4, 11)}  # kind -> (Lq, Lk)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", STRUCTURED_ALLOWED)
+def test_pq_select_structured_masks_match_brute_force(kind, causal):
+    """Sliding window, packed sequences, KV-cache decode (bottom-right): every kept key allowed, row by row.
+    causal=True adds SDPA's top-left j <= i on top of the mask (for the KV cache that removes the keys past
+    query i, exactly what the contract says)."""
+    g = _gen(30)
+    lq, lk = STRUCTURED_SHAPES[kind]
+    b, h, hkv, keep = 2, 4, 2, 4
+    qc = torch.randint(0, 3, (b, h, lq, 2), generator=g, dtype=torch.int32)
+    kc = torch.randint(0, 3, (b, hkv, lk, 2), generator=g, dtype=torch.int32)
+    allowed = structured_allowed(kind, b, lq, lk)
+    index, valid = pq_select(qc, kc, keep, causal, allowed)
+    want_index, want_valid = brute_select(qc, kc, keep, causal, allowed)
+    assert torch.equal(valid, want_valid) and torch.equal(index, want_index)
+    # and, independently of the brute force: every kept key is allowed, and short rows keep all they may
+    kept = allowed_mask(index, valid, lk)
+    visible = allowed.expand(b, h, lq, lk) & (torch.ones(lq, lk, dtype=torch.bool).tril() if causal else True)
+    assert not (kept & ~visible).any()
+    assert torch.equal(valid.sum(-1), visible.sum(-1).clamp(max=keep))
 
 
 def test_pq_select_ties_are_deterministic_lowest_index():
     qc = torch.zeros(1, 2, 6, 2, dtype=torch.int32)
     kc = torch.zeros(1, 1, 10, 2, dtype=torch.int32)  # every key scores M: all tied
     kc[0, 0, 7] = 1  # key 7 matches nothing: ranked last
-    kv = torch.ones(1, 10, dtype=torch.bool)
-    kv[0, 1] = False
+    kv = torch.ones(1, 1, 1, 10, dtype=torch.bool)  # key padding: [B, 1, 1, Lk]
+    kv[..., 1] = False
     index, valid = pq_select(qc, kc, 4, False, kv)
     assert valid.all()
     assert (index == torch.tensor([0, 2, 3, 4], dtype=torch.int32)).all()
@@ -271,10 +302,15 @@ def test_pq_select_short_rows_masked_not_duplicated():
         assert kept == sorted(kept)  # ELL order
     assert torch.all(index <= torch.arange(lq).view(1, 1, lq, 1))  # causal
     # all keys padded for one batch: nothing valid there
-    kv = torch.ones(2, lk, dtype=torch.bool)
+    kv = torch.ones(2, 1, 1, lk, dtype=torch.bool)
     kv[1] = False
-    _, valid2 = _random_pattern(g, 2, 4, 2, lq, lk, keep, causal=False, key_valid=kv)
+    _, valid2 = _random_pattern(g, 2, 4, 2, lq, lk, keep, causal=False, allowed=kv)
     assert valid2[0].all() and not valid2[1].any()
+    # one query row of one head with nothing allowed (a per-head mask): only that row is empty
+    rows = torch.ones(2, 4, lq, lk, dtype=torch.bool)
+    rows[0, 3, 5] = False
+    _, valid3 = _random_pattern(g, 2, 4, 2, lq, lk, keep, causal=False, allowed=rows)
+    assert valid3.sum() == valid3.numel() - keep and not valid3[0, 3, 5].any()
 
 
 def test_pq_select_bad_inputs():
@@ -287,8 +323,16 @@ def test_pq_select_bad_inputs():
         pq_select(qc, torch.zeros(1, 3, 5, 2, dtype=torch.int32), 2, False, None)
     with pytest.raises(ValueError, match="integer"):
         pq_select(qc.float(), kc, 2, False, None)
-    with pytest.raises(ValueError, match="key_valid"):
-        pq_select(qc, kc, 2, False, torch.ones(1, 4, dtype=torch.bool))
+    bad_allowed = [torch.ones(1, 5, dtype=torch.bool),            # the old [B, Lk] key-padding form
+                   torch.ones(1, 1, 1, 4, dtype=torch.bool),      # wrong Lk
+                   torch.ones(1, 1, 2, 5, dtype=torch.bool),      # Lq neither 1 nor 3
+                   torch.ones(1, 3, 1, 5, dtype=torch.bool),      # H neither 1 nor 2
+                   torch.ones(2, 1, 1, 5, dtype=torch.bool),      # B = 2, the batch is 1
+                   torch.ones(1, 1, 3, 5),                        # not bool
+                   torch.ones(1, 1, 1, 3, 5, dtype=torch.bool)]   # 5 dims
+    for allowed in bad_allowed:
+        with pytest.raises(ValueError, match="allowed must be a bool mask broadcastable to \\[B, H, Lq, Lk\\]"):
+            pq_select(qc, kc, 2, False, allowed)
     with pytest.raises(ValueError, match="M \\* dc"):
         pq_encode(torch.zeros(1, 1, 2, 12), torch.zeros(2, 4, 8))
 
@@ -307,19 +351,19 @@ TOL = {
 
 @given(seed=st.integers(0, 2**16), lq=st.integers(1, 12), lk=st.integers(1, 12), data=st.data(),
        d=st.sampled_from([8, 16]), dc=st.sampled_from([4, 8]), dv=st.sampled_from([None, 8]),
-       groups=st.sampled_from([1, 2]), hkv=st.sampled_from([1, 2]), causal=st.booleans(), padded=st.booleans(),
-       mask_kind=st.sampled_from([None, "bool", "float"]),
+       groups=st.sampled_from([1, 2]), hkv=st.sampled_from([1, 2]), causal=st.booleans(),
+       allowed_kind=st.sampled_from(RANDOM_ALLOWED), mask_kind=st.sampled_from([None, "bool", "float"]),
        dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]))
 @settings(max_examples=60, **HYP)
-def test_spt_attention_matches_sdpa_on_pattern(seed, lq, lk, data, d, dc, dv, groups, hkv, causal, padded,
-                                               mask_kind, dtype):
+def test_spt_attention_matches_sdpa_on_pattern(seed, lq, lk, data, d, dc, dv, groups, hkv, causal,
+                                               allowed_kind, mask_kind, dtype):
     g = _gen(seed)
     keep = data.draw(st.integers(1, lk))
     b, h = 2, hkv * groups
     q, k, v = _qkv(g, b, h, hkv, lq, lk, d, dv=dv, dtype=dtype)
     cb = _randn(g, d // dc, 4, dc)
-    kv = (torch.rand(b, lk, generator=g) < 0.7) if padded else None
-    index, valid = pq_select(pq_encode(q, cb), pq_encode(k, cb), keep, causal, kv)
+    allowed = random_allowed(g, allowed_kind, b, h, lq, lk)
+    index, valid = pq_select(pq_encode(q, cb), pq_encode(k, cb), keep, causal, allowed)
     if mask_kind == "bool":
         mask = torch.rand(b, 1, lq, lk, generator=g) < 0.8
     elif mask_kind == "float":
@@ -379,12 +423,42 @@ def test_keep_all_equals_dense_attention(causal, mask_kind, hkv):
         torch.testing.assert_close(a, w, **tol)
 
 
+@pytest.mark.parametrize("score", ["pq", "exact"])
+@pytest.mark.parametrize("kind", STRUCTURED_ALLOWED)
+def test_keep_all_with_structured_mask_equals_dense_attention(kind, score):
+    """keep == Lk with the region's mask as `allowed` (and as the attention mask): every allowed key of every row
+    is kept, so SPT equals dense attention on sliding windows, packed sequences and a KV-cache decode (whose
+    bottom-right causality lives only in the mask: causal=False, SDPA's is_causal would be top-left)."""
+    g = _gen(31)
+    lq, lk = STRUCTURED_SHAPES[kind]
+    b, h, hkv, d = 2, 4, 2, 16
+    q, k, v = _qkv(g, b, h, hkv, lq, lk, d)
+    mask = structured_allowed(kind, b, lq, lk)
+    if score == "pq":
+        cb = _randn(g, 2, 16, 8)
+        index, valid = pq_select(pq_encode(q, cb), pq_encode(k, cb), lk, False, mask)
+    else:
+        index, valid = torch.ops.sparsify.qk_select(q.detach(), k.detach(), lk, False, mask)
+    assert torch.equal(allowed_mask(index, valid, lk), mask.expand(b, h, lq, lk))  # exactly the allowed pairs
+    scale = d ** -0.5
+    out, _, _ = spt_attention(q, k, v, index, valid, mask, scale, 0.0)
+    dense, _ = torch.ops.sparsify.attention(q, k, v, mask, scale, 0.0, False)
+    kr, vr = k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1)
+    sdpa = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=scale)
+    tol = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, dense, **tol)
+    torch.testing.assert_close(out, sdpa, **tol)
+    grad_out = torch.randn_like(out)
+    for a, w in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(dense, (q, k, v), grad_out)):
+        torch.testing.assert_close(a, w, **tol)
+
+
 def test_rows_with_nothing_valid_give_zero_and_no_nan():
     g = _gen(8)
     q, k, v = _qkv(g, 2, 2, 1, 4, 5, 8)
-    kv = torch.ones(2, 5, dtype=torch.bool)
+    kv = torch.ones(2, 1, 1, 5, dtype=torch.bool)
     kv[1] = False
-    index, valid = _random_pattern(g, 2, 2, 1, 4, 5, 2, False, key_valid=kv)
+    index, valid = _random_pattern(g, 2, 2, 1, 4, 5, 2, False, allowed=kv)
     mask = torch.zeros(1, 1, 4, 5)
     mask[..., 2, :] = float("-inf")  # row 2 of batch 0: every kept key masked by the float mask
     mask.requires_grad_()
@@ -402,12 +476,12 @@ def test_row_chunking_gives_identical_results(monkeypatch):
     q, k, v = _qkv(g, 2, 4, 2, 9, 9, 16, dtype=torch.float64)
     cb = _randn(g, 2, 4, 8)
     mask = _randn(g, 1, 4, 9, 9, dtype=torch.float64, requires_grad=True)
-    kv = torch.ones(2, 9, dtype=torch.bool)
-    kv[1, -3:] = False
+    allowed = torch.rand(2, 4, 9, 9, generator=g) < 0.7  # per head and row: each chunk takes its own rows
+    allowed[1, ..., -3:] = False
 
     def run():
         torch.manual_seed(5)
-        index, valid = pq_select(pq_encode(q, cb), pq_encode(k, cb), 4, True, kv)
+        index, valid = pq_select(pq_encode(q, cb), pq_encode(k, cb), 4, True, allowed)
         out, lse, _ = spt_attention(q, k, v, index, valid, mask, 0.3, 0.2)
         return (index, valid, out, lse, *torch.autograd.grad(out.sum(), (q, k, v, mask)))
 
@@ -448,9 +522,9 @@ def test_gradcheck_spt_attention(h, hkv, causal, mask_kind, mask_shape, dropout_
     g = _gen(10)
     b, lq, lk, keep = 2, 5, 6, 3
     q, k, v = _qkv(g, b, h, hkv, lq, lk, 4, dv=3, dtype=torch.float64)
-    kv = torch.ones(b, lk, dtype=torch.bool)
-    kv[1, -4:] = False  # padding: 2 allowed keys < keep, so invalid slots even without causal
-    index, valid = _random_pattern(g, b, h, hkv, lq, lk, keep, causal, key_valid=kv)
+    kv = torch.ones(b, 1, 1, lk, dtype=torch.bool)
+    kv[1, ..., -4:] = False  # padding: 2 allowed keys < keep, so invalid slots even without causal
+    index, valid = _random_pattern(g, b, h, hkv, lq, lk, keep, causal, allowed=kv)
     assert not valid.all()
     if mask_kind == "float":
         mask = _randn(g, *mask_shape, dtype=torch.float64, requires_grad=True)
@@ -727,11 +801,12 @@ def test_compile_aot_eager_matches_eager():
     g = _gen(21)
     q, k, v = _qkv(g, 2, 4, 2, 8, 8, 16)
     cb = _randn(g, 2, 16, 8, requires_grad=True)
-    kv = torch.ones(2, 8, dtype=torch.bool)
-    kv[0, -3:] = False
+    allowed = torch.ones(2, 1, 8, 8, dtype=torch.bool)  # an HF-shaped mask [B, 1, Lq, Lk]
+    allowed[0, ..., -3:] = False
+    allowed[1, :, 4:, :2] = False
 
     def f(q, k, v, cb):
-        index, valid = pq_select(pq_encode(q, cb), pq_encode(k, cb), 3, True, kv)
+        index, valid = pq_select(pq_encode(q, cb), pq_encode(k, cb), 3, True, allowed)
         out, _, _ = spt_attention(q, k, v, index, valid, None, 0.25, 0.0)
         aux = spt.codebook_loss(q, cb) + spt.codebook_loss(k, cb)
         return aux_loss(out, aux, 0.01, "compile_test")
