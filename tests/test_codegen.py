@@ -57,6 +57,8 @@ def _act(name, v):
         return F.relu(v)
     if name == "silu":
         return F.silu(v)
+    if name == "quick_gelu":
+        return v * torch.sigmoid(1.702 * v)
     raise AssertionError(name)
 
 
@@ -195,7 +197,8 @@ def test_source_is_specialised_by_spec():
     assert "erf" in src["gelu"] and "erf" not in src["gelu_tanh"]
     assert "tl.maximum" in src["relu"] and "tl.exp" in src["silu"]
     # exactly one epilogue per kernel, chosen at generation time: no runtime branch
-    markers = {"gelu": "tl.math.erf", "gelu_tanh": "0.044715", "relu": "tl.maximum", "silu": "tl.exp(-"}
+    markers = {"gelu": "tl.math.erf", "gelu_tanh": "0.044715", "relu": "tl.maximum", "silu": "tl.exp(-acc",
+               "quick_gelu": "1.702"}
     for a, s in src.items():
         assert [m for m in markers.values() if m in s] == [markers[a]]
         assert not any(line.strip().startswith(("if ", "elif ")) for line in s.splitlines())

@@ -12,7 +12,7 @@ import hashlib
 
 import torch
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
 
 # Element types the kernels accept (inputs, weights and output share one dtype;
 # accumulation is always fp32).

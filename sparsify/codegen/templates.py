@@ -108,6 +108,8 @@ ACTIVATIONS = {
     "relu": Template("    $v = tl.maximum($v, 0.0)\n"),
     # x * sigmoid(x); for x -> -inf, exp(-x) -> inf and the quotient -> -0, no NaN
     "silu": Template("    $v = $v / (1.0 + tl.exp(-$v))\n"),
+    # CLIP's x * sigmoid(1.702 x)
+    "quick_gelu": Template("    $v = $v / (1.0 + tl.exp(-1.702 * $v))\n"),
 }
 
 EPILOGUE_PLAIN = Template("${act}    out = acc\n")

@@ -24,6 +24,7 @@ ACTIVATIONS = {
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "relu": F.relu,
     "silu": F.silu,
+    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),  # CLIP's GELU approximation
 }
 
 

@@ -243,6 +243,9 @@ def _act_backward(activation: str, grad: Tensor, z: Tensor) -> Tensor:
         return torch.ops.aten.threshold_backward(grad, z, 0)
     if activation == "silu":
         return torch.ops.aten.silu_backward(grad, z)
+    if activation == "quick_gelu":  # d/dz z * sigmoid(1.702 z)
+        s = torch.sigmoid(1.702 * z)
+        return grad * (s + 1.702 * z * s * (1.0 - s))
     raise ValueError(f"sparsify::routed_mlp: unknown activation {activation!r}")
 
 
