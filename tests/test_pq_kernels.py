@@ -20,6 +20,8 @@ if not torch.cuda.is_available():
 
 import importlib.util  # noqa: E402
 import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import tracemalloc  # noqa: E402
 
 import pytest  # noqa: E402
@@ -377,6 +379,56 @@ def test_kernel_cache_and_sources(interpreter):
         PQSelectSpec(mask=None)
     with pytest.raises(ValueError):
         PQEncodeSpec(acc="fp16")
+
+
+# Compiles the masked causal select kernel (loop form, the GPU's) for sm_90 at the wrapper's GPU launch defaults and
+# prints ptxas' registers / spills. In a fresh process: this module imports triton in interpreter mode.
+SM90_SCRIPT = """
+import os, re, subprocess, sys, tempfile
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+from sparsify.codegen.pq_kernels import PQSelectSpec, SELECT_GPU_DEFAULTS, get_pq_kernel
+kernel = get_pq_kernel(PQSelectSpec(causal=True, mask=True, vector=False))
+assert not kernel.interpret
+consts = dict(BLOCK_Q=SELECT_GPU_DEFAULTS["block_q"], BLOCK_K=SELECT_GPU_DEFAULTS["block_k"], BLOCK_S=64,
+              LEVELS=16, BLOCK_M=8)  # keep >= 64, M = 8
+ptrs = dict(qc_ptr="*i32", kc_ptr="*i32", mask_ptr="*u8", idx_ptr="*i32", val_ptr="*u8")
+sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in kernel.fn.arg_names}
+out = triton.compile(ASTSource(kernel.fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                     options={"num_warps": SELECT_GPU_DEFAULTS["num_warps"]})
+with tempfile.TemporaryDirectory() as d:
+    ptx = os.path.join(d, "k.ptx")
+    open(ptx, "w").write(out.asm["ptx"])
+    log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=" + sm_arch_from_capability(90), ptx,
+                          "-o", ptx + ".o"], capture_output=True, text=True).stderr
+print("registers", re.search(r"Used (\\d+) registers", log).group(1),
+      "spill_stores", re.search(r"(\\d+) bytes spill stores", log).group(1),
+      "spill_loads", re.search(r"(\\d+) bytes spill loads", log).group(1))
+"""
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_select_compiles_for_sm90_without_spills(tmp_path):
+    """The real (non-interpreter) frontend accepts the masked select kernel for an H100 target, and at the GPU
+    launch defaults (SELECT_GPU_DEFAULTS) ptxas fits it in registers: no spill stores or loads (4 warps spill)."""
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this triton has no NVIDIA backend")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["SPARSIFY_CACHE_DIR"] = str(tmp_path)
+    run = subprocess.run([sys.executable, "-c", SM90_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    if run.returncode != 0 and "ptxas" in run.stderr.lower():
+        pytest.skip(f"no usable ptxas: {run.stderr[-500:]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = re.search(r"registers (\d+) spill_stores (\d+) spill_loads (\d+)", run.stdout)
+    assert found, run.stdout
+    stores, loads = map(int, found.groups()[1:])
+    assert stores == 0 and loads == 0, run.stdout
 
 
 def test_register_cuda_kernels():

@@ -488,6 +488,12 @@ def pq_encode_triton(x: torch.Tensor, codebook: torch.Tensor, *, block_l: Option
     return out
 
 
+# GPU launch defaults of the select kernel (loop form). With 4 warps the [64, 64] tiles need 255 registers and
+# spill (ptxas for sm_90: ~640 bytes of spill stores with a mask, ~550 without); with 8 warps they fit (255 / 247
+# registers, no spills) at the same number of resident warps per SM. From ptxas reports, not yet timed.
+SELECT_GPU_DEFAULTS = dict(block_q=64, block_k=64, num_warps=8)
+
+
 def _check_select_args(q_codes, k_codes, keep, allowed) -> None:
     """The argument checks of sparsify::pq_select, with the failing argument and what is valid in each message."""
     if q_codes.dim() != 4 or k_codes.dim() != 4:
@@ -531,7 +537,7 @@ def pq_select_triton(
     broadcastable to [B, H, Lq, Lk]) limits each query's candidates, on top of causal (top-left j <= i).
 
     block_q / block_k (powers of two) and vector (tile form, see PQSelectSpec) default per mode: 64 / 64 / loop
-    on a GPU, 64 / 256 / vector under the interpreter."""
+    on a GPU (8 warps: SELECT_GPU_DEFAULTS), 64 / 256 / vector under the interpreter."""
     _check_select_args(q_codes, k_codes, keep, allowed)
     b, h, lq, m = q_codes.shape
     hkv, lk = k_codes.shape[1], k_codes.shape[2]
@@ -545,9 +551,9 @@ def pq_select_triton(
     kernel = get_pq_kernel(PQSelectSpec(causal=bool(causal), mask=allowed is not None, vector=bool(vector)))
     _check_runnable(kernel, q_codes)
     if block_q is None:
-        block_q = 64
+        block_q = SELECT_GPU_DEFAULTS["block_q"]
     if block_k is None:
-        block_k = 256 if kernel.interpret else 64
+        block_k = 256 if kernel.interpret else SELECT_GPU_DEFAULTS["block_k"]
     if allowed is not None:
         # a view, no copy: the broadcast dims get stride 0, so the kernel indexes the mask as [B, H, Lq, Lk]
         mask = allowed.expand(b, h, lq, lk).view(torch.uint8)
@@ -556,7 +562,7 @@ def pq_select_triton(
         mask, mask_strides = index, (0, 0, 0, 0)  # a dummy pointer, never read
     val8 = valid.view(torch.uint8)
     kernel.launch(
-        (_cdiv(lq, block_q), b * h),
+        (_cdiv(lq, block_q), b * h), num_warps=SELECT_GPU_DEFAULTS["num_warps"],
         qc_ptr=q_codes, kc_ptr=k_codes, mask_ptr=mask, idx_ptr=index, val_ptr=val8,
         H=h, GROUP=h // hkv, Lq=lq, Lk=lk, M=m, KEEP=keep,
         s_qb=q_codes.stride(0), s_qh=q_codes.stride(1), s_ql=q_codes.stride(2), s_qm=q_codes.stride(3),
