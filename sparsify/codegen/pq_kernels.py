@@ -3,13 +3,19 @@
 Public API::
 
     pq_encode_triton(x, codebook) -> codes int32 [B, H, L, M]
-    pq_select_triton(q_codes, k_codes, keep, causal, key_valid=None) -> (index int32, valid bool) [B, H, Lq, keep]
+    pq_select_triton(q_codes, k_codes, keep, causal, allowed=None) -> (index int32, valid bool) [B, H, Lq, keep]
     PQEncodeSpec, PQSelectSpec, kernel_source(spec), get_pq_kernel(spec)
     register_cuda_kernels()   # the CUDA implementations of sparsify::pq_encode / sparsify::pq_select
 
 Both functions return exactly what the CPU references in sparsify/ops/spt.py return (same codes, same index and
 valid tensors); see that module for the semantics. Inputs may have any strides (an HF [B, L, H, D] buffer seen as
 [B, H, L, D] is read in place). On CPU tensors they need TRITON_INTERPRET=1 (Triton's interpreter).
+
+pq_select's ``allowed`` is a bool mask of exactly 4 dims broadcastable to [B, H, Lq, Lk] (each of dims 0..2 is 1
+or B / H / Lq, dim 3 is Lk): an HF mask [B, 1, Lq, Lk] (sliding window, packed sequences, KV cache), a key-padding
+mask [B, 1, 1, Lk], or one per head. Key j is a candidate for query i of head h iff allowed[b, h, i, j] and, when
+causal, j <= i (top-left, as SDPA's is_causal). The kernel reads the mask in place through its strides (0 on the
+broadcast dims), one [BLOCK_Q, BLOCK_K] tile per key block.
 
 Kernels are generated like the other sparsify.codegen kernels: spec -> string.Template source -> file in
 ``cache_dir()`` -> importlib, cached in the emitter's in-memory cache (``sparsify.codegen.cache_info()`` and
@@ -37,7 +43,7 @@ level. One program per (block of BLOCK_Q query rows, b * H + h), GQA kv head h /
 
   pass 1 (histogram): stream over the key blocks [k0, k0 + BLOCK_K) (causal: only up to the block's last row),
       compute the [BLOCK_Q, BLOCK_K] score tile in registers, set disallowed pairs (out of range, causal j > i,
-      key_valid False) to -1, and add the per-level counts to a per-row histogram hist[BLOCK_Q, LEVELS]
+      allowed False) to -1, and add the per-level counts to a per-row histogram hist[BLOCK_Q, LEVELS]
       (LEVELS = next power of two >= M + 1), kept in registers.
   threshold: at_least[t] = count(score >= t) is a suffix sum of the histogram (n_allowed - prefix sum + hist);
       T = the highest level with at_least[T] >= keep, above = count(score > T) (< keep by the choice of T), and
@@ -170,7 +176,7 @@ PQ_SCORE_LOOP = Template('''\
             km = tl.load(k_rows + m * s_km, mask=k_ok, other=-2).to(tl.int32)
             score += (qm[:, None] == km[None, :]).to(tl.int32)
         allowed = q_ok[:, None] & k_ok[None, :]
-${causal}${key_valid}        score = tl.where(allowed, score, -1)
+${causal}${mask}        score = tl.where(allowed, score, -1)
 ''')
 
 # "vector" form (interpreter): one [BLOCK_Q, BLOCK_K, BLOCK_M] compare and a reduction over the subspaces, so
@@ -183,7 +189,7 @@ PQ_SCORE_VECTOR = Template('''\
                      mask=k_ok[:, None] & m_ok[None, :], other=-2).to(tl.int32)
         score = tl.reduce((qt[:, None, :] == kt[None, :, :]).to(tl.int32), 2, _sum_combine)
         allowed = q_ok[:, None] & k_ok[None, :]
-${causal}${key_valid}        score = tl.where(allowed, score, -1)
+${causal}${mask}        score = tl.where(allowed, score, -1)
 ''')
 
 PQ_QTILE_VECTOR = '''\
@@ -208,9 +214,15 @@ PQ_CAUSAL = '''\
         allowed = allowed & (offs_k[None, :] <= offs_q[:, None])  # top-left aligned: j <= i
 '''
 
-PQ_KEY_VALID = '''\
-        kv = tl.load(kv_ptr + b * s_vb + offs_k.to(tl.int64) * s_vl, mask=k_ok, other=0)
-        allowed = allowed & (kv[None, :] != 0)
+# the [BLOCK_Q, BLOCK_K] tile of the allowed mask (strides 0 on its broadcast dims); only the pairs still allowed
+# (in range, causal) are read
+PQ_MASK = '''\
+        mv = tl.load(mask_rows[:, None] + offs_k.to(tl.int64)[None, :] * s_mk, mask=allowed, other=0)
+        allowed = allowed & (mv != 0)
+'''
+
+PQ_MASK_ROWS = '''\
+    mask_rows = mask_ptr + b * s_mb + h * s_mh + offs_q.to(tl.int64) * s_mq
 '''
 
 # causal: key blocks past the last query row of this block hold no allowed key
@@ -234,11 +246,11 @@ ${reductions}
 
 @triton.jit
 def ${name}(
-    qc_ptr, kc_ptr, kv_ptr, idx_ptr, val_ptr,
+    qc_ptr, kc_ptr, mask_ptr, idx_ptr, val_ptr,
     H, GROUP, Lq, Lk, M, KEEP,
     s_qb, s_qh, s_ql, s_qm,
     s_kb, s_kh, s_kl, s_km,
-    s_vb, s_vl,
+    s_mb, s_mh, s_mq, s_mk,
     s_ib, s_ih, s_il, s_is,
     s_ab, s_ah, s_al, s_as,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, LEVELS: tl.constexpr,
@@ -254,7 +266,7 @@ def ${name}(
     q_rows = qc_ptr + b * s_qb + h * s_qh + offs_q.to(tl.int64) * s_ql
     k_base = kc_ptr + b * s_kb + hk * s_kh
     offs_lv = tl.arange(0, LEVELS)
-${qtile}${key_end}
+${mask_rows}${qtile}${key_end}
     # pass 1: per-row histogram of the scores of the allowed keys over the levels 0..M
     hist = tl.full((BLOCK_Q, LEVELS), 0, tl.int32)
     for k0 in range(0, k_end, BLOCK_K):
@@ -326,18 +338,18 @@ class PQEncodeSpec:
 
 @dataclasses.dataclass(frozen=True)
 class PQSelectSpec:
-    """pq_select kernel: causal (top-left, j <= i), whether a key_valid [B, Lk] mask is read, and the tile form:
+    """pq_select kernel: causal (top-left, j <= i), whether an allowed mask (4-d, strided) is read, and the tile form:
     ``vector=False`` ("loop", the GPU default) computes scores and histogram with loops over the M subspaces /
     M + 1 levels on 2-D register tiles; ``vector=True`` (the interpreter default) uses 3-D tiles
     [BLOCK_Q, BLOCK_K, BLOCK_M] and [BLOCK_Q, BLOCK_K, LEVELS] instead (few large numpy operations). Both give
     identical results; the tests run both under the interpreter."""
 
     causal: bool = False
-    key_valid: bool = False
+    mask: bool = False
     vector: bool = False
 
     def __post_init__(self):
-        for name in ("causal", "key_valid", "vector"):
+        for name in ("causal", "mask", "vector"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PQSelectSpec.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -346,15 +358,14 @@ class PQSelectSpec:
         parts = ["pq_select"]
         if self.causal:
             parts.append("causal")
-        if self.key_valid:
-            parts.append("keyvalid")
+        if self.mask:
+            parts.append("masked")
         if self.vector:
             parts.append("vector")
         return "_".join(parts) + "_kernel"
 
     def canonical(self) -> str:
-        return (f"PQSelectSpec(causal={int(self.causal)},key_valid={int(self.key_valid)},"
-                f"vector={int(self.vector)})")
+        return f"PQSelectSpec(causal={int(self.causal)},mask={int(self.mask)},vector={int(self.vector)})"
 
 
 _TEMPLATE_DIGEST = _emitter.templates_digest({k: v for k, v in globals().items() if k.startswith("PQ_")})
@@ -378,10 +389,10 @@ def kernel_source(spec) -> str:
         return PQ_ENCODE.substitute(reductions=PQ_REDUCTIONS, spec=spec.canonical(), key=kernel_key(spec),
                                     name=spec.kernel_name, acc=_ACC_TL[spec.acc])
     score_t = PQ_SCORE_VECTOR if spec.vector else PQ_SCORE_LOOP
-    score = score_t.substitute(causal=PQ_CAUSAL if spec.causal else "",
-                               key_valid=PQ_KEY_VALID if spec.key_valid else "")
+    score = score_t.substitute(causal=PQ_CAUSAL if spec.causal else "", mask=PQ_MASK if spec.mask else "")
     return PQ_SELECT.substitute(reductions=PQ_REDUCTIONS, spec=spec.canonical(), key=kernel_key(spec),
                                 name=spec.kernel_name, score=score,
+                                mask_rows=PQ_MASK_ROWS if spec.mask else "",
                                 qtile=PQ_QTILE_VECTOR if spec.vector else "",
                                 hist=PQ_HIST_VECTOR if spec.vector else PQ_HIST_LOOP,
                                 key_end=PQ_KEY_END_CAUSAL if spec.causal else PQ_KEY_END)
@@ -477,23 +488,59 @@ def pq_encode_triton(x: torch.Tensor, codebook: torch.Tensor, *, block_l: Option
     return out
 
 
+# GPU launch defaults of the select kernel (loop form). With 4 warps the [64, 64] tiles need 255 registers and
+# spill (ptxas for sm_90: ~640 bytes of spill stores with a mask, ~550 without); with 8 warps they fit (255 / 247
+# registers, no spills) at the same number of resident warps per SM. From ptxas reports, not yet timed.
+SELECT_GPU_DEFAULTS = dict(block_q=64, block_k=64, num_warps=8)
+
+
+def _check_select_args(q_codes, k_codes, keep, allowed) -> None:
+    """The argument checks of sparsify::pq_select, with the failing argument and what is valid in each message."""
+    if q_codes.dim() != 4 or k_codes.dim() != 4:
+        raise ValueError(f"pq_select_triton expects codes [B,H,L,M]; got {tuple(q_codes.shape)}, "
+                         f"{tuple(k_codes.shape)}")
+    b, h, lq, m = q_codes.shape
+    if k_codes.shape[0] != b or k_codes.shape[-1] != m or h % k_codes.shape[1] != 0:
+        raise ValueError(f"pq_select_triton: incompatible code shapes {tuple(q_codes.shape)} and "
+                         f"{tuple(k_codes.shape)} (need equal B and M, H % Hkv == 0)")
+    if q_codes.is_floating_point() or k_codes.is_floating_point():
+        raise ValueError(f"pq_select_triton: codes must be integer tensors, got {q_codes.dtype}, {k_codes.dtype}")
+    if m >= 2**15:
+        raise ValueError(f"pq_select_triton: M={m} overflows the int16 score of the reference")
+    lk = k_codes.shape[2]
+    if not 1 <= keep <= lk:
+        raise ValueError(f"pq_select_triton: keep must be in [1, Lk={lk}], got {keep}")
+    if k_codes.device != q_codes.device:
+        raise ValueError(f"pq_select_triton: k_codes is on {k_codes.device}, q_codes on {q_codes.device}")
+    if allowed is None:
+        return
+    if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool:
+        got = allowed.dtype if isinstance(allowed, torch.Tensor) else type(allowed).__name__
+        raise ValueError(f"pq_select_triton: allowed must be a bool tensor, got {got}")
+    shape = tuple(allowed.shape)
+    if (len(shape) != 4 or shape[3] != lk
+            or any(n not in (1, full) for n, full in zip(shape[:3], (b, h, lq)))):
+        raise ValueError(f"pq_select_triton: allowed must have 4 dims broadcastable to [B, H, Lq, Lk] = "
+                         f"{(b, h, lq, lk)} (dims 0..2 each 1 or B / H / Lq, dim 3 = Lk; e.g. [B, 1, Lq, Lk] or "
+                         f"[B, 1, 1, Lk]), got {shape}")
+    if allowed.device != q_codes.device:
+        raise ValueError(f"pq_select_triton: allowed is on {allowed.device}, q_codes on {q_codes.device}")
+
+
 def pq_select_triton(
     q_codes: torch.Tensor, k_codes: torch.Tensor, keep: int, causal: bool,
-    key_valid: Optional[torch.Tensor] = None, *, block_q: Optional[int] = None, block_k: Optional[int] = None,
+    allowed: Optional[torch.Tensor] = None, *, block_q: Optional[int] = None, block_k: Optional[int] = None,
     vector: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`keep` keys per query row by code matches, exactly as sparsify::pq_select's reference:
-    (index int32, valid bool), both [B, H, Lq, keep] (algorithm: module docstring).
+    (index int32, valid bool), both [B, H, Lq, keep] (algorithm: module docstring). ``allowed`` (bool, 4 dims
+    broadcastable to [B, H, Lq, Lk]) limits each query's candidates, on top of causal (top-left j <= i).
 
     block_q / block_k (powers of two) and vector (tile form, see PQSelectSpec) default per mode: 64 / 64 / loop
-    on a GPU, 64 / 256 / vector under the interpreter."""
-    from sparsify.ops.spt import _check_select_inputs  # the reference's argument checks, verbatim
-
-    _check_select_inputs(q_codes, k_codes, keep, key_valid)
+    on a GPU (8 warps: SELECT_GPU_DEFAULTS), 64 / 256 / vector under the interpreter."""
+    _check_select_args(q_codes, k_codes, keep, allowed)
     b, h, lq, m = q_codes.shape
     hkv, lk = k_codes.shape[1], k_codes.shape[2]
-    if k_codes.device != q_codes.device or (key_valid is not None and key_valid.device != q_codes.device):
-        raise ValueError("pq_select_triton: q_codes, k_codes and key_valid must be on one device")
     index = torch.empty((b, h, lq, keep), dtype=torch.int32, device=q_codes.device)
     valid = torch.empty((b, h, lq, keep), dtype=torch.bool, device=q_codes.device)
     if index.numel() == 0:
@@ -501,21 +548,26 @@ def pq_select_triton(
     _check_grid(b * h)
     if vector is None:
         vector = interpret_mode()
-    kernel = get_pq_kernel(PQSelectSpec(causal=bool(causal), key_valid=key_valid is not None, vector=bool(vector)))
+    kernel = get_pq_kernel(PQSelectSpec(causal=bool(causal), mask=allowed is not None, vector=bool(vector)))
     _check_runnable(kernel, q_codes)
     if block_q is None:
-        block_q = 64
+        block_q = SELECT_GPU_DEFAULTS["block_q"]
     if block_k is None:
-        block_k = 256 if kernel.interpret else 64
-    kv = key_valid.view(torch.uint8) if key_valid is not None else index  # a dummy pointer when unused
+        block_k = 256 if kernel.interpret else SELECT_GPU_DEFAULTS["block_k"]
+    if allowed is not None:
+        # a view, no copy: the broadcast dims get stride 0, so the kernel indexes the mask as [B, H, Lq, Lk]
+        mask = allowed.expand(b, h, lq, lk).view(torch.uint8)
+        mask_strides = mask.stride()
+    else:
+        mask, mask_strides = index, (0, 0, 0, 0)  # a dummy pointer, never read
     val8 = valid.view(torch.uint8)
     kernel.launch(
-        (_cdiv(lq, block_q), b * h),
-        qc_ptr=q_codes, kc_ptr=k_codes, kv_ptr=kv, idx_ptr=index, val_ptr=val8,
+        (_cdiv(lq, block_q), b * h), num_warps=SELECT_GPU_DEFAULTS["num_warps"],
+        qc_ptr=q_codes, kc_ptr=k_codes, mask_ptr=mask, idx_ptr=index, val_ptr=val8,
         H=h, GROUP=h // hkv, Lq=lq, Lk=lk, M=m, KEEP=keep,
         s_qb=q_codes.stride(0), s_qh=q_codes.stride(1), s_ql=q_codes.stride(2), s_qm=q_codes.stride(3),
         s_kb=k_codes.stride(0), s_kh=k_codes.stride(1), s_kl=k_codes.stride(2), s_km=k_codes.stride(3),
-        s_vb=kv.stride(0) if key_valid is not None else 0, s_vl=kv.stride(1) if key_valid is not None else 0,
+        s_mb=mask_strides[0], s_mh=mask_strides[1], s_mq=mask_strides[2], s_mk=mask_strides[3],
         s_ib=index.stride(0), s_ih=index.stride(1), s_il=index.stride(2), s_is=index.stride(3),
         s_ab=val8.stride(0), s_ah=val8.stride(1), s_al=val8.stride(2), s_as=val8.stride(3),
         BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_S=min(64, max(2, _next_pow2(keep))),
@@ -543,7 +595,7 @@ def register_cuda_kernels() -> None:
         return pq_encode_triton(x, codebook)
 
     @torch.library.register_kernel("sparsify::pq_select", "cuda")
-    def _pq_select_cuda(q_codes, k_codes, keep, causal, key_valid):
-        return pq_select_triton(q_codes, k_codes, keep, causal, key_valid)
+    def _pq_select_cuda(q_codes, k_codes, keep, causal, allowed):
+        return pq_select_triton(q_codes, k_codes, keep, causal, allowed)
 
     _REGISTERED = True
