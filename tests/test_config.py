@@ -1,6 +1,7 @@
 """Options: every invalid value fails when the options are made, naming the field path and what is valid."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,7 +74,6 @@ def test_good_values_are_accepted_and_normalised():
     for block_size in (16, 32, 64, 128):
         assert AttentionConfig(block_size=block_size).block_size == block_size
     assert AttentionConfig(keep=1e-6).keep == 1e-6
-    import numpy as np
     assert type(MLPConfig(blocks=np.int64(8)).blocks) is int  # numpy ints are ints (and stored as int)
 
 
