@@ -116,10 +116,12 @@ def test_options_dict_and_config_are_the_same():
     ({"attention": {"method": "magic"}}, "options.attention.method='magic' is not valid; choose one of"),
     ({"mlp": {"gate": "softmax"}}, "options.mlp.gate='softmax' is not valid; choose one of \\['sigmoid2p', 'none'\\]"),
     ({"inner": "tvm"}, "choose one of \\['inductor', 'aot_eager', 'eager'\\]"),
-    ({"strict": "yes"}, "strict must be True or False"),
+    ({"strict": "yes"}, "options.strict='yes' is not valid; must be True or False"),
+    ({"attention": {"keep": 1.5}}, "options.attention.keep=1.5 is not valid; must be a real number in \\(0, 1\\]"),
+    ({"mlp": {"top_k": "2"}}, "options.mlp.top_k='2' is not valid; must be an int in \\[1, blocks=4\\]"),
 ])
 def test_bad_options_fail_at_once(options, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):  # TypeError: a value of the wrong type
         sparsify.SparsifyConfig.from_options(options)
     model = torch.nn.Linear(4, 4)
     with pytest.raises(Exception, match=message):
