@@ -26,7 +26,7 @@ _FUNCTION_KINDS: dict[Any, str] = {
     operator.sub: "sub", torch.sub: "sub",
     operator.mul: "mul", operator.imul: "mul", torch.mul: "mul",
     operator.truediv: "div", operator.itruediv: "div", torch.div: "div",
-    torch.baddbmm: "baddbmm", torch.topk: "topk", torch.t: "t",
+    torch.baddbmm: "baddbmm", torch.topk: "topk", torch.t: "t", torch.chunk: "chunk", torch.split: "split",
     operator.neg: "neg", torch.neg: "neg",
     torch.where: "where", torch.masked_fill: "masked_fill",
     torch.transpose: "transpose", torch.permute: "permute",
