@@ -31,7 +31,7 @@ _register_with_torch_logging()
 
 _PUBLIC_FACTS = {
     "attention": ("source", "mask", "causal", "scale", "dropout_p", "heads", "kv_heads", "head_dim", "keep_keys", "keep_blocks", "score"),
-    "mlp": ("activation", "gated", "bias", "lora", "dropout_p", "d_model", "d_ff"),
+    "mlp": ("activation", "gated", "bias", "lora", "dropout_p", "d_model", "d_ff", "experts", "top_k"),
 }
 
 

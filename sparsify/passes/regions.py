@@ -115,7 +115,7 @@ def _reaches_qk_matmul(node: Any, depth: int = 12) -> bool:
     kind = kind_of(node)
     if kind == "matmul":
         return True
-    if kind in ("add", "mul", "div", "where", "masked_fill"):
+    if kind in ("add", "mul", "div", "where", "masked_fill", "pointwise"):  # pointwise: a score modification
         return any(_reaches_qk_matmul(a, depth - 1) for a in node.args if isinstance(a, Node))
     return False
 
@@ -234,6 +234,10 @@ def _walk_scores(softmax: Node, chain: list) -> tuple[Node, Node, float, list, O
             if drop is not None or keep is not None:
                 raise Unsupported("two boolean masks on the scores")
             drop, node = node.args[1], node.args[0]
+        elif node_kind == "pointwise":
+            if node.target in (torch.tanh, "tanh"):  # Gemma 2: tanh(scores / cap) * cap
+                raise Unsupported("score modification (logit softcapping)")
+            raise Unsupported(f"score modification ({getattr(node.target, '__name__', node.target)})")
         else:
             raise Unsupported(f"unexpected {getattr(node, 'target', node)} between q.k^T and softmax")
 
@@ -593,6 +597,27 @@ def match_mlp(down: Projection) -> Optional[Region]:
 # the finder
 # ----------------------------------------------------------------------------------------------
 
+def match_moe_router(topk: Node) -> Optional[Region]:
+    """A mixture-of-experts router: topk over softmax / sigmoid of a Linear's logits (Mixtral, Qwen2-MoE).
+    The layer is reported, never rewritten: the sparsify ops compute one MLP for every token."""
+    node, steps = topk.args[0], 0
+    while isinstance(node, Node) and steps < 8 and as_projection(node) is None:
+        if kind_of(node) not in ("cast", "softmax", "pointwise", "add", "view"):
+            return None
+        node, steps = node.args[0], steps + 1
+    router = as_projection(node) if isinstance(node, Node) else None
+    if router is None:
+        return None
+    experts = (shape(router.weight) or (None,))[0]
+    top_k = arg(topk, 1, "k")
+    module = module_path(topk)
+    if module == router.module and "." in module:  # the router is its own module (transformers 5): the layer is its parent
+        module = module.rsplit(".", 1)[0]
+    facts = {"experts": experts, "top_k": top_k, "router": router.module}
+    return Region("mlp", module, topk, [], facts,
+                  unsupported=f"mixture-of-experts layer ({experts} experts, top-{top_k} routing): left as written")
+
+
 def find_regions(gm: GraphModule) -> list[Region]:
     """Every attention and MLP region in the graph, in graph order."""
     projections = {}
@@ -610,9 +635,33 @@ def find_regions(gm: GraphModule) -> list[Region]:
             region = match_attention_softmax(node)
         elif kind == "sdpa":
             region = match_attention_sdpa(node)
+        elif kind == "topk":
+            region = match_moe_router(node)
         elif node in projections and node not in members:
             region = match_mlp(projections[node])
         if region is not None and region.output not in claimed:
             claimed.add(region.output)
             regions.append(region)
+    for moe in [r for r in regions if "experts" in r.facts]:
+        inside = [r for r in regions if r.kind == "mlp" and "experts" not in r.facts
+                  and r.module.startswith(moe.module + ".") and _reads_routing(r, moe.output)]
+        if inside:
+            moe.unsupported = (f"mixture-of-experts layer ({moe.facts['experts']} experts, top-{moe.facts['top_k']} "
+                               f"routing): the routing is left as written; {len(inside)} expert MLP(s) are regions "
+                               "of their own")
     return regions
+
+
+def _reads_routing(region: Region, topk: Node, budget: int = 60) -> bool:
+    """Whether the MLP's input is selected by the router's choice (an expert, not a shared MLP)."""
+    up = region.facts["_match"][0]
+    seen, stack = set(), [up.x]
+    while stack and len(seen) < budget:
+        n = stack.pop()
+        if not isinstance(n, Node) or n in seen:
+            continue
+        if n is topk:
+            return True
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
