@@ -548,6 +548,8 @@ def match_mlp(down: Projection) -> Optional[Region]:
                 candidate_gate, act_input, nodes = _activation_chain(a)
             except Unsupported:
                 continue
+            if candidate_gate.output is candidate_up.output:
+                continue  # x * f(x) of one projection (CLIP's quick_gelu): an activation, not a gate
             if skip_casts(candidate_gate.x) is skip_casts(candidate_up.x):
                 gate, up, act_nodes, gated_mul = candidate_gate, candidate_up, nodes, h
                 break
