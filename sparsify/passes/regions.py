@@ -646,7 +646,7 @@ def find_regions(gm: GraphModule) -> list[Region]:
             regions.append(region)
     for moe in [r for r in regions if "experts" in r.facts]:
         inside = [r for r in regions if r.kind == "mlp" and "experts" not in r.facts
-                  and r.module.startswith(moe.module + ".") and _reads_routing(r, moe.output)]
+                  and r.module.startswith(moe.module + "." if moe.module else "") and _reads_routing(r, moe.output)]
         if inside:
             moe.unsupported = (f"mixture-of-experts layer ({moe.facts['experts']} experts, top-{moe.facts['top_k']} "
                                f"routing): the routing is left as written; {len(inside)} expert MLP(s) are regions "
