@@ -170,3 +170,24 @@ def test_dynamic_scale_guarded():
             block.attn.scaling = 0.05
         torch.testing.assert_close(compiled(**data).last_hidden_state, model(**data).last_hidden_state,
                                    atol=1e-5, rtol=0)
+
+
+class _InplaceDivAttention(torch.nn.Module):
+    """Attention whose scores are divided in place (`scores /= sqrt(d)`, operator.itruediv in the graph)."""
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, x):
+        q, k, v = (t.unflatten(-1, (4, 8)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        scores /= 8 ** 0.5
+        return (torch.matmul(torch.softmax(scores, dim=-1), v),)
+
+
+def test_inplace_division_is_a_scale():
+    torch.manual_seed(0)
+    report = assert_compiled_matches_eager(_InplaceDivAttention(), {"x": torch.randn(2, 8, 32)}, AOT)
+    (attention,) = report.by_kind("attention")
+    assert attention.decision == "sparsify.attention", report.table()
+    assert attention.facts["scale"] == pytest.approx(8 ** -0.5)
