@@ -43,7 +43,7 @@ def single_handlers() -> None:
 
 _PUBLIC_FACTS = {
     "attention": ("source", "mask", "causal", "scale", "dropout_p", "heads", "kv_heads", "head_dim", "keep_keys", "keep_blocks", "score"),
-    "mlp": ("activation", "gated", "bias", "lora", "dropout_p", "d_model", "d_ff"),
+    "mlp": ("activation", "gated", "bias", "lora", "dropout_p", "d_model", "d_ff", "experts", "top_k"),
 }
 
 

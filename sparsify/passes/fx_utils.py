@@ -12,7 +12,9 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.source import TensorPropertySource
 from torch.fx import Graph, Node
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 _FUNCTION_KINDS: dict[Any, str] = {
     torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "matmul",
@@ -23,7 +25,8 @@ _FUNCTION_KINDS: dict[Any, str] = {
     operator.add: "add", operator.iadd: "add", torch.add: "add",
     operator.sub: "sub", torch.sub: "sub",
     operator.mul: "mul", operator.imul: "mul", torch.mul: "mul",
-    operator.truediv: "div", torch.div: "div",
+    operator.truediv: "div", operator.itruediv: "div", torch.div: "div",
+    torch.baddbmm: "baddbmm", torch.topk: "topk", torch.t: "t", torch.chunk: "chunk", torch.split: "split",
     operator.neg: "neg", torch.neg: "neg",
     torch.where: "where", torch.masked_fill: "masked_fill",
     torch.transpose: "transpose", torch.permute: "permute",
@@ -36,7 +39,8 @@ _METHOD_KINDS: dict[str, str] = {
     "matmul": "matmul", "bmm": "matmul", "softmax": "softmax",
     "to": "cast", "float": "cast", "half": "cast", "bfloat16": "cast", "type": "cast", "type_as": "cast",
     "contiguous": "cast",
-    "add": "add", "add_": "add", "sub": "sub", "mul": "mul", "mul_": "mul", "div": "div", "neg": "neg",
+    "add": "add", "add_": "add", "sub": "sub", "mul": "mul", "mul_": "mul", "div": "div", "div_": "div", "neg": "neg",
+    "baddbmm": "baddbmm", "topk": "topk", "chunk": "chunk", "split": "split",
     "masked_fill": "masked_fill", "transpose": "transpose", "permute": "permute", "t": "t",
     "view": "view", "reshape": "view", "expand": "expand", "unsqueeze": "unsqueeze",
     "le": "compare", "lt": "compare", "ge": "compare", "gt": "compare", "tril": "tril", "triu": "triu",
@@ -52,6 +56,8 @@ _POINTWISE_METHODS = {"gelu", "relu", "sigmoid", "tanh", "erf", "exp", "pow", "s
 
 def kind_of(node: Node) -> Optional[str]:
     if node.op == "call_function":
+        if node.target is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT"):
+            return "t" if len(shape(node) or ()) == 2 else None  # Falcon's `input @ self.weight.T`
         kind = _FUNCTION_KINDS.get(node.target)
         if kind is None and node.target in _POINTWISE:
             kind = "pointwise"
@@ -90,6 +96,33 @@ def shape(node: Any) -> Optional[tuple]:
 def dtype(node: Any) -> Optional[torch.dtype]:
     v = value(node)
     return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def static_scalar(node: Any) -> Optional[float]:
+    """The value of a python-number operand: a number, or a graph node holding a SymFloat / SymInt.
+
+    Under dynamic=True Dynamo lifts float attributes (GPT-2's `self.scaling`, `math.pi`) to graph inputs,
+    so a scale arrives as a symbolic float. Its value is read with a guard (torch recompiles if the
+    attribute changes), but only when no tensor size enters the expression: specialising on a sequence
+    length would turn a dynamic graph into a static one. None when the value is not such a scalar."""
+    if isinstance(node, bool):
+        return None
+    if isinstance(node, (int, float)):
+        return float(node)
+    v = value(node) if isinstance(node, Node) else node
+    if isinstance(v, bool) or not isinstance(v, (int, float, torch.SymInt, torch.SymFloat)):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    expr = v.node.expr
+    if getattr(expr, "is_number", False):
+        return float(expr)
+    shape_env = v.node.shape_env
+    for symbol in expr.free_symbols:
+        sources = shape_env.var_to_sources.get(symbol, [])
+        if not sources or any(isinstance(s, TensorPropertySource) for s in sources):
+            return None  # an unbacked value (data-dependent) or one derived from a tensor size
+    return float(guard_scalar(v))
 
 
 def skip_casts(node: Any) -> Any:

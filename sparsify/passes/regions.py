@@ -25,9 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 
-from .fx_utils import arg, common_module, is_elementwise, kind_of, module_path, shape, skip_casts, value
+from ..ops.mlp import ACTIVATIONS as OP_ACTIVATIONS
+from .fx_utils import (arg, common_module, is_elementwise, kind_of, module_path, shape, skip_casts, static_scalar,
+                       value)
 
-KNOWN_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+# the activations the ops implement (their table is the vocabulary); the finder may name more (see
+# _REFERENCE_ACTIVATIONS) so that the report says which function a block uses
+KNOWN_ACTIVATIONS = tuple(OP_ACTIVATIONS)
 
 
 class Unsupported(Exception):
@@ -82,9 +86,11 @@ class AttentionFacts:
 
 
 def _constant(node: Any) -> Optional[float]:
-    """A python number, or a 0-d tensor made by torch.full / torch.tensor of one."""
-    if isinstance(node, (int, float)) and not isinstance(node, bool):
-        return float(node)
+    """A python number (or a symbolic one whose value is static, see fx_utils.static_scalar), or a 0-d
+    tensor made by torch.full / torch.tensor of one."""
+    scalar = static_scalar(node)
+    if scalar is not None:
+        return scalar
     if isinstance(node, Node) and kind_of(node) == "full" and shape(node) in ((), None):
         fill = arg(node, 1, "fill_value")
         return float(fill) if isinstance(fill, (int, float)) else None
@@ -92,6 +98,13 @@ def _constant(node: Any) -> Optional[float]:
         data = node.args[0] if node.args else None
         return float(data) if isinstance(data, (int, float)) else None
     return None
+
+
+def _dropout_p(p: Any) -> float:
+    scalar = static_scalar(p)
+    if scalar is None:
+        raise Unsupported(f"the dropout probability ({getattr(p, 'name', p)}) is not a constant")
+    return scalar
 
 
 def _reaches_qk_matmul(node: Any, depth: int = 12) -> bool:
@@ -102,7 +115,7 @@ def _reaches_qk_matmul(node: Any, depth: int = 12) -> bool:
     kind = kind_of(node)
     if kind == "matmul":
         return True
-    if kind in ("add", "mul", "div", "where", "masked_fill"):
+    if kind in ("add", "mul", "div", "where", "masked_fill", "pointwise"):  # pointwise: a score modification
         return any(_reaches_qk_matmul(a, depth - 1) for a in node.args if isinstance(a, Node))
     return False
 
@@ -221,6 +234,10 @@ def _walk_scores(softmax: Node, chain: list) -> tuple[Node, Node, float, list, O
             if drop is not None or keep is not None:
                 raise Unsupported("two boolean masks on the scores")
             drop, node = node.args[1], node.args[0]
+        elif node_kind == "pointwise":
+            if node.target in (torch.tanh, "tanh"):  # Gemma 2: tanh(scores / cap) * cap
+                raise Unsupported("score modification (logit softcapping)")
+            raise Unsupported(f"score modification ({getattr(node.target, '__name__', node.target)})")
         else:
             raise Unsupported(f"unexpected {getattr(node, 'target', node)} between q.k^T and softmax")
 
@@ -249,7 +266,7 @@ def match_attention_softmax(softmax: Node) -> Optional[Region]:
                 probs = user
             elif user_kind == "dropout":
                 training = arg(user, 2, "training", True)
-                dropout_p = float(arg(user, 1, "p", 0.5)) if training else 0.0
+                dropout_p = _dropout_p(arg(user, 1, "p", 0.5)) if training else 0.0
                 probs = user
             elif user_kind == "matmul" and user.args[0] is probs:
                 output, v = user, user.args[1]
@@ -270,14 +287,17 @@ def match_attention_softmax(softmax: Node) -> Optional[Region]:
 def match_attention_sdpa(node: Node) -> Region:
     q, k, v = (arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
     mask = arg(node, 3, "attn_mask")
-    dropout_p = float(arg(node, 4, "dropout_p", 0.0) or 0.0)
+    dropout_p = static_scalar(arg(node, 4, "dropout_p", 0.0) or 0.0)
     is_causal = bool(arg(node, 5, "is_causal", False))
     scale = arg(node, 6, "scale")
-    if scale is None:
-        scale = 1.0 / math.sqrt(shape(q)[-1])
+    scale = 1.0 / math.sqrt(shape(q)[-1]) if scale is None else _constant(scale)
+    if scale is None or dropout_p is None:
+        what = "scale" if scale is None else "dropout_p"
+        return Region("attention", module_path(node), node, [], {"source": "sdpa"},
+                      unsupported=f"SDPA's {what} is not a constant")
     keep = mask if mask is not None and value(mask).dtype == torch.bool else None
     additive = [mask] if mask is not None and keep is None else []
-    facts = AttentionFacts(q, k, v, additive, keep, None, float(scale), dropout_p, is_causal, "sdpa")
+    facts = AttentionFacts(q, k, v, additive, keep, None, scale, dropout_p, is_causal, "sdpa")
     return _attention_region(facts, node, [node], module_path(node))
 
 
@@ -381,7 +401,9 @@ def _lora_branch(base: Node, lora: Any) -> Optional[Projection]:
     x_in, dropout_p, nodes = skip_casts(a_out.args[0]), 0.0, [lora, b_out, a_out]
     if kind_of(x_in) == "dropout":
         if arg(x_in, 2, "training", True):
-            dropout_p = float(arg(x_in, 1, "p", 0.5))
+            dropout_p = static_scalar(arg(x_in, 1, "p", 0.5))
+            if dropout_p is None:
+                return None
         nodes.append(x_in)
         x_in = skip_casts(x_in.args[0])
     if x_in is not skip_casts(base.args[0]):
@@ -402,7 +424,25 @@ _REFERENCE_ACTIVATIONS = {
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "relu": F.relu,
     "silu": F.silu,
+    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),  # CLIP
 }
+
+
+def _is_scalar_node(node: Node) -> bool:
+    """A node holding a python number (a SymFloat under dynamic=True), not a tensor."""
+    return not isinstance(value(node), torch.Tensor) and static_scalar(node) is not None
+
+
+def _autograd_function(node: Node) -> Optional[Node]:
+    """getitem(autograd_function_apply(fwd, bwd, x), 0) -- a custom autograd.Function of one tensor, as
+    Dynamo records it in train mode (Bloom's GeLUFunction): the apply node, else None."""
+    if kind_of(node) != "getitem" or node.args[1] != 0 or not isinstance(node.args[0], Node):
+        return None
+    apply = node.args[0]
+    if apply.op != "call_function" or apply.target is not torch.ops.higher_order.autograd_function_apply:
+        return None
+    tensors = [a for a in apply.args[2:] if isinstance(a, Node)]
+    return apply if len(tensors) == 1 and len(apply.users) == 1 else None
 
 
 def _activation_chain(top: Node) -> tuple[Projection, Node, list]:
@@ -418,6 +458,13 @@ def _activation_chain(top: Node) -> tuple[Projection, Node, list]:
         if proj is not None and node is not top:
             frontier.append((proj, node))
             continue
+        if node is not top and _is_scalar_node(node):
+            continue  # a symbolic constant (dynamic=True): read by identify_activation
+        apply = _autograd_function(node)
+        if apply is not None:
+            interior += [node, apply]
+            stack.extend(a for a in apply.args[2:] if isinstance(a, Node))
+            continue
         if not is_elementwise(node):
             raise Unsupported(f"{getattr(node, 'target', node)} is not an element-wise activation step")
         interior.append(node)
@@ -432,7 +479,9 @@ def _activation_chain(top: Node) -> tuple[Projection, Node, list]:
 def identify_activation(proj_out: Node, interior: list) -> Optional[str]:
     """Name the function the interior nodes compute of proj_out: read one call directly, else
     evaluate the nodes on a float64 probe and compare with each known activation (this is how
-    GPT-2's and T5's spelled-out tanh-GELU are recognised without a per-model pattern)."""
+    GPT-2's and T5's spelled-out tanh-GELU are recognised without a per-model pattern). A probe
+    match must hold for the gradient too: a custom autograd.Function (Bloom's GeLUFunction) brings its
+    own backward, which the rewrite replaces by the activation's true derivative."""
     if len(interior) == 1:
         node = interior[0]
         if node.target is F.gelu or node.target == "gelu":
@@ -441,18 +490,38 @@ def identify_activation(proj_out: Node, interior: list) -> Optional[str]:
             return "relu"
         if node.target is F.silu or node.target == "silu":
             return "silu"
-    sub = Graph()
+    gm = proj_out.graph.owning_module
+    sub, root = Graph(), torch.nn.Module()
     env = {proj_out: sub.placeholder("x")}
+
+    def operand(n: Node):
+        if n not in env:
+            if n.op == "get_attr":  # an autograd.Function's forward / backward graphs
+                setattr(root, n.target, getattr(gm, n.target))
+                env[n] = sub.get_attr(n.target)
+            else:
+                env[n] = static_scalar(n)  # a symbolic constant (dynamic=True), guarded
+        return env[n]
+
     order = {n: i for i, n in enumerate(proj_out.graph.nodes)}
     for node in sorted(interior, key=order.__getitem__):
-        env[node] = sub.node_copy(node, lambda n: env[n])
+        env[node] = sub.node_copy(node, operand)
     sub.output(env[max(interior, key=order.__getitem__)])
+    probe = _PROBE.clone().requires_grad_(True)
     try:
-        probe_out = GraphModule(torch.nn.Module(), sub)(_PROBE.clone()).to(torch.float64)
+        with torch.enable_grad():
+            probe_out = GraphModule(root, sub)(probe)
+            (probe_grad,) = torch.autograd.grad(probe_out.sum(), probe)
     except Exception:  # a node that does not run on a float64 vector: unknown activation
         return None
     for name, fn in _REFERENCE_ACTIVATIONS.items():
-        if probe_out.shape == _PROBE.shape and torch.allclose(probe_out, fn(_PROBE), atol=1e-5, rtol=1e-4):
+        reference = _PROBE.clone().requires_grad_(True)
+        with torch.enable_grad():
+            expected = fn(reference)
+            (expected_grad,) = torch.autograd.grad(expected.sum(), reference)
+        if (probe_out.shape == _PROBE.shape
+                and torch.allclose(probe_out.detach().to(torch.float64), expected.detach(), atol=1e-5, rtol=1e-4)
+                and torch.allclose(probe_grad.to(torch.float64), expected_grad, atol=1e-5, rtol=1e-4)):
             return name
     return None
 
@@ -463,10 +532,11 @@ def match_mlp(down: Projection) -> Optional[Region]:
     dropout_p, pre = 0.0, []
     while isinstance(h, Node) and kind_of(h) in ("cast", "dropout"):
         if kind_of(h) == "dropout" and arg(h, 2, "training", True):
-            dropout_p = float(arg(h, 1, "p", 0.5))
+            dropout_p = static_scalar(arg(h, 1, "p", 0.5))
         pre.append(h)
         h = h.args[0]
-    if not isinstance(h, Node) or as_projection(h) is not None or not is_elementwise(h):
+    if (not isinstance(h, Node) or as_projection(h) is not None
+            or not (is_elementwise(h) or _autograd_function(h) is not None)):
         return None  # linear -> linear (no activation) or not element-wise: not an MLP
     gate, up, act_nodes, gated_mul = None, None, None, None
     if kind_of(h) == "mul" and all(isinstance(a, Node) for a in h.args[:2]):
@@ -478,6 +548,8 @@ def match_mlp(down: Projection) -> Optional[Region]:
                 candidate_gate, act_input, nodes = _activation_chain(a)
             except Unsupported:
                 continue
+            if candidate_gate.output is candidate_up.output:
+                continue  # x * f(x) of one projection (CLIP's quick_gelu): an activation, not a gate
             if skip_casts(candidate_gate.x) is skip_casts(candidate_up.x):
                 gate, up, act_nodes, gated_mul = candidate_gate, candidate_up, nodes, h
                 break
@@ -505,6 +577,11 @@ def match_mlp(down: Projection) -> Optional[Region]:
     unsupported = None
     if activation is None:
         unsupported = "activation not recognised (known: " + ", ".join(KNOWN_ACTIVATIONS) + ")"
+    elif activation not in KNOWN_ACTIVATIONS:
+        unsupported = (f"activation {activation} is recognised but the sparsify ops do not implement it "
+                       "(they implement: " + ", ".join(KNOWN_ACTIVATIONS) + ")")
+    elif dropout_p is None:
+        unsupported = "the dropout probability before the down projection is not a constant"
     elif any(p.lora_dropout_p > 0 for p in projections):
         unsupported = "LoRA dropout is active (training with lora_dropout > 0)"
     elif gate is not None and skip_casts(gate.x) is not skip_casts(up.x):
@@ -521,6 +598,27 @@ def match_mlp(down: Projection) -> Optional[Region]:
 # ----------------------------------------------------------------------------------------------
 # the finder
 # ----------------------------------------------------------------------------------------------
+
+def match_moe_router(topk: Node) -> Optional[Region]:
+    """A mixture-of-experts router: topk over softmax / sigmoid of a Linear's logits (Mixtral, Qwen2-MoE).
+    The layer is reported, never rewritten: the sparsify ops compute one MLP for every token."""
+    node, steps = topk.args[0], 0
+    while isinstance(node, Node) and steps < 8 and as_projection(node) is None:
+        if kind_of(node) not in ("cast", "softmax", "pointwise", "add", "view"):
+            return None
+        node, steps = node.args[0], steps + 1
+    router = as_projection(node) if isinstance(node, Node) else None
+    if router is None:
+        return None
+    experts = (shape(router.weight) or (None,))[0]
+    top_k = arg(topk, 1, "k")
+    module = module_path(topk)
+    if module == router.module and "." in module:  # the router is its own module (transformers 5): the layer is its parent
+        module = module.rsplit(".", 1)[0]
+    facts = {"experts": experts, "top_k": top_k, "router": router.module}
+    return Region("mlp", module, topk, [], facts,
+                  unsupported=f"mixture-of-experts layer ({experts} experts, top-{top_k} routing): left as written")
+
 
 def find_regions(gm: GraphModule) -> list[Region]:
     """Every attention and MLP region in the graph, in graph order."""
@@ -539,9 +637,33 @@ def find_regions(gm: GraphModule) -> list[Region]:
             region = match_attention_softmax(node)
         elif kind == "sdpa":
             region = match_attention_sdpa(node)
+        elif kind == "topk":
+            region = match_moe_router(node)
         elif node in projections and node not in members:
             region = match_mlp(projections[node])
         if region is not None and region.output not in claimed:
             claimed.add(region.output)
             regions.append(region)
+    for moe in [r for r in regions if "experts" in r.facts]:
+        inside = [r for r in regions if r.kind == "mlp" and "experts" not in r.facts
+                  and r.module.startswith(moe.module + "." if moe.module else "") and _reads_routing(r, moe.output)]
+        if inside:
+            moe.unsupported = (f"mixture-of-experts layer ({moe.facts['experts']} experts, top-{moe.facts['top_k']} "
+                               f"routing): the routing is left as written; {len(inside)} expert MLP(s) are regions "
+                               "of their own")
     return regions
+
+
+def _reads_routing(region: Region, topk: Node, budget: int = 60) -> bool:
+    """Whether the MLP's input is selected by the router's choice (an expert, not a shared MLP)."""
+    up = region.facts["_match"][0]
+    seen, stack = set(), [up.x]
+    while stack and len(seen) < budget:
+        n = stack.pop()
+        if not isinstance(n, Node) or n in seen:
+            continue
+        if n is topk:
+            return True
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
