@@ -72,14 +72,16 @@ def test_gemma2_softcapping_reported(impl):
     assert all(r.decision == "dense" and r.reason == "score modification (logit softcapping)" for r in attention)
 
 
-def test_clip_quick_gelu_named_and_left_dense():
+def test_clip_quick_gelu_found_and_rewritten_exactly():
     config = T.CLIPTextConfig(**COMMON, **IDS)
     model = build(config)
     report = sparsify.explain(model, **inputs(), options=AOT)
     mlp = report.by_kind("mlp")
-    assert len(mlp) == 2 and all(r.decision == "dense" and "quick_gelu" in r.reason for r in mlp), report.table()
+    assert len(mlp) == 2 and all(r.decision == "sparsify.mlp" and r.facts["activation"] == "quick_gelu"
+                                 for r in mlp), report.table()
     torch._dynamo.reset()
-    assert_compiled_matches_eager(model, inputs(), AOT)  # the dense blocks stay as written
+    report = assert_compiled_matches_eager(model, inputs(), AOT)
+    assert {r.decision for r in report.by_kind("mlp")} == {"sparsify.mlp"}
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2moe"])
