@@ -89,3 +89,21 @@ def test_torch_logs_prints_each_line_once(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if "attention encoder.layer.0.attention.self" in line]
     assert len(lines) == 1, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("order", [(8, 16), (16, 8)])
+def test_min_seq_under_dynamic_shapes_is_the_same_whatever_the_call_order(order):
+    """Item 12: min_seq is a symbolic guard, so each length gets the plan of its own side of min_seq."""
+    model = tiny_model("llama")
+    options = {"attention": {"method": "spt", "score": "exact", "keep": 1.0, "min_seq": 12}, "inner": "aot_eager"}
+    compiled = torch.compile(model, backend="sparsify", dynamic=True, options=options)
+    decisions = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seq in order:
+            inputs = tiny_inputs("llama", seq=seq)
+            out = compiled(**inputs).last_hidden_state
+            decisions[seq] = {r.decision for r in sparsify.last_report().by_kind("attention")}
+            with torch.no_grad():
+                torch.testing.assert_close(out, model(**inputs).last_hidden_state, atol=1e-5, rtol=0)
+    assert decisions == {8: {"dense"}, 16: {"spt"}}
