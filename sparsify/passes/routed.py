@@ -25,8 +25,6 @@ ROUTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def routed_guard(region: Region, config: MLPConfig, states: dict) -> Optional[str]:
     """Why this MLP region cannot take the routed FFN (None: it can)."""
     d_ff = region.facts.get("d_ff")
-    if not 1 <= config.top_k <= config.blocks:
-        return f"top_k={config.top_k} is outside [1, blocks={config.blocks}]"
     if not d_ff or d_ff % config.blocks:
         return f"d_ff {d_ff} is not divisible by blocks={config.blocks}"
     up = region.facts["_match"][0]

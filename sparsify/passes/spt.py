@@ -56,8 +56,6 @@ def spt_guard(region: Region, config: AttentionConfig, states: dict) -> Optional
     """Why this attention region cannot take SPT (None: it can)."""
     facts = region.facts
     f = facts.get("_match")
-    if not 0.0 < config.keep <= 1.0:
-        return f"keep={config.keep} is outside (0, 1]"
     head_dim = facts.get("head_dim")
     if config.score == "codes" and (not head_dim or head_dim % config.subspace_dim):
         return f"head_dim {head_dim} is not a multiple of subspace_dim {config.subspace_dim}"
@@ -69,8 +67,6 @@ def spt_guard(region: Region, config: AttentionConfig, states: dict) -> Optional
     # side of min_seq recompiles with its own plan (the plan never depends on the order of lengths)
     if bool(seq < config.min_seq):
         return f"sequence length {seq} is below min_seq={config.min_seq}"
-    if config.granularity == "block" and config.block_size not in (16, 32, 64, 128):
-        return f"block_size={config.block_size} is not one of 16, 32, 64, 128"
     if config.score == "exact":
         return None  # ranks by q . k: no codebook to check
     if (region.module, CODEBOOK_KIND) not in states:
