@@ -3,9 +3,10 @@ from .backend import backend, count_flops, explain, last_report, sparsify_backen
 from .config import AttentionConfig, MLPConfig, SparseAttention, SparsifyConfig
 from .debug import Report, RegionReport
 from .passes import SparsifyError
+from .checkpoint import load_state
 from .prepare import prepare
 from . import ops  # noqa: F401  (registers torch.ops.sparsify.*)
 
 __version__ = "0.1.0"
-__all__ = ["AttentionConfig", "MLPConfig", "SparseAttention", "prepare", "Report", "RegionReport", "SparsifyConfig", "SparsifyError",
+__all__ = ["AttentionConfig", "MLPConfig", "SparseAttention", "load_state", "prepare", "Report", "RegionReport", "SparsifyConfig", "SparsifyError",
            "backend", "count_flops", "explain", "last_report", "sparsify_backend"]

@@ -6,12 +6,17 @@
 prepare() runs the model once through Dynamo and the region finder, and for every attention region
 registers a PQ codebook nn.Parameter `sparsify_pq_codebook` on the attention module (so optimizers,
 state_dict, PEFT, DDP and FSDP see it) plus a forward hook that tags the module's output with it
-(DESIGN.md decision 5). Calling it again, recompiling, or loading a checkpoint never re-initialises
-a codebook that exists: to load one, prepare a fresh model, then load_state_dict.
+(DESIGN.md decision 5); routed MLPs get `sparsify_router_weight/bias` (and `sparsify_neuron_order`).
+Calling it again or recompiling never re-initialises state that exists. What was attached, and the
+options it was made with, is recorded on model.config.sparsify (config.json after save_pretrained):
+prepare on a model reloaded with from_pretrained loads the state from its checkpoint instead of
+initialising it (sparsify.load_state does the same explicitly; sparsify/checkpoint.py).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import warnings
 from collections import defaultdict
 from typing import Any, Mapping, Optional, Union
 
@@ -21,12 +26,11 @@ from torch import nn
 from .config import SparsifyConfig
 from .debug import Report, log
 from .backend import trace
+from .checkpoint import (CODEBOOK, NEURON_ORDER, ROUTER_BIAS, ROUTER_WEIGHT, checkpoint_of, load_state,
+                         module_states, read_state_tensors, record_state, state_options)
 from .passes.routed import ROUTER_KIND
 from .passes.spt import CODEBOOK_KIND
 
-CODEBOOK = "sparsify_pq_codebook"
-ROUTER_WEIGHT, ROUTER_BIAS = "sparsify_router_weight", "sparsify_router_bias"
-NEURON_ORDER = "sparsify_neuron_order"
 _HOOK = "_sparsify_tag_hook"
 
 
@@ -62,6 +66,7 @@ def attach_state(module: nn.Module, kind: str, make_params, hook_child: str = ""
                 module.register_buffer(name, tensor)
             created = True
         states[kind] = list(params)
+        module.__dict__.setdefault("_sparsify_hooks", {})[kind] = hook_child  # recorded in the checkpoint
     hooked = module.get_submodule(hook_child) if hook_child else module
     tags = hooked.__dict__.setdefault("_sparsify_tags", [])  # a plain list: no submodule registration
     if not any(owner is module and k == kind for owner, k, _, _ in tags):
@@ -69,6 +74,19 @@ def attach_state(module: nn.Module, kind: str, make_params, hook_child: str = ""
     if not hasattr(hooked, _HOOK):
         setattr(hooked, _HOOK, hooked.register_forward_hook(_tag_output))
     return created
+
+
+def detach_state(module: nn.Module, kind: str) -> None:
+    """Remove one state kind from `module`: its tensors and its entry in the tag hooks (the hook stays, a
+    no-op without entries)."""
+    for name in module.__dict__.get("_sparsify_states", {}).pop(kind, ()):
+        if hasattr(module, name):
+            delattr(module, name)
+    module.__dict__.get("_sparsify_hooks", {}).pop(kind, None)
+    for hooked in module.modules():
+        tags = hooked.__dict__.get("_sparsify_tags")
+        if tags:
+            tags[:] = [t for t in tags if not (t[0] is module and t[1] == kind)]
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -148,28 +166,44 @@ def init_codebook(samples: list, head_dim: int, subspace_dim: int, codewords: in
 
 def prepare(model: nn.Module, *args, options: Union[SparsifyConfig, Mapping[str, Any], None] = None,
             **kwargs) -> Report:
-    """Attach the state the configured methods need; return the region report of the example call.
+    """Attach the state the configured methods need; return the region report of the example call, whose
+    decisions say what prepare did per region ("prepared: pq_codebook" / "prepared: router", with the reason
+    saying whether it was initialised, loaded from the checkpoint or kept; "dense" with why not).
 
     The example call (model(*args, **kwargs)) provides the q/k that initialise each codebook by
-    k-means; it runs without gradients and leaves the model's parameters unchanged.
+    k-means; it runs without gradients and leaves the model's parameters unchanged. A model reloaded
+    with from_pretrained gets its saved state back from its checkpoint first (model.config.sparsify).
     """
     config = SparsifyConfig.from_options(options)
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # torch.compile(model)'s wrapper
+        model = model._orig_mod
+    restored = _restore_saved_state(model)
     # trace with the dense rewrite: it exposes q and k of every attention region by module path
     tracing = dataclasses.replace(config, attention=dataclasses.replace(config.attention, method="dense"),
                                   mlp=dataclasses.replace(config.mlp, method="dense"), inner="eager", strict=False)
     samples: dict = defaultdict(list)
     # MLP activations are only needed to fit routers: no [tokens, d_ff] copies otherwise
     mlp_samples: Optional[dict] = {} if config.mlp.method == "routed" else None
-    report = trace(model, args, kwargs, tracing, lambda gm: _Recorder(gm, samples, mlp_samples).run)
+    with _eager_calls(model):
+        report = trace(model, args, kwargs, tracing, lambda gm: _Recorder(gm, samples, mlp_samples).run)
+    if not report.regions:
+        warnings.warn(f"sparsify.prepare: no attention or MLP block found in {type(model).__name__}: nothing "
+                      "was prepared", stacklevel=2)
 
+    few_samples: list = []  # (module, sub-vectors, codewords) where k-means has fewer samples than codewords
     if config.attention.method == "spt" and config.attention.score == "codes":  # "exact" needs no state
         attention = config.attention
         for region in report.by_kind("attention"):
             head_dim = region.facts.get("head_dim")
-            if region.decision == "dense" or not head_dim or head_dim % attention.subspace_dim:
-                continue  # the pass will report why; nothing to attach
+            if region.decision in ("dense", "skipped"):
+                continue  # unsupported (reason kept) or excluded: nothing to attach
+            if not head_dim or head_dim % attention.subspace_dim:
+                _decide(region, "dense", f"head_dim {head_dim} is not a multiple of subspace_dim "
+                                         f"{attention.subspace_dim}: no codebook attached")
+                continue
             module = model.get_submodule(region.module)
             weight = next(module.parameters(), None)
+            vectors = sum(t.numel() // head_dim for pair in samples[region.module] for t in pair)
 
             def make_codebook(samples=samples[region.module], head_dim=head_dim, weight=weight):
                 codebook = init_codebook(samples, head_dim, attention.subspace_dim, attention.codewords)
@@ -179,22 +213,108 @@ def prepare(model: nn.Module, *args, options: Union[SparsifyConfig, Mapping[str,
 
             # the compiled root's own hooks run outside the traced frame: tag from its q projection
             hook_child = (region.facts.get("q_projection") or "") if region.module == "" else ""
-            if attach_state(module, CODEBOOK_KIND, make_codebook, hook_child):
-                log.info("prepare: PQ codebook on %s (k-means on %d q/k samples)", region.module,
-                         len(samples[region.module]))
+            created = attach_state(module, CODEBOOK_KIND, make_codebook, hook_child)
+            if created:
+                log.info("prepare: PQ codebook on %s (k-means on %d q/k sub-vectors)", region.module, vectors)
+                if vectors < attention.codewords:
+                    few_samples.append((region.module or "<root>", vectors, attention.codewords))
+            _decide_prepared(region, module, CODEBOOK_KIND, created, restored,
+                             {"subspace_dim": attention.subspace_dim, "codewords": attention.codewords},
+                             f"k-means on {vectors} q/k sub-vectors")
+    elif config.attention.method == "spt":
+        for region in report.by_kind("attention"):
+            if region.decision not in ("dense", "skipped"):
+                _decide(region, "prepared: nothing needed", "score='exact' ranks keys by q.k: no codebook")
+    if few_samples:
+        module, vectors, codewords = few_samples[0]
+        warnings.warn(f"sparsify.prepare: the example batch gives {module} only {vectors} q/k sub-vectors per "
+                      f"subspace for codewords={codewords} ({len(few_samples)} module(s) alike): k-means pads the "
+                      "codebook with near-copies of them, so several codewords start as duplicates; pass a larger "
+                      "example batch or fewer codewords", stacklevel=2)
     if config.mlp.method == "routed":
-        _attach_routers(model, report, config, mlp_samples)
+        _attach_routers(model, report, config, mlp_samples, restored)
+    record_state(model)
     return report
 
 
-def _attach_routers(model: nn.Module, report: Report, config: SparsifyConfig, mlp_samples: dict) -> None:
+def _decide(region, decision: str, reason: str) -> None:
+    region.decision, region.reason = decision, reason
+
+
+def _decide_prepared(region, module: nn.Module, kind: str, created: bool, restored: set, asked: dict,
+                     how: str) -> None:
+    """The report row of a region prepare attached (or found) state for: "prepared: <kind>" and where the
+    state came from, or "dense" when the state the module already has was made with other options (prepare
+    never re-initialises state: the compiled region will stay dense for the same reason, routed_guard)."""
+    tensors = {n: getattr(module, n) for n in module.__dict__["_sparsify_states"][kind] if hasattr(module, n)}
+    made_with = state_options(kind, tensors)
+    differs = {k: (made_with[k], v) for k, v in asked.items() if made_with.get(k) != v}
+    if differs:
+        prepared = ", ".join(f"{k}={was!r}" for k, (was, _) in differs.items())
+        wanted = ", ".join(f"{k}={now!r}" for k, (_, now) in differs.items())
+        reason = (f"the module's {kind} was prepared with {prepared}, options ask for {wanted}; prepare keeps "
+                  "existing state, so compile with the options it was made with")
+        warnings.warn(f"sparsify.prepare: {region.module or '<root>'}: {reason}", stacklevel=3)
+        _decide(region, "dense", reason)
+    elif created:
+        _decide(region, f"prepared: {kind}", f"new: {how}")
+    elif (region.module, kind) in restored:
+        _decide(region, f"prepared: {kind}", "loaded from the model's checkpoint")
+    else:
+        _decide(region, f"prepared: {kind}", "kept the state the module already has")
+
+
+@contextlib.contextmanager
+def _eager_calls(model: nn.Module):
+    """Calls of model and its submodules go to their forward, not to what model.compile() installed
+    (nn.Module.compile sets _compiled_call_impl, and that compiled call would never reach prepare's trace)."""
+    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
+    for module, _ in compiled:
+        module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for module, call in compiled:
+            module._compiled_call_impl = call
+
+
+def _restore_saved_state(model: nn.Module) -> set:
+    """Load the state model.config.sparsify lists (a model reloaded with from_pretrained, which drops
+    the state tensors) from the model's checkpoint, for the modules that lack it. Returns the
+    (module path, kind) pairs loaded; warns once when the record names state it cannot find."""
+    record = getattr(getattr(model, "config", None), "sparsify", None) or {}
+    wanted = {(path, kind) for kind, modules in record.get("state", {}).items() for path in modules}
+    missing = wanted - set(module_states(model))
+    if not missing:
+        return set()
+    checkpoint = checkpoint_of(model)
+    loaded = set(load_state(model, checkpoint, only_missing=True)) if checkpoint is not None else set()
+    if loaded:
+        log.warning("sparsify.prepare: loaded the method state of %d module(s) from %s (model.config.sparsify) "
+                    "instead of initialising it", len(loaded), checkpoint)
+    if missing - loaded:
+        path, kind = sorted(missing - loaded)[0]
+        warnings.warn(f"sparsify.prepare: model.config.sparsify says {len(missing - loaded)} module(s) had method "
+                      f"state (first: {kind} on {path or '<root>'}) that is not in "
+                      f"{checkpoint or 'a local checkpoint of the model'}; it is initialised anew. To load it: "
+                      "sparsify.load_state(model, <save_pretrained directory, weights file or state dict>)",
+                      stacklevel=3)
+    return loaded
+
+
+def _attach_routers(model: nn.Module, report: Report, config: SparsifyConfig, mlp_samples: dict,
+                    restored: set) -> None:
     from .ops.routed import cluster_neurons, fit_router
 
     mlp = config.mlp
     for region in report.by_kind("mlp"):
         d_ff = region.facts.get("d_ff")
-        if region.decision == "dense" or not d_ff or d_ff % mlp.blocks or region.module not in mlp_samples:
-            continue  # the pass will report why; nothing to attach
+        if region.decision in ("dense", "skipped"):
+            continue  # unsupported (reason kept) or excluded: nothing to attach
+        if not d_ff or d_ff % mlp.blocks or region.module not in mlp_samples:
+            _decide(region, "dense", f"d_ff {d_ff} is not divisible by blocks={mlp.blocks}: no router attached"
+                    if region.module in mlp_samples else "no sample of this MLP in the example call")
+            continue
         module = model.get_submodule(region.module)
         sample = mlp_samples[region.module]
 
@@ -212,5 +332,9 @@ def _attach_routers(model: nn.Module, report: Report, config: SparsifyConfig, ml
 
         # the compiled root's own hooks run outside the traced frame: tag from its up projection
         hook_child = region.facts.get("up", "") if region.module == "" else ""
-        if attach_state(module, ROUTER_KIND, make_router, hook_child):
+        created = attach_state(module, ROUTER_KIND, make_router, hook_child)
+        if created:
             log.info("prepare: router (%d blocks, %s) on %s", mlp.blocks, mlp.block_order, region.module)
+        _decide_prepared(region, module, ROUTER_KIND, created, restored,
+                         {"blocks": mlp.blocks, "block_order": mlp.block_order},
+                         f"{mlp.blocks} blocks, {mlp.block_order}, fit on {sample['x'].shape[0]} tokens")

@@ -132,19 +132,65 @@ def skip_casts(node: Any) -> Any:
 
 
 _ROOT = re.compile(r"^L\[[^\]]+\](\[[^\]]+\])*\.?")
+ROOT_PREFIX = "sparsify_root_prefix"  # gm.meta key: the frame's module path in the user's root (frame_root_prefix)
 
 
 def module_path(node: Node) -> str:
-    """Module path of the innermost module a node ran in, relative to the compiled model."""
+    """Module path of the innermost module a node ran in, from the user's root module.
+
+    nn_module_stack paths are relative to the frame Dynamo traced; after a graph break inside a
+    layer that frame is the layer (L['self'] is encoder.layer.0), so the frame's own path in the
+    root, which frame_root_prefix recorded on the graph, goes in front."""
+    owner = node.graph.owning_module
+    prefix = owner.meta.get(ROOT_PREFIX, "") if owner is not None else ""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
-        return ""
+        return prefix  # ran in the frame's own module
     path, _cls = list(stack.values())[-1]
     path = _ROOT.sub("", path)
     path = path.replace(".__dict__['_modules']", "").replace("__dict__['_modules']", "")  # peft wrappers
     path = re.sub(r"\[(\d+)\]", r".\1", path)  # "layers[0]" -> "layers.0"
     path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)  # "lora_A['default']" -> "lora_A.default"
-    return path.lstrip(".")
+    path = path.lstrip(".")
+    return f"{prefix}.{path}" if prefix and path else (prefix or path)
+
+
+def frame_root_prefix(gm) -> str:
+    """Called from a backend while Dynamo compiles gm: the module path, in the user's root module, of the
+    module whose frame Dynamo traced (its L['self']), or "" when that is the root itself or unknown.
+
+    The root is the outermost module whose call is on the Python stack below Dynamo's entry point
+    (torch.compile's wrapper), found by walking the callers' frames. When the frame belongs to a
+    submodule, an identity guard on it is added: Dynamo would otherwise reuse this graph for every
+    layer of the same class (their parameters are graph inputs), and the paths baked into it
+    (state, exclude patterns, the report) would name the first layer for all of them."""
+    import sys
+
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx() if hasattr(InstructionTranslator, "current_tx") else None
+    base = tx.f_locals.get("self") if tx is not None else None
+    if not isinstance(base, torch.nn.Module):
+        return ""
+    root, frame = None, sys._getframe(1)
+    while frame is not None and not frame.f_code.co_filename.endswith("eval_frame.py"):
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, torch.nn.Module) and not isinstance(owner, torch._dynamo.eval_frame.OptimizedModule):
+                root = owner
+        frame = frame.f_back
+    if root is None or root is base:
+        return ""
+    path = next((name for name, module in root.named_modules(remove_duplicate=False) if module is base), None)
+    if path is None:
+        return ""
+    from torch._dynamo.guards import GuardBuilder
+    from torch._dynamo.source import LocalSource
+
+    tx.output.guards.add(LocalSource("self").make_guard(GuardBuilder.ID_MATCH))
+    gm.meta[ROOT_PREFIX] = path
+    return path
 
 
 def common_module(paths: list[str]) -> str:

@@ -34,11 +34,18 @@ def routed_guard(region: Region, config: MLPConfig, states: dict) -> Optional[st
     if router is None:
         return ("no router on this module: call sparsify.prepare(model, *example_inputs, options=...) "
                 "before torch.compile")
-    if tuple(value(router[0]).shape) != (config.blocks, region.facts["d_model"]):
-        return (f"the module's router has shape {tuple(value(router[0]).shape)}, options ask for "
-                f"{(config.blocks, region.facts['d_model'])}")
-    if config.block_order == "clustered" and len(router) < 3:
-        return "block_order='clustered' but the module was prepared without a neuron order"
+    # the state fixes the options it was made with: blocks (the router's rows) and block_order (a neuron
+    # order exists only for "clustered"); routers fit to another split would route to the wrong neurons
+    blocks, d_model = tuple(value(router[0]).shape)
+    made_with = {"blocks": blocks, "block_order": "clustered" if len(router) >= 3 else "contiguous"}
+    asked = {"blocks": config.blocks, "block_order": config.block_order}
+    if made_with != asked:
+        return (f"the module's router was prepared with "
+                f"{', '.join(f'{k}={v!r}' for k, v in made_with.items())}, options ask for "
+                f"{', '.join(f'{k}={v!r}' for k, v in asked.items())}: compile with the options the state was "
+                "made with")
+    if d_model != region.facts["d_model"]:
+        return f"the module's router has shape {(blocks, d_model)}, the MLP's d_model is {region.facts['d_model']}"
     return None
 
 

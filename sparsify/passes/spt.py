@@ -35,13 +35,19 @@ CODEBOOK_KIND = "pq_codebook"  # the state kind sparsify.prepare tags attention 
 
 
 def collect_state(gm: GraphModule) -> dict[tuple[str, str], list]:
-    """Strip every sparsify::tag node; return (module path, state kind) -> the state placeholders."""
+    """Strip every sparsify::tag node; return (module path, state kind) -> the state placeholders.
+
+    Runs first on every graph: it also records where the traced frame sits in the user's root module
+    (frame_root_prefix), so every module_path of this graph, here and in the region finder, is a
+    model.named_modules() name even in a frame Dynamo resumed after a graph break."""
+    from .fx_utils import frame_root_prefix
+
+    frame_root_prefix(gm)
     states = {}
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in (torch.ops.sparsify.tag, torch.ops.sparsify.tag.default):
             x, state, name = node.args
-            # the tag runs in a forward hook of the owning module (or of its child `offset`), so
-            # its module path is relative to *this* compile's root, whichever prepare saw
+            # the tag runs in a forward hook of the owning module (or of its child `offset`)
             kind, _, offset = name.partition("@")
             path = module_path(node)
             if offset:
