@@ -385,8 +385,7 @@ def _run_one(model_type, mode, impl, check, built: dict, results: dict) -> dict:
             return _result("error", _first_line(exc))
         if report is None:
             return _result("error", f"the dense compile failed: {result['detail']}")
-        if "dense" in CHECKS:  # the dense check's result comes from this same compile
-            results[f"{mode}/{impl}/dense"] = result
+        results[f"{mode}/{impl}/dense"] = result  # the dense check's result comes from this same compile
         return check_blocks(blocks, report)
     if check == "dense" and f"{mode}/{impl}/dense" in results:
         return results[f"{mode}/{impl}/dense"]
