@@ -4,6 +4,7 @@
     python scripts/sweep_families.py --types mistral,qwen2 --jobs 1
     python scripts/sweep_families.py --modes train --impls sdpa --time-box 30   # a narrower, faster matrix
     python scripts/sweep_families.py --resume              # keep the types already in the json, run the rest
+    python scripts/sweep_families.py --render --note "..." # rewrite docs/families.md from the json, running nothing
 
 Writes docs/families.md (model type x check table, summary counts, every failure with its detail, the types
 that could not be built and why) and benchmarks/results/sweep_families.json (every result), both rewritten
@@ -127,13 +128,17 @@ def markdown(records, meta, combos, checks):
         "",
         f"Generated {meta['date']} by `{meta['command']}`: transformers {transformers.__version__}, "
         f"torch {torch.__version__}, {meta['jobs']} process(es), {meta['elapsed_s']:.0f} s wall.",
+        *([meta["note"], ""] if meta.get("note") else []),
+        f"Matrix: modes {', '.join(meta['modes'])}; attn implementations {', '.join(meta['impls'])}; "
+        f"checks {', '.join(meta['checks'])}; time box {meta['time_box_s']:.0f} s per model type.",
         "What the checks are and how blocks are counted: tests/sweep.py (and `pytest -m sweep tests/test_sweep.py`).",
         "",
         f"Each model type is a tiny `AutoModel.from_config` (2 layers, hidden 64, 4 heads, vocab 128, dropout 0),"
         f" called with 2 x 8 input_ids right-padded on the last row. Per check, a cell is one word when every"
         f" combination agrees, else one letter per combination in the order {', '.join(combos)}"
-        f" (P pass, F FAIL, E error, U unsupported-build, T timeout). Pass details say how many regions took"
-        f" the method (a pass with 0 regions rewritten compared eager with eager).",
+        f" (P pass, F FAIL, E error, U unsupported-build, T timeout). benchmarks/results/sweep_families.json"
+        f" has each result's detail; for a pass, how many regions took the method (a pass where none did"
+        f" compared eager with eager: the summary's last column counts the passes where every region did).",
         "",
         "## Summary",
         "",
@@ -190,6 +195,8 @@ def main(argv=None):
     parser.add_argument("--impls", default=",".join(sweep.IMPLS))
     parser.add_argument("--checks", default=",".join(sweep.CHECKS))
     parser.add_argument("--resume", action="store_true", help="keep the types already in --json and run the rest")
+    parser.add_argument("--render", action="store_true", help="only rewrite --md from --json (runs nothing)")
+    parser.add_argument("--note", default=None, help="a sentence for the table's header (why a sweep is partial)")
     parser.add_argument("--md", default=os.path.join(ROOT, "docs", "families.md"))
     parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "sweep_families.json"))
     args = parser.parse_args(argv)
@@ -205,6 +212,20 @@ def main(argv=None):
             parser.error(f"--{name} takes a comma-separated subset of {list(valid)}")
     combos = [f"{m}/{i}" for m in modes for i in impls]
 
+    if args.render:
+        with open(args.json) as fh:
+            saved = json.load(fh)
+        meta = saved["meta"]
+        if args.note is not None:
+            meta["note"] = args.note
+        with open(args.json, "w") as fh:
+            json.dump(saved, fh, indent=1)
+        combos = [f"{m}/{i}" for m in meta["modes"] for i in meta["impls"]]
+        with open(args.md, "w") as fh:
+            fh.write(markdown(saved["records"], meta, combos, meta["checks"]))
+        print(f"wrote {args.md} from {args.json}")
+        return
+
     records = {}
     previous = {}
     if args.resume and os.path.exists(args.json):
@@ -216,7 +237,8 @@ def main(argv=None):
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": "python scripts/sweep_families.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "jobs": args.jobs, "registry": len(registry), "modes": modes, "impls": impls, "checks": checks,
-            "time_box_s": args.time_box, "elapsed_s": previous.get("meta", {}).get("elapsed_s", 0.0)}
+            "time_box_s": args.time_box, "elapsed_s": previous.get("meta", {}).get("elapsed_s", 0.0),
+            "note": args.note}
     base_elapsed = meta["elapsed_s"]
 
     def on_record(record):

@@ -67,6 +67,9 @@ SIZES = {
     "vocab_size": VOCAB, "max_position_embeddings": 128, "n_positions": 128, "n_ctx": 128,
     "sliding_window": 4, "type_vocab_size": 2,
 }
+# sizes a default config leaves None to mean "derived" (GPT-2's n_inner: 4 x n_embd); a None sliding_window
+# means no window, so it stays None
+SET_WHEN_NONE = ("n_inner", "head_dim")
 # per-layer lists are rebuilt from num_hidden_layers by the config's own __init__
 DROP_KEYS = ("layer_types",)
 MLP_SUFFIXES = ("MLP", "Mlp", "FeedForward", "FFN", "Ffn", "FF", "Intermediate", "DenseActDense",
@@ -94,7 +97,8 @@ def _shrink(values: dict, default_layers: Optional[int]) -> dict:
             sub_layers = value.get("num_hidden_layers") or value.get("num_layers")
             out[key] = _shrink(value, sub_layers)
             continue
-        if key in SIZES and isinstance(value, int) and not isinstance(value, bool):
+        if key in SIZES and (isinstance(value, int) and not isinstance(value, bool)
+                             or value is None and key in SET_WHEN_NONE):
             value = SIZES[key]
         elif isinstance(value, float) and ("dropout" in key or "pdrop" in key or "layerdrop" in key):
             value = 0.0
