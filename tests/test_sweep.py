@@ -36,12 +36,10 @@ FAST = [
     ("phi", "sdpa", "dense"),
     ("gemma", "sdpa", "routed"),
     ("mistral", "eager", "routed"),
+    ("mistral", "sdpa", "spt"),        # sliding_window 4: wrong before issue 8 item 1 was fixed
 ]
-# known wrong today (issue 8); strict, so each flips to a failure (and is moved to FAST) when its fix lands
-KNOWN_FAILURES = [
-    pytest.param("mistral", "sdpa", "spt", marks=pytest.mark.xfail(strict=True, reason=(
-        "issue 8 item 1: SPT reduces the sliding-window mask (sliding_window 4) to key padding"))),
-]
+# known wrong cases, as strict xfails that flip to a failure (and move to FAST) when their fix lands
+KNOWN_FAILURES: list = []
 
 
 @pytest.mark.parametrize("model_type,impl,check", FAST + KNOWN_FAILURES)
@@ -99,7 +97,7 @@ def test_compare_sees_a_wrong_gradient():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch, "compile", compile_then_drop_hook)
         worst, where, _ = sweep.compare(model, inputs, sweep.DENSE_OPTIONS, train=True)
-    assert calls and worst > 1e-3 and where == "grad h.0.mlp.c_fc.weight"
+    assert calls and worst > sweep.ATOL and where == "grad h.0.mlp.c_fc.weight"
 
 
 @pytest.mark.sweep
