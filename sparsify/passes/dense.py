@@ -5,6 +5,7 @@ are proven right (tests compare against eager); the sparse methods replace these
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -29,7 +30,17 @@ def attention_operands(graph, region: Region):
         mask = f.keep_mask
     elif f.drop_mask is not None:
         mask = insert_call(graph, torch.logical_not, (f.drop_mask,), like=region.output)
+    if (f.keep_mask is not None or f.drop_mask is not None) and math.isfinite(f.mask_fill):
+        # a finite fill (finfo.min): a row with every key masked is eager's uniform average, which the additive
+        # fp32 finfo.min reproduces (scores + it round to it); a bool mask would give SDPA's 0 there
+        mask = insert_call(graph, finite_fill_mask, (mask,), like=region.output)
     return k, mask
+
+
+def finite_fill_mask(keep: torch.Tensor) -> torch.Tensor:
+    """bool keep mask -> additive fp32 mask: 0 where kept, finfo(float32).min where masked."""
+    return torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_fill(
+        ~keep, torch.finfo(torch.float32).min)
 
 
 def rewrite_attention(gm: GraphModule, region: Region) -> None:

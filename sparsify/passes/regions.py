@@ -83,6 +83,9 @@ class AttentionFacts:
     is_causal: bool              # SDPA's flag
     source: str                  # "eager" (spelled out) or "sdpa"
     k_transposed: bool = False   # k holds k^T (the model built it without a plain transpose)
+    # the value a bool mask gives masked scores (masked_fill / where): -inf, or a finite number such as finfo.min,
+    # whose rows with every key masked are eager's uniform average (not SDPA's 0); None: not a constant
+    mask_fill: Optional[float] = float("-inf")
 
 
 def _constant(node: Any) -> Optional[float]:
@@ -192,9 +195,9 @@ def _derives_from_arange(node: Any, budget: int = 30) -> bool:
     return False
 
 
-def _walk_scores(softmax: Node, chain: list) -> tuple[Node, Node, float, list, Optional[Node], Optional[Node]]:
-    """From the softmax input back to matmul(q, k^T): returns q, k^T, scale and the masks."""
-    scale, additive, keep, drop = 1.0, [], None, None
+def _walk_scores(softmax: Node, chain: list) -> tuple:
+    """From the softmax input back to matmul(q, k^T): returns q, k^T, scale, the masks and the bool mask's fill."""
+    scale, additive, keep, drop, fill = 1.0, [], None, None, float("-inf")
     node = softmax.args[0]
     while True:
         node_kind = kind_of(node) if isinstance(node, Node) else None
@@ -202,7 +205,7 @@ def _walk_scores(softmax: Node, chain: list) -> tuple[Node, Node, float, list, O
         if node_kind == "cast":
             node = node.args[0]
         elif node_kind == "matmul":
-            return node.args[0], node.args[1], scale, additive, keep, drop
+            return node.args[0], node.args[1], scale, additive, keep, drop, fill
         elif node_kind == "add":
             a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
             scores, term = (a, b) if _reaches_qk_matmul(a) else (b, a)
@@ -223,9 +226,9 @@ def _walk_scores(softmax: Node, chain: list) -> tuple[Node, Node, float, list, O
         elif node_kind == "where":
             cond, x, y = node.args[:3]
             if _reaches_qk_matmul(x) and not _reaches_qk_matmul(y):
-                keep, node = cond, x
+                keep, node, fill = cond, x, _constant(y)
             elif _reaches_qk_matmul(y):
-                drop, node = cond, y
+                drop, node, fill = cond, y, _constant(x)
             else:
                 raise Unsupported("torch.where over the scores with an unrecognised branch")
             if keep is not None and drop is not None:
@@ -233,7 +236,7 @@ def _walk_scores(softmax: Node, chain: list) -> tuple[Node, Node, float, list, O
         elif node_kind == "masked_fill":
             if drop is not None or keep is not None:
                 raise Unsupported("two boolean masks on the scores")
-            drop, node = node.args[1], node.args[0]
+            drop, node, fill = node.args[1], node.args[0], _constant(arg(node, 2, "value"))
         elif node_kind == "pointwise":
             if node.target in (torch.tanh, "tanh"):  # Gemma 2: tanh(scores / cap) * cap
                 raise Unsupported("score modification (logit softcapping)")
@@ -251,7 +254,7 @@ def match_attention_softmax(softmax: Node) -> Optional[Region]:
     try:
         if not _is_last_dim(arg(softmax, 1, "dim"), softmax):
             raise Unsupported("softmax is not over the key dimension")
-        q, kt, scale, additive, keep, drop = _walk_scores(softmax, chain)
+        q, kt, scale, additive, keep, drop, fill = _walk_scores(softmax, chain)
         # forward: softmax -> [cast] -> [dropout] -> matmul(p, v)
         probs, dropout_p = softmax, 0.0
         while True:
@@ -278,7 +281,7 @@ def match_attention_softmax(softmax: Node) -> Optional[Region]:
         if k is not None:
             interior.append(kt)
         facts = AttentionFacts(q, k if k is not None else kt, v, additive, keep, drop, scale, dropout_p,
-                               False, "eager", k_transposed=k is None)
+                               False, "eager", k_transposed=k is None, mask_fill=fill)
         return _attention_region(facts, output, interior, module)
     except Unsupported as why:
         return Region("attention", module, softmax, [], {"source": "eager"}, unsupported=str(why))
@@ -312,6 +315,10 @@ def _attention_region(f: AttentionFacts, output: Node, interior: list, module: s
     if q_shape is None or len(q_shape) != 4 or len(shape(f.k) or ()) != 4:
         unsupported = f"q/k are not 4-d [batch, heads, seq, head_dim] (q shape {q_shape})"
     masks = [m for m in (f.keep_mask, f.drop_mask) if m is not None]
+    if masks and f.mask_fill is None:
+        unsupported = "masked scores are set to a tensor, not a constant"
+    elif masks and math.isfinite(f.mask_fill) and f.mask_fill > -1e4:
+        unsupported = f"masked scores are set to {f.mask_fill:g}, not a large negative number"
     if f.additive_masks and masks:
         unsupported = unsupported or "both an additive and a boolean mask"
     for m in f.additive_masks:
