@@ -28,6 +28,7 @@ from .debug import Report, log
 from .backend import trace
 from .checkpoint import (CODEBOOK, NEURON_ORDER, ROUTER_BIAS, ROUTER_WEIGHT, checkpoint_of, load_state,
                          module_states, read_state_tensors, record_state, state_options)
+from .passes.fx_utils import ROOT_PREFIX
 from .passes.routed import ROUTER_KIND
 from .passes.spt import CODEBOOK_KIND
 
@@ -36,15 +37,17 @@ _HOOK = "_sparsify_tag_hook"
 
 def _tag_output(module: nn.Module, args, output):
     """Forward hook: route state into the compiled graph (a no-op outside compile). The hook sits
-    on the state's owner, or on one of its children when the owner is the compiled root (the
-    root's own hooks run outside the traced frame); the tag name then carries the child's path
+    on the state's owner, or on one of its children when the owner is the module of a traced frame (the
+    compiled root, or a layer Dynamo resumed in after a graph break: its own hooks run outside the frame); the tag name then carries the child's path
     below the owner ("router@up"), so the pass can find the owner's path again."""
     if not torch.compiler.is_compiling():
         return None
     first = output[0] if isinstance(output, tuple) else output
-    for owner, kind, names, offset in module.__dict__["_sparsify_tags"]:
+    # entries hold the owner's parameter and buffer dicts, not the owner: Dynamo would otherwise name the
+    # owner (and every module under it) by this path through the hook's list in frames it resumed in
+    for kind, names, offset, params, buffers in module.__dict__["_sparsify_tags"]:
         name = f"{kind}@{offset}" if offset else kind
-        first = torch.ops.sparsify.tag(first, [getattr(owner, n) for n in names], name)
+        first = torch.ops.sparsify.tag(first, [params[n] if n in params else buffers[n] for n in names], name)
     return (first, *output[1:]) if isinstance(output, tuple) else first
 
 
@@ -69,8 +72,8 @@ def attach_state(module: nn.Module, kind: str, make_params, hook_child: str = ""
         module.__dict__.setdefault("_sparsify_hooks", {})[kind] = hook_child  # recorded in the checkpoint
     hooked = module.get_submodule(hook_child) if hook_child else module
     tags = hooked.__dict__.setdefault("_sparsify_tags", [])  # a plain list: no submodule registration
-    if not any(owner is module and k == kind for owner, k, _, _ in tags):
-        tags.append((module, kind, states[kind], hook_child))
+    if not any(params is module._parameters and k == kind for k, _, _, params, _ in tags):
+        tags.append((kind, states[kind], hook_child, module._parameters, module._buffers))
     if not hasattr(hooked, _HOOK):
         setattr(hooked, _HOOK, hooked.register_forward_hook(_tag_output))
     return created
@@ -86,7 +89,7 @@ def detach_state(module: nn.Module, kind: str) -> None:
     for hooked in module.modules():
         tags = hooked.__dict__.get("_sparsify_tags")
         if tags:
-            tags[:] = [t for t in tags if not (t[0] is module and t[1] == kind)]
+            tags[:] = [t for t in tags if not (t[3] is module._parameters and t[0] == kind)]
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -184,8 +187,14 @@ def prepare(model: nn.Module, *args, options: Union[SparsifyConfig, Mapping[str,
     samples: dict = defaultdict(list)
     # MLP activations are only needed to fit routers: no [tokens, d_ff] copies otherwise
     mlp_samples: Optional[dict] = {} if config.mlp.method == "routed" else None
+    frame_roots = {""}  # modules some traced frame belongs to (the root; a layer Dynamo resumed in)
+
+    def record(gm):
+        frame_roots.add(gm.meta.get(ROOT_PREFIX, ""))
+        return _Recorder(gm, samples, mlp_samples).run
+
     with _eager_calls(model):
-        report = trace(model, args, kwargs, tracing, lambda gm: _Recorder(gm, samples, mlp_samples).run)
+        report = trace(model, args, kwargs, tracing, record)
     if not report.regions:
         warnings.warn(f"sparsify.prepare: no attention or MLP block found in {type(model).__name__}: nothing "
                       "was prepared", stacklevel=2)
@@ -211,8 +220,8 @@ def prepare(model: nn.Module, *args, options: Union[SparsifyConfig, Mapping[str,
                     codebook = codebook.to(device=weight.device, dtype=weight.dtype)
                 return {CODEBOOK: codebook}
 
-            # the compiled root's own hooks run outside the traced frame: tag from its q projection
-            hook_child = (region.facts.get("q_projection") or "") if region.module == "" else ""
+            # a frame's own module runs its hooks outside the frame: tag from its q projection
+            hook_child = _below(region.facts.get("q_projection"), region.module) if region.module in frame_roots else ""
             created = attach_state(module, CODEBOOK_KIND, make_codebook, hook_child)
             if created:
                 log.info("prepare: PQ codebook on %s (k-means on %d q/k sub-vectors)", region.module, vectors)
@@ -232,9 +241,16 @@ def prepare(model: nn.Module, *args, options: Union[SparsifyConfig, Mapping[str,
                       "codebook with near-copies of them, so several codewords start as duplicates; pass a larger "
                       "example batch or fewer codewords", stacklevel=2)
     if config.mlp.method == "routed":
-        _attach_routers(model, report, config, mlp_samples, restored)
+        _attach_routers(model, report, config, mlp_samples, restored, frame_roots)
     record_state(model)
     return report
+
+
+def _below(child: Optional[str], module: str) -> str:
+    """`child`'s path relative to `module` ("" when it is not below it)."""
+    if not child or not module:
+        return child or ""
+    return child[len(module) + 1:] if child.startswith(module + ".") else ""
 
 
 def _decide(region, decision: str, reason: str) -> None:
@@ -303,7 +319,7 @@ def _restore_saved_state(model: nn.Module) -> set:
 
 
 def _attach_routers(model: nn.Module, report: Report, config: SparsifyConfig, mlp_samples: dict,
-                    restored: set) -> None:
+                    restored: set, frame_roots: set) -> None:
     from .ops.routed import cluster_neurons, fit_router
 
     mlp = config.mlp
@@ -330,8 +346,8 @@ def _attach_routers(model: nn.Module, report: Report, config: SparsifyConfig, ml
                 params[NEURON_ORDER] = order
             return params
 
-        # the compiled root's own hooks run outside the traced frame: tag from its up projection
-        hook_child = region.facts.get("up", "") if region.module == "" else ""
+        # a frame's own module runs its hooks outside the frame: tag from its up projection
+        hook_child = _below(region.facts.get("up"), region.module) if region.module in frame_roots else ""
         created = attach_state(module, ROUTER_KIND, make_router, hook_child)
         if created:
             log.info("prepare: router (%d blocks, %s) on %s", mlp.blocks, mlp.block_order, region.module)
