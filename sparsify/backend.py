@@ -5,9 +5,12 @@ torch_dynamo_backends entry point; sparsify.backend(config) returns the same thi
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
+from torch import nn
 from torch.fx import GraphModule
 
 from .config import SparsifyConfig
@@ -86,19 +89,34 @@ def trace(model: torch.nn.Module, args: tuple, kwargs: dict, config: SparsifyCon
           announce: bool = True) -> Report:
     """Run model(*args, **kwargs) once, without autograd, through Dynamo and the passes; each
     rewritten graph executes as runner(gm) returns. The merged report of all graphs.
-    A fresh compile: Dynamo's cache entries are per backend, so this always traces anew."""
+    A fresh compile: Dynamo's cache entries are per backend, so this always traces anew, and a
+    model compiled in place (model.compile()) is traced through its own forward."""
     reports: list = []
 
     def capture(gm: GraphModule, example_inputs) -> Callable:
         reports.append(run_passes(gm, config, announce))
         return runner(gm)
 
-    with torch.no_grad():
+    with torch.no_grad(), _eager_calls(model):
         torch.compile(model, backend=capture, dynamic=False)(*args, **kwargs)
     merged = Report(graphs=len(reports))
     for r in reports:
         merged.regions.extend(r.regions)
     return merged
+
+
+@contextlib.contextmanager
+def _eager_calls(model: nn.Module):
+    """Calls of model and its submodules go to their forward, not to what model.compile() installed
+    (nn.Module.compile sets _compiled_call_impl, and that compiled call would never reach prepare's trace)."""
+    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
+    for module, _ in compiled:
+        module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for module, call in compiled:
+            module._compiled_call_impl = call
 
 
 def last_report() -> Optional[Report]:

@@ -14,7 +14,6 @@ initialising it (sparsify.load_state does the same explicitly; sparsify/checkpoi
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
 from collections import defaultdict
@@ -193,8 +192,7 @@ def prepare(model: nn.Module, *args, options: Union[SparsifyConfig, Mapping[str,
         frame_roots.add(gm.meta.get(ROOT_PREFIX, ""))
         return _Recorder(gm, samples, mlp_samples).run
 
-    with _eager_calls(model):
-        report = trace(model, args, kwargs, tracing, record)
+    report = trace(model, args, kwargs, tracing, record)
     if not report.regions:
         warnings.warn(f"sparsify.prepare: no attention or MLP block found in {type(model).__name__}: nothing "
                       "was prepared", stacklevel=2)
@@ -278,20 +276,6 @@ def _decide_prepared(region, module: nn.Module, kind: str, created: bool, restor
         _decide(region, f"prepared: {kind}", "loaded from the model's checkpoint")
     else:
         _decide(region, f"prepared: {kind}", "kept the state the module already has")
-
-
-@contextlib.contextmanager
-def _eager_calls(model: nn.Module):
-    """Calls of model and its submodules go to their forward, not to what model.compile() installed
-    (nn.Module.compile sets _compiled_call_impl, and that compiled call would never reach prepare's trace)."""
-    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
-    for module, _ in compiled:
-        module._compiled_call_impl = None
-    try:
-        yield
-    finally:
-        for module, call in compiled:
-            module._compiled_call_impl = call
 
 
 def _restore_saved_state(model: nn.Module) -> set:

@@ -71,6 +71,18 @@ def test_prepare_after_in_place_compile():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
+def test_explain_and_count_flops_after_in_place_compile():
+    model = tiny_model("llama", "sdpa").eval()
+    inputs = tiny_inputs("llama")
+    options = {"attention": {**SPT, "score": "exact"}, "inner": "aot_eager"}
+    before = sparsify.count_flops(model, **inputs, options=options)
+    model.compile(backend="sparsify", options=options)
+    report = sparsify.explain(model, **inputs, options=options)
+    assert [r.decision for r in report.by_kind("attention")] == ["spt", "spt"]
+    assert sparsify.count_flops(model, **inputs, options=options) == before
+    assert model._compiled_call_impl is not None
+
+
 @pytest.fixture
 def graph_break_in_bert_layers(monkeypatch):
     layer = transformers.models.bert.modeling_bert.BertLayer
