@@ -65,7 +65,7 @@ SIZES = {
     "shared_expert_intermediate_size": 64,
     "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
     "vocab_size": VOCAB, "max_position_embeddings": 128, "n_positions": 128, "n_ctx": 128,
-    "sliding_window": 4, "type_vocab_size": 2,
+    "sliding_window": 4, "type_vocab_size": 2, "rotary_dim": 8,  # GPT-J / CodeGen: rotary dims <= head_dim
 }
 # sizes a default config leaves None to mean "derived" (GPT-2's n_inner: 4 x n_embd); a None sliding_window
 # means no window, so it stays None

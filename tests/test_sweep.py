@@ -38,6 +38,10 @@ FAST = [
     ("mistral", "eager", "routed"),
     ("mistral", "sdpa", "spt"),        # sliding_window 4: wrong before issue 8 item 1 was fixed
     ("deberta-v2", "eager", "dense"),  # masked_fill(finfo.min) on padded query rows: eager's uniform rows
+    ("phi3", "sdpa", "blocks"),        # fused gate_up split with chunk (issue 8 item 14)
+    ("gemma2", "eager", "blocks"),     # logit softcapping between scale and mask: reported, with its reason
+    ("mixtral", "sdpa", "blocks"),     # MoE experts: reported as such
+    ("gptj", "eager", "dense"),        # rotary_dim, parallel attention + MLP
 ]
 # known wrong cases, as strict xfails that flip to a failure (and move to FAST) when their fix lands
 KNOWN_FAILURES: list = []
