@@ -6,11 +6,9 @@ torch_dynamo_backends entry point; sparsify.backend(config) returns the same thi
 from __future__ import annotations
 
 import contextlib
-
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
-from torch import nn
 from torch.fx import GraphModule
 
 from .config import SparsifyConfig
@@ -106,9 +104,9 @@ def trace(model: torch.nn.Module, args: tuple, kwargs: dict, config: SparsifyCon
 
 
 @contextlib.contextmanager
-def _eager_calls(model: nn.Module):
+def _eager_calls(model: torch.nn.Module):
     """Calls of model and its submodules go to their forward, not to what model.compile() installed
-    (nn.Module.compile sets _compiled_call_impl, and that compiled call would never reach prepare's trace)."""
+    (nn.Module.compile sets _compiled_call_impl, and that compiled call would never reach trace's backend)."""
     compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
     for module, _ in compiled:
         module._compiled_call_impl = None
