@@ -100,8 +100,8 @@ def _shrink(values: dict, default_layers: Optional[int]) -> dict:
         if key in SIZES and (isinstance(value, int) and not isinstance(value, bool)
                              or value is None and key in SET_WHEN_NONE):
             value = SIZES[key]
-        elif isinstance(value, float) and ("dropout" in key or "pdrop" in key or "layerdrop" in key):
-            value = 0.0
+        elif isinstance(value, float) and any(word in key for word in ("dropout", "pdrop", "layerdrop", "jitter")):
+            value = 0.0  # jitter: MoE routers add training-mode noise (phimoe, switch), random in eager too
         elif (isinstance(value, list) and default_layers and len(value) == default_layers and default_layers > 2):
             value = value[:2]  # another per-layer list
         out[key] = value
