@@ -39,7 +39,7 @@ Variants (each is skipped with a printed reason where it cannot run):
   spt-block-triton-attn / spt-block-triton
                        CUDA only: the codegen block-sparse Triton kernels (block_sparse_forward / backward) on
                        the ops' block selection (the op itself may have no CUDA kernel: the table says).
-The PQ codebook is k-means on the benchmark's own q/k (sparsify.prepare.init_codebook) or random
+The PQ codebook is k-means on the benchmark's own q/k (sparsify.methods.spt.init_codebook) or random
 (--codebook random). q/k are random, so the selection's *quality* means nothing here (see spt_recall.py);
 its cost does not depend on the values.
 
@@ -70,7 +70,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 
 import sparsify  # noqa: E402,F401  (registers torch.ops.sparsify.*)
-from sparsify.prepare import init_codebook  # noqa: E402
+from sparsify.methods.spt import init_codebook  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}

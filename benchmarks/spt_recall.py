@@ -46,7 +46,7 @@ import _timing as T  # noqa: E402
 
 import sparsify  # noqa: E402
 from sparsify.ops.spt import selection_recall  # noqa: E402
-from sparsify.prepare import CODEBOOK  # noqa: E402
+from sparsify.methods.spt import CODEBOOK  # noqa: E402
 
 
 def make_ids(tokenizer, sentences, n, order_seed):

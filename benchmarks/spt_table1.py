@@ -23,7 +23,7 @@ Rows:
                      out = spt_attention(q, k, v, index, valid); out = aux_loss(out, codebook_loss(q, C) +
                      codebook_loss(k, C), 1e-2)      -- exactly the graph passes/spt.py writes
                  C is a trainable [head_dim/8, 16, 8] codebook, k-means-initialised on the layer's own q/k
-                 (sparsify.prepare.init_codebook).
+                 (sparsify.methods.spt.init_codebook).
                  FFN: torch.ops.sparsify.routed_mlp (sparsify/ops/routed.py) when it exists: 4 contiguous
                  neuron blocks (the paper's split), top-2 per token, gate 2p, LoRA on fc1 / fc2, a trainable
                  router initialised by routed.init_router. Where it does not exist, the SPT row runs the dense
@@ -59,7 +59,7 @@ import _timing as T  # noqa: E402
 
 import sparsify  # noqa: E402
 from sparsify.ops.spt import codebook_loss  # noqa: E402
-from sparsify.prepare import init_codebook  # noqa: E402
+from sparsify.methods.spt import init_codebook  # noqa: E402
 
 # papers.md section 1, Introduction table (one OPT-2048 layer on the authors' GPU). The paper's numbers,
 # reproduced for reference only.
@@ -198,7 +198,7 @@ def build(row: str, size: dict, args, device, state_dict=None) -> OPTLayer:
 
 
 def attach_codebook(layer: OPTLayer, x: torch.Tensor):
-    """k-means codebook on this layer's q/k for x (sparsify.prepare.init_codebook), as a trainable parameter."""
+    """k-means codebook on this layer's q/k for x (sparsify.methods.spt.init_codebook), as a trainable parameter."""
     att = layer.self_attn
     with torch.no_grad():
         q, k, _ = att.qkv(layer.self_attn_layer_norm(x))

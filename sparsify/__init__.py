@@ -1,12 +1,14 @@
 """sparsify: compile sparsity into stock Transformers with torch.compile(model, backend="sparsify")."""
 from .backend import backend, count_flops, explain, last_report, sparsify_backend
-from .config import AttentionConfig, MLPConfig, SparseAttention, SparsifyConfig
+from .config import AttentionConfig, LinearConfig, MLPConfig, SparseAttention, SparsifyConfig
 from .debug import Report, RegionReport
-from .passes import SparsifyError
+from .plan import SparsifyError
+from . import methods  # noqa: F401  (registers the built-in methods: their options join the config)
 from .checkpoint import load_state
 from .prepare import prepare
+from .steps import BetweenSteps
 from . import ops  # noqa: F401  (registers torch.ops.sparsify.*)
 
 __version__ = "0.1.0"
-__all__ = ["AttentionConfig", "MLPConfig", "SparseAttention", "load_state", "prepare", "Report", "RegionReport", "SparsifyConfig", "SparsifyError",
+__all__ = ["AttentionConfig", "BetweenSteps", "LinearConfig", "MLPConfig", "SparseAttention", "load_state", "prepare", "Report", "RegionReport", "SparsifyConfig", "SparsifyError",
            "backend", "count_flops", "explain", "last_report", "sparsify_backend"]

@@ -13,7 +13,9 @@ from torch.fx import GraphModule
 
 from .config import SparsifyConfig
 from .debug import Report
-from .passes import run_passes
+from .methods import guess_mode
+from .pipeline import run_passes
+from .plan import SparsifyError
 
 # reports of recent compilations, newest last (sparsify.last_report() reads it)
 _reports: list = []
@@ -33,7 +35,7 @@ def sparsify_backend(gm: GraphModule, example_inputs, options: Union[SparsifyCon
     if mode not in (None, "default"):
         raise ValueError(f"sparsify: torch.compile mode={mode!r} is not supported; pass options= instead")
     config = SparsifyConfig.from_options(options)
-    report = run_passes(gm, config)
+    report = run_passes(gm, config, mode=guess_mode(example_inputs))
     _reports.append(report)
     del _reports[:-64]
     return _inner_compile(gm, example_inputs, config.inner)
@@ -84,19 +86,27 @@ def count_flops(model: torch.nn.Module, *args, options: Union[SparsifyConfig, Ma
 
 
 def trace(model: torch.nn.Module, args: tuple, kwargs: dict, config: SparsifyConfig, runner,
-          announce: bool = True) -> Report:
+          announce: bool = True, preparing: Optional[SparsifyConfig] = None) -> Report:
     """Run model(*args, **kwargs) once, without autograd, through Dynamo and the passes; each
-    rewritten graph executes as runner(gm) returns. The merged report of all graphs.
+    rewritten graph executes as runner(gm) returns. The merged report of all graphs. It runs without autograd, so
+    the plan's mode is read from model.training: the plan a training (or inference) run of the model compiles.
     A fresh compile: Dynamo's cache entries are per backend, so this always traces anew, and a
     model compiled in place (model.compile()) is traced through its own forward."""
     reports: list = []
 
+    mode = "train" if model.training else "eval"  # what a training (or inference) run of the model would compile
+
     def capture(gm: GraphModule, example_inputs) -> Callable:
-        reports.append(run_passes(gm, config, announce))
+        reports.append(run_passes(gm, config, announce, mode, preparing))
         return runner(gm)
 
     with torch.no_grad(), _eager_calls(model):
-        torch.compile(model, backend=capture, dynamic=False)(*args, **kwargs)
+        try:
+            torch.compile(model, backend=capture, dynamic=False)(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as failed:  # Dynamo wraps what a backend raises
+            if isinstance(failed.inner_exception, SparsifyError):
+                raise failed.inner_exception from None
+            raise
     merged = Report(graphs=len(reports))
     for r in reports:
         merged.regions.extend(r.regions)

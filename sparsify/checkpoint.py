@@ -21,22 +21,24 @@ from torch import nn
 
 from .debug import log
 
-CODEBOOK = "sparsify_pq_codebook"
-ROUTER_WEIGHT, ROUTER_BIAS = "sparsify_router_weight", "sparsify_router_bias"
-NEURON_ORDER = "sparsify_neuron_order"
-# state kind -> its tensors (attribute names on the module), in the order the tag passes them
-KIND_NAMES = {"pq_codebook": (CODEBOOK,), "router": (ROUTER_WEIGHT, ROUTER_BIAS, NEURON_ORDER)}
-_KIND_OF_NAME = {name: kind for kind, names in KIND_NAMES.items() for name in names}
+
+
+def _kinds() -> dict:
+    """State kind -> its StateKind (tensor names in the tag's order, made_with), from the registered methods."""
+    from .methods import state_kinds
+    return state_kinds()
+
+
+def _kind_of_name(name: str):
+    return next((kind for kind, s in _kinds().items() if name in s.tensors), None)
+
+
 CONFIG_KEY = "sparsify"  # model.config.sparsify: the record save_pretrained writes into config.json
 
 
 def state_options(kind: str, tensors: Mapping[str, torch.Tensor]) -> dict:
     """The options a state was made with, read off its tensors (they fix them: the guards compare the same)."""
-    if kind == "pq_codebook":
-        subspaces, codewords, subspace_dim = tensors[CODEBOOK].shape
-        return {"subspace_dim": int(subspace_dim), "codewords": int(codewords)}
-    return {"blocks": int(tensors[ROUTER_WEIGHT].shape[0]),
-            "block_order": "clustered" if NEURON_ORDER in tensors else "contiguous"}
+    return _kinds()[kind].made_with(tensors)
 
 
 def module_states(model: nn.Module) -> dict:
@@ -75,7 +77,7 @@ def read_state_tensors(checkpoint: Union[str, os.PathLike, Mapping[str, torch.Te
     """{state dict key: tensor} of the sparsify state in a state dict, a weights file (.safetensors or a
     torch.save file) or a save_pretrained directory (sharded or not: the index json names the shards)."""
     if isinstance(checkpoint, Mapping):
-        return {k: v for k, v in checkpoint.items() if k.rsplit(".", 1)[-1] in _KIND_OF_NAME}
+        return {k: v for k, v in checkpoint.items() if _kind_of_name(k.rsplit(".", 1)[-1])}
     path = os.fspath(checkpoint)
     if os.path.isdir(path):
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -83,7 +85,7 @@ def read_state_tensors(checkpoint: Union[str, os.PathLike, Mapping[str, torch.Te
             if os.path.exists(index):
                 with open(index) as fh:
                     weight_map = json.load(fh)["weight_map"]
-                shards = {f for k, f in weight_map.items() if k.rsplit(".", 1)[-1] in _KIND_OF_NAME}
+                shards = {f for k, f in weight_map.items() if _kind_of_name(k.rsplit(".", 1)[-1])}
                 tensors: dict = {}
                 for shard in sorted(shards):
                     tensors.update(read_state_tensors(os.path.join(path, shard)))
@@ -97,7 +99,7 @@ def read_state_tensors(checkpoint: Union[str, os.PathLike, Mapping[str, torch.Te
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as fh:  # read only the state's tensors, not the weights
-            return {k: fh.get_tensor(k) for k in fh.keys() if k.rsplit(".", 1)[-1] in _KIND_OF_NAME}
+            return {k: fh.get_tensor(k) for k in fh.keys() if _kind_of_name(k.rsplit(".", 1)[-1])}
     return read_state_tensors(torch.load(path, map_location="cpu", weights_only=True))
 
 
@@ -120,7 +122,7 @@ def load_state(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping[str
     module already has is overwritten (in place when the shapes and dtypes agree, so optimizers keep it),
     unless only_missing. Returns the (module path, kind) pairs loaded. Raises when the checkpoint holds state
     for a module the model does not have."""
-    from .prepare import attach_state, detach_state
+    from .methods.state import attach_state, detach_state
 
     tensors = read_state_tensors(checkpoint)
     modules = dict(model.named_modules())
@@ -132,7 +134,7 @@ def load_state(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping[str
         if target is None:
             raise ValueError(f"sparsify.load_state: the checkpoint has {key!r}, but the model has no module "
                              f"{path!r} (model: {type(model).__name__})")
-        grouped.setdefault((target, _KIND_OF_NAME[name]), {})[name] = tensor
+        grouped.setdefault((target, _kind_of_name(name)), {})[name] = tensor
     loaded = []
     for (path, kind), values in sorted(grouped.items()):
         module = modules[path]
@@ -140,7 +142,7 @@ def load_state(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping[str
         if kind in states and only_missing:
             continue
         device = next(module.parameters(), torch.empty(0)).device
-        values = {n: values[n].to(device) for n in KIND_NAMES[kind] if n in values}  # the tag's order
+        values = {n: values[n].to(device) for n in _kinds()[kind].tensors if n in values}  # the tag's order
         current = {n: getattr(module, n) for n in states.get(kind, ()) if hasattr(module, n)}
         if kind in states and {n: (t.shape, t.dtype) for n, t in current.items()} == \
                 {n: (t.shape, t.dtype) for n, t in values.items()}:

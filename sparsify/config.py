@@ -38,7 +38,7 @@ def _checked(default: Any, check: Check):
     return field(default=default, metadata={"check": check})
 
 
-def _choice(default: str, *choices: str):
+def choice(default: str, *choices: str):
     """A field restricted to `choices` (the default first)."""
     allowed = (default, *choices)
 
@@ -49,7 +49,7 @@ def _choice(default: str, *choices: str):
     return field(default=default, metadata={"check": check, "choices": allowed})
 
 
-def _integer(default: int, low: int, high: Optional[str] = None, among: Optional[tuple] = None):
+def integer(default: int, low: int, high: Optional[str] = None, among: Optional[tuple] = None):
     """An int (a bool, float or string is refused) >= low, <= the config's field named `high`, in `among`."""
     def check(value, config, where):
         bound = None if high is None else getattr(config, high)
@@ -63,7 +63,7 @@ def _integer(default: int, low: int, high: Optional[str] = None, among: Optional
     return _checked(default, check)
 
 
-def _real(default: float, low: float, high: float = math.inf, low_open: bool = False):
+def real(default: float, low: float, high: float = math.inf, low_open: bool = False):
     """A finite real number (an int is accepted; a bool or string is not) in [low, high], or (low, high]."""
     if high < math.inf:
         valid = f"must be a real number in {'(' if low_open else '['}{low:g}, {high:g}]"
@@ -80,7 +80,7 @@ def _real(default: float, low: float, high: float = math.inf, low_open: bool = F
     return _checked(default, check)
 
 
-def _boolean(default: bool):
+def boolean(default: bool):
     def check(value, config, where):
         if not isinstance(value, bool):
             raise _invalid(TypeError, where, value, "must be True or False")
@@ -90,8 +90,6 @@ def _boolean(default: bool):
 
 def _section(section: type):
     """A nested config: an instance, a dict of its fields, its method name alone, or None (its defaults)."""
-    methods = section.__dataclass_fields__["method"].metadata["choices"]
-
     def check(value, config, where):
         if value is None:
             return section()
@@ -103,7 +101,7 @@ def _section(section: type):
             validate(value)  # it may have been changed since it was made
             return value
         raise _invalid(TypeError, where, value, f"must be a dict of {section.__name__} fields, "
-                                                f"a method name {list(methods)}, None or an instance of {section.__name__}")
+                                                f"a method name {list(section.method_names())}, None or an instance of {section.__name__}")
     return field(default_factory=section, metadata={"check": check})
 
 
@@ -138,77 +136,127 @@ class _Checked:
         validate(self)
 
 
+def _method_field(default: str):
+    """The section's `method`: a name from the registry (sparsify/methods), read when the value is checked so a
+    method registered later is accepted; the default first, "off" last (leave the regions as written)."""
+    def check(value, config, where):
+        allowed = type(config).method_names()
+        if not isinstance(value, str) or value not in allowed:
+            raise _invalid(ValueError, where, value, f"choose one of {list(allowed)}")
+        return value
+    return field(default=default, metadata={"check": check})
+
+
+class _Section(_Checked):
+    """One region kind's options: `method` plus the fields of every method registered for the kind (each method's
+    own options dataclass, added by sparsify.methods.register; the fields are flat: {"method": "spt", "keep": 0.5})."""
+    kind = ""
+    default_method = "dense"
+    methods: tuple = ()  # registered method names of this kind, in registration order (the registry sets it)
+
+    @classmethod
+    def method_names(cls) -> tuple:
+        return tuple(dict.fromkeys((cls.default_method, *cls.methods, "off")))
+
+
 @dataclass
-class AttentionConfig(_Checked):
+class AttentionConfig(_Section):
     """What every attention region is rewritten into.
 
-    method: "dense" -> sparsify::attention with dense semantics; "spt" -> SPT sparse attention
-    (product-quantized top-L keys per query, papers.md section 1; needs sparsify.prepare() first,
-    which creates the learned codebooks); "off" -> leave the region as the model wrote it (it is
-    still found and reported).
-
-    The remaining fields configure "spt":
-    keep:          fraction of keys each query attends to, in (0, 1]; L = ceil(keep * n) (default 1/8)
-    subspace_dim:  dims per PQ sub-vector d_c, an int >= 1 (head_dim must be a multiple)
-    codewords:     codewords E per subspace, an int >= 2
-    codebook_loss: weight of the PQ codebook loss (finite, >= 0), added to the gradient of the task loss
-    min_seq:       regions with fewer keys stay dense (sparsity does not pay below it); an int >= 0
-    granularity:   "token" (top-L keys per query) or "block" (top key blocks per query block)
-    block_size:    query/key block size of the block granularity: 16, 32, 64 or 128 (the block kernels' tiles)
-    score:         how keys are ranked: "codes" (SPT: the number of matching PQ codes; cheap integer
-                   work, needs the codebook) or "exact" (the true q . k, as top-k attention does: one
-                   Q K^T in the forward, no codebook, no codebook loss; keeps the quality where the
-                   codes' recall is low, e.g. head_dim 32 -> only 4 subspaces)
+    method: "dense" -> sparsify::attention with dense semantics; "spt" -> SPT sparse attention (its fields:
+    sparsify/methods/spt.py SPTOptions); "off" -> leave the region as the model wrote it (it is still found and
+    reported). The other fields belong to the registered methods (see their options classes).
     """
     options_path = "options.attention"
-    method: str = _choice("dense", "spt", "off")
-    keep: float = _real(0.125, low=0.0, high=1.0, low_open=True)
-    subspace_dim: int = _integer(8, low=1)
-    codewords: int = _integer(16, low=2)
-    codebook_loss: float = _real(1e-2, low=0.0)
-    min_seq: int = _integer(128, low=0)
-    granularity: str = _choice("token", "block")
-    block_size: int = _integer(64, low=1, among=(16, 32, 64, 128))
-    score: str = _choice("codes", "exact")
-
-
-SparseAttention = AttentionConfig  # the SPT method's settings live on the attention config
+    kind = "attention"
+    method: str = _method_field("dense")
 
 
 @dataclass
-class MLPConfig(_Checked):
+class MLPConfig(_Section):
     """What every MLP region is rewritten into.
 
-    method: "dense" -> sparsify::mlp; "routed" -> SPT's routed FFN (papers.md section 1: each token
-    runs through top_k of `blocks` neuron blocks chosen by a learned router; needs
-    sparsify.prepare() first, which creates the routers); "off" -> untouched.
-
-    The remaining fields configure "routed":
-    blocks:      neuron blocks the FFN's hidden dimension is split into, an int >= 1 (d_ff must
-                 divide: checked per model when the plan is made)
-    top_k:       blocks each token runs through, an int in [1, blocks]
-    gate:        "sigmoid2p" (SPT: the kept blocks' frozen path is scaled by 2p, which is how the
-                 router learns) or "none" (equals the dense FFN when top_k == blocks)
-    block_order: "contiguous" (SPT) or "clustered" (MoEfication: neurons grouped by balanced
-                 k-means on their up-projection rows)
+    method: "dense" -> sparsify::mlp; "routed" -> SPT's routed FFN (its fields: sparsify/methods/routed.py
+    RoutedOptions); "off" -> untouched.
     """
     options_path = "options.mlp"
-    method: str = _choice("dense", "routed", "off")
-    blocks: int = _integer(4, low=1)
-    top_k: int = _integer(2, low=1, high="blocks")  # checked after blocks (fields run in order)
-    gate: str = _choice("sigmoid2p", "none")
-    block_order: str = _choice("contiguous", "clustered")
+    kind = "mlp"
+    method: str = _method_field("dense")
 
 
+@dataclass
+class LinearConfig(_Section):
+    """What every projection (Linear, GPT-2's Conv1D, a peft LoRA-wrapped Linear) is rewritten into.
+
+    method: "off" (the default: projections are left to Inductor and cuBLAS, and not listed in the report) or a
+    registered linear method. A block method that rewrites a whole MLP and a linear method cannot both own its
+    projections: the plan raises naming both; the dense block rewrite yields to a linear method.
+    """
+    options_path = "options.linear"
+    kind = "linear"
+    default_method = "off"
+    method: str = _method_field("off")
+
+
+SECTIONS = {"attention": AttentionConfig, "mlp": MLPConfig, "linear": LinearConfig}  # by region kind
+SparseAttention = AttentionConfig  # the SPT method's settings live on the attention config
 RoutedFFN = MLPConfig  # the routed method's settings live on the MLP config
+
+
+def add_options(section: type, options: type, method: str) -> None:
+    """Add the fields of a method's options dataclass to `section` (in place: the public class stays the same
+    object, so instances and isinstance checks made before keep working). A field another method already
+    declared must be the same field (same default and check), else this raises naming both."""
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if "_field_owners" not in section.__dict__:
+        section._field_owners = {}  # field name -> the method that declared it
+    owners = section._field_owners
+    for f in dataclasses.fields(options):
+        if "check" not in f.metadata:
+            raise TypeError(f"sparsify: {options.__name__}.{f.name} has no check; declare it with "
+                            "sparsify.config.choice/integer/real/boolean")
+        if f.name in fields:
+            same = (f.default == fields[f.name].default and f.metadata["check"] is fields[f.name].metadata["check"])
+            if not same:
+                raise ValueError(f"sparsify: method {method!r} declares {section.options_path}.{f.name}, which method "
+                                 f"{owners.get(f.name, '?')!r} declares differently; rename one of them")
+            continue
+        fields[f.name] = f
+        owners[f.name] = method
+    _redeclare(section, list(fields.values()))
+
+
+def remove_options(section: type, method: str) -> None:
+    """Undo add_options for a method being unregistered (the fields only it declared)."""
+    owners = section.__dict__.get("_field_owners", {})
+    kept = [f for f in dataclasses.fields(section) if owners.get(f.name) != method]
+    for name in [n for n, owner in owners.items() if owner == method]:
+        del owners[name]
+    _redeclare(section, kept)
+
+
+def _redeclare(section: type, fields: list) -> None:
+    """Re-run @dataclass on `section` with `fields`: dataclasses has no API to add a field to an existing class,
+    so the generated methods are removed and the class is processed again (with fresh Field objects carrying the
+    same default and metadata)."""
+    for name in ("__init__", "__repr__", "__eq__", "__match_args__", "__dataclass_fields__", "__dataclass_params__"):
+        if name in section.__dict__:
+            delattr(section, name)
+    for name in list(section.__dict__.get("__annotations__", {})):
+        if name not in {f.name for f in fields} and name in section.__dict__:
+            delattr(section, name)
+    section.__annotations__ = {f.name: f.type for f in fields}
+    for f in fields:
+        setattr(section, f.name, field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+    dataclass(section)
 
 
 @dataclass
 class SparsifyConfig(_Checked):
     """Top-level options of the "sparsify" backend.
 
-    attention, mlp: the per-kind rewrite (see AttentionConfig, MLPConfig): an instance, a dict of its
-             fields, its method name alone ("spt" means {"method": "spt"}) or None (the defaults).
+    attention, mlp, linear: the per-kind rewrite (AttentionConfig, MLPConfig, LinearConfig): an instance, a dict
+             of its fields, its method name alone ("spt" means {"method": "spt"}) or None (the defaults).
     inner:   the compiler for everything after our passes: "inductor" (default), "aot_eager"
              (AOTAutograd without codegen: fast to compile, for tests and debugging) or "eager".
     strict:  a region that cannot be rewritten raises (naming its module) instead of staying dense.
@@ -219,8 +267,9 @@ class SparsifyConfig(_Checked):
     """
     attention: AttentionConfig = _section(AttentionConfig)
     mlp: MLPConfig = _section(MLPConfig)
-    inner: str = _choice("inductor", "aot_eager", "eager")
-    strict: bool = _boolean(False)
+    linear: LinearConfig = _section(LinearConfig)
+    inner: str = choice("inductor", "aot_eager", "eager")
+    strict: bool = boolean(False)
     dump: Optional[str] = _checked(None, _dump_path)
     exclude: tuple[str, ...] = _checked((), _patterns)
 

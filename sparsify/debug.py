@@ -41,10 +41,17 @@ def single_handlers() -> None:
             log.removeHandler(handler)
         seen.add(key)
 
-_PUBLIC_FACTS = {
-    "attention": ("source", "mask", "causal", "scale", "dropout_p", "heads", "kv_heads", "head_dim", "keep_keys", "keep_blocks", "score"),
+# the facts every row of a kind shows; the registered methods add their own (methods.report_facts)
+_REGION_FACTS = {
+    "attention": ("source", "mask", "causal", "scale", "dropout_p", "heads", "kv_heads", "head_dim"),
     "mlp": ("activation", "gated", "bias", "lora", "dropout_p", "d_model", "d_ff", "experts", "top_k"),
+    "linear": ("in_features", "out_features", "bias", "lora"),
 }
+
+
+def public_facts(kind: str) -> tuple:
+    from .methods import report_facts
+    return _REGION_FACTS[kind] + report_facts(kind)
 
 
 @dataclass
@@ -55,9 +62,11 @@ class RegionReport:
     reason: str
     facts: dict
     graph: int
+    mode: str = "train"  # the graph's mode ("train": autograd runs through it; "eval") the decision was made for
 
     def __str__(self) -> str:
-        return f"{self.kind} {self.module or '<root>'}: {self.decision}" + (f" ({self.reason})" if self.reason else "")
+        return (f"{self.kind} {self.module or '<root>'}: {self.decision}"
+                + (f" ({self.reason})" if self.reason else "") + f" [{self.mode}]")
 
 
 @dataclass
@@ -74,23 +83,25 @@ class Report:
         return [r for r in self.regions if r.decision not in ("dense", "skipped")]
 
     def table(self) -> str:
-        rows = [("graph", "kind", "module", "decision", "facts / reason")]
+        rows = [("graph", "mode", "kind", "module", "decision", "facts / reason")]
         for r in self.regions:
-            detail = r.reason or ", ".join(f"{k}={_fmt(r.facts[k])}" for k in _PUBLIC_FACTS[r.kind] if k in r.facts)
-            rows.append((str(r.graph), r.kind, r.module or "<root>", r.decision, detail))
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+            detail = r.reason or ", ".join(f"{k}={_fmt(r.facts[k])}" for k in public_facts(r.kind) if k in r.facts)
+            rows.append((str(r.graph), r.mode, r.kind, r.module or "<root>", r.decision, detail))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5] for row in rows]
         lines.insert(1, "-" * min(160, max(len(line) for line in lines)))
-        summary = (f"{len(self.by_kind('attention'))} attention + {len(self.by_kind('mlp'))} mlp regions in "
-                   f"{self.graphs} graph(s); {len(self.rewritten)} rewritten")
+        linear = self.by_kind("linear")
+        summary = (f"{len(self.by_kind('attention'))} attention + {len(self.by_kind('mlp'))} mlp "
+                   + (f"+ {len(linear)} linear " if linear else "")
+                   + f"regions in {self.graphs} graph(s); {len(self.rewritten)} rewritten")
         return "\n".join(lines + [summary])
 
     def __str__(self) -> str:
         return self.table()
 
     def to_json(self) -> list:
-        return [{"graph": r.graph, "kind": r.kind, "module": r.module, "decision": r.decision,
-                 "reason": r.reason, "facts": {k: _fmt(r.facts[k]) for k in _PUBLIC_FACTS[r.kind] if k in r.facts}}
+        return [{"graph": r.graph, "mode": r.mode, "kind": r.kind, "module": r.module, "decision": r.decision,
+                 "reason": r.reason, "facts": {k: _fmt(r.facts[k]) for k in public_facts(r.kind) if k in r.facts}}
                 for r in self.regions]
 
 
@@ -102,7 +113,7 @@ def _fmt(v) -> str:
 
 def region_reports(regions, graph_index: int) -> list:
     return [RegionReport(r.kind, r.module, r.decision, r.reason,
-                         {k: v for k, v in r.facts.items() if not k.startswith("_")}, graph_index)
+                         {k: v for k, v in r.facts.items() if not k.startswith("_")}, graph_index, r.mode)
             for r in regions]
 
 

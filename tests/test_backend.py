@@ -111,7 +111,7 @@ def test_options_dict_and_config_are_the_same():
 
 
 @pytest.mark.parametrize("options,message", [
-    ({"atention": {}}, "valid keys: \\['attention', 'dump', 'exclude', 'inner', 'mlp', 'strict'\\]"),
+    ({"atention": {}}, "valid keys: \\['attention', 'dump', 'exclude', 'inner', 'linear', 'mlp', 'strict'\\]"),
     ({"attention": {"methd": "dense"}}, "\\['methd'\\] in options.attention; valid keys: \\['block_size', "),
     ({"attention": {"method": "magic"}}, "options.attention.method='magic' is not valid; choose one of"),
     ({"mlp": {"gate": "softmax"}}, "options.mlp.gate='softmax' is not valid; choose one of \\['sigmoid2p', 'none'\\]"),

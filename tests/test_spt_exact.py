@@ -19,7 +19,7 @@ from families import assert_compiled_matches_eager, op_flops, tiny_inputs, tiny_
 from op_inputs import (HYP, RANDOM_ALLOWED, STRUCTURED_ALLOWED, gen as _gen, opcheck_ok as _ok, random_allowed,
                        structured_allowed)
 from sparsify.ops.spt import selection_recall
-from sparsify.prepare import CODEBOOK
+from sparsify.methods.spt import CODEBOOK
 from test_spt_block_ops import brute_select_blocks
 from test_spt_ops import STRUCTURED_SHAPES, brute_select
 

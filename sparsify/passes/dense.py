@@ -85,15 +85,3 @@ def rewrite_mlp(gm: GraphModule, region: Region) -> None:
         out = insert_call(graph, operator.getitem, (call, 0), like=region.output)
     region.output.replace_all_uses_with(out)
     erase_unused(region.interior)
-
-
-def rewrite_dense(gm: GraphModule, regions: list[Region]) -> int:
-    count = 0
-    for region in regions:
-        if region.decision == "sparsify.attention":
-            rewrite_attention(gm, region)
-            count += 1
-        elif region.decision == "sparsify.mlp":
-            rewrite_mlp(gm, region)
-            count += 1
-    return count

@@ -55,7 +55,7 @@ class Projection:
 
 @dataclass
 class Region:
-    kind: str                    # "attention" or "mlp"
+    kind: str                    # "attention", "mlp" or "linear" (one projection)
     module: str                  # module path of the block's weights, e.g. "encoder.layer.3.attention.self"
     output: Node                 # the node whose value the rewritten op replaces
     interior: list               # nodes computed only for this block (erased by a rewrite)
@@ -64,6 +64,8 @@ class Region:
     graph_index: int = 0
     decision: str = "pending"    # set by the plan: the rewrite chosen, "dense" or "skipped"
     reason: str = ""
+    method: Optional[str] = None  # the registered method that rewrites it (None: it stays as written)
+    mode: str = "train"          # the graph's mode the plan was made for ("train" or "eval")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,8 +629,9 @@ def match_moe_router(topk: Node) -> Optional[Region]:
                   unsupported=f"mixture-of-experts layer ({experts} experts, top-{top_k} routing): left as written")
 
 
-def find_regions(gm: GraphModule) -> list[Region]:
-    """Every attention and MLP region in the graph, in graph order."""
+def find_regions(gm: GraphModule, linear: bool = False) -> list[Region]:
+    """Every attention and MLP region in the graph, in graph order; with `linear`, every projection too (after
+    the blocks: a projection inside an MLP region is in both, and the plan says who owns it)."""
     projections = {}
     for node in gm.graph.nodes:
         proj = as_projection(node)
@@ -658,7 +661,20 @@ def find_regions(gm: GraphModule) -> list[Region]:
             moe.unsupported = (f"mixture-of-experts layer ({moe.facts['experts']} experts, top-{moe.facts['top_k']} "
                                f"routing): the routing is left as written; {len(inside)} expert MLP(s) are regions "
                                "of their own")
+    if linear:
+        regions += [linear_region(p) for node, p in projections.items() if node not in members]
     return regions
+
+
+def linear_region(proj: Projection) -> Region:
+    """One projection as a region: a Linear, GPT-2's Conv1D (a linear after canonicalize) or a peft LoRA Linear."""
+    w = value(proj.weight)
+    facts = {"_match": proj, "out_features": int(w.shape[0]), "in_features": int(w.shape[1]),
+             "bias": proj.bias is not None, "lora": proj.lora_a is not None,
+             # the module stores the weight [in, out] and the graph reads its transpose (GPT-2's Conv1D)
+             "weight_transposed": kind_of(proj.weight) == "t"}
+    interior = [n for n in proj.nodes if n is not proj.output]
+    return Region("linear", proj.module, proj.output, interior, facts)
 
 
 def _reads_routing(region: Region, topk: Node, budget: int = 60) -> bool:

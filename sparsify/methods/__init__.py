@@ -1,0 +1,12 @@
+"""What regions may be rewritten into: one file per method, one registry (base.py: the protocol).
+
+Built in: dense (every block's default), spt (SPT sparse attention), routed (SPT's routed FFN). Importing this
+package registers them; a new method is one more file here (registered on import) plus, at most, one op family
+under sparsify/ops and one kernel family under sparsify/codegen.
+"""
+from .base import (MODES, Method, StateKind, guess_mode, method_for, methods_in, register, report_facts,
+                   state_kinds, unregister)
+from . import dense, routed, spt  # noqa: F401,E402  (the built-in methods register themselves)
+
+__all__ = ["MODES", "Method", "StateKind", "guess_mode", "method_for", "methods_in", "register", "report_facts",
+           "state_kinds", "unregister"]

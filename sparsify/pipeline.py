@@ -1,0 +1,74 @@
+"""The pass pipeline: canonicalize -> collect state -> find regions -> plan -> each region's method rewrites it.
+
+Each Dynamo graph (one per graph break, one per mode) goes through run_passes on its own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import warnings
+from typing import Optional
+
+from torch.fx import GraphModule
+
+from .config import SECTIONS, SparsifyConfig
+from .debug import Report, dump_graph, dump_report, log, region_reports, single_handlers
+from .methods import method_for
+from .methods.state import collect_state
+from .passes.canonicalize import canonicalize
+from .passes.regions import Region, find_regions
+from .plan import plan_regions
+
+_graph_counter = itertools.count()
+
+
+def run_passes(gm: GraphModule, config: SparsifyConfig, announce: bool = True, mode: str = "train",
+               preparing: Optional[SparsifyConfig] = None) -> Report:
+    """Rewrite `gm` in place; return what was found and decided. `announce`: warn about requested sparse
+    methods that some regions did not get (explain() prints its report instead). `mode`: "train" or "eval"
+    (methods/base.py guess_mode), which the methods may plan differently. `preparing`: sparsify.prepare's trace
+    (its config asks the dense rewrite of every block, whose op calls it records; projections a linear method
+    would own are planned, not rewritten, so the method's prepare_region sees them)."""
+    graph_index = next(_graph_counter)
+    single_handlers()
+    dump_graph(config.dump, graph_index, "before", gm)
+    canonical = canonicalize(gm)
+    states = collect_state(gm)
+    regions = plan_regions(find_regions(gm, linear=config.linear.method != "off"), config, states, mode, preparing)
+    rewritten = 0
+    for region in regions:
+        if region.method is not None and not (preparing is not None and region.kind == "linear"):
+            kind = region.kind
+            method_for(kind, region.method).rewrite(gm, region, getattr(config, kind), states, mode)
+            rewritten += 1
+    report = Report(region_reports(regions, graph_index), graphs=1)
+    gm.graph.lint()
+    gm.recompile()
+    if announce:
+        warn_not_done(regions, config, graph_index)
+    if not regions:
+        warnings.warn(f"sparsify: no attention or MLP block found in graph {graph_index}; it runs unchanged",
+                      stacklevel=2)
+    log.info("graph %d (%s): %d regions, %d rewritten (canonicalized: %s)", graph_index, mode, len(regions),
+             rewritten, canonical)
+    dump_report(config.dump, graph_index, report, {"config": dataclasses.asdict(config), "mode": mode,
+                                                   "canonicalized": canonical})
+    dump_graph(config.dump, graph_index, "after", gm)
+    return report
+
+
+def warn_not_done(regions: list[Region], config: SparsifyConfig, graph_index: int) -> None:
+    """One warning per region kind whose requested sparse method some regions of this graph did not get (no
+    prepare, below min_seq, a guard): the count and the first reason. A fallback the user does not see is a bug."""
+    for kind in SECTIONS:
+        method = getattr(config, kind).method
+        if method in ("dense", "off"):
+            continue
+        of_kind = [r for r in regions if r.kind == kind]
+        left = [r for r in of_kind if r.decision == "dense"]
+        if left:
+            first = left[0]
+            warnings.warn(f"sparsify: {kind} method {method!r} was requested, but {len(left)} of {len(of_kind)} "
+                          f"{kind} regions in graph {graph_index} stay dense; first: {first.module or '<root>'}: "
+                          f"{first.reason}. sparsify.explain(model, ...) or TORCH_LOGS=sparsify lists them all; "
+                          f"options strict=True raises instead", stacklevel=3)
