@@ -190,9 +190,18 @@ def test_block_granularity_keeps_fewer_blocks():
     sparsify.prepare(model, **inputs, options=options)
     compiled = torch.compile(model, backend="sparsify", options=options)
     out = first_output(compiled(**inputs))
-    assert {r.facts["keep_blocks"] for r in sparsify.last_report().by_kind("attention")} == {2}
+    rows = sparsify.last_report().by_kind("attention")
+    assert [(r.decision, r.facts["keep_blocks"]) for r in rows] == [("spt", 2)] * 2
     out.square().mean().backward()
     assert model.get_parameter("h.0.attn.sparsify_pq_codebook").grad is not None
+    # the block-sparse ops ran (their FLOP formulas count them), and no dense attention op did
+    flops = sparsify.count_flops(model, **inputs, options=options)
+    assert flops.get("sparsify.block_sparse_attention", 0) > 0 and "sparsify.attention" not in flops, flops
+    # keeping half the key blocks changes the output (a silent dense fallback would not)
+    with torch.no_grad():
+        dense = first_output(torch.compile(model, backend="sparsify",
+                                           options={**options, "attention": "dense"})(**inputs))
+    assert not torch.allclose(out.detach(), dense, atol=1e-4)
 
 
 def test_attention_module_compiled_as_the_root_gets_its_codebook():
