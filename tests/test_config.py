@@ -187,3 +187,17 @@ def test_every_field_has_a_check():
 def test_public_aliases():
     assert SparseAttention is AttentionConfig and RoutedFFN is MLPConfig
     assert sparsify.SparseAttention is AttentionConfig
+
+
+def test_one_activation_table_keys_every_layer():
+    """sparsify/tables.py names the activations; the Triton sources and the routed backward's derivatives must
+    cover exactly those names (a new activation added to one layer only would fail here)."""
+    from sparsify import tables
+    from sparsify.codegen import templates
+    from sparsify.codegen.spec import ACTIVATIONS as kernel_names
+    from sparsify.ops import routed
+    assert tuple(tables.ACTIVATIONS) == kernel_names == tuple(templates.ACTIVATIONS)
+    x = torch.linspace(-3, 3, 7, dtype=torch.float64, requires_grad=True)
+    for name, fn in tables.ACTIVATIONS.items():  # the hand-written derivative agrees with autograd's
+        (expected,) = torch.autograd.grad(fn(x).sum(), x)
+        torch.testing.assert_close(routed._act_backward(name, torch.ones_like(x), x.detach()), expected)

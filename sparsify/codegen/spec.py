@@ -12,15 +12,17 @@ import hashlib
 
 import torch
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
+from ..tables import ACTIVATIONS as _ACTIVATION_FUNCTIONS, DTYPE_NAMES, KERNEL_DTYPES
+
+ACTIVATIONS = tuple(_ACTIVATION_FUNCTIONS)  # the names (sparsify/tables.py); Triton sources: templates.py
 
 # Element types the kernels accept (inputs, weights and output share one dtype;
 # accumulation is always fp32).
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = KERNEL_DTYPES
 
 # Short names used in canonical strings and kernel names (stable across torch versions,
 # unlike str(dtype) formatting might be).
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_DTYPE_NAMES = DTYPE_NAMES
 
 
 @dataclasses.dataclass(frozen=True)

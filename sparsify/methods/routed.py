@@ -19,10 +19,11 @@ from ..debug import log
 from ..passes.dense import mlp_operands
 from ..passes.fx_utils import erase_unused, insert_call, value
 from ..passes.regions import Region
+from ..tables import KERNEL_DTYPES
 from .base import Method, StateKind, register
 
 ROUTER_KIND = "router"
-ROUTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ROUTED_DTYPES = KERNEL_DTYPES  # the routed FFN's kernels
 # the router state's tensors (module attributes and checkpoint key suffixes), in the order the tag passes them
 ROUTER_WEIGHT, ROUTER_BIAS = "sparsify_router_weight", "sparsify_router_bias"
 NEURON_ORDER = "sparsify_neuron_order"  # only for block_order="clustered"
@@ -156,15 +157,17 @@ def mlp_sample(args: list) -> dict:
     gate projection of a gated MLP, else the up projection: what neuron clustering groups), and sample inputs
     x [T, d] with their activations [T, F] and the down projection (what fit_router fits to)."""
     from ..ops.mlp import mlp_hidden
+    from ..ops.operands import MLP_OPERANDS, MLPOperands
 
-    x, up_w, up_b, gate_w, gate_b, down_w, _, up_lora_a, up_lora_b, gate_lora_a, gate_lora_b = args[:11]
+    mlp = MLPOperands.of(args)
+    activation = args[MLP_OPERANDS]  # the activation name follows the operands
     with torch.no_grad():
-        x2d = x.detach().reshape(-1, x.shape[-1])[:_ROUTER_SAMPLE_TOKENS]
-        hidden = mlp_hidden(x2d, up_w, up_b, gate_w, gate_b, up_lora_a, up_lora_b, gate_lora_a, gate_lora_b,
-                            args[13], args[14])  # lora_scales, activation
-    w, b = (gate_w, gate_b) if gate_w is not None else (up_w, up_b)
+        x2d = mlp.x.detach().reshape(-1, mlp.x.shape[-1])[:_ROUTER_SAMPLE_TOKENS]
+        hidden = mlp_hidden(x2d, mlp.up_weight, mlp.up_bias, mlp.gate_weight, mlp.gate_bias, mlp.up_lora_a,
+                            mlp.up_lora_b, mlp.gate_lora_a, mlp.gate_lora_b, mlp.lora_scales, activation)
+    w, b = (mlp.gate_weight, mlp.gate_bias) if mlp.gate_weight is not None else (mlp.up_weight, mlp.up_bias)
     return {"weight": w.detach(), "bias": None if b is None else b.detach(), "x": x2d, "hidden": hidden,
-            "down_weight": down_w.detach()}
+            "down_weight": mlp.down_weight.detach()}
 
 
 ROUTED = register(Routed())

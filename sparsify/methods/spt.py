@@ -32,9 +32,10 @@ from ..debug import log
 from ..passes.dense import attention_operands
 from ..passes.fx_utils import erase_unused, insert_call, shape, value
 from ..passes.regions import Region
+from ..tables import KERNEL_DTYPES
 from .base import Method, StateKind, register
 
-SPT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SPT_DTYPES = KERNEL_DTYPES  # the SPT kernels
 CODEBOOK_KIND = "pq_codebook"  # the state kind sparsify.prepare tags attention modules with
 CODEBOOK = "sparsify_pq_codebook"  # its tensor: the module attribute (and checkpoint key suffix)
 

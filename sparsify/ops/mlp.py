@@ -18,14 +18,7 @@ from torch import Tensor
 
 from ._vjp import fresh_seed, placeholder_grads, recompute_vjp, seeded_dropout
 
-# name -> elementwise function; the names are the region finder's and codegen's vocabulary too
-ACTIVATIONS = {
-    "gelu": lambda t: F.gelu(t),
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),  # CLIP's GELU approximation
-}
+from ..tables import ACTIVATIONS, KERNEL_DTYPES  # noqa: E402  (name -> elementwise function: the one table, sparsify/tables.py)
 
 
 def _proj(x: Tensor, w: Tensor, b: Optional[Tensor], lora_a: Optional[Tensor], lora_b: Optional[Tensor],
@@ -116,7 +109,7 @@ def _(x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_lora_b, gate_
 def triton_supports(x, up_b, gate_w, gate_b, up_lora_a, gate_lora_a) -> bool:
     """The generated up-projection kernel takes fp16/bf16/fp32, no LoRA term on the up side (the
     fused epilogue has no low-rank input yet) and, when gated, biases on both halves or neither."""
-    return (x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return (x.dtype in KERNEL_DTYPES
             and up_lora_a is None and gate_lora_a is None
             and (gate_w is None or (up_b is None) == (gate_b is None)))
 

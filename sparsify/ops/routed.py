@@ -80,6 +80,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ._vjp import _acc_dtype, fresh_seed, placeholder_grads
 from .mlp import ACTIVATIONS, check_mlp_inputs
+from ..tables import KERNEL_DTYPES
 
 GATES = ("sigmoid2p", "none")
 _TENSOR_ARGS = 13   # x, up_w, up_b, gate_w, gate_b, down_w, down_b, six LoRA factors (sparsify::mlp's)
@@ -545,7 +546,7 @@ def routed_mlp(
 def triton_supports(x: Tensor, *tensors: Optional[Tensor]) -> bool:
     """The generated grouped kernels take fp16 / bf16 / fp32 with every floating tensor in x's dtype (LoRA on
     every side, biases, gated or not, any neuron order): anything else runs the torch grouped path."""
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if x.dtype not in KERNEL_DTYPES:
         return False
     try:
         import triton  # noqa: F401

@@ -15,7 +15,7 @@ import torch
 from .spt import spt_attention_backward_reference, spt_attention_reference
 from .spt_block import block_sparse_attention_backward_reference, block_sparse_attention_reference
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ..tables import KERNEL_DTYPES  # noqa: E402
 
 
 def _empty_like_needs(grads, tensors, needs, like):

@@ -12,6 +12,7 @@ import torch
 from torch.fx import GraphModule
 
 from .. import ops  # noqa: F401  (registers torch.ops.sparsify.*)
+from ..ops.operands import MLPOperands
 from .fx_utils import erase_unused, insert_call
 from .regions import Region
 
@@ -57,7 +58,7 @@ def rewrite_attention(gm: GraphModule, region: Region) -> None:
     erase_unused(region.interior)
 
 
-def mlp_operands(region: Region) -> tuple:
+def mlp_operands(region: Region) -> MLPOperands:
     """The 13 tensor operands and the LoRA scales of the MLP ops, in their schema order."""
     up, gate, down = region.facts["_match"]
 
@@ -67,12 +68,13 @@ def mlp_operands(region: Region) -> tuple:
     def lora_scale(p):
         return float(p.lora_scale) if p is not None and p.lora_a is not None else 1.0
 
-    return (
-        up.x, up.weight, up.bias,
-        gate.weight if gate else None, gate.bias if gate else None,
-        down.weight, down.bias,
-        *lora(up), *lora(gate), *lora(down),
-        [lora_scale(up), lora_scale(gate), lora_scale(down)],
+    return MLPOperands(
+        x=up.x, up_weight=up.weight, up_bias=up.bias,
+        gate_weight=gate.weight if gate else None, gate_bias=gate.bias if gate else None,
+        down_weight=down.weight, down_bias=down.bias,
+        up_lora_a=lora(up)[0], up_lora_b=lora(up)[1], gate_lora_a=lora(gate)[0], gate_lora_b=lora(gate)[1],
+        down_lora_a=lora(down)[0], down_lora_b=lora(down)[1],
+        lora_scales=[lora_scale(up), lora_scale(gate), lora_scale(down)],
     )
 
 

@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 
-from ..ops.mlp import ACTIVATIONS as OP_ACTIVATIONS
+from ..tables import ACTIVATIONS
 from .fx_utils import (arg, common_module, is_elementwise, kind_of, module_path, shape, skip_casts, static_scalar,
                        value)
 
 # the activations the ops implement (their table is the vocabulary); the finder may name more (see
 # _REFERENCE_ACTIVATIONS) so that the report says which function a block uses
-KNOWN_ACTIVATIONS = tuple(OP_ACTIVATIONS)
+KNOWN_ACTIVATIONS = tuple(ACTIVATIONS)
 
 
 class Unsupported(Exception):
@@ -428,13 +428,7 @@ def _weight_module(linear: Node) -> str:
 
 
 _PROBE = torch.linspace(-8.0, 8.0, 2001, dtype=torch.float64)
-_REFERENCE_ACTIVATIONS = {
-    "gelu": lambda t: F.gelu(t),
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),  # CLIP
-}
+_REFERENCE_ACTIVATIONS = ACTIVATIONS  # what a spelled-out activation is probed against (sparsify/tables.py)
 
 
 def _is_scalar_node(node: Node) -> bool:
