@@ -7,8 +7,9 @@ from . import methods  # noqa: F401  (registers the built-in methods: their opti
 from .checkpoint import load_state
 from .prepare import prepare
 from .steps import BetweenSteps
+from .ops.aux_loss import aux_losses
 from . import ops  # noqa: F401  (registers torch.ops.sparsify.*)
 
 __version__ = "0.1.0"
 __all__ = ["AttentionConfig", "BetweenSteps", "LinearConfig", "MLPConfig", "SparseAttention", "load_state", "prepare", "Report", "RegionReport", "SparsifyConfig", "SparsifyError",
-           "backend", "count_flops", "explain", "last_report", "sparsify_backend"]
+           "aux_losses", "backend", "count_flops", "explain", "last_report", "sparsify_backend"]

@@ -13,7 +13,7 @@ import torch
 
 import sparsify
 from families import tiny_inputs, tiny_model
-from sparsify.ops.spt import AUX_LOSSES
+from sparsify.ops.aux_loss import AUX_LOSSES
 
 SPT_CODES = {"attention": {"method": "spt", "min_seq": 0, "keep": 0.5}}
 
@@ -31,6 +31,7 @@ def test_recorded_codebook_loss_under_inductor_is_the_true_value():
         out = torch.compile(model, backend="sparsify", options={**SPT_CODES, "inner": inner})(**inputs)
         out.last_hidden_state.sum().backward()  # the backward reuses the forward's buffers under Inductor
         recorded[inner] = {name: value.item() for name, value in AUX_LOSSES.items()}
+        assert sparsify.aux_losses() == recorded[inner]  # the public reader returns the same values
     assert set(recorded["inductor"]) == {"layers.0.self_attn", "layers.1.self_attn"}
     for name, value in recorded["aot_eager"].items():
         assert recorded["inductor"][name] == pytest.approx(value, rel=1e-4), name

@@ -4,7 +4,7 @@ import torch
 
 import sparsify
 from families import assert_compiled_matches_eager, first_output, op_flops, tiny_inputs, tiny_model
-from sparsify.ops import spt as spt_ops
+from sparsify.ops import aux_loss as aux_loss_ops
 
 SEQ = 16
 
@@ -40,7 +40,7 @@ def test_codebooks_are_parameters_and_survive_checkpoints_and_recompiles(tmp_pat
     compiled = torch.compile(model, backend="sparsify", options=options)
     first_output(compiled(**inputs)).square().mean().backward()
     assert codebook.grad is not None and codebook.grad.abs().sum() > 0
-    assert "layers.0.self_attn" in spt_ops.AUX_LOSSES
+    assert "layers.0.self_attn" in aux_loss_ops.AUX_LOSSES
 
     # recompiling and re-preparing never re-initialise it
     before = codebook.detach().clone()

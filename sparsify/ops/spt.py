@@ -13,7 +13,7 @@ pq_encode, pq_select, spt_attention and its backward are registered at the botto
         The same contract ranked by the exact q . k (score="exact"; no codebook).
     spt_attention(q, k, v, index, valid, mask?, scale, dropout_p) -> (out[B,H,Lq,Dv], lse[B,H,Lq], seed)
         Softmax attention restricted to the kept (valid) slots; backward via spt_attention_backward.
-    aux_loss(y, aux, weight, name) -> y (a copy); backward adds weight * d(aux) (gradient injection).
+    (the codebook loss reaches the gradient through sparsify::aux_loss, ops/aux_loss.py)
 
 Plus two plain functions: codebook_loss (the PQ codebook's auxiliary loss) and selection_recall.
 
@@ -51,8 +51,6 @@ from ._vjp import _acc_dtype, fresh_seed, placeholder_grads, seeded_dropout
 # Element budget for the per-chunk temporaries of the references (about 64 MiB in fp32).
 _CHUNK_ELEMS = 1 << 24
 
-# sparsify::aux_loss records the last auxiliary value per name here (a side effect, for logging only).
-AUX_LOSSES: dict[str, Tensor] = {}
 
 
 def _row_chunks(rows: int, per_row: int):
@@ -546,36 +544,6 @@ def codebook_loss(z: Tensor, codebook: Tensor) -> Tensor:
     return F.mse_loss(z_soft, z_q) + F.mse_loss(zs, z_q)
 
 
-@torch.library.custom_op("sparsify::aux_loss", mutates_args=())
-def aux_loss(y: Tensor, aux: Tensor, weight: float, name: str) -> Tensor:
-    """Returns a copy of y; backward adds weight * d(aux) to the gradient (aux's incoming grad is `weight`).
-
-    So training on task_loss alone gives the gradient of task_loss + weight * aux, without changing the
-    model's outputs. Side effect: AUX_LOSSES[name] = aux.detach() on every real (not fake) call, for
-    logging; the last value wins. Under torch.compile it runs when the compiled forward runs.
-    """
-    # a copy: under Inductor `aux` lives in a buffer the compiled graph reuses for later values
-    AUX_LOSSES[name] = aux.detach().clone()
-    return y.clone()
-
-
-@aux_loss.register_fake
-def _(y, aux, weight, name):
-    return torch.empty_like(y)
-
-
-def _aux_setup_context(ctx, inputs, output):
-    _, aux, weight, _ = inputs
-    ctx.weight = weight
-    ctx.aux_shape, ctx.aux_dtype, ctx.aux_device = aux.shape, aux.dtype, aux.device
-
-
-def _aux_backward(ctx, grad_y):
-    grad_aux = torch.full(ctx.aux_shape, ctx.weight, dtype=ctx.aux_dtype, device=ctx.aux_device)
-    return grad_y, grad_aux, None, None
-
-
-aux_loss.register_autograd(_aux_backward, setup_context=_aux_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
