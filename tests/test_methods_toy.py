@@ -253,3 +253,41 @@ def test_two_sparse_methods_claiming_one_projection_is_an_error(toy_methods):
     options["mlp"] = "off"
     torch.compile(model, backend="sparsify", options=options)(**inputs)
     assert {r.decision for r in sparsify.last_report().by_kind("mlp")} == {"skipped"}
+
+
+def test_peft_lora_projections_are_linear_regions(toy_methods):
+    """peft LoRA-wrapped Linears are linear regions of their own (lora=True): toy_mask's guard leaves them as
+    written with its reason, the plain projections around them take the mask."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("llama", "eager"),
+                                peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    inputs = tiny_inputs("llama")
+    options = {"linear": {"method": "toy_mask"}, "inner": "aot_eager"}
+    sparsify.prepare(model, **inputs, options=options)
+    torch.compile(model, backend="sparsify", options=options)(**inputs)
+    rows = sparsify.last_report().by_kind("linear")
+    lora = {r.module for r in rows if r.facts["lora"]}
+    assert lora == {f"base_model.model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}, rows
+    for r in rows:
+        expected = ("dense", "a LoRA-wrapped projection: toy_mask masks plain weights only") if r.facts["lora"] \
+            else ("toy_mask", "")
+        assert (r.decision, r.reason) == expected, r
+
+
+def test_linear_method_state_survives_save_and_reload(toy_methods, tmp_path):
+    """The checkpoint code reads state kinds from the registry: a new method's state reloads without edits there."""
+    import transformers
+    model = tiny_model("llama", "eager")
+    inputs = tiny_inputs("llama")
+    options = {"linear": {"method": "toy_mask", "drop": 0.5}, "inner": "aot_eager"}
+    sparsify.prepare(model, **inputs, options=options)
+    masks = {path: tensors[MASK].clone() for path, _, tensors in modules_with_state(model, "toy_mask")}
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModel.from_pretrained(tmp_path, attn_implementation="eager")
+    with torch.no_grad():  # a different mask would come out of prepare on changed weights
+        for name, p in reloaded.named_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    report = sparsify.prepare(reloaded, **inputs, options=options)
+    assert {r.reason for r in report.by_kind("linear")} == {"loaded from the model's checkpoint"}, report
+    again = {path: tensors[MASK] for path, _, tensors in modules_with_state(reloaded, "toy_mask")}
+    assert again.keys() == masks.keys() and all(torch.equal(again[p], masks[p]) for p in masks)
