@@ -41,17 +41,13 @@ def single_handlers() -> None:
             log.removeHandler(handler)
         seen.add(key)
 
-# the facts every row of a kind shows; the registered methods add their own (methods.report_facts)
-_REGION_FACTS = {
+# the facts every row of a kind shows; the pipeline adds the registered methods' own (methods.report_facts)
+REGION_FACTS = {
     "attention": ("source", "mask", "causal", "scale", "dropout_p", "heads", "kv_heads", "head_dim"),
     "mlp": ("activation", "gated", "bias", "lora", "dropout_p", "d_model", "d_ff", "experts", "top_k"),
     "linear": ("in_features", "out_features", "bias", "lora"),
 }
 
-
-def public_facts(kind: str) -> tuple:
-    from .methods import report_facts
-    return _REGION_FACTS[kind] + report_facts(kind)
 
 
 @dataclass
@@ -62,6 +58,7 @@ class RegionReport:
     reason: str
     facts: dict
     graph: int
+    shown: tuple = ()    # the facts the table and the JSON show (REGION_FACTS of its kind + its methods' own)
     mode: str = "train"  # the graph's mode ("train": autograd runs through it; "eval") the decision was made for
 
     def __str__(self) -> str:
@@ -85,7 +82,7 @@ class Report:
     def table(self) -> str:
         rows = [("graph", "mode", "kind", "module", "decision", "facts / reason")]
         for r in self.regions:
-            detail = r.reason or ", ".join(f"{k}={_fmt(r.facts[k])}" for k in public_facts(r.kind) if k in r.facts)
+            detail = r.reason or ", ".join(f"{k}={_fmt(r.facts[k])}" for k in r.shown if k in r.facts)
             rows.append((str(r.graph), r.mode, r.kind, r.module or "<root>", r.decision, detail))
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5] for row in rows]
@@ -101,7 +98,7 @@ class Report:
 
     def to_json(self) -> list:
         return [{"graph": r.graph, "mode": r.mode, "kind": r.kind, "module": r.module, "decision": r.decision,
-                 "reason": r.reason, "facts": {k: _fmt(r.facts[k]) for k in public_facts(r.kind) if k in r.facts}}
+                 "reason": r.reason, "facts": {k: _fmt(r.facts[k]) for k in r.shown if k in r.facts}}
                 for r in self.regions]
 
 
@@ -111,9 +108,11 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def region_reports(regions, graph_index: int) -> list:
+def region_reports(regions, graph_index: int, extra_facts=lambda kind: ()) -> list:
+    """The report rows of `regions`; extra_facts(kind): the facts the methods of that kind add to its rows."""
     return [RegionReport(r.kind, r.module, r.decision, r.reason,
-                         {k: v for k, v in r.facts.items() if not k.startswith("_")}, graph_index, r.mode)
+                         {k: v for k, v in r.facts.items() if not k.startswith("_")}, graph_index,
+                         REGION_FACTS[r.kind] + tuple(extra_facts(r.kind)), r.mode)
             for r in regions]
 
 

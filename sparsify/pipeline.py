@@ -13,7 +13,7 @@ from torch.fx import GraphModule
 
 from .config import SECTIONS, SparsifyConfig
 from .debug import Report, dump_graph, dump_report, log, region_reports, single_handlers
-from .methods import method_for
+from .methods import method_for, report_facts
 from .methods.state import collect_state
 from .passes.canonicalize import canonicalize
 from .passes.regions import Region, find_regions
@@ -41,7 +41,7 @@ def run_passes(gm: GraphModule, config: SparsifyConfig, announce: bool = True, m
             kind = region.kind
             method_for(kind, region.method).rewrite(gm, region, getattr(config, kind), states, mode)
             rewritten += 1
-    report = Report(region_reports(regions, graph_index), graphs=1)
+    report = Report(region_reports(regions, graph_index, report_facts), graphs=1)
     gm.graph.lint()
     gm.recompile()
     if announce:

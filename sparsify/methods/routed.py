@@ -7,6 +7,7 @@ node of kind "router" (DESIGN.md decision 5).
 """
 from __future__ import annotations
 
+import logging
 import operator
 from dataclasses import dataclass
 from typing import Optional
@@ -15,12 +16,13 @@ import torch
 from torch.fx import GraphModule
 
 from ..config import choice, integer
-from ..debug import log
 from ..passes.dense import mlp_operands
 from ..passes.fx_utils import erase_unused, insert_call, value
 from ..passes.regions import Region
 from ..tables import KERNEL_DTYPES
 from .base import Method, StateKind, register
+
+log = logging.getLogger("sparsify")  # debug.log: the methods sit below the reporting layer
 
 ROUTER_KIND = "router"
 ROUTED_DTYPES = KERNEL_DTYPES  # the routed FFN's kernels

@@ -18,6 +18,7 @@ SDPA computes it). Causality read off how a mask was built is a report fact, nev
 from __future__ import annotations
 
 import math
+import logging
 import operator
 import warnings
 from dataclasses import dataclass
@@ -28,12 +29,13 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..config import choice, integer, real
-from ..debug import log
 from ..passes.dense import attention_operands
 from ..passes.fx_utils import erase_unused, insert_call, shape, value
 from ..passes.regions import Region
 from ..tables import KERNEL_DTYPES
 from .base import Method, StateKind, register
+
+log = logging.getLogger("sparsify")  # debug.log: the methods sit below the reporting layer
 
 SPT_DTYPES = KERNEL_DTYPES  # the SPT kernels
 CODEBOOK_KIND = "pq_codebook"  # the state kind sparsify.prepare tags attention modules with
