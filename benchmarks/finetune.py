@@ -51,7 +51,7 @@ class Classifier(nn.Module):
 def build_model(name: str, seed: int):
     """(encoder, tokenizer): "minilm" = the real weights; "tiny" = a 2-layer random BERT with
     MiniLM's tokenizer (smoke tests: fast, same data pipeline)."""
-    from sparsify.models import load_minilm, minilm_path
+    from sparsify_examples.models import load_minilm, minilm_path
 
     if name == "minilm":
         return load_minilm(attn_implementation="sdpa")

@@ -5,7 +5,7 @@
     python benchmarks/finetune_lm.py --lora 16                         # peft LoRA r=16 on every Linear
     python benchmarks/finetune_lm.py --variants custom --options-json '{"mlp": {"method": "routed", "top_k": 1}}'
 
-Model: SmolLM2-135M-Instruct (sparsify.models.load_smollm2: a LlamaForCausalLM, 30 layers, SwiGLU MLPs with
+Model: SmolLM2-135M-Instruct (sparsify_examples.models.load_smollm2: a LlamaForCausalLM, 30 layers, SwiGLU MLPs with
 d_ff 1536), or "tiny" (2 random Llama layers with MiniLM's tokenizer: smoke tests only).
 
 Data (offline, real text): the Debian fortunes of benchmarks/data_fortunes.py's categories, split *by fortune*
@@ -119,14 +119,14 @@ def load_lm_data(tokenizer, seq_len: int, n_train: int, n_eval: int, seed: int =
 def build_model(name: str, seed: int):
     """(model, tokenizer, description)."""
     if name == "smollm2":
-        from sparsify.models import load_smollm2
+        from sparsify_examples.models import load_smollm2
 
         model, tok = load_smollm2(attn_implementation="sdpa")
         return model, tok, "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)"
     if name == "tiny":
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-        from sparsify.models import minilm_path
+        from sparsify_examples.models import minilm_path
 
         tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
         torch.manual_seed(seed)

@@ -8,7 +8,7 @@ For each MLP of the model, block order (contiguous / clustered) and router initi
 the top-2-of-4 routed output (gate none: the selection alone) is compared with the dense MLP output:
   error  = || routed - dense || / || dense || over all tokens
 and against the oracle that keeps, per token, the 2 blocks with the largest contribution norm (the best a
-router ranking by contribution can do). Calibration: the first 8 of sparsify.models.sample_texts(); evaluation
+router ranking by contribution can do). Calibration: the first 8 of sparsify_examples.models.sample_texts(); evaluation
 on the same 8 (in-sample) and on the other 8 (held-out). Results: benchmarks/results/router_init_cpu.json / .md.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 
-from sparsify.models import load_minilm, sample_texts  # noqa: E402
+from sparsify_examples.models import load_minilm, sample_texts  # noqa: E402
 from sparsify.ops.mlp import ACTIVATIONS  # noqa: E402
 from sparsify.ops.routed import cluster_neurons, fit_router, init_router  # noqa: E402
 

@@ -3,7 +3,7 @@
     python benchmarks/spt_recall.py                       # n in {256, 512}, keep in {1/8, 1/4}
     python benchmarks/spt_recall.py --n 128 --keeps 0.25  # smaller
 
-Text: sparsify.models.sample_texts() (16 short English sentences), tokenised without special tokens,
+Text: sparsify_examples.models.sample_texts() (16 short English sentences), tokenised without special tokens,
 concatenated (sentence order fixed per sequence) and repeated until the sequence holds n tokens including
 [CLS] and [SEP]; no padding. A batch of 2 sequences per setting (two sentence orders). Two settings:
   in-sample  codebooks fit on all 16 sentences (a third order, n=256), evaluated on all 16 sentences
@@ -203,7 +203,7 @@ def main(argv=None) -> dict:
 
 
 def run(args, device) -> dict:
-    from sparsify.models import load_minilm, sample_texts
+    from sparsify_examples.models import load_minilm, sample_texts
 
     started = time.perf_counter()
     env = T.environment(device)
@@ -245,7 +245,7 @@ def run(args, device) -> dict:
         del model
 
     env = T.finish_environment(env, device, started)
-    payload = {"benchmark": "spt_recall", "environment": env, "model": "all-MiniLM-L6-v2 (sparsify.models.load_minilm)",
+    payload = {"benchmark": "spt_recall", "environment": env, "model": "all-MiniLM-L6-v2 (sparsify_examples.models.load_minilm)",
                "settings": {k_: v_ for k_, v_ in vars(args).items() if k_ != "out_dir"}, "setting_details": meta,
                "method": __doc__, "results": results}
     md = render_markdown(payload)

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import sparsify  # noqa: E402
-from sparsify.models import load_minilm, load_smollm2, sample_texts  # noqa: E402
+from sparsify_examples.models import load_minilm, load_smollm2, sample_texts  # noqa: E402
 
 
 def main() -> None:

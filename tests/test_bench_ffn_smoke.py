@@ -73,7 +73,7 @@ def test_finetune_lm_data_split_is_by_fortune():
     data_fortunes = _load("data_fortunes")
     if not data_fortunes.fortunes_available():
         pytest.skip(data_fortunes.INSTALL_HINT)
-    from sparsify.models import ModelPackageMissing
+    from sparsify_examples.models import ModelPackageMissing
 
     try:
         _, tok, _ = ft.build_model("tiny", 0)
@@ -92,7 +92,7 @@ def _run_tiny_lm(tmp_path, *extra):
     data_fortunes = _load("data_fortunes")
     if not data_fortunes.fortunes_available():
         pytest.skip(data_fortunes.INSTALL_HINT)
-    from sparsify.models import ModelPackageMissing
+    from sparsify_examples.models import ModelPackageMissing
 
     try:
         return ft.main(_tiny_lm_args(tmp_path, *extra))

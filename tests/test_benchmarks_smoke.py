@@ -69,7 +69,7 @@ def test_spt_table1_tiny(tmp_path):
 
 
 def test_spt_recall_tiny(tmp_path):
-    from sparsify.models import ModelPackageMissing, minilm_path
+    from sparsify_examples.models import ModelPackageMissing, minilm_path
     try:
         minilm_path()
     except ModelPackageMissing as exc:

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not data_fortunes.fortunes_available(),
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from sparsify.models import ModelPackageMissing, minilm_path
+    from sparsify_examples.models import ModelPackageMissing, minilm_path
     from transformers import AutoTokenizer
 
     try:

@@ -1,6 +1,6 @@
 """The house's one-way data flow, checked on the source: no module imports a layer above its own.
 
-    tables, config, debug, models  (leaves: import nothing of sparsify)
+    tables, config, debug  (leaves: import nothing of sparsify)
     < codegen (kernels) < ops < passes (graph, regions) < methods < plan, checkpoint, steps < pipeline
     < backend < prepare < the package's __init__
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import sparsify
 
 ROOT = Path(sparsify.__file__).parent
-LEVELS = {"tables": 0, "config": 0, "debug": 0, "models": 0, "codegen": 1, "ops": 2, "passes": 3, "methods": 4,
+LEVELS = {"tables": 0, "config": 0, "debug": 0, "codegen": 1, "ops": 2, "passes": 3, "methods": 4,
           "plan": 5, "checkpoint": 5, "steps": 5, "pipeline": 6, "backend": 7, "prepare": 8, "": 9}
 
 

