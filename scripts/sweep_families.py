@@ -131,7 +131,7 @@ def markdown(records, meta, combos, checks):
         *([meta["note"], ""] if meta.get("note") else []),
         f"Matrix: modes {', '.join(meta['modes'])}; attn implementations {', '.join(meta['impls'])}; "
         f"checks {', '.join(meta['checks'])}; time box {meta['time_box_s']:.0f} s per model type.",
-        "What the checks are and how blocks are counted: tests/sweep.py (and `pytest -m sweep tests/test_sweep.py`).",
+        "What the checks are and how blocks are counted: tests/sweep.py (and `pytest -m sweep tests/e2e/test_sweep.py`).",
         "",
         f"Each model type is a tiny `AutoModel.from_config` (2 layers, hidden 64, 4 heads, vocab 128, dropout 0),"
         f" called with 2 x 8 input_ids right-padded on the last row. Per check, a cell is one word when every"

@@ -10,7 +10,7 @@
 A method's between_steps may only change its state tensors in place (masks, codebooks, a phase counter held in
 a tensor): they are inputs of the compiled graphs (methods/state.py), so new values reach the next step
 without a recompile, whereas a Python number the rewrite read would be baked into the graph. The recompile
-count over steps is a test (tests/test_methods_toy.py).
+count over steps is a test (tests/methods/test_methods_toy.py).
 """
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ FLOPs (registered for both ops; 2 per multiply-add; A = T * top_k assignments, f
                gradients 2x, less the down GEMM's forward, which is never recomputed: its output is not
                needed); sparsify::mlp's backward counts 3x. With frozen base weights (LoRA fine-tuning) the
                weight-gradient GEMMs drop out: recompute + v = W_down^T dy + dx (+ LoRA, router) is about 2x
-               (tests/test_routed_ops.py::test_flops_with_lora_and_frozen_base checks the exact count).
+               (tests/ops/test_routed_ops.py::test_flops_with_lora_and_frozen_base checks the exact count).
 """
 from __future__ import annotations
 

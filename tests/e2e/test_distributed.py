@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from paths import TESTS  # noqa: E402
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def _free_port() -> int:

@@ -1,7 +1,7 @@
 """Tests for sparsify.codegen.spt_attention: token-granular (SPT, ELL) and block-granular
 sparse attention kernels, forward and backward.
 
-On CPU the kernels run in Triton's interpreter (set up as in tests/test_codegen.py:
+On CPU the kernels run in Triton's interpreter (set up as in tests/kernels/test_codegen.py:
 kernels are generated lazily and keyed on the mode, so setting TRITON_INTERPRET here
 is enough even though `import sparsify` imported triton already). References are
 plain torch, in float64 from the same (already rounded) inputs:
@@ -27,6 +27,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
+from paths import REPO, TESTS  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from sparsify.codegen import cache_dir, cache_info, clear_cache  # noqa: E402
@@ -45,7 +46,7 @@ from sparsify.codegen.spt_attention import (  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 
 
 # generated kernels go to a temporary cache directory (tests/conftest.py)
@@ -536,8 +537,8 @@ def test_compiles_for_sm90_without_a_gpu(tmp_path, spec_id):
     here = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "TRITON_INTERPRET": "0", "SPARSIFY_CACHE_DIR": str(tmp_path),
            "PYTHONWARNINGS": "ignore"}
-    script = f"import sys; sys.path.insert(0, {here!r}); import test_spt_kernels as t; t.compile_for_sm90({spec_id!r})"
-    run = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(here), env=env, capture_output=True,
+    script = f"import sys; sys.path[:0] = [{here!r}, {TESTS!r}]; import test_spt_kernels as t; t.compile_for_sm90({spec_id!r})"
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=600)
     if run.returncode != 0 and "ptxas" in run.stderr.lower():  # only a missing CUDA toolchain is tolerated
         pytest.skip(f"no usable ptxas: {run.stderr[-500:]}")

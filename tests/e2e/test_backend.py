@@ -9,6 +9,7 @@ import torch
 
 import sparsify
 from families import FAMILIES, first_output, grads_of, tiny_inputs, tiny_model
+from paths import TESTS  # noqa: E402
 
 
 def _loss(out):
@@ -225,7 +226,7 @@ def test_dump_directory(tmp_path):
 
 def _run(code, **env):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env}, cwd=os.path.dirname(__file__))
+                          env={**os.environ, **env}, cwd=TESTS)
 
 
 def test_entry_point_in_fresh_interpreter_and_torch_logs():

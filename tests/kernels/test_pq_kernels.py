@@ -1,6 +1,6 @@
 """Tests for sparsify.codegen.pq_kernels: Triton kernels of sparsify::pq_encode and sparsify::pq_select.
 
-On CPU the kernels run in Triton's interpreter (set up as in tests/test_codegen.py: kernels are generated lazily
+On CPU the kernels run in Triton's interpreter (set up as in tests/kernels/test_codegen.py: kernels are generated lazily
 and keyed on the mode, so setting TRITON_INTERPRET here is enough even if triton was imported earlier). The
 reference of pq_encode is the CPU op of sparsify/ops/spt.py; the reference of pq_select is select_brute_force
 below, the op's contract written out directly. Equality is exact (codes, index, valid), on random inputs with
@@ -25,6 +25,7 @@ import sys  # noqa: E402
 import tracemalloc  # noqa: E402
 
 import pytest  # noqa: E402
+from paths import REPO  # noqa: E402
 
 import sparsify.ops.spt  # noqa: E402,F401  (registers sparsify::pq_encode / pq_select)
 from sparsify.codegen import cache_dir, cache_info  # noqa: E402
@@ -416,7 +417,7 @@ def test_select_compiles_for_sm90_without_spills(tmp_path):
     launch defaults (SELECT_GPU_DEFAULTS) ptxas fits it in registers: no spill stores or loads (4 warps spill)."""
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("this triton has no NVIDIA backend")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = REPO
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env["SPARSIFY_CACHE_DIR"] = str(tmp_path)

@@ -14,6 +14,7 @@ import torch
 import sparsify
 from families import tiny_inputs, tiny_model
 from sparsify.ops.aux_loss import AUX_LOSSES
+from paths import REPO, TESTS  # noqa: E402
 
 SPT_CODES = {"attention": {"method": "spt", "min_seq": 0, "keep": 0.5}}
 
@@ -83,10 +84,10 @@ def test_torch_logs_prints_each_line_once(tmp_path):
         "import sparsify\n"
         "m = tiny_model('bert')\n"
         "torch.compile(m, backend='sparsify', options={'inner': 'eager'})(**tiny_inputs('bert'))\n"
-    ) % os.path.dirname(__file__)
+    ) % TESTS
     env = {**os.environ, "TORCH_LOGS": "sparsify"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
-                            cwd=os.path.dirname(os.path.dirname(__file__)))
+                            cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if "attention encoder.layer.0.attention.self" in line]
     assert len(lines) == 1, result.stderr[-2000:]

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from paths import REPO  # noqa: E402
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import data_fortunes  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not data_fortunes.fortunes_available(),
