@@ -5,7 +5,6 @@ Public API::
     pq_encode_triton(x, codebook) -> codes int32 [B, H, L, M]
     pq_select_triton(q_codes, k_codes, keep, causal, allowed=None) -> (index int32, valid bool) [B, H, Lq, keep]
     PQEncodeSpec, PQSelectSpec, kernel_source(spec), get_pq_kernel(spec)
-    register_cuda_kernels()   # the CUDA implementations of sparsify::pq_encode / sparsify::pq_select
 
 Both functions return exactly what the CPU references in sparsify/ops/spt.py return (same codes, same index and
 valid tensors); see that module for the semantics. Inputs may have any strides (an HF [B, L, H, D] buffer seen as
@@ -89,7 +88,6 @@ __all__ = [
     "get_pq_kernel",
     "pq_encode_triton",
     "pq_select_triton",
-    "register_cuda_kernels",
 ]
 
 # --- templates ---------------------------------------------------------------------------
@@ -574,28 +572,3 @@ def pq_select_triton(
         LEVELS=max(2, _next_pow2(m + 1)), BLOCK_M=max(2, _next_pow2(m)),
     )
     return index, valid
-
-
-# --- registration --------------------------------------------------------------------------
-
-_REGISTERED = False
-
-
-def register_cuda_kernels() -> None:
-    """Make these kernels the CUDA implementations of sparsify::pq_encode and sparsify::pq_select (the CPU
-    references stay for CPU tensors). Idempotent. Integer dtypes other than the codes' are handled by the
-    kernels (codes of any integer dtype are read and compared as int32)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    import sparsify.ops.spt  # noqa: F401  (defines the ops)
-
-    @torch.library.register_kernel("sparsify::pq_encode", "cuda")
-    def _pq_encode_cuda(x, codebook):
-        return pq_encode_triton(x, codebook)
-
-    @torch.library.register_kernel("sparsify::pq_select", "cuda")
-    def _pq_select_cuda(q_codes, k_codes, keep, causal, allowed):
-        return pq_select_triton(q_codes, k_codes, keep, causal, allowed)
-
-    _REGISTERED = True

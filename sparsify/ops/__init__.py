@@ -8,8 +8,8 @@ from . import tag as _tag  # noqa: F401  (registers sparsify::tag)
 from . import aux_loss as _aux_loss  # noqa: F401  (sparsify::aux_loss: gradient injection of auxiliary losses)
 from . import spt as _spt  # noqa: F401  (registers the SPT ops: pq_encode, pq_select, spt_attention)
 from . import spt_block as _spt_block  # noqa: F401  (pq_select_blocks, block_sparse_attention)
-from . import spt_cuda as _spt_cuda  # noqa: F401  (the Triton kernels as the CUDA implementations)
 from . import routed as _routed  # noqa: F401  (routed_mlp: SPT routed FFN)
+from . import cuda as _cuda  # noqa: F401  (every CUDA registration: the Triton kernels)
 from .attention import attention_reference
 from .mlp import ACTIVATIONS, mlp_reference
 

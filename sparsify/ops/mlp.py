@@ -91,8 +91,7 @@ def mlp(
     return out.contiguous(), seed
 
 
-@mlp.register_kernel("cuda")
-def _(x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_lora_b, gate_lora_a, gate_lora_b,
+def mlp_cuda(x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_lora_b, gate_lora_a, gate_lora_b,
       down_lora_a, down_lora_b, lora_scales, activation, dropout_p):
     check_mlp_inputs(x, up_w, gate_w, down_w, activation, dropout_p)
     seed = fresh_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)

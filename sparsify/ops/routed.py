@@ -579,8 +579,7 @@ def routed_mlp_backward_triton(grad_out, tensors, block_ids, seed, lora_scales, 
                      activation, dropout_p, needs_grad)
 
 
-@routed_mlp.register_kernel("cuda")
-def _(x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_lora_b, gate_lora_a, gate_lora_b,
+def routed_mlp_cuda(x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_lora_b, gate_lora_a, gate_lora_b,
       down_lora_a, down_lora_b, lora_scales, router_w, router_b, neuron_order, blocks, top_k, gate, activation,
       dropout_p):
     check_routed_inputs(x, up_w, gate_w, down_w, router_w, router_b, neuron_order, blocks, top_k, gate,
@@ -617,8 +616,7 @@ def routed_mlp_backward(
                      activation, dropout_p, needs_grad)
 
 
-@routed_mlp_backward.register_kernel("cuda")
-def _(grad_out, tensors, block_ids, seed, lora_scales, blocks, top_k, gate, activation, dropout_p, needs_grad):
+def routed_mlp_backward_cuda(grad_out, tensors, block_ids, seed, lora_scales, blocks, top_k, gate, activation, dropout_p, needs_grad):
     impl = _triton_impl() if triton_supports(tensors[0], grad_out, *tensors[1:15]) else TORCH_GROUPED
     return _backward(impl, grad_out, tensors, block_ids, seed, lora_scales, blocks, top_k, gate, activation,
                      dropout_p, needs_grad)

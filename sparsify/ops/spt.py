@@ -392,7 +392,7 @@ def spt_attention(
     q: Tensor, k: Tensor, v: Tensor, index: Tensor, valid: Tensor, mask: Optional[Tensor],
     scale: float, dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The CPU implementation; CUDA: sparsify/ops/spt_cuda.py."""
+    """The CPU implementation; CUDA: sparsify/ops/cuda.py."""
     return spt_attention_reference(q, k, v, index, valid, mask, scale, dropout_p)
 
 
@@ -481,7 +481,7 @@ def spt_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, index: Tensor, valid: Tensor, mask: Optional[Tensor],
     lse: Tensor, seed: Tensor, scale: float, dropout_p: float, needs_grad: list[bool],
 ) -> list[Tensor]:
-    """The CPU implementation; CUDA: sparsify/ops/spt_cuda.py."""
+    """The CPU implementation; CUDA: sparsify/ops/cuda.py."""
     return spt_attention_backward_reference(grad_out, q, k, v, index, valid, mask, lse, seed, scale, dropout_p, needs_grad)
 
 

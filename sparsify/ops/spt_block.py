@@ -389,7 +389,7 @@ def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, block_index: Tensor, block_valid: Tensor, block: int,
     mask: Optional[Tensor], scale: float, causal: bool, dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The CPU implementation; CUDA: sparsify/ops/spt_cuda.py."""
+    """The CPU implementation; CUDA: sparsify/ops/cuda.py."""
     return block_sparse_attention_reference(q, k, v, block_index, block_valid, block, mask, scale, causal, dropout_p)
 
 
@@ -464,7 +464,7 @@ def block_sparse_attention_backward(
     mask: Optional[Tensor], lse: Tensor, seed: Tensor, scale: float, causal: bool, dropout_p: float,
     needs_grad: list[bool],
 ) -> list[Tensor]:
-    """The CPU implementation; CUDA: sparsify/ops/spt_cuda.py."""
+    """The CPU implementation; CUDA: sparsify/ops/cuda.py."""
     return block_sparse_attention_backward_reference(grad_out, q, k, v, block_index, block_valid, block, mask, lse, seed, scale, causal, dropout_p, needs_grad)
 
 

@@ -37,7 +37,6 @@ from sparsify.codegen.pq_kernels import (  # noqa: E402
     kernel_source,
     pq_encode_triton,
     pq_select_triton,
-    register_cuda_kernels,
 )
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -432,11 +431,13 @@ def test_select_compiles_for_sm90_without_spills(tmp_path):
     assert stores == 0 and loads == 0, run.stdout
 
 
-def test_register_cuda_kernels():
-    register_cuda_kernels()
-    register_cuda_kernels()  # idempotent
-    for name in ("sparsify::pq_encode", "sparsify::pq_select"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+def test_every_op_with_a_kernel_has_its_cuda_registration():
+    """sparsify/ops/cuda.py registers every CUDA implementation when sparsify.ops is imported (one place; codegen
+    registers nothing)."""
+    for name in ("sparsify::pq_encode", "sparsify::pq_select", "sparsify::mlp", "sparsify::routed_mlp",
+                 "sparsify::routed_mlp_backward", "sparsify::spt_attention", "sparsify::spt_attention_backward",
+                 "sparsify::block_sparse_attention", "sparsify::block_sparse_attention_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,7 +481,6 @@ class TestGPU:
         _assert_select_equal(got, select_brute_force(qc, kc, l // 8, causal, allowed))
 
     def test_registered_ops_dispatch_to_triton(self):
-        register_cuda_kernels()
         g = _gen(12)
         x = torch.randn(1, 4, 300, 32, generator=g)
         cb = torch.randn(4, 16, 8, generator=g)

@@ -1,7 +1,12 @@
-"""CUDA implementations of the SPT ops: the Triton kernels from codegen/, where they apply.
+"""Every CUDA registration of the sparsify:: ops, in one place: the Triton kernels from codegen/, where they apply.
+
+    sparsify::mlp                 ops/mlp.py mlp_cuda (the generated up-projection kernel)
+    sparsify::routed_mlp (+ bwd)  ops/routed.py routed_mlp_cuda / routed_mlp_backward_cuda (grouped GEMMs)
+    sparsify::pq_encode, pq_select       codegen/pq_kernels.py
+    sparsify::spt_attention (+ bwd), block_sparse_attention (+ bwd)   codegen/spt_attention.py, below
 
 What a kernel does not cover falls back to the op's plain-torch reference on the same device (the
-same math, unfused), so a CUDA tensor never meets an unsupported kernel:
+same math, unfused), so a CUDA tensor never meets an unsupported kernel; the SPT attention ops':
   spt_attention: dropout (the token kernel has none); in backward, rows whose every kept key carries a huge
                  finite mask (see _absorbed_rows)
   block_sparse_attention: a mask tensor or dropout (the block kernel takes causality only), and
@@ -12,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .mlp import mlp_cuda
+from .routed import routed_mlp_backward_cuda, routed_mlp_cuda
 from .spt import spt_attention_backward_reference, spt_attention_reference
 from .spt_block import block_sparse_attention_backward_reference, block_sparse_attention_reference
 
@@ -78,9 +85,18 @@ def _block_sparse_attention_backward_cuda(grad_out, q, k, v, block_index, block_
     return _empty_like_needs([dq, dk, dv, None], (q, k, v, mask), needs_grad, grad_out)
 
 
-def register_pq_kernels() -> None:
-    from ..codegen.pq_kernels import register_cuda_kernels
-    register_cuda_kernels()
+@torch.library.register_kernel("sparsify::pq_encode", "cuda")
+def _pq_encode_cuda(x, codebook):
+    from ..codegen.pq_kernels import pq_encode_triton
+    return pq_encode_triton(x, codebook)
 
 
-register_pq_kernels()
+@torch.library.register_kernel("sparsify::pq_select", "cuda")
+def _pq_select_cuda(q_codes, k_codes, keep, causal, allowed):
+    from ..codegen.pq_kernels import pq_select_triton
+    return pq_select_triton(q_codes, k_codes, keep, causal, allowed)
+
+
+torch.library.register_kernel("sparsify::mlp", "cuda")(mlp_cuda)
+torch.library.register_kernel("sparsify::routed_mlp", "cuda")(routed_mlp_cuda)
+torch.library.register_kernel("sparsify::routed_mlp_backward", "cuda")(routed_mlp_backward_cuda)
