@@ -29,7 +29,7 @@ def opcheck_ok(result) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # `allowed` masks of the selection ops (pq_select, qk_select, *_blocks): bool, 4 dims, broadcastable
-# to [B, H, Lq, Lk]; key j is a candidate for query i of head h iff allowed[b, h, i, j] (and j <= i if causal)
+# to [B, H, Lq, Lk]; key j is a candidate for query i of head h iff allowed[b, h, i, j] (and j <= i + Lk - Lq if causal: bottom-right, sparsify/ops/causal.py)
 # ---------------------------------------------------------------------------------------------
 
 RANDOM_ALLOWED = (None, "keys", "rows", "heads", "shared")

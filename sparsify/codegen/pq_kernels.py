@@ -13,7 +13,7 @@ valid tensors); see that module for the semantics. Inputs may have any strides (
 pq_select's ``allowed`` is a bool mask of exactly 4 dims broadcastable to [B, H, Lq, Lk] (each of dims 0..2 is 1
 or B / H / Lq, dim 3 is Lk): an HF mask [B, 1, Lq, Lk] (sliding window, packed sequences, KV cache), a key-padding
 mask [B, 1, 1, Lk], or one per head. Key j is a candidate for query i of head h iff allowed[b, h, i, j] and, when
-causal, j <= i (top-left, as SDPA's is_causal). The kernel reads the mask in place through its strides (0 on the
+causal, j <= i + (Lk - Lq) (bottom-right, the ops' one definition: sparsify/ops/causal.py). The kernel reads the mask in place through its strides (0 on the
 broadcast dims), one [BLOCK_Q, BLOCK_K] tile per key block.
 
 Kernels are generated like the other sparsify.codegen kernels: spec -> string.Template source -> file in
@@ -209,7 +209,7 @@ PQ_HIST_VECTOR = '''\
 '''
 
 PQ_CAUSAL = '''\
-        allowed = allowed & (offs_k[None, :] <= offs_q[:, None])  # top-left aligned: j <= i
+        allowed = allowed & (offs_k[None, :] <= offs_q[:, None] + (Lk - Lq))  # bottom-right: j <= i + Lk - Lq
 '''
 
 # the [BLOCK_Q, BLOCK_K] tile of the allowed mask (strides 0 on its broadcast dims); only the pairs still allowed
@@ -225,7 +225,7 @@ PQ_MASK_ROWS = '''\
 
 # causal: key blocks past the last query row of this block hold no allowed key
 PQ_KEY_END_CAUSAL = '''\
-    k_end = tl.minimum(Lk, (pid_q + 1) * BLOCK_Q)
+    k_end = tl.maximum(tl.minimum(Lk, (pid_q + 1) * BLOCK_Q + (Lk - Lq)), 0)
 '''
 
 PQ_KEY_END = '''\
@@ -336,7 +336,7 @@ class PQEncodeSpec:
 
 @dataclasses.dataclass(frozen=True)
 class PQSelectSpec:
-    """pq_select kernel: causal (top-left, j <= i), whether an allowed mask (4-d, strided) is read, and the tile form:
+    """pq_select kernel: causal (bottom-right, j <= i + Lk - Lq), whether an allowed mask (4-d, strided) is read, and the tile form:
     ``vector=False`` ("loop", the GPU default) computes scores and histogram with loops over the M subspaces /
     M + 1 levels on 2-D register tiles; ``vector=True`` (the interpreter default) uses 3-D tiles
     [BLOCK_Q, BLOCK_K, BLOCK_M] and [BLOCK_Q, BLOCK_K, LEVELS] instead (few large numpy operations). Both give
@@ -532,7 +532,7 @@ def pq_select_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`keep` keys per query row by code matches, exactly as sparsify::pq_select's reference:
     (index int32, valid bool), both [B, H, Lq, keep] (algorithm: module docstring). ``allowed`` (bool, 4 dims
-    broadcastable to [B, H, Lq, Lk]) limits each query's candidates, on top of causal (top-left j <= i).
+    broadcastable to [B, H, Lq, Lk]) limits each query's candidates, on top of causal (bottom-right: j <= i + Lk - Lq).
 
     block_q / block_k (powers of two) and vector (tile form, see PQSelectSpec) default per mode: 64 / 64 / loop
     on a GPU (8 warps: SELECT_GPU_DEFAULTS), 64 / 256 / vector under the interpreter."""

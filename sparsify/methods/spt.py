@@ -12,8 +12,9 @@ the graph through a sparsify::tag node (DESIGN.md decision 5), which methods/sta
 Masks keep their full meaning: the selection is given the region's whole mask as `allowed` [B, H|1, Lq, Lk]
 (allowed_from_mask), row by row, and the attention op adds or applies the same mask to every kept score. So
 padding, causal masks aligned bottom-right (KV-cache decoding, prefix tuning), sliding windows and the
-block-diagonal masks of packed sequences all hold exactly; `is_causal` is only SDPA's own flag (top-left, as
-SDPA computes it). Causality read off how a mask was built is a report fact, never applied a second time.
+block-diagonal masks of packed sequences all hold exactly; `is_causal` is only SDPA's own flag, passed on where
+Lq == Lk (the ops' causal is bottom-right, ops/causal.py) and as an explicit top-left mask where the lengths
+differ (passes/dense.py attention_operands). Causality read off how a mask was built is a report fact, never applied a second time.
 """
 from __future__ import annotations
 
@@ -196,7 +197,7 @@ def rewrite_spt(gm: GraphModule, region: Region, codebook: Optional[Node], optio
     like = region.output
     exact = options.score == "exact"
     with graph.inserting_before(region.output):
-        k, mask = attention_operands(graph, region)
+        k, mask, is_causal = attention_operands(graph, region)
         # what the selection ranks: q and k themselves ("exact"), or their PQ codes
         if exact:
             rank_q, rank_k = f.q, k
@@ -204,7 +205,8 @@ def rewrite_spt(gm: GraphModule, region: Region, codebook: Optional[Node], optio
             rank_q = insert_call(graph, torch.ops.sparsify.pq_encode.default, (f.q, codebook), like=like)
             rank_k = insert_call(graph, torch.ops.sparsify.pq_encode.default, (k, codebook), like=like)
         allowed = None if mask is None else insert_call(graph, allowed_from_mask, (mask,), like=like)
-        is_causal = bool(f.is_causal)  # SDPA's flag; a causal mask is in `allowed` and `mask`
+        # is_causal: SDPA's flag as the ops mean it (bottom-right; a top-left one came back as a mask); a causal
+        # mask the model built is in `allowed` and `mask`
         if options.granularity == "block":  # per query block, the key blocks with the best PQ score
             block = options.block_size
             keep = _keep_count(graph, k, options.keep, like, block)

@@ -2,7 +2,7 @@
 
 Semantics (the union of what Hugging Face models spell out by hand and what SDPA does):
     scores = (q @ k^T) * scale             q: [B, H, Lq, D], k: [B, Hkv, Lk, D], H % Hkv == 0 (GQA)
-    scores = causal_mask(scores)           if is_causal (top-left aligned, as SDPA)
+    scores = causal_mask(scores)           if is_causal (bottom-right aligned: ops/causal.py)
     scores = scores + mask                 float mask: additive, may carry gradient (T5 position bias)
            | scores.masked_fill(~mask, -inf)   bool mask: True keeps
     probs  = softmax(scores in fp32).to(q.dtype); fully masked rows give 0, as SDPA does
@@ -18,6 +18,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .causal import causal_mask
 
 from ._vjp import fresh_seed, placeholder_grads, recompute_vjp, seeded_dropout
 
@@ -35,9 +37,7 @@ def attention_reference(
     # would overflow to -inf, turning a padded row into NaN
     scores = torch.matmul(q, k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
     if is_causal:
-        lq, lk = scores.shape[-2], scores.shape[-1]
-        causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
+        scores = scores.masked_fill(~causal_mask(scores.shape[-2], scores.shape[-1], q.device), float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     # rows with every key masked give 0, not NaN (SDPA's safe softmax)

@@ -9,9 +9,8 @@ What a kernel does not cover falls back to the op's plain-torch reference on the
 same math, unfused), so a CUDA tensor never meets an unsupported kernel; the SPT attention ops':
   spt_attention: dropout (the token kernel has none); in backward, rows whose every kept key carries a huge
                  finite mask (see _absorbed_rows)
-  block_sparse_attention: a mask tensor or dropout (the block kernel takes causality only), and
-                          causal with Lq != Lk (the kernel aligns causality bottom-right, the op
-                          top-left; they agree when Lq == Lk)
+  block_sparse_attention: a mask tensor or dropout (the block kernel takes causality only; op and kernel
+                          align it alike, bottom-right: ops/causal.py)
 """
 from __future__ import annotations
 
@@ -58,8 +57,7 @@ def _absorbed_rows(mask, lse) -> bool:
 
 
 def _block_kernel_applies(q, k, mask, causal, dropout_p) -> bool:
-    return (mask is None and dropout_p == 0 and q.dtype in KERNEL_DTYPES
-            and (not causal or q.shape[2] == k.shape[2]))
+    return mask is None and dropout_p == 0 and q.dtype in KERNEL_DTYPES
 
 
 @torch.library.register_kernel("sparsify::block_sparse_attention", "cuda")

@@ -19,9 +19,9 @@ Plus two plain functions: codebook_loss (the PQ codebook's auxiliary loss) and s
 
 Semantics decisions (the Triton kernels must match these):
   * Candidates: key j is a candidate for query i of head h iff allowed[b, h, i, j] (broadcast) and, when
-    `causal`, j <= i. `causal` is exactly SDPA's is_causal (top-left aligned, as SDPA computes it when
-    Lq != Lk); every other structure (padding, causal masks aligned bottom-right for a KV cache or a prefix,
-    sliding windows, block-diagonal packing) arrives in `allowed`, row by row, never reduced to a key mask.
+    `causal`, j <= i + (Lk - Lq) (bottom-right: the one definition, ops/causal.py); every other structure
+    (padding, HF's causal masks, sliding windows, block-diagonal packing) arrives in `allowed`, row by row,
+    never reduced to a key mask.
   * Ranking: highest score first, ties broken by the lower key index (deterministic). The kept slots of a row
     are then returned sorted by ascending key index (ELL layout, friendlier to a kernel's loads), with the
     invalid slots last.
@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
+
+from .causal import causal_keep
 
 from ._vjp import _acc_dtype, fresh_seed, placeholder_grads, seeded_dropout
 
@@ -129,10 +131,9 @@ def allowed_rows(allowed: Optional[Tensor], rows: slice, lq: int, hkv: int, grou
     return chunk.reshape(chunk.shape[0], hkv, groups, *chunk.shape[2:])
 
 
-def causal_rows(rows: slice, lk: int, device) -> Tensor:
-    """[rows, Lk] bool, key j <= query i: SDPA's is_causal (top-left aligned)."""
-    qpos = torch.arange(rows.start, rows.stop, device=device)
-    return torch.arange(lk, device=device)[None, :] <= qpos[:, None]
+def causal_rows(rows: slice, lk: int, device, lq: int) -> Tensor:
+    """[rows, Lk] bool: the keys each of these query rows may see (bottom-right aligned, ops/causal.py)."""
+    return causal_keep(rows, lq, lk, device)
 
 
 def _check_select_inputs(q_codes, k_codes, keep, allowed):
@@ -177,7 +178,7 @@ def pq_select(
         rank = score.to(torch.int32) * lk + tie_break
         candidate = torch.ones_like(rank, dtype=torch.bool)
         if causal:
-            candidate = candidate & causal_rows(rows, lk, q_codes.device)
+            candidate = candidate & causal_rows(rows, lk, q_codes.device, lq)
         if allowed is not None:
             candidate = candidate & allowed_rows(allowed, rows, lq, hkv, groups)
         rank = rank.masked_fill(~candidate, -1)
@@ -242,7 +243,7 @@ def qk_select(
             # NaN scores rank as disallowed, so a NaN row selects nothing rather than garbage
             candidate = ~score.isnan()
             if causal:
-                candidate = candidate & causal_rows(rows, lk, q.device)
+                candidate = candidate & causal_rows(rows, lk, q.device, lq)
             if allowed is not None:
                 candidate = candidate & allowed_rows(allowed, rows, lq, hkv, groups)
             score = score.masked_fill(~candidate, float("-inf"))
@@ -565,7 +566,7 @@ def selection_recall(
         scores = scores.reshape(b, h, lq, lk)
         candidate = torch.ones(lq, lk, dtype=torch.bool, device=q.device).expand(b, h, lq, lk)
         if causal:
-            candidate = candidate & torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+            candidate = candidate & causal_keep(slice(0, lq), lq, lk, q.device)
         if allowed is not None:
             candidate = candidate & allowed
         target = candidate.sum(-1).clamp(max=keep)

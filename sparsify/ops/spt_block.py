@@ -31,12 +31,12 @@ O(Lq Lk M). The matmul is done in float64 (exact integer counts up to 2**53).
 
 Which key blocks may be selected, and the order of preference:
   * a key block is a candidate for query block qb iff it holds an allowed (query, key) pair (`allowed`: the
-    bool mask of pq_select, [B, H|1, Lq|1, Lk], pooled per block pair) and, with `causal` (SDPA's is_causal,
-    top-left aligned, key j allowed for query i iff j <= i, as in pq_select), its first key is <= the last query
-    row of qb. The two are pooled separately, so a block pair may be a candidate without a pair allowed by
+    bool mask of pq_select, [B, H|1, Lq|1, Lk], pooled per block pair) and, with `causal` (bottom-right, ops/causal.py:
+    key j allowed for query i iff j <= i + (Lk - Lq), as in pq_select), its first key is visible to the last
+    query row of qb. The two are pooled separately, so a block pair may be a candidate without a pair allowed by
     both: that only spends a slot, the attention applies the mask and causality in full.
-  * causal: the diagonal block kb == qb, when a candidate, is always kept (every query row must at least see
-    itself and its block neighbours before it). Its histogram score would count the pairs j > i too; being
+  * causal: the diagonal block, the one holding key first_row(qb) + (Lk - Lq) (kb == qb when Lq == Lk), when a
+    candidate, is always kept (every query row of qb sees that key, so no row is left without keys). Its histogram score would count the pairs j > i too; being
     forced, its score is never used.
   * the remaining slots go to the candidates with the highest block score, ties -> lower block index; slots are
     returned sorted by ascending block index, invalid slots (fewer candidates than keep_blocks) last with index 0.
@@ -44,7 +44,7 @@ Which key blocks may be selected, and the order of preference:
 
 Attention (block_sparse_attention). Key j is visible to query i iff block j // block is among the valid selected
 blocks of query block i // block (out-of-range block indices count as invalid; a block listed twice counts once),
-and j <= i if `causal` (top-left), and the bool mask allows it; a float mask is added to the scores. Rows with no
+and j <= i + (Lk - Lq) if `causal` (ops/causal.py), and the bool mask allows it; a float mask is added to the scores. Rows with no
 visible key give out = 0, lse = -inf and zero gradients (safe softmax, no NaN). lse is fp32 (fp64 for fp64 inputs)
 and not differentiable. Dropout (on the probabilities) is seeded: the seed output replays the same keep-mask in
 backward (sparsify/ops/_vjp.py seeded_dropout / fresh_seed, the same draw over [B, H, Lq, Lk] as SDPA-shaped
@@ -60,8 +60,7 @@ with the explicit formulas (docstring of block_sparse_attention_backward). With 
 drawn at full size [B, H, Lq, Lk] (fp32) once per call: the generator draws it in one piece. A float mask that
 needs a gradient gets a dense [B, H, Lq, Lk] gradient buffer before being summed to its own shape.
 This reference does the dense work (every block, then masked); the block-skipping kernels are in
-sparsify/codegen/spt_attention.py (block_sparse_forward / backward; note their causal alignment is
-bottom-right, which equals this op's top-left one when Lq == Lk).
+sparsify/codegen/spt_attention.py (block_sparse_forward / backward, with the same causal alignment).
 """
 from __future__ import annotations
 
@@ -71,6 +70,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
+
+from .causal import causal_keep, causal_offset
 
 from ._vjp import fresh_seed, placeholder_grads
 from .spt import (check_allowed, _acc_dtype, _broadcast_mask, _dropout_scale, _effective_needs, _ell_layout, _probs,
@@ -167,11 +168,15 @@ def block_candidates(lq: int, lk: int, block: int, causal: bool, allowed: Option
         a = F.pad(a, (0, nkb * block - lk, 0, nqb * block - lq))
         cand = a.view(*a.shape[:2], nqb, block, nkb, block).any(dim=5).any(dim=3)
     forced = torch.zeros_like(cand)
-    if causal:
-        last_row = torch.clamp((torch.arange(nqb, device=device) + 1) * block, max=lq) - 1
+    if causal:  # bottom-right (ops/causal.py): row i sees keys up to i + (Lk - Lq)
+        offset = causal_offset(lq, lk)
+        first_row = torch.arange(nqb, device=device) * block
+        last_row = torch.clamp(first_row + block, max=lq) - 1
         first_key = torch.arange(nkb, device=device) * block
-        cand = cand & (first_key[None, :] <= last_row[:, None])
-        forced = cand & torch.eye(nqb, nkb, dtype=torch.bool, device=device)
+        cand = cand & (first_key[None, :] <= last_row[:, None] + offset)
+        # the block of the key the block's first row sees last: every row of the block sees it
+        diagonal = (first_row + offset).clamp(min=-1)
+        forced = cand & ((first_key[None, :] <= diagonal[:, None]) & (diagonal[:, None] < first_key[None, :] + block))
     return cand.expand(batch, -1, -1, -1), forced.expand(batch, -1, -1, -1)
 
 
@@ -308,14 +313,14 @@ def block_map(block_index: Tensor, block_valid: Tensor, lq: int, lk: int, block:
 
 
 def _allowed_rows(bmap: Tensor, rows: slice, lk: int, block: int, causal: bool, mask_rows: Optional[Tensor],
-                  b: int, h: int) -> Tensor:
-    """Token-level visibility [B, H, rows, Lk] bool: selected block & causal (j <= i) & bool mask."""
+                  b: int, h: int, lq: int) -> Tensor:
+    """Token-level visibility [B, H, rows, Lk] bool: selected block & causal (ops/causal.py) & bool mask."""
     dev = bmap.device
     qpos = torch.arange(rows.start, rows.stop, device=dev)
     kpos = torch.arange(lk, device=dev)
     allowed = bmap[:, :, qpos // block][..., kpos // block].expand(b, h, -1, -1)
     if causal:
-        allowed = allowed & (kpos[None, :] <= qpos[:, None])
+        allowed = allowed & causal_keep(rows, lq, lk, dev)
     if mask_rows is not None and mask_rows.dtype == torch.bool:
         allowed = allowed & mask_rows
     return allowed
@@ -344,13 +349,13 @@ def _gqa_adjoint(p: Tensor, x: Tensor, hkv: int) -> Tensor:
     return torch.matmul(_fold_group(p, hkv).transpose(-1, -2), _fold_group(x, hkv))
 
 
-def _masked_scores(q_rows, k, bmap, rows, block, causal, mask_rows, scale, acc):
-    """Scores [B, H, r, Lk] in acc dtype, -inf where not visible."""
+def _masked_scores(q_rows, k, bmap, rows, block, causal, mask_rows, scale, acc, lq):
+    """Scores [B, H, r, Lk] in acc dtype, -inf where not visible (rows of the Lq query rows)."""
     b, h = q_rows.shape[:2]
     s = _gqa_scores(q_rows.to(acc), k.to(acc)) * scale
     if mask_rows is not None and mask_rows.dtype != torch.bool:
         s = s + mask_rows.to(acc)
-    allowed = _allowed_rows(bmap, rows, k.shape[2], block, causal, mask_rows, b, h)
+    allowed = _allowed_rows(bmap, rows, k.shape[2], block, causal, mask_rows, b, h, lq)
     return s.masked_fill(~allowed, float("-inf"))
 
 
@@ -371,7 +376,7 @@ def block_sparse_attention_reference(
     lse = torch.empty(b, h, lq, dtype=acc, device=q.device)
     for rows in _row_chunks(lq, b * h * lk):
         s = _masked_scores(q[:, :, rows], k, bmap, rows, block, causal,
-                           None if mask_b is None else mask_b[:, :, rows], scale, acc)
+                           None if mask_b is None else mask_b[:, :, rows], scale, acc, q.shape[2])
         lse_rows = torch.logsumexp(s, dim=-1)  # -inf for rows with nothing visible
         p = _probs(s, lse_rows)
         if drop is not None:
@@ -430,7 +435,7 @@ def block_sparse_attention_backward_reference(
     for rows in _row_chunks(lq, b * h * lk):
         q_rows = q[:, :, rows].to(acc)
         s = _masked_scores(q_rows, k_acc, bmap, rows, block, causal,
-                           None if mask_b is None else mask_b[:, :, rows], scale, acc)
+                           None if mask_b is None else mask_b[:, :, rows], scale, acc, q.shape[2])
         p = _probs(s, lse[:, :, rows].to(acc))
         del s
         z = None if drop is None else drop[:, :, rows]

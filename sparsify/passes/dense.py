@@ -13,13 +13,15 @@ from torch.fx import GraphModule
 
 from .. import ops  # noqa: F401  (registers torch.ops.sparsify.*)
 from ..ops.operands import MLPOperands
-from .fx_utils import erase_unused, insert_call
+from .fx_utils import erase_unused, insert_call, shape
 from .regions import Region
 
 
 def attention_operands(graph, region: Region):
-    """(k, mask) in the form the attention ops take, inserted at the current insertion point:
-    k as [B, Hkv, Lk, D] and all masks folded into one (additive terms summed; bool: True = keep)."""
+    """(k, mask, is_causal) in the form the attention ops take, inserted at the current insertion point:
+    k as [B, Hkv, Lk, D], all masks folded into one (additive terms summed; bool: True = keep), and the ops'
+    causal flag (bottom-right, ops/causal.py). SDPA's is_causal is top-left: where the lengths differ it becomes
+    an explicit mask, so the ops' flag never has to mean SDPA's."""
     f = region.facts["_match"]
     k = f.k
     if f.k_transposed:  # the model multiplied by a k^T it did not get from a transpose
@@ -35,7 +37,19 @@ def attention_operands(graph, region: Region):
         # a finite fill (finfo.min): a row with every key masked is eager's uniform average, which the additive
         # fp32 finfo.min reproduces (scores + it round to it); a bool mask would give SDPA's 0 there
         mask = insert_call(graph, finite_fill_mask, (mask,), like=region.output)
-    return k, mask
+    is_causal = bool(f.is_causal)
+    if is_causal:
+        lq, lk = shape(f.q)[-2], shape(k)[-2]
+        # bool() of a symbolic comparison installs a shape guard: another length recompiles with its own plan
+        if bool(lq != lk):
+            mask = insert_call(graph, sdpa_top_left_causal, (f.q, k), like=region.output)  # SDPA: no mask with it
+            is_causal = False
+    return k, mask, is_causal
+
+
+def sdpa_top_left_causal(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[1, 1, Lq, Lk] bool: SDPA's is_causal when Lq != Lk (top-left: key j <= query i)."""
+    return torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()[None, None]
 
 
 def finite_fill_mask(keep: torch.Tensor) -> torch.Tensor:
@@ -48,9 +62,9 @@ def rewrite_attention(gm: GraphModule, region: Region) -> None:
     f = region.facts["_match"]
     graph = gm.graph
     with graph.inserting_before(region.output):
-        k, mask = attention_operands(graph, region)
+        k, mask, is_causal = attention_operands(graph, region)
         call = insert_call(graph, torch.ops.sparsify.attention.default,
-                           (f.q, k, f.v, mask, float(f.scale), float(f.dropout_p), bool(f.is_causal)),
+                           (f.q, k, f.v, mask, float(f.scale), float(f.dropout_p), is_causal),
                            like=region.output)
         call.meta["sparsify_module"] = region.module
         out = insert_call(graph, operator.getitem, (call, 0), like=region.output)

@@ -214,3 +214,40 @@ def test_keep_one_equals_eager_for_both_granularities_on_windows_and_padding(gra
     options = _spt(1.0, granularity=granularity, block_size=16)
     report = assert_compiled_matches_eager(model, {"input_ids": _ids(2, 20), "attention_mask": mask}, options)
     assert _decisions(report) == {"spt"}
+
+
+class _SDPACausal(torch.nn.Module):
+    """A hand-written block calling SDPA(is_causal=True) with fewer queries than keys: SDPA aligns that top-left
+    (query i sees keys j <= i), the ops' causal is bottom-right (sparsify/ops/causal.py)."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.q, self.kv, self.heads = torch.nn.Linear(d, d), torch.nn.Linear(d, 2 * d), heads
+
+    def forward(self, x, memory):
+        b, lq, d = x.shape
+        q = self.q(x).view(b, lq, self.heads, -1).transpose(1, 2)
+        k, v = (t.view(b, memory.shape[1], self.heads, -1).transpose(1, 2) for t in self.kv(memory).chunk(2, -1))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, lq, d)
+
+
+@pytest.mark.parametrize("options", [
+    {"inner": "aot_eager"},
+    {"attention": {"method": "spt", "score": "exact", "keep": 1.0, "min_seq": 0}, "inner": "aot_eager"},
+    {"attention": {"method": "spt", "score": "exact", "keep": 1.0, "min_seq": 0, "granularity": "block",
+                   "block_size": 16}, "inner": "aot_eager"},
+], ids=["dense", "spt", "spt-block"])
+@pytest.mark.parametrize("lq,lk", [(5, 9), (9, 5), (7, 7)])
+def test_sdpa_is_causal_keeps_its_top_left_meaning(options, lq, lk):
+    torch.manual_seed(0)
+    block = _SDPACausal()
+    x, memory = torch.randn(2, lq, 16, requires_grad=True), torch.randn(2, lk, 16, requires_grad=True)
+    want = block(x, memory)
+    got = torch.compile(block, backend="sparsify", options=options)(x, memory)
+    rows = sparsify.last_report().by_kind("attention")
+    method = options.get("attention", {}).get("method", "dense")
+    assert [r.decision for r in rows] == (["spt"] if method == "spt" else ["sparsify.attention"]), rows
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    grads = torch.autograd.grad(got.square().sum(), (x, memory))
+    for g, w in zip(grads, torch.autograd.grad(want.square().sum(), (x, memory))):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=0)

@@ -50,7 +50,7 @@ pq_encode_ref = torch.ops.sparsify.pq_encode
 def select_brute_force(q_codes, k_codes, keep, causal, allowed=None):
     """sparsify::pq_select's contract, computed over the whole [B, H, Lq, Lk] score: score = number of matching
     codes; key j is a candidate for query i of head h iff allowed[b, h, i, j] (broadcast) and, when causal,
-    j <= i; the top `keep` candidates by (score desc, j asc), sorted by ascending j; rows with fewer candidates
+    j <= i + Lk - Lq; the top `keep` candidates by (score desc, j asc), sorted by ascending j; rows with fewer candidates
     padded with valid False / index 0."""
     b, h, lq, _ = q_codes.shape
     hkv, lk = k_codes.shape[1], k_codes.shape[2]
@@ -63,7 +63,7 @@ def select_brute_force(q_codes, k_codes, keep, causal, allowed=None):
     if allowed is not None:
         candidate &= allowed.cpu().expand(b, h, lq, lk)
     if causal:
-        candidate &= torch.ones(lq, lk, dtype=torch.bool).tril()
+        candidate &= torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)  # bottom-right (sparsify/ops/causal.py)
     j = torch.arange(lk)
     # one rank value per candidate, unique: higher score first, then lower j; non-candidates below all
     rank = torch.where(candidate, score * lk + (lk - 1 - j), -1)
@@ -158,7 +158,7 @@ SELECT_CASES = [
     (2, 4, 1, 45, 50, 2, 2, 9, False, True),    # heavy ties (E = 2), key padding
     (1, 2, 2, 66, 66, 4, 4, 66, True, True),    # keep == Lk: every allowed key, short rows invalid
     (1, 2, 1, 40, 300, 4, 16, 1, False, False),  # keep = 1, several key blocks
-    (1, 3, 3, 90, 30, 3, 4, 12, True, True),     # Lq > Lk (top-left causal: rows >= Lk see every key)
+    (1, 3, 3, 90, 30, 3, 4, 12, True, True),     # Lq > Lk (bottom-right causal: the first Lq - Lk rows see no key)
 ]
 
 
@@ -240,7 +240,7 @@ MASKS = [_sliding_window, _packed_documents, _kv_cache, _per_head, _fully_masked
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("make_mask", MASKS, ids=lambda f: f.__name__.lstrip("_"))
 def test_select_with_allowed_mask(interpreter, make_mask, causal, vector):
-    """Each query row gets its own candidates from a 4-d mask (GQA H = 4, Hkv = 2), on top of top-left causal.
+    """Each query row gets its own candidates from a 4-d mask (GQA H = 4, Hkv = 2), on top of (bottom-right) causal.
     Rows with fewer than `keep` candidates (or none) are padded: valid False, index 0, no duplicates."""
     b, h, hkv, lk, m, keep = 2, 4, 2, 48, 3, 6
     g = _gen(MASKS.index(make_mask))
@@ -255,7 +255,7 @@ def test_select_with_allowed_mask(interpreter, make_mask, causal, vector):
     # every selected key is a candidate of its own row (the bug this contract fixes: one key row for every query)
     cand = torch.ones(b, h, lq, lk, dtype=torch.bool) if allowed is None else allowed.expand(b, h, lq, lk)
     if causal:
-        cand = cand & torch.ones(lq, lk, dtype=torch.bool).tril()
+        cand = cand & torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
     assert cand.gather(-1, index.long())[valid].all()
     assert torch.equal(valid.sum(-1), cand.sum(-1).clamp(max=keep))
     assert (index[~valid] == 0).all()

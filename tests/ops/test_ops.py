@@ -75,8 +75,14 @@ def _repeat_kv(k, v, heads):
 
 
 def sdpa_reference(q, k, v, mask, scale, is_causal):
-    """SDPA over KV heads repeated to the query head count (what HF's repeat_kv does)."""
+    """SDPA over KV heads repeated to the query head count (what HF's repeat_kv does). The ops' causal is
+    bottom-right (sparsify/ops/causal.py), SDPA's is_causal top-left: they agree for Lq == Lk, else the reference
+    passes the bottom-right mask explicitly."""
     k_rep, v_rep = _repeat_kv(k, v, q.shape[1])
+    lq, lk = q.shape[-2], k.shape[-2]
+    if is_causal and lq != lk:
+        assert mask is None
+        mask, is_causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq), False
     return F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask, dropout_p=0.0,
                                           is_causal=is_causal, scale=scale)
 
@@ -84,13 +90,13 @@ def sdpa_reference(q, k, v, mask, scale, is_causal):
 def manual_attention(q, k, v, mask, scale, is_causal):
     """Textbook attention, for the combinations SDPA refuses (attn_mask together with is_causal).
 
-    Causal is top-left aligned (tril of ones(Lq, Lk)), a bool mask keeps True, a float mask adds;
+    Causal is bottom-right aligned (tril of ones(Lq, Lk) at diagonal Lk - Lq, sparsify/ops/causal.py), a bool mask keeps True, a float mask adds;
     rows with no finite score give 0 (SDPA's safe softmax)."""
     k_rep, v_rep = _repeat_kv(k, v, q.shape[1])
     scores = (q @ k_rep.transpose(-1, -2)) * scale
     lq, lk = scores.shape[-2:]
     if is_causal:
-        keep = torch.ones(lq, lk, dtype=torch.bool).tril()
+        keep = torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq)
         scores = scores.masked_fill(~keep, float("-inf"))
     if mask is not None:
         if mask.dtype == torch.bool:
@@ -398,9 +404,9 @@ def test_fully_masked_bool_row_is_zero_like_sdpa():
     dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
     assert all(torch.isfinite(t).all() for t in (dq, dk, dv))
     assert torch.equal(dq[..., 1, :], torch.zeros_like(dq[..., 1, :]))
-    # also a row emptied by causal + bool mask together (only key 0 visible to query 0, and masked)
+    # also a row emptied by causal + bool mask together (bottom-right: keys 0 and 1 visible to query 0, both masked)
     m2 = torch.ones(1, 1, 3, 4, dtype=torch.bool)
-    m2[..., 0, 0] = False
+    m2[..., 0, :2] = False
     out2, _ = attention_op(q, k, v, m2, 0.5, 0.0, True)
     assert torch.equal(out2[..., 0, :], torch.zeros_like(out2[..., 0, :]))
     torch.testing.assert_close(out2, manual_attention(q, k, v, m2, 0.5, True), atol=1e-5, rtol=1e-5)

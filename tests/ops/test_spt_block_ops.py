@@ -63,7 +63,7 @@ def _token_mask(block_index, block_valid, block, lq, lk, causal):
                         j = int(block_index[bi, hi, qb, s])
                         allowed[bi, hi, qb * block:(qb + 1) * block, j * block:(j + 1) * block] = True
     if causal:
-        allowed &= torch.ones(lq, lk, dtype=torch.bool).tril()
+        allowed &= torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)  # bottom-right (sparsify/ops/causal.py)
     return allowed
 
 
@@ -174,7 +174,8 @@ def test_block_scores_histogram_identity():
 def brute_select_blocks(qc, kc, keep, block, causal, allowed, token_scores=_token_scores):
     """The module docstring's contract, looped over (query block, key block) pairs. Key block kb is a candidate
     for query block qb iff `allowed` (broadcast to [B, H, Lq, Lk]) has a True in the block pair and, if causal,
-    kb's first key <= qb's last query row (the two checked separately); the causal diagonal candidate first,
+    kb's first key is visible to qb's last query row (bottom-right: key <= row + Lk - Lq; the two checked
+    separately); the causal diagonal candidate (the block holding key first_row + Lk - Lq) first,
     then the block score: the sum of token_scores(qc, kc) [B, H, Lq, Lk] over every query row of qb and the keys
     of kb that some query of some head may attend to; ties to the lower block; ELL order."""
     b, h, lq, _ = qc.shape
@@ -193,10 +194,10 @@ def brute_select_blocks(qc, kc, keep, block, causal, allowed, token_scores=_toke
                 cands = []
                 for kb in range(nkb):
                     cols = slice(kb * block, (kb + 1) * block)
-                    if not full[bi, hi, rows, cols].any() or (causal and kb * block > last_row):
+                    if not full[bi, hi, rows, cols].any() or (causal and kb * block > last_row + lk - lq):
                         continue
                     score = (tok[bi, hi, rows, cols] * visible_key[bi, cols]).sum().item()
-                    forced = causal and kb == qb
+                    forced = causal and kb * block <= qb * block + lk - lq < (kb + 1) * block
                     cands.append((0 if forced else 1, -score, kb))
                 chosen = sorted(kb for _, _, kb in sorted(cands)[:keep])
                 index[bi, hi, qb, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
@@ -232,7 +233,7 @@ def _block_allowed(g, kind, b, h, lq, lk, block):
     (2, 2, 1, 22, 22, 4, 3, False, "packed", 3),  # block-diagonal packing
     (2, 2, 1, 22, 22, 4, 3, True, "packed", 3),
     (2, 4, 2, 6, 21, 4, 2, False, "kv_cache", 3),  # KV-cache decode, Lq < Lk bottom-right (causal=False)
-    (2, 4, 2, 6, 21, 4, 2, True, "kv_cache", 3),   # ... with SDPA's top-left is_causal on top
+    (2, 4, 2, 6, 21, 4, 2, True, "kv_cache", 3),   # ... with the ops' (bottom-right) causal on top
 ])
 def test_pq_select_blocks_matches_brute_force(b, h, hkv, lq, lk, block, keep, causal, kind, e):
     g = _gen(lq * 100 + lk)
@@ -244,10 +245,14 @@ def test_pq_select_blocks_matches_brute_force(b, h, hkv, lq, lk, block, keep, ca
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
     full = allowed_at(allowed, b, h, lq, lk)
     nqb, nkb = got[0].shape[2], -(-lk // block)
-    if causal:  # the diagonal block is always kept when the mask allows a pair in it
-        for qb in range(min(nqb, nkb)):
-            has_pair = full[:, :, qb * block:(qb + 1) * block, qb * block:(qb + 1) * block].flatten(2).any(-1)
-            kept = ((got[0][:, :, qb] == qb) & got[1][:, :, qb]).any(-1)
+    if causal:  # the diagonal block (holding key first_row + Lk - Lq) is always kept when the mask allows a pair in it
+        for qb in range(nqb):
+            diagonal_key = qb * block + lk - lq
+            if diagonal_key < 0:
+                continue
+            kd = diagonal_key // block
+            has_pair = full[:, :, qb * block:(qb + 1) * block, kd * block:(kd + 1) * block].flatten(2).any(-1)
+            kept = ((got[0][:, :, qb] == kd) & got[1][:, :, qb]).any(-1)
             assert torch.equal(kept, has_pair)
     # a key block is never selected for a query block whose rows the mask gives no key of it
     for qb in range(nqb):
@@ -311,7 +316,7 @@ def test_all_blocks_equals_dense_attention(causal, mask_kind, hkv):
         bool_mask |= torch.eye(lq, lk, dtype=torch.bool)  # every row keeps a key
     mask = float_mask if float_mask is not None else bool_mask
     got = bsa(q, k, v, bi, bv, block, mask, d ** -0.5, causal, 0.0)[0]
-    visible = torch.ones(lq, lk, dtype=torch.bool).tril() if causal else None
+    visible = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq) if causal else None
     if bool_mask is not None:
         visible = bool_mask if visible is None else bool_mask & visible
     want = _sdpa(q, k, v, visible, float_mask)

@@ -208,7 +208,8 @@ def code_matches(qi, kj):
 
 
 def brute_select(qc, kc, keep, causal, allowed, score_of=code_matches):
-    """Per query row: the candidate keys (allowed[b, h, i, j] broadcast, and j <= i if causal) ranked by
+    """Per query row: the candidate keys (allowed[b, h, i, j] broadcast, and j <= i + Lk - Lq if causal: the ops'
+    bottom-right alignment, sparsify/ops/causal.py) ranked by
     score_of(query row, key row), ties to the lower index."""
     b, h, lq, _ = qc.shape
     hkv, lk = kc.shape[1], kc.shape[2]
@@ -219,7 +220,7 @@ def brute_select(qc, kc, keep, causal, allowed, score_of=code_matches):
         for hi in range(h):
             kh = hi // (h // hkv)
             for i in range(lq):
-                cands = [j for j in range(lk) if (not causal or j <= i) and bool(full[bi, hi, i, j])]
+                cands = [j for j in range(lk) if (not causal or j <= i + lk - lq) and bool(full[bi, hi, i, j])]
                 score = {j: score_of(qc[bi, hi, i], kc[bi, kh, j]) for j in cands}
                 chosen = sorted(sorted(cands, key=lambda j: (-score[j], j))[:keep])
                 index[bi, hi, i, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
@@ -252,8 +253,8 @@ STRUCTURED_SHAPES = {"window": (10, 10), "packed": (11, 11), "kv_cache": (4, 11)
 @pytest.mark.parametrize("kind", STRUCTURED_ALLOWED)
 def test_pq_select_structured_masks_match_brute_force(kind, causal):
     """Sliding window, packed sequences, KV-cache decode (bottom-right): every kept key allowed, row by row.
-    causal=True adds SDPA's top-left j <= i on top of the mask (for the KV cache that removes the keys past
-    query i, exactly what the contract says)."""
+    causal=True adds the ops' causal j <= i + Lk - Lq (bottom-right, sparsify/ops/causal.py) on top of the mask
+    (for the KV cache it is the mask's own alignment, so it removes nothing)."""
     g = _gen(30)
     lq, lk = STRUCTURED_SHAPES[kind]
     b, h, hkv, keep = 2, 4, 2, 4
@@ -265,7 +266,7 @@ def test_pq_select_structured_masks_match_brute_force(kind, causal):
     assert torch.equal(valid, want_valid) and torch.equal(index, want_index)
     # and, independently of the brute force: every kept key is allowed, and short rows keep all they may
     kept = allowed_mask(index, valid, lk)
-    visible = allowed.expand(b, h, lq, lk) & (torch.ones(lq, lk, dtype=torch.bool).tril() if causal else True)
+    visible = allowed.expand(b, h, lq, lk) & (torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq) if causal else True)
     assert not (kept & ~visible).any()
     assert torch.equal(valid.sum(-1), visible.sum(-1).clamp(max=keep))
 
