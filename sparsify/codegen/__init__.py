@@ -1,25 +1,31 @@
 """Kernel code generation: spec -> Triton source (from a template) -> cached compiled kernel.
 
-Public API::
+One core (kernel.py: KernelSpec, GeneratedKernel, the loader and its cache) and one file per kernel family:
 
-    UpProjectionSpec, ACTIVATIONS        # what a kernel is generated from
-    up_projection(x2d, w, b, activation, w_gate=None, b_gate=None)
-    kernel_source(spec) -> str           # generated source (debugging / dumps)
-    get_kernel(spec) -> CompiledKernel   # cached: same spec -> same object
-    cache_info(), clear_cache()          # in-memory cache counters / reset
+    up_projection.py         fused (gated) up-projection; up_projection(x2d, w, b, activation, w_gate, b_gate)
+    grouped_gemm.py          the routed FFN's grouped GEMMs (up / down / wgrad)
+    pq_kernels.py            SPT's product-quantisation encode and top-k key selection
+    spt_attention_source.py  sparse attention kernels' specs and sources (token and block granular)
+    spt_attention.py         their launchers (spt_forward / backward, block_sparse_forward / backward)
 
-Triton is imported only when a kernel is first built (see emitter.py for why).
+Public API here::
+
+    UpProjectionSpec, ACTIVATIONS, up_projection, kernel_source, kernel_key, get_kernel
+    cache_info(), clear_cache(), cache_dir()   # the one in-memory cache every family goes through
+
+Triton is imported only when a kernel is first built (see kernel.py for why). Nothing here imports a module
+above the kernel layer (tests/e2e/test_layers.py).
 """
 
-from .emitter import CompiledKernel, cache_dir, cache_info, clear_cache, get_kernel, kernel_key, kernel_source
-from .launch import up_projection
-from .spec import ACTIVATIONS, SUPPORTED_DTYPES, UpProjectionSpec
+from .kernel import GeneratedKernel, KernelSpec, cache_dir, cache_info, clear_cache
+from .up_projection import ACTIVATIONS, SUPPORTED_DTYPES, UpProjectionSpec, get_kernel, kernel_key, kernel_source, up_projection
 
 __all__ = [
     "ACTIVATIONS",
     "SUPPORTED_DTYPES",
     "UpProjectionSpec",
-    "CompiledKernel",
+    "KernelSpec",
+    "GeneratedKernel",
     "up_projection",
     "kernel_source",
     "kernel_key",

@@ -51,9 +51,9 @@ from string import Template
 
 import torch
 
-from . import emitter as _emitter
 from . import templates as _T
-from .spec import _DTYPE_NAMES, SUPPORTED_DTYPES, spec_key
+from ..tables import KERNEL_DTYPES as SUPPORTED_DTYPES
+from .kernel import GeneratedKernel, KernelSpec, load_kernel, templates_digest
 
 __all__ = [
     "GroupedGemmSpec",
@@ -73,9 +73,11 @@ UP_ACTIVATIONS = ("none",) + tuple(_T.ACTIVATIONS)
 # --- spec ----------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class GroupedGemmSpec:
+class GroupedGemmSpec(KernelSpec):
     """Every choice that changes a grouped kernel's source. Fields that do not apply to a kind must keep
     their defaults (so equal kernels have equal specs)."""
+
+    family = "grouped"
 
     kind: str
     dtype: torch.dtype = torch.float16
@@ -91,12 +93,7 @@ class GroupedGemmSpec:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"GroupedGemmSpec.kind must be one of {KINDS}, got {self.kind!r}")
-        if self.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"unsupported dtype {self.dtype}; expected one of "
-                             f"{tuple(str(d) for d in SUPPORTED_DTYPES)}")
-        for name in ("permuted", "row_scale", "gated", "bias", "gate_bias", "lora", "gate_lora"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"GroupedGemmSpec.{name} must be a bool, got {getattr(self, name)!r}")
+        super().__post_init__()
         if self.activation not in UP_ACTIVATIONS:
             raise ValueError(f"unsupported activation {self.activation!r}; expected one of {UP_ACTIVATIONS}")
         up_only = (self.activation != "none", self.gated, self.bias, self.gate_bias, self.lora, self.gate_lora)
@@ -110,10 +107,6 @@ class GroupedGemmSpec:
             raise ValueError("GroupedGemmSpec: a gated up-projection needs an activation")
 
     @property
-    def dtype_name(self) -> str:
-        return _DTYPE_NAMES[self.dtype]
-
-    @property
     def kernel_name(self) -> str:
         parts = ["grouped", self.kind]
         if self.kind == "up":
@@ -125,12 +118,6 @@ class GroupedGemmSpec:
             parts.append("perm")
         parts.append(self.dtype_name)
         return "_".join(parts) + "_kernel"
-
-    def canonical(self) -> str:
-        flags = ",".join(f"{n}={int(getattr(self, n))}" for n in
-                         ("permuted", "row_scale", "gated", "bias", "gate_bias", "lora", "gate_lora"))
-        return (f"GroupedGemmSpec(kind={self.kind},dtype={self.dtype_name},activation={self.activation},"
-                f"{flags})")
 
 
 # --- templates -------------------------------------------------------------------------------
@@ -292,14 +279,21 @@ $neuron
 _TEMPLATE_DIGEST = None  # computed on first use (after every template above is defined)
 
 
-def kernel_key(spec: GroupedGemmSpec) -> str:
+def _grouped_digest() -> str:
     global _TEMPLATE_DIGEST
+    if _TEMPLATE_DIGEST is None:  # the activation snippets come from templates.py: its templates count too
+        _TEMPLATE_DIGEST = templates_digest(vars(_T), globals())
+    return _TEMPLATE_DIGEST
+
+
+def _check_spec(spec):
     if not isinstance(spec, GroupedGemmSpec):
         raise ValueError(f"expected a GroupedGemmSpec, got {type(spec).__name__}")
-    if _TEMPLATE_DIGEST is None:
-        # the activation snippets come from templates.py, hence the emitter's digest too
-        _TEMPLATE_DIGEST = _emitter._TEMPLATE_DIGEST + _emitter.templates_digest(globals())
-    return spec_key(spec, salt="grouped|" + _TEMPLATE_DIGEST)
+
+
+def kernel_key(spec: GroupedGemmSpec) -> str:
+    _check_spec(spec)
+    return spec.key(_grouped_digest())
 
 
 def _neuron(spec, dst, j, mask, indent=""):
@@ -411,33 +405,12 @@ def kernel_source(spec: GroupedGemmSpec) -> str:
     return HEADER.substitute(spec=spec.canonical(), key=key) + body
 
 
-# --- cache (the emitter's file + import machinery and its in-memory cache) --------------------
+# --- the kernel (kernel.py's loader and one cache) ---------------------------------------------
 
-class GroupedKernel:
-    """A generated grouped kernel: spec, source, file and the ``@triton.jit`` function."""
-
-    def __init__(self, spec, key, source, path, fn, interpret):
-        self.spec, self.key, self.source, self.path, self.fn, self.interpret = spec, key, source, path, fn, interpret
-
-    def launch(self, grid, blocks: dict, num_warps: int, num_stages: int, **kwargs):
-        if self.interpret:
-            self.fn[grid](**kwargs, **blocks)
-        else:
-            self.fn[grid](**kwargs, **blocks, num_warps=num_warps, num_stages=num_stages)
-
-    def __repr__(self):
-        mode = "interpreter" if self.interpret else "jit"
-        return f"GroupedKernel({self.spec.kernel_name}, key={self.key[:12]}, {mode})"
-
-
-def get_grouped_kernel(spec: GroupedGemmSpec) -> GroupedKernel:
-    """Generated, written to ``cache_dir()`` and imported on first use, then served from the emitter's
-    in-memory cache (``sparsify.codegen.cache_info()`` / ``clear_cache()`` cover it), keyed on the
-    interpreter mode like ``emitter.get_kernel``."""
-    key = kernel_key(spec)
-    return _emitter.load_generated(
-        key, lambda: kernel_source(spec), "grouped",
-        lambda module, source, path, interpret: GroupedKernel(spec, key, source, path, getattr(module, spec.kernel_name), interpret))
+def get_grouped_kernel(spec: GroupedGemmSpec) -> GeneratedKernel:
+    """Generated, written and imported on first use, then served from the one kernel cache (kernel.py)."""
+    _check_spec(spec)
+    return load_kernel(spec, lambda: kernel_source(spec), _grouped_digest())
 
 
 # --- launch ----------------------------------------------------------------------------------
@@ -489,9 +462,6 @@ def _dtype_of(*tensors) -> torch.dtype:
     return dtype
 
 
-def _check_runnable(kernel, t):
-    if t.device.type == "cpu" and not kernel.interpret:
-        raise RuntimeError("sparsify.codegen kernels need a GPU tensor, or TRITON_INTERPRET=1 for CPU tensors")
 
 
 def grouped_up(x, w, tok, offsets, block_size, *, perm=None, bias=None, row_scale=None, lora=None,
@@ -520,7 +490,7 @@ def grouped_up(x, w, tok, offsets, block_size, *, perm=None, bias=None, row_scal
     if a == 0 or fb == 0:
         return y
     kernel = get_grouped_kernel(spec)
-    _check_runnable(kernel, x)
+    kernel.check_device(x)
     args = dict(x_ptr=x, w_ptr=w, tok_ptr=tok, off_ptr=offsets, y_ptr=y, NB=nb, FB=fb, K=K,
                 s_xm=x.stride(0), s_xk=x.stride(1), s_wn=w.stride(0), s_wk=w.stride(1),
                 s_ym=y.stride(0), s_yn=y.stride(1))
@@ -544,7 +514,7 @@ def grouped_up(x, w, tok, offsets, block_size, *, perm=None, bias=None, row_scal
         args["perm_ptr"] = perm
     bm, bn, bk, warps, stages = _tiles("up", kernel.interpret)
     grid = (_cdiv(a, bm) + nb, _cdiv(fb, bn))
-    kernel.launch(grid, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps, stages, **args)
+    kernel.launch(grid, num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **args)
     return y
 
 
@@ -567,7 +537,7 @@ def grouped_down(h, w, tok, offsets, out, *, perm=None, row_scale=None):
         return out
     spec = GroupedGemmSpec(kind="down", dtype=dtype, permuted=perm is not None, row_scale=row_scale is not None)
     kernel = get_grouped_kernel(spec)
-    _check_runnable(kernel, h)
+    kernel.check_device(h)
     args = dict(h_ptr=h, w_ptr=w, tok_ptr=tok, off_ptr=offsets, out_ptr=out, NB=nb, FB=fb, M=m,
                 s_hm=h.stride(0), s_hk=h.stride(1), s_wm=w.stride(0), s_wk=w.stride(1),
                 s_om=out.stride(0), s_on=out.stride(1))
@@ -577,7 +547,7 @@ def grouped_down(h, w, tok, offsets, out, *, perm=None, row_scale=None):
         args["perm_ptr"] = perm
     bm, bn, bk, warps, stages = _tiles("down", kernel.interpret)
     grid = (_cdiv(a, bm) + nb, _cdiv(m, bn))
-    kernel.launch(grid, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps, stages, **args)
+    kernel.launch(grid, num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **args)
     return out
 
 
@@ -599,7 +569,7 @@ def grouped_wgrad(l, r, tok, offsets, out, *, perm=None):
         return out
     spec = GroupedGemmSpec(kind="wgrad", dtype=dtype, permuted=perm is not None)
     kernel = get_grouped_kernel(spec)
-    _check_runnable(kernel, l)
+    kernel.check_device(l)
     ba, bn, bk, warps, stages = _tiles("wgrad", kernel.interpret)
     n_tiles = _cdiv(fb, bn)
     args = dict(l_ptr=l, r_ptr=r, tok_ptr=tok, off_ptr=offsets, out_ptr=out, FB=fb, K=K, N_TILES=n_tiles,
@@ -608,7 +578,7 @@ def grouped_wgrad(l, r, tok, offsets, out, *, perm=None):
     if perm is not None:
         args["perm_ptr"] = perm
     grid = (nb * n_tiles, _cdiv(K, bk))
-    kernel.launch(grid, dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_A=ba), warps, stages, **args)
+    kernel.launch(grid, num_warps=warps, num_stages=stages, BLOCK_N=bn, BLOCK_K=bk, BLOCK_A=ba, **args)
     return out
 
 

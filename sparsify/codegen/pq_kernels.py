@@ -13,12 +13,14 @@ valid tensors); see that module for the semantics. Inputs may have any strides (
 pq_select's ``allowed`` is a bool mask of exactly 4 dims broadcastable to [B, H, Lq, Lk] (each of dims 0..2 is 1
 or B / H / Lq, dim 3 is Lk): an HF mask [B, 1, Lq, Lk] (sliding window, packed sequences, KV cache), a key-padding
 mask [B, 1, 1, Lk], or one per head. Key j is a candidate for query i of head h iff allowed[b, h, i, j] and, when
-causal, j <= i + (Lk - Lq) (bottom-right, the ops' one definition: sparsify/ops/causal.py). The kernel reads the mask in place through its strides (0 on the
-broadcast dims), one [BLOCK_Q, BLOCK_K] tile per key block.
+causal, j <= i + (Lk - Lq) (bottom-right, the ops' one definition: sparsify/ops/causal.py). The kernel reads the
+mask in place through its strides (0 on the broadcast dims), one [BLOCK_Q, BLOCK_K] tile per key block. Causality
+and the mask are ``tl.constexpr`` switches of one source (CAUSAL, HAS_MASK); the spec holds only the tile form.
+check_select_args / check_allowed are the one argument contract of the op (sparsify/ops) and the kernel.
 
 Kernels are generated like the other sparsify.codegen kernels: spec -> string.Template source -> file in
-``cache_dir()`` -> importlib, cached in the emitter's in-memory cache (``sparsify.codegen.cache_info()`` and
-``clear_cache()`` cover them) and keyed on the interpreter mode, built lazily on first use. Builtins only
+``cache_dir()`` -> importlib, through kernel.py's one cache (``sparsify.codegen.cache_info()`` and
+``clear_cache()`` cover them), keyed on the interpreter mode, built lazily on first use. Builtins only
 (``tl.full``, ``tl.reduce`` / ``tl.associative_scan`` with combine functions defined in the generated module):
 see sparsify/codegen/templates.py and spt_templates.py for why.
 
@@ -76,9 +78,7 @@ from typing import Optional
 
 import torch
 
-from . import emitter as _emitter
-from .emitter import interpret_mode
-from .spec import spec_key
+from .kernel import GeneratedKernel, KernelSpec, interpret_mode, load_kernel, templates_digest
 
 __all__ = [
     "PQEncodeSpec",
@@ -164,7 +164,7 @@ def ${name}(
 
 # The [BLOCK_Q, BLOCK_K] score tile of key block k0, -1 where the pair is not allowed (both passes).
 # "loop" form (GPU): M compare-and-add steps on 2-D tiles, the code columns re-read from L1.
-PQ_SCORE_LOOP = Template('''\
+PQ_SCORE_LOOP = '''\
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < Lk
         k_rows = k_base + offs_k.to(tl.int64) * s_kl
@@ -174,21 +174,31 @@ PQ_SCORE_LOOP = Template('''\
             km = tl.load(k_rows + m * s_km, mask=k_ok, other=-2).to(tl.int32)
             score += (qm[:, None] == km[None, :]).to(tl.int32)
         allowed = q_ok[:, None] & k_ok[None, :]
-${causal}${mask}        score = tl.where(allowed, score, -1)
-''')
+        if CAUSAL:
+            allowed = allowed & (offs_k[None, :] <= offs_q[:, None] + (Lk - Lq))  # bottom-right: j <= i + Lk - Lq
+        if HAS_MASK:  # the mask tile, read only where the pair is still allowed (in range, causal)
+            mv = tl.load(mask_rows[:, None] + offs_k.to(tl.int64)[None, :] * s_mk, mask=allowed, other=0)
+            allowed = allowed & (mv != 0)
+        score = tl.where(allowed, score, -1)
+'''
 
 # "vector" form (interpreter): one [BLOCK_Q, BLOCK_K, BLOCK_M] compare and a reduction over the subspaces, so
 # that the interpreter runs a handful of large numpy operations per key block instead of ~10 * M small ones.
 # Padded subspaces read -1 (queries) and -2 (keys): they never match.
-PQ_SCORE_VECTOR = Template('''\
+PQ_SCORE_VECTOR = '''\
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < Lk
         kt = tl.load(k_base + offs_k.to(tl.int64)[:, None] * s_kl + offs_m[None, :] * s_km,
                      mask=k_ok[:, None] & m_ok[None, :], other=-2).to(tl.int32)
         score = tl.reduce((qt[:, None, :] == kt[None, :, :]).to(tl.int32), 2, _sum_combine)
         allowed = q_ok[:, None] & k_ok[None, :]
-${causal}${mask}        score = tl.where(allowed, score, -1)
-''')
+        if CAUSAL:
+            allowed = allowed & (offs_k[None, :] <= offs_q[:, None] + (Lk - Lq))  # bottom-right: j <= i + Lk - Lq
+        if HAS_MASK:  # the mask tile, read only where the pair is still allowed (in range, causal)
+            mv = tl.load(mask_rows[:, None] + offs_k.to(tl.int64)[None, :] * s_mk, mask=allowed, other=0)
+            allowed = allowed & (mv != 0)
+        score = tl.where(allowed, score, -1)
+'''
 
 PQ_QTILE_VECTOR = '''\
     offs_m = tl.arange(0, BLOCK_M)
@@ -206,30 +216,6 @@ PQ_HIST_LOOP = '''\
 # score -1 (not allowed) matches no level
 PQ_HIST_VECTOR = '''\
         hist += tl.reduce((score[:, :, None] == offs_lv[None, None, :]).to(tl.int32), 1, _sum_combine)
-'''
-
-PQ_CAUSAL = '''\
-        allowed = allowed & (offs_k[None, :] <= offs_q[:, None] + (Lk - Lq))  # bottom-right: j <= i + Lk - Lq
-'''
-
-# the [BLOCK_Q, BLOCK_K] tile of the allowed mask (strides 0 on its broadcast dims); only the pairs still allowed
-# (in range, causal) are read
-PQ_MASK = '''\
-        mv = tl.load(mask_rows[:, None] + offs_k.to(tl.int64)[None, :] * s_mk, mask=allowed, other=0)
-        allowed = allowed & (mv != 0)
-'''
-
-PQ_MASK_ROWS = '''\
-    mask_rows = mask_ptr + b * s_mb + h * s_mh + offs_q.to(tl.int64) * s_mq
-'''
-
-# causal: key blocks past the last query row of this block hold no allowed key
-PQ_KEY_END_CAUSAL = '''\
-    k_end = tl.maximum(tl.minimum(Lk, (pid_q + 1) * BLOCK_Q + (Lk - Lq)), 0)
-'''
-
-PQ_KEY_END = '''\
-    k_end = Lk
 '''
 
 PQ_SELECT = Template('''\
@@ -252,7 +238,7 @@ def ${name}(
     s_ib, s_ih, s_il, s_is,
     s_ab, s_ah, s_al, s_as,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, LEVELS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -264,7 +250,13 @@ def ${name}(
     q_rows = qc_ptr + b * s_qb + h * s_qh + offs_q.to(tl.int64) * s_ql
     k_base = kc_ptr + b * s_kb + hk * s_kh
     offs_lv = tl.arange(0, LEVELS)
-${mask_rows}${qtile}${key_end}
+    if HAS_MASK:  # row pointers of the allowed mask (strides 0 on its broadcast dims)
+        mask_rows = mask_ptr + b * s_mb + h * s_mh + offs_q.to(tl.int64) * s_mq
+    if CAUSAL:  # key blocks past the last query row of this block hold no allowed key
+        k_end = tl.maximum(tl.minimum(Lk, (pid_q + 1) * BLOCK_Q + (Lk - Lq)), 0)
+    else:
+        k_end = Lk
+${qtile}
     # pass 1: per-row histogram of the scores of the allowed keys over the levels 0..M
     hist = tl.full((BLOCK_Q, LEVELS), 0, tl.int32)
     for k0 in range(0, k_end, BLOCK_K):
@@ -317,56 +309,40 @@ ENCODE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclasses.dataclass(frozen=True)
-class PQEncodeSpec:
+class PQEncodeSpec(KernelSpec):
     """pq_encode kernel: ``acc`` is the distance accumulation dtype ("fp32", or "fp64" for fp64 inputs)."""
 
+    family = "pq"
     acc: str = "fp32"
 
     def __post_init__(self):
         if self.acc not in _ACC_TL:
             raise ValueError(f"PQEncodeSpec.acc must be one of {tuple(_ACC_TL)}, got {self.acc!r}")
+        super().__post_init__()
 
     @property
     def kernel_name(self) -> str:
         return f"pq_encode_{self.acc}_kernel"
 
-    def canonical(self) -> str:
-        return f"PQEncodeSpec(acc={self.acc})"
-
 
 @dataclasses.dataclass(frozen=True)
-class PQSelectSpec:
-    """pq_select kernel: causal (bottom-right, j <= i + Lk - Lq), whether an allowed mask (4-d, strided) is read, and the tile form:
-    ``vector=False`` ("loop", the GPU default) computes scores and histogram with loops over the M subspaces /
-    M + 1 levels on 2-D register tiles; ``vector=True`` (the interpreter default) uses 3-D tiles
-    [BLOCK_Q, BLOCK_K, BLOCK_M] and [BLOCK_Q, BLOCK_K, LEVELS] instead (few large numpy operations). Both give
-    identical results; the tests run both under the interpreter."""
+class PQSelectSpec(KernelSpec):
+    """pq_select kernel's tile form: ``vector=False`` ("loop", the GPU default) computes scores and histogram with
+    loops over the M subspaces / M + 1 levels on 2-D register tiles; ``vector=True`` (the interpreter default) uses
+    3-D tiles [BLOCK_Q, BLOCK_K, BLOCK_M] and [BLOCK_Q, BLOCK_K, LEVELS] instead (few large numpy operations). Both
+    give identical results; the tests run both under the interpreter. Causality (bottom-right, j <= i + Lk - Lq)
+    and the allowed mask are ``tl.constexpr`` arguments (CAUSAL, HAS_MASK) of the one source: Triton compiles a
+    specialisation per value."""
 
-    causal: bool = False
-    mask: bool = False
+    family = "pq"
     vector: bool = False
-
-    def __post_init__(self):
-        for name in ("causal", "mask", "vector"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"PQSelectSpec.{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
     def kernel_name(self) -> str:
-        parts = ["pq_select"]
-        if self.causal:
-            parts.append("causal")
-        if self.mask:
-            parts.append("masked")
-        if self.vector:
-            parts.append("vector")
-        return "_".join(parts) + "_kernel"
-
-    def canonical(self) -> str:
-        return f"PQSelectSpec(causal={int(self.causal)},mask={int(self.mask)},vector={int(self.vector)})"
+        return "pq_select_vector_kernel" if self.vector else "pq_select_kernel"
 
 
-_TEMPLATE_DIGEST = _emitter.templates_digest({k: v for k, v in globals().items() if k.startswith("PQ_")})
+_TEMPLATE_DIGEST = templates_digest({k: v for k, v in globals().items() if k.startswith("PQ_")})
 
 
 def _check_spec(spec):
@@ -377,7 +353,7 @@ def _check_spec(spec):
 def kernel_key(spec) -> str:
     """Cache key (sha256 hex) of a spec's kernel."""
     _check_spec(spec)
-    return spec_key(spec, salt="pq|" + _TEMPLATE_DIGEST)
+    return spec.key(_TEMPLATE_DIGEST)
 
 
 def kernel_source(spec) -> str:
@@ -386,46 +362,17 @@ def kernel_source(spec) -> str:
     if isinstance(spec, PQEncodeSpec):
         return PQ_ENCODE.substitute(reductions=PQ_REDUCTIONS, spec=spec.canonical(), key=kernel_key(spec),
                                     name=spec.kernel_name, acc=_ACC_TL[spec.acc])
-    score_t = PQ_SCORE_VECTOR if spec.vector else PQ_SCORE_LOOP
-    score = score_t.substitute(causal=PQ_CAUSAL if spec.causal else "", mask=PQ_MASK if spec.mask else "")
     return PQ_SELECT.substitute(reductions=PQ_REDUCTIONS, spec=spec.canonical(), key=kernel_key(spec),
-                                name=spec.kernel_name, score=score,
-                                mask_rows=PQ_MASK_ROWS if spec.mask else "",
+                                name=spec.kernel_name, score=PQ_SCORE_VECTOR if spec.vector else PQ_SCORE_LOOP,
                                 qtile=PQ_QTILE_VECTOR if spec.vector else "",
-                                hist=PQ_HIST_VECTOR if spec.vector else PQ_HIST_LOOP,
-                                key_end=PQ_KEY_END_CAUSAL if spec.causal else PQ_KEY_END)
+                                hist=PQ_HIST_VECTOR if spec.vector else PQ_HIST_LOOP)
 
 
-class PQKernel:
-    """A generated kernel: spec, source, file and the ``@triton.jit`` function."""
-
-    def __init__(self, spec, key, source, path, fn, interpret):
-        self.spec = spec
-        self.key = key
-        self.source = source
-        self.path = path
-        self.fn = fn
-        self.interpret = interpret
-
-    def launch(self, grid, num_warps=4, **kwargs):
-        if self.interpret:
-            self.fn[grid](**kwargs)
-        else:
-            self.fn[grid](**kwargs, num_warps=num_warps)
-
-    def __repr__(self):
-        mode = "interpreter" if self.interpret else "jit"
-        return f"PQKernel({self.spec.kernel_name}, key={self.key[:12]}, {mode})"
-
-
-def get_pq_kernel(spec) -> PQKernel:
-    """The kernel for ``spec``: generated, written to ``cache_dir()`` and imported on first use (the emitter's
-    file + import helpers), then served from the emitter's in-memory cache keyed on (key, interpreter mode)."""
+def get_pq_kernel(spec) -> GeneratedKernel:
+    """The kernel for ``spec``: generated, written and imported on first use, then served from the one kernel
+    cache (kernel.py), keyed on (key, interpreter mode)."""
     _check_spec(spec)
-    key = kernel_key(spec)
-    return _emitter.load_generated(
-        key, lambda: kernel_source(spec), "pq",
-        lambda module, source, path, interpret: PQKernel(spec, key, source, path, getattr(module, spec.kernel_name), interpret))
+    return load_kernel(spec, lambda: kernel_source(spec), _TEMPLATE_DIGEST)
 
 
 # --- launchers -----------------------------------------------------------------------------
@@ -436,11 +383,6 @@ def _cdiv(a: int, b: int) -> int:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _check_runnable(kernel, t):
-    if t.device.type == "cpu" and not kernel.interpret:
-        raise RuntimeError("sparsify pq kernels need a GPU tensor, or TRITON_INTERPRET=1 for CPU tensors")
 
 
 def _check_grid(bh: int):
@@ -471,7 +413,7 @@ def pq_encode_triton(x: torch.Tensor, codebook: torch.Tensor, *, block_l: Option
     _check_grid(b * h)
     acc = torch.promote_types(torch.promote_types(x.dtype, codebook.dtype), torch.float32)
     kernel = get_pq_kernel(PQEncodeSpec(acc=_ACC_NAMES[acc]))
-    _check_runnable(kernel, x)
+    kernel.check_device(x)
     block_e = max(2, _next_pow2(e))
     if block_l is None:
         block_l = 128 if kernel.interpret else max(16, min(128, 4096 // block_e))
@@ -492,37 +434,42 @@ def pq_encode_triton(x: torch.Tensor, codebook: torch.Tensor, *, block_l: Option
 SELECT_GPU_DEFAULTS = dict(block_q=64, block_k=64, num_warps=8)
 
 
-def _check_select_args(q_codes, k_codes, keep, allowed) -> None:
-    """The argument checks of sparsify::pq_select, with the failing argument and what is valid in each message."""
-    if q_codes.dim() != 4 or k_codes.dim() != 4:
-        raise ValueError(f"pq_select_triton expects codes [B,H,L,M]; got {tuple(q_codes.shape)}, "
-                         f"{tuple(k_codes.shape)}")
-    b, h, lq, m = q_codes.shape
-    if k_codes.shape[0] != b or k_codes.shape[-1] != m or h % k_codes.shape[1] != 0:
-        raise ValueError(f"pq_select_triton: incompatible code shapes {tuple(q_codes.shape)} and "
-                         f"{tuple(k_codes.shape)} (need equal B and M, H % Hkv == 0)")
-    if q_codes.is_floating_point() or k_codes.is_floating_point():
-        raise ValueError(f"pq_select_triton: codes must be integer tensors, got {q_codes.dtype}, {k_codes.dtype}")
-    if m >= 2**15:
-        raise ValueError(f"pq_select_triton: M={m} overflows the int16 score of the reference")
-    lk = k_codes.shape[2]
-    if not 1 <= keep <= lk:
-        raise ValueError(f"pq_select_triton: keep must be in [1, Lk={lk}], got {keep}")
-    if k_codes.device != q_codes.device:
-        raise ValueError(f"pq_select_triton: k_codes is on {k_codes.device}, q_codes on {q_codes.device}")
+def check_allowed(op: str, allowed, b: int, h: int, lq: int, lk: int, device=None) -> None:
+    """The selection ops' ``allowed`` mask (None, or bool with 4 dims broadcastable to [B, H, Lq, Lk]: each of dims
+    0..2 is 1 or B / H / Lq, dim 3 is Lk). One definition for the ops (sparsify/ops) and these kernels."""
     if allowed is None:
         return
-    if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool:
-        got = allowed.dtype if isinstance(allowed, torch.Tensor) else type(allowed).__name__
-        raise ValueError(f"pq_select_triton: allowed must be a bool tensor, got {got}")
-    shape = tuple(allowed.shape)
-    if (len(shape) != 4 or shape[3] != lk
-            or any(n not in (1, full) for n, full in zip(shape[:3], (b, h, lq)))):
-        raise ValueError(f"pq_select_triton: allowed must have 4 dims broadcastable to [B, H, Lq, Lk] = "
-                         f"{(b, h, lq, lk)} (dims 0..2 each 1 or B / H / Lq, dim 3 = Lk; e.g. [B, 1, Lq, Lk] or "
-                         f"[B, 1, 1, Lk]), got {shape}")
-    if allowed.device != q_codes.device:
-        raise ValueError(f"pq_select_triton: allowed is on {allowed.device}, q_codes on {q_codes.device}")
+    full = (b, h, lq, lk)
+    if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool or allowed.dim() != 4 \
+            or allowed.shape[3] != lk or any(n not in (1, f) for n, f in zip(allowed.shape[:3], full[:3])):
+        got = (f"{allowed.dtype} {tuple(allowed.shape)}" if isinstance(allowed, torch.Tensor)
+               else type(allowed).__name__)
+        raise ValueError(f"{op}: allowed must be a bool mask broadcastable to [B, H, Lq, Lk] = {full} with 4 dims "
+                         f"(dims 0..2 each 1 or B / H / Lq, dim 3 = Lk; e.g. [B, 1, Lq, Lk] or [B, 1, 1, Lk]), "
+                         f"got {got}")
+    if device is not None and allowed.device != device:
+        raise ValueError(f"{op}: allowed is on {allowed.device}, the codes on {device}")
+
+
+def check_select_args(op: str, q_codes, k_codes, keep, allowed) -> None:
+    """The arguments of pq_select (the op and this kernel): codes [B, H, Lq, M] / [B, Hkv, Lk, M] integer, GQA
+    H % Hkv == 0, 1 <= keep <= Lk, and the allowed mask; each message names the argument and what is valid."""
+    if q_codes.dim() != 4 or k_codes.dim() != 4:
+        raise ValueError(f"{op} expects codes [B,H,L,M]; got {tuple(q_codes.shape)}, {tuple(k_codes.shape)}")
+    b, h, lq, m = q_codes.shape
+    if k_codes.shape[0] != b or k_codes.shape[-1] != m or h % k_codes.shape[1] != 0:
+        raise ValueError(f"{op}: incompatible code shapes {tuple(q_codes.shape)} and {tuple(k_codes.shape)} "
+                         f"(need equal B and M, H % Hkv == 0)")
+    if q_codes.is_floating_point() or k_codes.is_floating_point():
+        raise ValueError(f"{op}: codes must be integer tensors, got {q_codes.dtype}, {k_codes.dtype}")
+    if m >= 2**15:
+        raise ValueError(f"{op}: M={m} overflows the int16 score of the reference")
+    lk = k_codes.shape[2]
+    if not 1 <= keep <= lk:
+        raise ValueError(f"{op}: keep must be in [1, Lk={lk}], got {keep}")
+    if k_codes.device != q_codes.device:
+        raise ValueError(f"{op}: k_codes is on {k_codes.device}, q_codes on {q_codes.device}")
+    check_allowed(op, allowed, b, h, lq, lk, q_codes.device)
 
 
 def pq_select_triton(
@@ -536,7 +483,7 @@ def pq_select_triton(
 
     block_q / block_k (powers of two) and vector (tile form, see PQSelectSpec) default per mode: 64 / 64 / loop
     on a GPU (8 warps: SELECT_GPU_DEFAULTS), 64 / 256 / vector under the interpreter."""
-    _check_select_args(q_codes, k_codes, keep, allowed)
+    check_select_args("pq_select_triton", q_codes, k_codes, keep, allowed)
     b, h, lq, m = q_codes.shape
     hkv, lk = k_codes.shape[1], k_codes.shape[2]
     index = torch.empty((b, h, lq, keep), dtype=torch.int32, device=q_codes.device)
@@ -546,8 +493,8 @@ def pq_select_triton(
     _check_grid(b * h)
     if vector is None:
         vector = interpret_mode()
-    kernel = get_pq_kernel(PQSelectSpec(causal=bool(causal), mask=allowed is not None, vector=bool(vector)))
-    _check_runnable(kernel, q_codes)
+    kernel = get_pq_kernel(PQSelectSpec(vector=bool(vector)))
+    kernel.check_device(q_codes)
     if block_q is None:
         block_q = SELECT_GPU_DEFAULTS["block_q"]
     if block_k is None:
@@ -570,5 +517,6 @@ def pq_select_triton(
         s_ab=val8.stride(0), s_ah=val8.stride(1), s_al=val8.stride(2), s_as=val8.stride(3),
         BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_S=min(64, max(2, _next_pow2(keep))),
         LEVELS=max(2, _next_pow2(m + 1)), BLOCK_M=max(2, _next_pow2(m)),
+        CAUSAL=bool(causal), HAS_MASK=allowed is not None,
     )
     return index, valid

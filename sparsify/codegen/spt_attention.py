@@ -1,10 +1,6 @@
 """Sparse attention kernels (SPT token-granular and block-granular), generated per spec.
 
-Public API::
-
-    TokenSparseSpec, BlockSparseSpec           # what a kernel module is generated from
-    kernel_source(spec) -> str                 # generated source (pure: no triton import)
-    get_spt_kernel(spec) -> SparseAttentionKernels   # cached: same spec -> same object
+Public API (the specs and sources are in spt_attention_source.py)::
 
     spt_forward(q, k, v, index, valid, mask, scale, *, causal=False) -> (out, lse)
     spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale, *, causal=False,
@@ -63,28 +59,19 @@ convention). Head dims that are not a power of two (up to 256) are zero-padded i
 the kernel to the next power of two (>= 16), no copy.
 
 Interpreter notes (TRITON_INTERPRET=1, CPU tensors): kernels are built lazily and keyed
-on the mode (see emitter.py); bf16 ``tl.dot`` is not exact in the interpreter, so the
+on the mode (see kernel.py); bf16 ``tl.dot`` is not exact in the interpreter, so the
 block kernel is checked there in fp32 / fp16 only.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from . import emitter as _emitter
-from . import spt_templates as T
-from .emitter import interpret_mode
-from .spec import _DTYPE_NAMES, SUPPORTED_DTYPES, spec_key
+from ..tables import KERNEL_DTYPES as SUPPORTED_DTYPES
+from .kernel import interpret_mode
+from .spt_attention_source import MAX_HEAD_DIM, BlockSparseSpec, TokenSparseSpec, get_spt_kernel
 
 __all__ = [
-    "TokenSparseSpec",
-    "BlockSparseSpec",
-    "SparseAttentionKernels",
-    "kernel_source",
-    "kernel_key",
-    "get_spt_kernel",
     "spt_forward",
     "spt_backward",
     "block_sparse_forward",
@@ -92,11 +79,7 @@ __all__ = [
     "dense_block_map",
     "default_token_blocks",
     "default_block_tiles",
-    "MAX_HEAD_DIM",
 ]
-
-MAX_HEAD_DIM = 256
-TOKEN_MASK_KINDS = ("none", "additive")
 
 
 def _next_pow2(n: int) -> int:
@@ -109,286 +92,6 @@ def _is_pow2(n) -> bool:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-# --- specs -----------------------------------------------------------------------------
-
-def _check_common_fields(spec, cls_name):
-    if spec.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"unsupported dtype {spec.dtype}; expected one of {tuple(str(d) for d in SUPPORTED_DTYPES)}"
-        )
-    for name in ("head_dim", "v_head_dim"):
-        val = getattr(spec, name)
-        if not isinstance(val, int) or isinstance(val, bool) or not 1 <= val <= MAX_HEAD_DIM:
-            raise ValueError(f"{cls_name}.{name} must be an int in 1..{MAX_HEAD_DIM}, got {val!r}")
-    for f in dataclasses.fields(spec):
-        # bool() guards: numpy bools / 0-1 ints would make equal specs hash differently
-        if f.type in ("bool", bool) and not isinstance(getattr(spec, f.name), bool):
-            raise ValueError(f"{cls_name}.{f.name} must be a bool, got {getattr(spec, f.name)!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenSparseSpec:
-    """Token-granular (ELL) sparse attention: each query row keeps ``keep`` key slots.
-
-    block_m: query rows per program; block_k: key slots per inner-loop chunk. The 3-D
-    gather tiles are [block_m, block_k, pow2(head_dim)], so their product bounds the
-    registers a program needs (see ``default_token_blocks``).
-    """
-
-    head_dim: int
-    v_head_dim: int
-    dtype: torch.dtype = torch.float16
-    causal: bool = False
-    mask: str = "none"  # "none" | "additive"
-    mask_grad: bool = False  # backward also stores dS per slot (for dmask)
-    precomputed_delta: bool = False  # backward reads D_i instead of computing it
-    block_m: int = 16
-    block_k: int = 16
-
-    def __post_init__(self):
-        _check_common_fields(self, "TokenSparseSpec")
-        if self.mask not in TOKEN_MASK_KINDS:
-            raise ValueError(f"TokenSparseSpec.mask must be one of {TOKEN_MASK_KINDS}, got {self.mask!r}")
-        if self.mask_grad and self.mask != "additive":
-            raise ValueError("TokenSparseSpec.mask_grad needs mask='additive'")
-        for name in ("block_m", "block_k"):
-            val = getattr(self, name)
-            if not _is_pow2(val) or val > 256:
-                raise ValueError(f"TokenSparseSpec.{name} must be a power of two <= 256, got {val!r}")
-
-    @property
-    def dtype_name(self) -> str:
-        return _DTYPE_NAMES[self.dtype]
-
-    @property
-    def block_d(self) -> int:
-        return max(16, _next_pow2(self.head_dim))
-
-    @property
-    def block_dv(self) -> int:
-        return max(16, _next_pow2(self.v_head_dim))
-
-    @property
-    def kernel_name(self) -> str:
-        """Base name of the two kernels (``<name>_fwd`` / ``<name>_bwd``), descriptive so
-        they are recognisable in profiler traces."""
-        parts = ["spt_token", f"d{self.head_dim}", f"dv{self.v_head_dim}", self.dtype_name]
-        if self.causal:
-            parts.append("causal")
-        if self.mask != "none":
-            parts.append(f"{self.mask}mask")
-        if self.mask_grad:
-            parts.append("dmask")
-        if self.precomputed_delta:
-            parts.append("delta")
-        parts.append(f"m{self.block_m}k{self.block_k}")
-        return "_".join(parts)
-
-    def canonical(self) -> str:
-        return (
-            f"TokenSparseSpec(head_dim={self.head_dim},v_head_dim={self.v_head_dim},"
-            f"dtype={self.dtype_name},causal={int(self.causal)},mask={self.mask},"
-            f"mask_grad={int(self.mask_grad)},precomputed_delta={int(self.precomputed_delta)},"
-            f"block_m={self.block_m},block_k={self.block_k})"
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSparseSpec:
-    """Block-granular sparse attention: query blocks of ``block_m`` rows visit selected
-    key blocks of ``block_n`` keys (flash-attention style, tl.dot).
-
-    ``block_m`` / ``block_n`` are the block map's granularity; ``tile_m`` / ``tile_n``
-    (0: the same) are the kernel's tiles, which may be smaller (a program handles
-    tile_m rows of one map row and walks a selected block in tile_n-wide steps).
-    """
-
-    head_dim: int
-    v_head_dim: int
-    dtype: torch.dtype = torch.float16
-    causal: bool = False
-    key_padding: bool = False
-    precomputed_delta: bool = False
-    block_m: int = 64
-    block_n: int = 64
-    tile_m: int = 0
-    tile_n: int = 0
-
-    def __post_init__(self):
-        _check_common_fields(self, "BlockSparseSpec")
-        for name in ("block_m", "block_n"):
-            val = getattr(self, name)
-            if not _is_pow2(val) or not 16 <= val <= 256:
-                raise ValueError(
-                    f"BlockSparseSpec.{name} must be a power of two in 16..256 (tl.dot tiles), got {val!r}"
-                )
-        for name, block in (("tile_m", "block_m"), ("tile_n", "block_n")):
-            val = getattr(self, name)
-            if val == 0:  # frozen: normalise through object.__setattr__ (equal specs stay equal)
-                object.__setattr__(self, name, getattr(self, block))
-            elif not _is_pow2(val) or not 16 <= val <= getattr(self, block):
-                raise ValueError(
-                    f"BlockSparseSpec.{name} must be a power of two in 16..{block} "
-                    f"({getattr(self, block)}), got {val!r}"
-                )
-
-    @property
-    def dtype_name(self) -> str:
-        return _DTYPE_NAMES[self.dtype]
-
-    @property
-    def block_d(self) -> int:
-        return max(16, _next_pow2(self.head_dim))
-
-    @property
-    def block_dv(self) -> int:
-        return max(16, _next_pow2(self.v_head_dim))
-
-    @property
-    def kernel_name(self) -> str:
-        parts = ["spt_block", f"d{self.head_dim}", f"dv{self.v_head_dim}", self.dtype_name]
-        if self.causal:
-            parts.append("causal")
-        if self.key_padding:
-            parts.append("kpm")
-        if self.precomputed_delta:
-            parts.append("delta")
-        parts.append(f"m{self.block_m}n{self.block_n}t{self.tile_m}x{self.tile_n}")
-        return "_".join(parts)
-
-    def canonical(self) -> str:
-        return (
-            f"BlockSparseSpec(head_dim={self.head_dim},v_head_dim={self.v_head_dim},"
-            f"dtype={self.dtype_name},causal={int(self.causal)},key_padding={int(self.key_padding)},"
-            f"precomputed_delta={int(self.precomputed_delta)},"
-            f"block_m={self.block_m},block_n={self.block_n},tile_m={self.tile_m},tile_n={self.tile_n})"
-        )
-
-
-# --- source generation -------------------------------------------------------------------
-
-_TEMPLATE_DIGEST = _emitter.templates_digest(vars(T))
-
-
-def _check_spec(spec):
-    if not isinstance(spec, (TokenSparseSpec, BlockSparseSpec)):
-        raise ValueError(f"expected a TokenSparseSpec or BlockSparseSpec, got {type(spec).__name__}")
-
-
-def kernel_key(spec) -> str:
-    """Cache key (sha256 hex) of a spec's kernel module."""
-    _check_spec(spec)
-    return spec_key(spec, salt="spt|" + _TEMPLATE_DIGEST)
-
-
-def _token_source(spec: TokenSparseSpec) -> str:
-    has_mask = spec.mask == "additive"
-    mask_add = T.TOKEN_MASK_ADD if has_mask else ""
-    slots = T.TOKEN_SLOTS.substitute(causal=T.TOKEN_CAUSAL if spec.causal else "")
-    recompute = T.TOKEN_RECOMPUTE.substitute(mask_add=mask_add)
-    if spec.precomputed_delta:
-        delta = T.TOKEN_DELTA_LOAD
-    else:
-        delta = T.TOKEN_DELTA_PASS.substitute(token_slots=slots, token_recompute=recompute)
-    return T.TOKEN_KERNELS.substitute(
-        reductions=T.REDUCTIONS,
-        spec=spec.canonical(),
-        key=kernel_key(spec),
-        name=spec.kernel_name,
-        mask_param=T.TOKEN_MASK_PARAM if has_mask else "",
-        mask_strides=T.TOKEN_MASK_STRIDES if has_mask else "",
-        mask_rows=T.TOKEN_MASK_ROWS if has_mask else "",
-        mask_add=mask_add,
-        token_slots=slots,
-        token_recompute=recompute,
-        token_delta=delta,
-        renormalise="" if spec.precomputed_delta else T.TOKEN_RENORMALISE,
-        delta_param=T.DELTA_PARAM if spec.precomputed_delta else "",
-        delta_strides=T.DELTA_STRIDES if spec.precomputed_delta else "",
-        ds_param=T.TOKEN_DS_PARAM if spec.mask_grad else "",
-        ds_strides=T.TOKEN_DS_STRIDES if spec.mask_grad else "",
-        ds_rows=T.TOKEN_DS_ROWS if spec.mask_grad else "",
-        ds_store=T.TOKEN_DS_STORE if spec.mask_grad else "",
-    )
-
-
-def _block_source(spec: BlockSparseSpec) -> str:
-    dot_kwargs = T.DOT_KWARGS_FP32 if spec.dtype == torch.float32 else ""
-    scores = T.BLOCK_SCORES.substitute(
-        dot_kwargs=dot_kwargs,
-        causal=T.BLOCK_CAUSAL if spec.causal else "",
-        kpm=T.BLOCK_KPM if spec.key_padding else "",
-    )
-    recompute = T.BLOCK_RECOMPUTE.substitute(dot_kwargs=dot_kwargs)
-    if spec.precomputed_delta:
-        delta = T.BLOCK_DELTA_LOAD
-    else:
-        delta = T.BLOCK_DELTA_PASS.substitute(
-            block_select=T.BLOCK_SELECT, block_scores=scores, block_recompute=recompute
-        )
-    return T.BLOCK_KERNELS.substitute(
-        reductions=T.REDUCTIONS,
-        spec=spec.canonical(),
-        key=kernel_key(spec),
-        name=spec.kernel_name,
-        dot_kwargs=dot_kwargs,
-        kpm_param=T.BLOCK_KPM_PARAM if spec.key_padding else "",
-        kpm_strides=T.BLOCK_KPM_STRIDES if spec.key_padding else "",
-        delta_param=T.DELTA_PARAM if spec.precomputed_delta else "",
-        delta_strides=T.DELTA_STRIDES if spec.precomputed_delta else "",
-        block_prologue=T.BLOCK_PROLOGUE,
-        block_select=T.BLOCK_SELECT,
-        block_scores=scores,
-        block_recompute=recompute,
-        block_delta=delta,
-    )
-
-
-def kernel_source(spec) -> str:
-    """The Triton source generated for ``spec`` (both the fwd and the bwd kernel)."""
-    _check_spec(spec)
-    if isinstance(spec, TokenSparseSpec):
-        return _token_source(spec)
-    return _block_source(spec)
-
-
-# --- cache (the emitter's file + import machinery and its in-memory cache) -------------------
-
-class SparseAttentionKernels:
-    """A generated kernel module: spec, source, file and its two ``@triton.jit`` functions."""
-
-    def __init__(self, spec, key, source, path, module, interpret):
-        self.spec = spec
-        self.key = key
-        self.source = source
-        self.path = path
-        self.fwd = getattr(module, spec.kernel_name + "_fwd")
-        self.bwd = getattr(module, spec.kernel_name + "_bwd")
-        self.interpret = interpret
-
-    def launch(self, fn, grid, num_warps, num_stages, **kwargs):
-        if self.interpret:  # one Python "program" at a time; warps mean nothing there
-            fn[grid](**kwargs)
-        else:
-            fn[grid](**kwargs, num_warps=num_warps, num_stages=num_stages)
-
-    def __repr__(self):
-        mode = "interpreter" if self.interpret else "jit"
-        return f"SparseAttentionKernels({self.spec.kernel_name}, key={self.key[:12]}, {mode})"
-
-
-def get_spt_kernel(spec) -> SparseAttentionKernels:
-    """The kernel module for ``spec``: generated, written to ``cache_dir()`` and imported on
-    first use, then served from the emitter's in-memory cache (so ``cache_info()`` and
-    ``clear_cache()`` of sparsify.codegen cover these kernels too). Keyed on the
-    interpreter mode as well, like ``emitter.get_kernel``."""
-    _check_spec(spec)
-    key = kernel_key(spec)
-    return _emitter.load_generated(
-        key, lambda: kernel_source(spec), "spt",
-        lambda module, source, path, interpret: SparseAttentionKernels(spec, key, source, path, module, interpret))
 
 
 # --- argument checking ---------------------------------------------------------------------
@@ -442,11 +145,6 @@ def _flags(name, t, shape, q):
     if t is None:
         return torch.ones((), dtype=torch.uint8, device=q.device).expand(shape)
     return _broadcast(name, t, shape, q, (torch.bool,)).view(torch.uint8)
-
-
-def _check_runnable(kernel, q):
-    if q.device.type == "cpu" and not kernel.interpret:
-        raise RuntimeError("sparsify.codegen kernels need a GPU tensor, or TRITON_INTERPRET=1 for CPU tensors")
 
 
 # --- token-granular API ----------------------------------------------------------------------
@@ -538,7 +236,7 @@ def spt_forward(q, k, v, index, valid=None, mask=None, scale=None, *, causal=Fal
         return out, lse
     spec, warps = _token_spec(q, D, Dv, causal, mask, False, False, block_m, block_k, backward=False)
     kernel = get_spt_kernel(spec)
-    _check_runnable(kernel, q)
+    kernel.check_device(q)
     args = _common_args(spec, q, k, v, H, Hkv, Lq, Lk)
     args.update(_map_args(index, valid))
     args.update(
@@ -550,7 +248,7 @@ def spt_forward(q, k, v, index, valid=None, mask=None, scale=None, *, causal=Fal
     if mask is not None:
         args.update(mask_ptr=mask, s_mb=mask.stride(0), s_mh=mask.stride(1), s_mm=mask.stride(2), s_mn=mask.stride(3))
     grid = (_cdiv(Lq, spec.block_m), B * H)
-    kernel.launch(kernel.fwd, grid, warps, 1, **args)
+    kernel.launch(grid, entry="fwd", num_warps=warps, num_stages=1, **args)
     return out, lse
 
 
@@ -622,7 +320,7 @@ def spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale=None, *, caus
         spec, warps = _token_spec(q, D, Dv, causal, mask, mask_grad, delta is not None, block_m, block_k,
                                   backward=True)
         kernel = get_spt_kernel(spec)
-        _check_runnable(kernel, q)
+        kernel.check_device(q)
         args = _common_args(spec, q, k, v, H, Hkv, Lq, Lk)
         args.update(_map_args(index, valid))
         args.update(
@@ -642,7 +340,7 @@ def spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale=None, *, caus
         if ds is not None:
             args.update(ds_ptr=ds, s_sb=ds.stride(0), s_sh=ds.stride(1), s_sm=ds.stride(2), s_ss=ds.stride(3))
         grid = (_cdiv(Lq, spec.block_m), B * H)
-        kernel.launch(kernel.bwd, grid, warps, 1, **args)
+        kernel.launch(grid, entry="bwd", num_warps=warps, num_stages=1, **args)
     grads = (dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype))
     if mask_grad:
         grads += (_mask_grad(ds, index, mask_shape, B, H, Lq, Lk),)
@@ -746,14 +444,14 @@ def block_sparse_forward(q, k, v, block_index, block_valid=None, *, block_m=64, 
                            key_padding=kpm is not None, block_m=block_m, block_n=block_n,
                            tile_m=tile_m or tm, tile_n=tile_n or tn)
     kernel = get_spt_kernel(spec)
-    _check_runnable(kernel, q)
+    kernel.check_device(q)
     args = _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, block_valid, kpm, scale)
     args.update(
         out_ptr=out, lse_ptr=lse,
         s_ob=out.stride(0), s_oh=out.stride(1), s_om=out.stride(2), s_od=out.stride(3),
         s_lb=lse.stride(0), s_lh=lse.stride(1), s_lm=lse.stride(2),
     )
-    kernel.launch(kernel.fwd, (_cdiv(Lq, spec.tile_m), B * H), warps, 2, **args)
+    kernel.launch((_cdiv(Lq, spec.tile_m), B * H), entry="fwd", num_warps=warps, num_stages=2, **args)
     return out, lse
 
 
@@ -782,7 +480,7 @@ def block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, *, b
                                key_padding=kpm is not None, precomputed_delta=delta is not None,
                                block_m=block_m, block_n=block_n, tile_m=tile_m or tm, tile_n=tile_n or tn)
         kernel = get_spt_kernel(spec)
-        _check_runnable(kernel, q)
+        kernel.check_device(q)
         args = _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, block_valid, kpm, scale)
         args.update(
             do_ptr=grad_out, lse_ptr=lse, dq_ptr=dq, dk_ptr=dk_acc, dv_ptr=dv_acc,
@@ -794,5 +492,5 @@ def block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, *, b
         )
         if delta is not None:
             args.update(delta_ptr=delta, s_eb=delta.stride(0), s_eh=delta.stride(1), s_em=delta.stride(2))
-        kernel.launch(kernel.bwd, (_cdiv(Lq, spec.tile_m), B * H), warps, 1, **args)
+        kernel.launch((_cdiv(Lq, spec.tile_m), B * H), entry="bwd", num_warps=warps, num_stages=1, **args)
     return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)

@@ -1,7 +1,7 @@
 """Triton source templates (``string.Template``; ``$name`` placeholders).
 
 Optional pieces (bias, the gate GEMM, the activation) are separate snippet templates
-that the emitter either substitutes or replaces by "". Placeholders for optional
+that up_projection.py either substitutes or replaces by "". Placeholders for optional
 whole lines sit at the start of a line (``${name}    next line``) and their snippets
 end with a newline, so an omitted piece leaves no blank line behind.
 

@@ -307,7 +307,7 @@ def test_select_bad_inputs(interpreter):
         pq_select_triton(qc, kc, 5, False)
     with pytest.raises(ValueError, match="integer"):
         pq_select_triton(qc.float(), kc, 2, False)
-    with pytest.raises(ValueError, match="allowed must be a bool tensor, got torch.float32"):
+    with pytest.raises(ValueError, match="allowed must be a bool mask .* got torch.float32"):
         pq_select_triton(qc, kc, 2, False, torch.ones(1, 1, 4, 3))
     for shape in [(1, 3),           # the old [B, Lk] key mask
                   (1, 4, 3),        # 3 dims
@@ -316,12 +316,12 @@ def test_select_bad_inputs(interpreter):
                   (1, 1, 2, 3),     # dim 2 neither 1 nor Lq
                   (2, 1, 1, 3),     # dim 0 neither 1 nor B
                   ]:
-        with pytest.raises(ValueError, match=r"allowed must have 4 dims broadcastable to \[B, H, Lq, Lk\]"):
+        with pytest.raises(ValueError, match=r"allowed must be a bool mask broadcastable to \[B, H, Lq, Lk\]"):
             pq_select_triton(qc, kc, 2, False, torch.ones(shape, dtype=torch.bool))
     # dim 1 indexes the query heads: Hkv (1 here) is fine only as a broadcast 1, and H = 2 works
     for h_dim in (1, 2):
         pq_select_triton(qc, kc, 2, False, torch.ones(1, h_dim, 4, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="allowed must have 4 dims"):
+    with pytest.raises(ValueError, match=r"allowed must be a bool mask broadcastable to \[B, H, Lq, Lk\]"):
         pq_select_triton(qc, kc, 2, False, torch.ones(1, 3, 4, 3, dtype=torch.bool))
 
 
@@ -348,35 +348,45 @@ def test_select_memory_does_not_grow_with_lk(interpreter):
     assert growth < score_growth / 4, (peaks, score_growth)
 
 
+def _enclosing_branch(lines, i):
+    """The nearest line above lines[i] with a smaller indent (the block statement lines[i] sits in)."""
+    indent = len(lines[i]) - len(lines[i].lstrip())
+    for line in reversed(lines[:i]):
+        if line.strip() and len(line) - len(line.lstrip()) < indent:
+            return line.strip()
+    return ""
+
+
 def test_select_source_writes_only_the_outputs():
-    """The generated kernel stores only into the index / valid outputs: scores and histograms stay in registers."""
+    """The generated kernel stores only into the index / valid outputs: scores and histograms stay in registers.
+    The mask and causality are constexpr switches: the mask is read only inside ``if HAS_MASK:`` (so without a
+    mask it is not read at all), as a [BLOCK_Q, BLOCK_K] tile through its 4 strides."""
     for vector in (False, True):
-        for causal in (False, True):
-            src = kernel_source(PQSelectSpec(causal=causal, mask=True, vector=vector))
-            targets = re.findall(r"tl\.store\(\s*([a-z_]+)", src)
-            assert targets and set(targets) <= {"idx_rows", "val_rows"}, targets
-            assert "atomic" not in src
-            compile(src, "<pq_select>", "exec")
-            # the mask is read as a [BLOCK_Q, BLOCK_K] tile through its 4 strides; without a mask, not at all
-            assert "mask_rows[:, None] + offs_k.to(tl.int64)[None, :] * s_mk" in src
-            assert "mask_rows" not in kernel_source(PQSelectSpec(causal=causal, mask=False, vector=vector))
+        src = kernel_source(PQSelectSpec(vector=vector))
+        targets = re.findall(r"tl\.store\(\s*([a-z_]+)", src)
+        assert targets and set(targets) <= {"idx_rows", "val_rows"}, targets
+        assert "atomic" not in src
+        compile(src, "<pq_select>", "exec")
+        assert "mask_rows[:, None] + offs_k.to(tl.int64)[None, :] * s_mk" in src
+        lines = src.splitlines()
+        mask_lines = [i for i, line in enumerate(lines) if "mask_rows" in line or "mask_ptr +" in line]
+        assert mask_lines and all(_enclosing_branch(lines, i).startswith("if HAS_MASK:") for i in mask_lines)
+        assert "CAUSAL: tl.constexpr" in src and "HAS_MASK: tl.constexpr" in src
 
 
 def test_kernel_cache_and_sources(interpreter):
-    spec = PQSelectSpec(causal=True, mask=False, vector=True)
+    spec = PQSelectSpec(vector=True)
     k1 = get_pq_kernel(spec)
     hits = cache_info().hits
-    assert get_pq_kernel(PQSelectSpec(causal=True, mask=False, vector=True)) is k1
+    assert get_pq_kernel(PQSelectSpec(vector=True)) is k1
     assert cache_info().hits == hits + 1
     assert k1.path.parent == cache_dir() and k1.path.read_text() == k1.source
-    assert kernel_key(spec) != kernel_key(PQSelectSpec(causal=False, mask=False, vector=True))
-    assert kernel_key(spec) != kernel_key(PQSelectSpec(causal=True, mask=True, vector=True))
+    assert kernel_key(spec) != kernel_key(PQSelectSpec(vector=False))
+    assert kernel_key(spec) != kernel_key(PQEncodeSpec())
     enc = kernel_source(PQEncodeSpec(acc="fp64"))
     assert "tl.float64" in enc and "tl.zeros" not in enc and "tl.sum(" not in enc
-    with pytest.raises(ValueError):
-        PQSelectSpec(causal=1)
-    with pytest.raises(ValueError, match="PQSelectSpec.mask"):
-        PQSelectSpec(mask=None)
+    with pytest.raises(ValueError, match="PQSelectSpec.vector must be a bool"):
+        PQSelectSpec(vector=1)
     with pytest.raises(ValueError):
         PQEncodeSpec(acc="fp16")
 
@@ -391,10 +401,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from sparsify.codegen.pq_kernels import PQSelectSpec, SELECT_GPU_DEFAULTS, get_pq_kernel
-kernel = get_pq_kernel(PQSelectSpec(causal=True, mask=True, vector=False))
+kernel = get_pq_kernel(PQSelectSpec(vector=False))
 assert not kernel.interpret
 consts = dict(BLOCK_Q=SELECT_GPU_DEFAULTS["block_q"], BLOCK_K=SELECT_GPU_DEFAULTS["block_k"], BLOCK_S=64,
-              LEVELS=16, BLOCK_M=8)  # keep >= 64, M = 8
+              LEVELS=16, BLOCK_M=8, CAUSAL=True, HAS_MASK=True)  # keep >= 64, M = 8, causal and masked
 ptrs = dict(qc_ptr="*i32", kc_ptr="*i32", mask_ptr="*u8", idx_ptr="*i32", val_ptr="*u8")
 sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in kernel.fn.arg_names}
 out = triton.compile(ASTSource(kernel.fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),

@@ -32,16 +32,18 @@ import torch.nn.functional as F  # noqa: E402
 
 from sparsify.codegen import cache_dir, cache_info, clear_cache  # noqa: E402
 from sparsify.codegen.spt_attention import (  # noqa: E402
-    BlockSparseSpec,
-    TokenSparseSpec,
     block_sparse_backward,
     block_sparse_forward,
     dense_block_map,
+    spt_backward,
+    spt_forward,
+)
+from sparsify.codegen.spt_attention_source import (  # noqa: E402
+    BlockSparseSpec,
+    TokenSparseSpec,
     get_spt_kernel,
     kernel_key,
     kernel_source,
-    spt_backward,
-    spt_forward,
 )
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -512,7 +514,7 @@ def compile_for_sm90(spec_id: str) -> None:
         blocks.update(BLOCK_M=spec.block_m, BLOCK_K=spec.block_k)
     else:
         blocks.update(MAP_M=spec.block_m, BLOCK_N=spec.block_n, TILE_M=spec.tile_m, TILE_N=spec.tile_n)
-    for fn in (kernels.fwd, kernels.bwd):
+    for fn in (kernels.entry("fwd"), kernels.entry("bwd")):
         sig = {
             a: "constexpr" if a in blocks else _ptr_type(a, spec.dtype) if a.endswith("_ptr")
             else "fp32" if a == "sm_scale" else "i32"

@@ -194,7 +194,7 @@ def test_one_activation_table_keys_every_layer():
     cover exactly those names (a new activation added to one layer only would fail here)."""
     from sparsify import tables
     from sparsify.codegen import templates
-    from sparsify.codegen.spec import ACTIVATIONS as kernel_names
+    from sparsify.codegen.up_projection import ACTIVATIONS as kernel_names
     from sparsify.ops import routed
     assert tuple(tables.ACTIVATIONS) == kernel_names == tuple(templates.ACTIVATIONS)
     x = torch.linspace(-3, 3, 7, dtype=torch.float64, requires_grad=True)

@@ -1,0 +1,258 @@
+"""The kernel layer's core, shared by every kernel family: spec base, generated-kernel wrapper, loader and cache.
+
+    KernelSpec          base of every spec (a frozen dataclass): the choices that change the generated source
+    GeneratedKernel     one generated module: spec, key, source, file and its ``@triton.jit`` entry points
+    load_kernel(spec, make_source, salt)   generate -> write -> import on first use, then serve from memory
+    cache_info(), clear_cache(), cache_dir(), interpret_mode()
+
+A family (up_projection.py, grouped_gemm.py, pq_kernels.py, spt_attention_source.py) is a spec class, a source
+function and its launchers; it goes through ``load_kernel`` and never keeps a cache of its own.
+
+Why files: ``@triton.jit`` (and the interpreter) read the kernel's source through ``inspect``, which needs a real
+file. Each generated kernel is written once to ``$SPARSIFY_CACHE_DIR`` (default ``~/.cache/sparsify/kernels``) as
+``<key>.py`` and imported with importlib.
+
+Why kernels are built lazily: in Triton (checked on 3.9) ``TRITON_INTERPRET`` is read when ``@triton.jit``
+*decorates* a function, not at launch. Kernels are therefore only materialised on first use (this package imports
+triton only then), and the in-memory cache is keyed on (spec key, interpreter mode), so a process that flips the
+mode (a test suite) never reuses a kernel built for the other mode.
+
+Templates versus ``tl.constexpr``: a spec field that only switches a branch inside one kernel body is better a
+``tl.constexpr`` argument (Triton specialises on it; one source serves every value, see pq_kernels.py's CAUSAL /
+HAS_MASK). Template text stays where a choice changes the kernel's parameter list or composes snippets (LoRA,
+gated, mask-gradient stores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+from collections import namedtuple
+from pathlib import Path
+from string import Template
+from typing import ClassVar
+
+import torch
+
+from ..tables import DTYPE_NAMES, KERNEL_DTYPES
+
+__all__ = ["KernelSpec", "GeneratedKernel", "load_kernel", "templates_digest", "cache_dir", "cache_info",
+           "clear_cache", "interpret_mode", "CacheInfo"]
+
+
+# --- specs -----------------------------------------------------------------------------------
+
+def _canonical_value(value) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, torch.dtype):
+        return DTYPE_NAMES.get(value, str(value).replace("torch.", ""))
+    return str(value)
+
+
+class KernelSpec:
+    """Base of every kernel spec. Subclasses are frozen dataclasses holding every choice that changes the generated
+    source and nothing else (shapes and strides are runtime arguments); equal specs give the same source, so the
+    canonical string is what the cache is keyed on.
+
+    Subclasses set ``family`` (cache-key salt and module-name prefix), ``entries`` (the jit functions a module
+    defines: ``()`` for one function named ``kernel_name``, else suffixes such as ``("fwd", "bwd")`` for
+    ``<kernel_name>_fwd`` / ``_bwd``) and ``kernel_name``; ``__post_init__`` here checks the bool fields and a
+    ``dtype`` field, which every subclass' own checks extend."""
+
+    family: ClassVar[str] = "kernel"
+    entries: ClassVar[tuple] = ()
+    dtypes: ClassVar[tuple] = KERNEL_DTYPES  # what a ``dtype`` field may hold
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            # numpy bools / 0-1 ints would make equal specs hash differently
+            if f.type in ("bool", bool) and not isinstance(value, bool):
+                raise ValueError(f"{name}.{f.name} must be a bool, got {value!r}")
+            if f.name == "dtype" and value not in self.dtypes:
+                raise ValueError(f"unsupported dtype {value}; expected one of {tuple(str(d) for d in self.dtypes)}")
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+    @property
+    def kernel_name(self) -> str:
+        raise NotImplementedError
+
+    def canonical(self) -> str:
+        """A stable, explicit string of every field (bools as 0/1, dtypes by short name)."""
+        fields = ",".join(f"{f.name}={_canonical_value(getattr(self, f.name))}" for f in dataclasses.fields(self))
+        return f"{type(self).__name__}({fields})"
+
+    def key(self, salt: str = "") -> str:
+        """sha256 hex of the canonical string, the family and a salt (the family's template digest, so an edited
+        template or another sparsify version never reuses a stale cached file)."""
+        return hashlib.sha256(f"{self.canonical()}|{self.family}|{salt}".encode()).hexdigest()
+
+
+def templates_digest(*namespaces: dict) -> str:
+    """Digest of the upper-case template strings (str, string.Template, or dicts of them) in the given namespaces:
+    the salt of a family's cache keys."""
+    parts = []
+    for namespace in namespaces:
+        for name, value in sorted(namespace.items()):
+            if not name.isupper():
+                continue
+            if isinstance(value, dict):
+                parts += sorted(f"{name}.{k}={getattr(v, 'template', v)}" for k, v in value.items())
+            elif isinstance(value, (str, Template)):
+                parts.append(f"{name}={getattr(value, 'template', value)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+# --- the generated kernel --------------------------------------------------------------------
+
+class GeneratedKernel:
+    """A generated kernel module: its spec, key, source, file and ``@triton.jit`` entry points.
+
+    ``fn`` is the single entry of one-function families; ``entry("fwd")`` those of multi-entry ones. ``launch``
+    drops num_warps / num_stages under the interpreter (one Python "program" at a time: warps mean nothing)."""
+
+    def __init__(self, spec: KernelSpec, key: str, source: str, path: Path, module, interpret: bool):
+        self.spec, self.key, self.source, self.path, self.interpret = spec, key, source, path, interpret
+        names = [spec.kernel_name] if not spec.entries else [f"{spec.kernel_name}_{e}" for e in spec.entries]
+        self._entries = {e: getattr(module, n) for e, n in zip(spec.entries or (None,), names)}
+        self._memo: dict = {}
+
+    @property
+    def fn(self):
+        if None not in self._entries:
+            raise AttributeError(f"{self.spec.kernel_name} has several entries {tuple(self._entries)}: use entry()")
+        return self._entries[None]
+
+    def entry(self, name: str):
+        return self._entries[name]
+
+    def memo(self, name: str, make):
+        """A per-kernel derived object (an autotuner over ``fn``), made once."""
+        if name not in self._memo:
+            self._memo[name] = make()
+        return self._memo[name]
+
+    def launch(self, grid, *, entry: str | None = None, num_warps: int | None = None,
+               num_stages: int | None = None, **kwargs):
+        fn = self._entries[entry]
+        options = {} if self.interpret else {
+            k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
+        fn[grid](**kwargs, **options)
+
+    def check_device(self, t: torch.Tensor) -> None:
+        if t.device.type == "cpu" and not self.interpret:
+            raise RuntimeError(f"sparsify {self.spec.family} kernels need a GPU tensor, or TRITON_INTERPRET=1 "
+                               f"for CPU tensors")
+
+    def __repr__(self):
+        mode = "interpreter" if self.interpret else "jit"
+        return f"GeneratedKernel({self.spec.kernel_name}, key={self.key[:12]}, {mode})"
+
+
+# --- disk + import -----------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """Where generated sources are written (read from the environment on each call)."""
+    d = os.environ.get("SPARSIFY_CACHE_DIR")
+    return Path(d) if d else Path.home() / ".cache" / "sparsify" / "kernels"
+
+
+def _write_source(path: Path, source: str) -> None:
+    """Write ``source`` to ``path`` unless it already holds exactly that. Atomic (temp file in the same directory
+    + os.replace) so concurrent processes never import a half-written file; racing writers write equal bytes."""
+    try:
+        if path.read_text() == source:
+            return
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _import_file(path: Path, module_name: str):
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # before exec, like a normal import (inspect / pickling look modules up here)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    return module
+
+
+def interpret_mode() -> bool:
+    """Whether Triton would currently build interpreter kernels (TRITON_INTERPRET)."""
+    try:
+        from triton import knobs  # triton >= 3.4: honours programmatic overrides too
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+# --- the one cache ---------------------------------------------------------------------------
+
+CacheInfo = namedtuple("CacheInfo", "hits misses generated entries")
+
+_lock = threading.Lock()
+_kernels: dict = {}  # (key, interpret) -> GeneratedKernel
+_stats = {"hits": 0, "misses": 0, "generated": 0}
+
+
+def load_kernel(spec: KernelSpec, make_source, salt: str = "") -> GeneratedKernel:
+    """The kernel for ``spec``: on first use of (key, interpreter mode) generate ``make_source()``, write it to
+    ``cache_dir()``, import it; afterwards serve the same object from memory. A distinct module per mode: the same
+    file decorated under the other mode is a different kind of function object."""
+    if not isinstance(spec, KernelSpec):
+        raise ValueError(f"expected a KernelSpec, got {type(spec).__name__}")
+    key = spec.key(salt)
+    interpret = interpret_mode()
+    with _lock:
+        kernel = _kernels.get((key, interpret))
+        if kernel is not None:
+            _stats["hits"] += 1
+            return kernel
+        _stats["misses"] += 1
+        source = make_source()
+        _stats["generated"] += 1
+        path = cache_dir() / f"{key}.py"
+        _write_source(path, source)
+        module = _import_file(path, f"_sparsify_{spec.family}_{key[:24]}_{'interp' if interpret else 'jit'}")
+        kernel = GeneratedKernel(spec, key, source, path, module, interpret)
+        _kernels[(key, interpret)] = kernel
+        return kernel
+
+
+def cache_info() -> CacheInfo:
+    """In-memory cache counters: hits, misses, sources generated, kernels held."""
+    with _lock:
+        return CacheInfo(_stats["hits"], _stats["misses"], _stats["generated"], len(_kernels))
+
+
+def clear_cache() -> None:
+    """Drop the in-memory kernels and reset the counters (files on disk are kept)."""
+    with _lock:
+        _kernels.clear()
+        for k in _stats:
+            _stats[k] = 0
