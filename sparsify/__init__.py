@@ -8,8 +8,9 @@ from .checkpoint import load_state
 from .prepare import prepare
 from .steps import BetweenSteps
 from .ops.aux_loss import aux_losses
+from .ops.density import activation_density
 from . import ops  # noqa: F401  (registers torch.ops.sparsify.*)
 
 __version__ = "0.1.0"
 __all__ = ["AttentionConfig", "BetweenSteps", "LinearConfig", "MLPConfig", "SparseAttention", "load_state", "prepare", "Report", "RegionReport", "SparsifyConfig", "SparsifyError",
-           "aux_losses", "backend", "count_flops", "explain", "last_report", "sparsify_backend"]
+           "activation_density", "aux_losses", "backend", "count_flops", "explain", "last_report", "sparsify_backend"]

@@ -114,6 +114,11 @@ def _dump_path(value, config, where):
     return path
 
 
+def patterns(default: tuple = ()):
+    """fnmatch patterns of module paths: one pattern string or a list of them, stored as a tuple."""
+    return _checked(tuple(default), _patterns)
+
+
 def _patterns(value, config, where):
     valid = "must be an fnmatch pattern string or a list of them"
     if isinstance(value, str):  # one pattern: iterating it would make each character a pattern ("*" among them)
@@ -271,7 +276,7 @@ class SparsifyConfig(_Checked):
     inner: str = choice("inductor", "aot_eager", "eager")
     strict: bool = boolean(False)
     dump: Optional[str] = _checked(None, _dump_path)
-    exclude: tuple[str, ...] = _checked((), _patterns)
+    exclude: tuple[str, ...] = patterns(())
 
     @classmethod
     def from_options(cls, options: Union["SparsifyConfig", Mapping[str, Any], None]) -> "SparsifyConfig":

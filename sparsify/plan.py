@@ -31,13 +31,18 @@ def plan_regions(regions: list[Region], config: SparsifyConfig, states: dict, mo
         section = getattr(config, region.kind)
         method = method_for(region.kind, section.method)
         region.mode = mode
+        if method is not None and region.unsupported and method.reads_only(region, section, mode):
+            region.unsupported = None  # the method leaves the computation as written: what the ops lack is moot
         if not region.unsupported and method is not None and preparing is None:
             region.unsupported = method.guard(region, section, states, mode)
         pattern = next((p for p in config.exclude if fnmatch.fnmatchcase(region.module, p)), None)
+        own_skip = None if method is None else method.skip_reason(region, section)
         if pattern is not None:
             region.decision, region.reason = "skipped", f"excluded by options.exclude pattern {pattern!r}"
         elif method is None:
             region.decision, region.reason = "skipped", f"options.{region.kind}.method is 'off'"
+        elif own_skip is not None:
+            region.decision, region.reason = "skipped", own_skip
         elif region.unsupported:
             region.decision, region.reason = "dense", region.unsupported
             if config.strict:
@@ -47,6 +52,12 @@ def plan_regions(regions: list[Region], config: SparsifyConfig, states: dict, mo
             region.method = method.name
             region.decision, region.reason = method.decision(region, section, mode), ""
     _resolve_projection_owners(regions, preparing or config)
+    for kind in {r.kind for r in regions}:
+        section = getattr(config, kind)
+        method = method_for(kind, section.method)
+        mine = [r for r in regions if r.kind == kind and method is not None and r.method == method.name]
+        if mine:
+            method.planned(mine, section, mode)
     return regions
 
 

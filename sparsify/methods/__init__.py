@@ -6,7 +6,7 @@ under sparsify/ops and one kernel family under sparsify/codegen.
 """
 from .base import (MODES, Method, StateKind, guess_mode, method_for, methods_in, register, report_facts,
                    state_kinds, unregister)
-from . import dense, routed, spt  # noqa: F401,E402  (the built-in methods register themselves)
+from . import dense, routed, spt, deft  # noqa: F401,E402  (the built-in methods register themselves)
 
 __all__ = ["MODES", "Method", "StateKind", "guess_mode", "method_for", "methods_in", "register", "report_facts",
            "state_kinds", "unregister"]

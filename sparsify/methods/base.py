@@ -14,6 +14,8 @@ report and the checkpoint code find everything they need of it here, so adding a
         def rewrite(self, gm, region, options, states, mode): ...  # replace the region's nodes by op calls
         def prepare_region(self, ctx, region, options): ...      # sparsify.prepare: attach the region's state
         def between_steps(self, model, options, step): ...      # optional: work between optimizer steps
+        # optional too: skip_reason (a filter of its own), reads_only (a tap: computation left as written),
+        # planned (facts over all of a graph's regions), metrics (log entries per step)
 
     register(Toy())
 
@@ -57,6 +59,20 @@ class Method:
         """The report's name of what this region became (the dense rewrite: "sparsify.attention")."""
         return self.name
 
+    def skip_reason(self, region, options) -> Optional[str]:
+        """Why the options leave this region out (a module filter of the method's own, say): it is then skipped,
+        not warned about. None: it is the method's to take."""
+        return None
+
+    def reads_only(self, region, options, mode: str) -> bool:
+        """Whether the method leaves the region's computation as written and only reads values of it (DEFT's
+        tap): then a region the ops cannot compute (region.unsupported, e.g. active LoRA dropout) still takes it."""
+        return False
+
+    def planned(self, regions: list, options, mode: str) -> None:
+        """Called once per graph after the plan, with the regions this method will rewrite, before any rewrite:
+        for facts that depend on all of them (DEFT: the layers per stack)."""
+
     def guard(self, region, options, states: dict, mode: str) -> Optional[str]:
         """Why this region cannot take the method (None: it can). `states`: (module path, state kind) -> the
         state's graph nodes, as the sparsify::tag nodes brought them (methods.state.collect_state)."""
@@ -85,6 +101,15 @@ class Method:
     def between_steps(self, model: torch.nn.Module, options, step: int) -> None:
         """Work between optimizer steps (sparsify.BetweenSteps calls it): in-place updates of the state tensors
         only, never new Python values the graph would bake in, so the compiled model does not recompile."""
+
+    def metrics(self, options, reset: bool = True) -> dict:
+        """What the method measured since the last reset, as flat name -> float log entries (the between-steps
+        adapter logs them once per optimizer step). Empty: nothing to log."""
+        return {}
+
+    @property
+    def has_metrics(self) -> bool:
+        return type(self).metrics is not Method.metrics
 
     @property
     def has_prepare(self) -> bool:

@@ -6,6 +6,7 @@ from . import attention as _attention  # noqa: F401  (registers sparsify::attent
 from . import mlp as _mlp  # noqa: F401  (registers sparsify::mlp)
 from . import tag as _tag  # noqa: F401  (registers sparsify::tag)
 from . import aux_loss as _aux_loss  # noqa: F401  (sparsify::aux_loss: gradient injection of auxiliary losses)
+from . import density as _density  # noqa: F401  (sparsify::observe: what a compiled forward measured; DEFT)
 from . import spt as _spt  # noqa: F401  (registers the SPT ops: pq_encode, pq_select, spt_attention)
 from . import spt_block as _spt_block  # noqa: F401  (pq_select_blocks, block_sparse_attention)
 from . import routed as _routed  # noqa: F401  (routed_mlp: SPT routed FFN)

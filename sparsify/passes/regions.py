@@ -554,9 +554,10 @@ def match_mlp(down: Projection) -> Optional[Region]:
             if candidate_gate.output is candidate_up.output:
                 continue  # x * f(x) of one projection (CLIP's quick_gelu): an activation, not a gate
             if skip_casts(candidate_gate.x) is skip_casts(candidate_up.x):
-                gate, up, act_nodes, gated_mul = candidate_gate, candidate_up, nodes, h
+                gate, up, act_nodes, gated_mul, act_out = candidate_gate, candidate_up, nodes, h, a
                 break
     if gate is None:
+        act_out = h
         try:
             up, act_input, act_nodes = _activation_chain(h)
         except Unsupported:
@@ -576,6 +577,8 @@ def match_mlp(down: Projection) -> Optional[Region]:
         "d_model": (shape(up.weight) or (None, None))[1], "d_ff": (shape(up.weight) or (None,))[0],
         "lora": any(p.lora_a is not None for p in projections),
         "_match": (up, gate, down),
+        # the activation's output (gated: the activated gate branch, before the multiply): what DEFT taps
+        "_activation_out": act_out,
     }
     unsupported = None
     if activation is None:

@@ -1,0 +1,177 @@
+"""DEFT, density-efficient fine-tuning (papers.md section 3): a loss that drives the MLP activations to exact
+zeros, and the per-layer density metrics.
+
+    options={"mlp": {"method": "deft", "weight": 1.0}}
+
+Training graphs: every selected MLP keeps its computation as written (Inductor compiles it) and gains a tap on
+its activation output a (after the nonlinearity, before the down projection; for gated MLPs the activated gate
+branch before the multiply): rho_l(b) = mean over tokens and features of a^2 / (a^2 + eps) per sample b, and
+the loss weight * mean over samples and layers of rho, reaches the gradient through the shared auxiliary-loss
+op (ops/aux_loss.py): the model's outputs are unchanged, task_loss.backward() gives the gradient of
+task_loss + weight * L_density. Layers are averaged per stack (the module path with its layer index as "*":
+T5's encoder and decoder are two stacks, each weighted 1, as the authors sum them). The stacks are counted per
+compiled graph: a graph break between the layers of one stack makes each graph average its own layers.
+
+Every graph (train and eval) also records the exact-zero density of each tapped activation in its dtype, the
+surrogate, and the |a| <= tau density (sparsify::observe; sparsify.activation_density() reads them, the
+between-steps adapter logs them). measure_only=True records without the loss (the PEFT baseline).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.fx import Node
+
+from ..config import boolean, patterns, real
+from ..passes.fx_utils import insert_call, shape, value
+from .base import Method, register
+
+DEFT_NAME = "deft"
+
+
+@dataclass
+class DeftOptions:
+    """DEFT's fields of options.mlp (with method="deft").
+
+    weight:       lambda, the density loss's weight, a real >= 0 (the authors: 1.0)
+    eps:          the surrogate's epsilon, a real > 0 (1e-7)
+    layers:       fnmatch patterns of the MLP module paths to tap (empty: every MLP)
+    measure_only: record the metrics, add no loss (the PEFT baseline)
+    mask_padding: leave padding tokens out of loss and metrics (needs the graph's attention_mask input); False
+                  reproduces the authors, who count them
+    tau:          the |a| <= tau threshold of the near-zero density, reported beside the exact one (activations
+                  such as SiLU are never exactly zero), a real >= 0
+    """
+    weight: float = real(1.0, low=0.0)
+    eps: float = real(1e-7, low=0.0, low_open=True)
+    layers: tuple = patterns(())
+    measure_only: bool = boolean(False)
+    mask_padding: bool = boolean(False)
+    tau: float = real(1e-3, low=0.0)
+
+
+def stack_of(module: str) -> str:
+    """The stack a layer belongs to: its module path with numeric components as "*"
+    ("encoder.block.3.layer.1.DenseReluDense" -> "encoder.block.*.layer.1.DenseReluDense")."""
+    return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", module)
+
+
+def metric_name(mode: str, module: str) -> str:
+    return f"{mode}:{module}"
+
+
+def _token_mask(graph, a: Node) -> Optional[Node]:
+    """The graph's attention_mask input when it is [B, T] for an activation [B, T, F] (nonzero = a real token)."""
+    a_shape = shape(a)
+    if a_shape is None or len(a_shape) != 3:
+        return None
+    for node in graph.nodes:
+        if node.op != "placeholder" or "attention_mask" not in node.name:
+            continue
+        m = shape(node)
+        if m is not None and len(m) == 2 and tuple(m) == tuple(a_shape[:2]):
+            return node
+    return None
+
+
+def stack_share(rho: torch.Tensor, scale: float) -> torch.Tensor:
+    """This layer's share of its stack's loss term: the mean over samples of rho, over the stack's layer count."""
+    return rho.mean() * scale
+
+
+class Deft(Method):
+    name = DEFT_NAME
+    kinds = ("mlp",)
+    options = DeftOptions
+    report_facts = ("stack", "exact_zeros", "padding")
+
+    def decision(self, region, options, mode):
+        if mode == "train" and not options.measure_only:
+            return "deft (density loss)"
+        return "deft (measure)"
+
+    def reads_only(self, region, options, mode) -> bool:
+        return True  # a tap: the MLP's computation stays as written, so regions the ops cannot compute still take it
+
+    def skip_reason(self, region, options) -> Optional[str]:
+        if options.layers and not any(_fnmatch(region.module, p) for p in options.layers):
+            return f"not matched by options.mlp.layers {list(options.layers)}"
+        return None
+
+    def guard(self, region, options, states, mode):
+        if region.facts.get("_activation_out") is None:
+            return "no activation output to tap (a mixture-of-experts router, not an MLP)"
+        if options.mask_padding and _token_mask(region.output.graph, region.facts["_activation_out"]) is None:
+            return ("mask_padding=True, but this graph has no attention_mask input of shape [B, T] matching the "
+                    "activation: pass attention_mask to the model, or set mask_padding=False (padding counted)")
+        return None
+
+    def planned(self, regions, options, mode):
+        stacks: dict[str, int] = {}
+        for region in regions:
+            stacks[stack_of(region.module)] = stacks.get(stack_of(region.module), 0) + 1
+        for region in regions:
+            region.facts["stack"] = stack_of(region.module)
+            region.facts["_stack_layers"] = stacks[region.facts["stack"]]
+
+    def rewrite(self, gm, region, options, states, mode):
+        from ..ops.density import METRIC_KINDS, density_counts, density_per_sample
+
+        graph = gm.graph
+        a = region.facts["_activation_out"]
+        like = region.output
+        token_mask = _token_mask(graph, a) if options.mask_padding else None
+        name = metric_name(mode, region.module)
+        a_value = value(a)
+        METRIC_KINDS[name] = (region.facts.get("activation"), a_value.dtype if a_value is not None else None)
+        from ..ops.density import exact_zeros
+        region.facts["exact_zeros"] = ("yes" if a_value is None or exact_zeros(region.facts.get("activation"), a_value.dtype)
+                                       else f"never in {a_value.dtype} (read density_tau)")
+        region.facts["padding"] = "masked" if token_mask is not None else "counted"
+        users = [u for u in region.output.users]
+        with graph.inserting_before(region.output.next):  # in order, right after the MLP output
+            counts = insert_call(graph, density_counts, (a, float(options.tau), float(options.eps), token_mask),
+                                 like=like)
+            if mode == "train" and not options.measure_only:
+                rho = insert_call(graph, density_per_sample, (a, float(options.eps), token_mask), like=like)
+                share = insert_call(graph, stack_share, (rho, 1.0 / region.facts["_stack_layers"]), like=like)
+                share = insert_call(graph, torch.ops.sparsify.observe.default, (share, counts, name), like=like)
+                out = insert_call(graph, torch.ops.sparsify.aux_loss.default,
+                                  (region.output, share, float(options.weight), name), like=like)
+            else:
+                out = insert_call(graph, torch.ops.sparsify.observe.default, (region.output, counts, name), like=like)
+        for user in users:
+            user.replace_input_with(region.output, out)
+
+    def metrics(self, options, reset: bool = True) -> dict:
+        from ..ops.density import activation_density
+        return density_log(activation_density(reset=reset))
+
+
+def density_log(per_layer: dict) -> dict[str, float]:
+    """Flat log entries: per layer, per stack (mean over its layers) and overall, per mode."""
+    logs, stacks = {}, {}
+    for name, m in per_layer.items():
+        mode, module = name.split(":", 1)
+        logs[f"deft/{mode}/density/{module}"] = m["density"]
+        stacks.setdefault((mode, stack_of(module)), []).append(m)
+    for (mode, stack), ms in stacks.items():
+        for key in ("density", "surrogate", "density_tau"):
+            logs[f"deft/{mode}/{key}/{stack}"] = sum(m[key] for m in ms) / len(ms)
+    by_mode = {}
+    for name, m in per_layer.items():
+        by_mode.setdefault(name.split(":", 1)[0], []).append(m)
+    for mode, ms in by_mode.items():
+        logs[f"deft/{mode}/density"] = sum(m["density"] for m in ms) / len(ms)
+    return logs
+
+
+def _fnmatch(name: str, pattern: str) -> bool:
+    import fnmatch
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+DEFT = register(Deft())

@@ -1,0 +1,216 @@
+"""DEFT (sparsify/methods/deft.py, ops/density.py) against eager transformers with the authors' loss computed by
+hand from forward hooks on the activation modules: outputs unchanged, every gradient equal to that of
+task_loss + weight * L_density, the metrics equal to count_nonzero / numel, under peft too."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsify
+from sparsify.methods.deft import stack_of
+from families import FAMILIES, first_output, grads_of, tiny_inputs, tiny_model
+
+# the activation module of each family's MLP (what the authors hook: RoBERTa's intermediate_act_fn, T5's act)
+ACT_SUFFIX = {"bert": "intermediate.intermediate_act_fn", "roberta": "intermediate.intermediate_act_fn",
+              "gpt2": "mlp.act", "llama": "mlp.act_fn", "opt": "activation_fn", "t5": "DenseReluDense.act"}
+
+
+def deft(**fields):
+    return {"mlp": {"method": "deft", **fields}, "attention": "off", "inner": "aot_eager"}
+
+
+def hooked_activations(model, family):
+    """module path -> the activation output of that MLP, filled by forward hooks on every call."""
+    acts, handles = {}, []
+    for name, module in model.named_modules():
+        if name.endswith(ACT_SUFFIX[family]):
+            handles.append(module.register_forward_hook(lambda m, i, o, name=name: acts.__setitem__(name, o)))
+    return acts, handles
+
+
+def density_loss_by_hand(acts: dict, eps: float, token_mask=None) -> torch.Tensor:
+    """The authors' L_density: per layer and sample, the mean of a^2 / (a^2 + eps) over (real) tokens and
+    features; mean over samples and layers, per stack (T5: encoder + decoder, each weight 1)."""
+    stacks = {}
+    for name, a in acts.items():
+        s = (a * a / (a * a + eps)).float().mean(-1)  # [B, T]
+        if token_mask is not None and s.shape == token_mask.shape:
+            m = token_mask.float()
+            rho = (s * m).sum(-1) / m.sum(-1)
+        else:
+            rho = s.mean(-1)
+        stacks.setdefault(stack_of(name), []).append(rho.mean())
+    return sum(torch.stack(layers).mean() for layers in stacks.values())
+
+
+def compare_with_hand(model, family, inputs, options, weight, eps, token_mask=None, atol=1e-5):
+    acts, handles = hooked_activations(model, family)
+    reference = first_output(model(**inputs))
+    assert acts, "no activation module hooked"
+    hand = density_loss_by_hand(acts, eps, token_mask)
+    (reference.square().mean() + weight * hand).backward()
+    expected = grads_of(model)
+    for h in handles:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, backend="sparsify", options=options)
+    out = first_output(compiled(**inputs))
+    report = sparsify.last_report()
+    torch.testing.assert_close(out, reference, atol=atol, rtol=0)  # outputs unchanged
+    out.square().mean().backward()  # the task loss alone: the density gradient is injected
+    got = grads_of(model)
+    assert set(got) == set(expected)
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, atol=atol, rtol=1e-4, msg=name)
+    return report, hand
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_equals_task_plus_density_loss(family):
+    torch._dynamo.reset()
+    model = tiny_model(family)
+    inputs = tiny_inputs(family)
+    report, hand = compare_with_hand(model, family, inputs, deft(weight=0.7), 0.7, 1e-7)
+    rows = [r for r in report.regions if r.kind == "mlp"]
+    assert rows and all(r.decision == "deft (density loss)" for r in rows), report
+    # the recorded loss terms add up to the hand-computed L_density
+    recorded = sum(v for k, v in sparsify.aux_losses().items() if k.startswith("train:"))
+    assert recorded == pytest.approx(float(hand), rel=1e-5)
+    if family == "t5":  # encoder and decoder are two stacks, each averaged over its own layers
+        assert {r.facts["stack"] for r in rows} == {"encoder.block.*.layer.1.DenseReluDense",
+                                                    "decoder.block.*.layer.2.DenseReluDense"}
+
+
+def test_mask_padding_leaves_padding_out():
+    torch._dynamo.reset()
+    model = tiny_model("bert")
+    inputs = tiny_inputs("bert", padded=True)
+    report, _ = compare_with_hand(model, "bert", inputs, deft(mask_padding=True), 1.0, 1e-7,
+                                  token_mask=inputs["attention_mask"])
+    assert all(r.facts["padding"] == "masked" for r in report.regions if r.kind == "mlp")
+    # without the mask the padding counts: a different loss (the padded row has 3 padding tokens)
+    torch._dynamo.reset()
+    model = tiny_model("bert")
+    compare_with_hand(model, "bert", inputs, deft(), 1.0, 1e-7, token_mask=None)
+
+
+def test_mask_padding_without_an_attention_mask_warns_and_says_why():
+    torch._dynamo.reset()
+    model = tiny_model("bert")
+    inputs = {"input_ids": tiny_inputs("bert")["input_ids"]}
+    with pytest.warns(UserWarning, match="mask_padding=True, but this graph has no attention_mask"):
+        torch.compile(model, backend="sparsify", options=deft(mask_padding=True))(**inputs)
+    assert all(r.decision == "dense" for r in sparsify.last_report().regions if r.kind == "mlp")
+
+
+def test_metrics_are_exact_counts_in_the_training_dtype():
+    torch._dynamo.reset()
+    sparsify.activation_density(reset=True)
+    model = tiny_model("opt")  # relu: exact zeros
+    inputs = tiny_inputs("opt", padded=False)
+    acts, handles = hooked_activations(model, "opt")
+    model(**inputs)
+    for h in handles:
+        h.remove()
+    torch.compile(model, backend="sparsify", options=deft(measure_only=True))(**inputs)
+    got = sparsify.activation_density(reset=True)
+    assert len(got) == len(acts) == 2
+    for name, a in acts.items():
+        module = name.rsplit(".", 1)[0]
+        m = got[f"train:{module}"]
+        assert m["density"] == pytest.approx(float(torch.count_nonzero(a)) / a.numel())
+        assert 0.3 < m["density"] < 0.7  # relu of random pre-activations: about half are zero
+        assert m["density_tau"] == pytest.approx(float((a.abs() > 1e-3).sum()) / a.numel())
+        assert m["surrogate"] == pytest.approx(float((a * a / (a * a + 1e-7)).mean()), rel=1e-6)
+        assert m["exact_zeros"] is True
+    assert sparsify.activation_density() == {}  # reset
+
+
+def test_measure_only_adds_no_gradient():
+    torch._dynamo.reset()
+    model = tiny_model("bert")
+    inputs = tiny_inputs("bert")
+    reference = first_output(model(**inputs))
+    reference.square().mean().backward()
+    expected = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    out = first_output(torch.compile(model, backend="sparsify", options=deft(measure_only=True))(**inputs))
+    out.square().mean().backward()
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads_of(model)[name], grad, atol=1e-6, rtol=0)
+    assert all(r.decision == "deft (measure)" for r in sparsify.last_report().regions if r.kind == "mlp")
+
+
+def test_silu_is_reported_as_never_exactly_zero():
+    torch._dynamo.reset()
+    sparsify.activation_density(reset=True)
+    model = tiny_model("llama")
+    torch.compile(model, backend="sparsify", options=deft())(**tiny_inputs("llama"))
+    rows = [r for r in sparsify.last_report().regions if r.kind == "mlp"]
+    assert all(r.facts["exact_zeros"].startswith("never in torch.float32") for r in rows)
+    metrics = sparsify.activation_density(reset=True)
+    assert metrics and all(m["exact_zeros"] is False and m["density"] == 1.0 for m in metrics.values())
+
+
+def test_layers_selects_modules_and_the_rest_is_skipped():
+    torch._dynamo.reset()
+    model = tiny_model("bert")
+    torch.compile(model, backend="sparsify", options=deft(layers="encoder.layer.1"))(**tiny_inputs("bert"))
+    rows = {r.module: r for r in sparsify.last_report().regions if r.kind == "mlp"}
+    assert rows["encoder.layer.1"].decision == "deft (density loss)"
+    assert rows["encoder.layer.0"].decision == "skipped" and "options.mlp.layers" in rows["encoder.layer.0"].reason
+
+
+def test_eval_graph_measures_and_the_report_says_so():
+    torch._dynamo.reset()
+    sparsify.activation_density(reset=True)
+    model = tiny_model("bert").eval()
+    with torch.no_grad():
+        torch.compile(model, backend="sparsify", options=deft())(**tiny_inputs("bert"))
+    rows = [r for r in sparsify.last_report().regions if r.kind == "mlp"]
+    assert rows and all(r.mode == "eval" and r.decision == "deft (measure)" for r in rows)
+    assert all(name.startswith("eval:") for name in sparsify.activation_density(reset=True))
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"weight": -1.0}, "options.mlp.weight=-1.0 is not valid"),
+    ({"eps": 0.0}, "options.mlp.eps=0.0 is not valid"),
+    ({"eps": -1e-7}, "options.mlp.eps"),
+    ({"weight": "1"}, "options.mlp.weight"),
+    ({"tau": float("nan")}, "options.mlp.tau"),
+    ({"layers": [3]}, "options.mlp.layers"),
+    ({"measure_only": 1}, "options.mlp.measure_only"),
+])
+def test_bad_options_fail_when_made(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        sparsify.SparsifyConfig.from_options({"mlp": {"method": "deft", **bad}})
+
+
+def test_composes_with_spt_attention():
+    """SPT at keep=1 (exact) on attention and DEFT on the MLPs of one model: still the hand-computed gradient."""
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    options = {"attention": {"method": "spt", "score": "exact", "keep": 1.0, "min_seq": 0},
+               "mlp": {"method": "deft"}, "inner": "aot_eager"}
+    report, _ = compare_with_hand(model, "llama", tiny_inputs("llama"), options, 1.0, 1e-7, atol=2e-5)
+    decisions = {r.kind: r.decision for r in report.regions}
+    assert decisions == {"attention": "spt", "mlp": "deft (density loss)"}
+
+
+def test_between_steps_logs_the_metrics():
+    torch._dynamo.reset()
+    sparsify.activation_density(reset=True)
+    model = tiny_model("opt")
+    options = deft()
+    steps = sparsify.BetweenSteps(model, options)
+    compiled = torch.compile(model, backend="sparsify", options=options)
+    first_output(compiled(**tiny_inputs("opt"))).sum().backward()
+    steps.step()
+    logs = steps.last_metrics
+    assert set(logs) >= {"deft/train/density", "deft/train/density/decoder.layers.0",
+                         "deft/train/density/decoder.layers.*"}
+    assert 0.3 < logs["deft/train/density"] < 0.7
+    assert sparsify.activation_density() == {}  # each step reports its own forwards
+    callback = steps.trainer_callback()
+    trainer_logs = {"loss": 1.0}
+    callback.on_log(None, None, None, logs=trainer_logs)
+    assert trainer_logs["deft/train/density"] == logs["deft/train/density"] and trainer_logs["loss"] == 1.0
