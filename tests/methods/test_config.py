@@ -195,9 +195,9 @@ def test_one_activation_table_keys_every_layer():
     from sparsify import tables
     from sparsify.codegen import templates
     from sparsify.codegen.spec import ACTIVATIONS as kernel_names
-    from sparsify.ops import routed
+    from sparsify.ops import routed_grouping
     assert tuple(tables.ACTIVATIONS) == kernel_names == tuple(templates.ACTIVATIONS)
     x = torch.linspace(-3, 3, 7, dtype=torch.float64, requires_grad=True)
     for name, fn in tables.ACTIVATIONS.items():  # the hand-written derivative agrees with autograd's
         (expected,) = torch.autograd.grad(fn(x).sum(), x)
-        torch.testing.assert_close(routed._act_backward(name, torch.ones_like(x), x.detach()), expected)
+        torch.testing.assert_close(routed_grouping._act_backward(name, torch.ones_like(x), x.detach()), expected)
