@@ -58,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 
 import sparsify  # noqa: E402
-from sparsify.ops.spt import codebook_loss  # noqa: E402
+from sparsify.ops.key_select import codebook_loss  # noqa: E402
 from sparsify.methods.spt import init_codebook  # noqa: E402
 
 # papers.md section 1, Introduction table (one OPT-2048 layer on the authors' GPU). The paper's numbers,
