@@ -1,9 +1,9 @@
 """sparsify::routed_mlp: the SPT routed FFN (papers.md section 1, "Routed FFN"), a specialisation of sparsify::mlp.
 
     F neurons are split into `blocks` contiguous blocks of fb = F / blocks neurons, after reordering by
-    `neuron_order` (None: identity; ops/routed_init.py cluster_neurons() gives a MoEfication permutation). Block i holds the
-    neurons n(i, j) = neuron_order[i * fb + j], j < fb: rows of up_w / up_b / gate_w / gate_b / up and gate
-    LoRA B, columns of down_w and of the down LoRA A.
+    `neuron_order` (None: identity; ops/routed_init.py cluster_neurons() gives a MoEfication permutation).
+    Block i holds the neurons n(i, j) = neuron_order[i * fb + j], j < fb: rows of up_w / up_b / gate_w /
+    gate_b / up and gate LoRA B, columns of down_w and of the down LoRA A.
 
     router    p = sigmoid(x @ router_w^T + router_b)                [T, blocks], fp32 (fp64 for fp64)
     select    the top_k blocks of each token by p, ties -> lower block id      block_ids [T, top_k] int32
@@ -31,12 +31,13 @@ FLOPs (registered for both ops; 2 per multiply-add; A = T * top_k assignments, f
     forward  = 2*A*fb*d*(2 if gated else 1) + 2*A*fb*d_out + 2*T*blocks*d
                + LoRA: up / gate 2*T*r*d + 2*A*fb*r each, down 2*A*fb*r + 2*T*r*d_out
              = top_k / blocks of sparsify::mlp's count (LoRA's A x and B_down z terms excepted) + the router.
-    backward = exactly the GEMMs listed in ops/routed_backward.py for the gradients asked for (routed_backward_flops). With
-               every gradient needed and no LoRA: 3 * forward - 2*A*fb*d_out (recompute 1x, input and weight
-               gradients 2x, less the down GEMM's forward, which is never recomputed: its output is not
-               needed); sparsify::mlp's backward counts 3x. With frozen base weights (LoRA fine-tuning) the
-               weight-gradient GEMMs drop out: recompute + v = W_down^T dy + dx (+ LoRA, router) is about 2x
-               (tests/ops/test_routed_ops.py::test_flops_with_lora_and_frozen_base checks the exact count).
+    backward = exactly the GEMMs listed in ops/routed_backward.py for the gradients asked for
+               (routed_backward_flops). With every gradient needed and no LoRA: 3 * forward - 2*A*fb*d_out
+               (recompute 1x, input and weight gradients 2x, less the down GEMM's forward, which is never
+               recomputed: its output is not needed); sparsify::mlp's backward counts 3x. With frozen base
+               weights (LoRA fine-tuning) the weight-gradient GEMMs drop out: recompute + v = W_down^T dy + dx
+               (+ LoRA, router) is about 2x (tests/ops/test_routed_ops.py::test_flops_with_lora_and_frozen_base
+               checks the exact count).
 """
 from __future__ import annotations
 
