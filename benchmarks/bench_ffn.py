@@ -21,7 +21,7 @@ Variants (each is skipped with a printed reason where it cannot run):
   sparsify-mlp    torch.ops.sparsify.mlp (the dense op every MLP region becomes; CUDA: Triton up-projection
                   with fused activation when there is no up-side LoRA; backward recomputes the forward)
   routed-top2     torch.ops.sparsify.routed_mlp, 4 blocks, top-2, gate sigmoid2p, contiguous blocks, router
-                  from sparsify.ops.routed.init_router (CUDA: generated Triton grouped GEMMs; CPU: the plain-torch
+                  from sparsify.ops.routed_init.init_router (CUDA: generated Triton grouped GEMMs; CPU: the plain-torch
                   per-block implementation)
   routed-top1     the same with top-1 of 4
 
@@ -54,7 +54,7 @@ import _timing as T  # noqa: E402
 
 import sparsify  # noqa: E402,F401  (registers torch.ops.sparsify.*)
 from sparsify.ops.mlp import ACTIVATIONS  # noqa: E402
-from sparsify.ops.routed import init_router  # noqa: E402
+from sparsify.ops.routed_init import init_router  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}

@@ -3,8 +3,8 @@
     python benchmarks/router_init.py
 
 For each MLP of the model, block order (contiguous / clustered) and router initialisation:
-  fit        sparsify.prepare's router: sparsify.ops.routed.fit_router on the example batch
-  mean-rows  sparsify.ops.routed.init_router: each block's mean up-projection row (the earlier default)
+  fit        sparsify.prepare's router: sparsify.ops.routed_init.fit_router on the example batch
+  mean-rows  sparsify.ops.routed_init.init_router: each block's mean up-projection row (the earlier default)
 the top-2-of-4 routed output (gate none: the selection alone) is compared with the dense MLP output:
   error  = || routed - dense || / || dense || over all tokens
 and against the oracle that keeps, per token, the 2 blocks with the largest contribution norm (the best a
@@ -26,7 +26,7 @@ import _timing as T  # noqa: E402
 
 from sparsify_examples.models import load_minilm, sample_texts  # noqa: E402
 from sparsify.ops.mlp import ACTIVATIONS  # noqa: E402
-from sparsify.ops.routed import cluster_neurons, fit_router, init_router  # noqa: E402
+from sparsify.ops.routed_init import cluster_neurons, fit_router, init_router  # noqa: E402
 
 BLOCKS, TOP_K = 4, 2
 

@@ -19,7 +19,7 @@ scores, not q, so these outputs, split into heads, are exactly the q and k the a
 recall ranking is invariant to the score scale).
 
 Per layer (6) and keep fraction, L = ceil(keep * n) keys per query, non-causal, all keys valid:
-  recall_pq         sparsify.ops.spt.selection_recall of pq_encode + pq_select (the SPT op path)
+  recall_pq         sparsify.ops.key_select.selection_recall of pq_encode + pq_select (the SPT op path)
   recall_pq_randcb  the same with a random codebook (Gaussian with the per-subspace mean/std of the data)
   recall_random     a uniformly random set of L keys per query (expected L/n): the chance baseline
   recall_pq_random_ties  expected recall of the same PQ scores if ties at the cut were broken uniformly at random
@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 
 import sparsify  # noqa: E402
-from sparsify.ops.spt import selection_recall  # noqa: E402
+from sparsify.ops.key_select import selection_recall  # noqa: E402
 from sparsify.methods.spt import CODEBOOK  # noqa: E402
 
 
@@ -261,7 +261,7 @@ def render_markdown(payload) -> str:
     res = payload["results"]
     out = ["# SPT selection recall on real q/k — all-MiniLM-L6-v2 (CPU)", "",
            f"torch {env['torch']}, {env['date_utc']} UTC, wall {env['wall_s']} s. Device: {env['device_name']}.", "",
-           "recall = mean over query rows of |selected ∩ exact top-L of q·kᵀ| / L (sparsify.ops.spt.selection_recall), "
+           "recall = mean over query rows of |selected ∩ exact top-L of q·kᵀ| / L (sparsify.ops.key_select.selection_recall), "
            "L = ceil(keep·n), non-causal, batch of 2 sequences × 12 heads. Codebooks: k-means from "
            "sparsify.prepare (no codebook-loss training). Baselines: a random codebook with the data's "
            "per-subspace mean/std, and L random keys per query (expected L/n). mass = softmax attention mass "

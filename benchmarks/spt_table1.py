@@ -26,7 +26,7 @@ Rows:
                  (sparsify.methods.spt.init_codebook).
                  FFN: torch.ops.sparsify.routed_mlp (sparsify/ops/routed.py) when it exists: 4 contiguous
                  neuron blocks (the paper's split), top-2 per token, gate 2p, LoRA on fc1 / fc2, a trainable
-                 router initialised by routed.init_router. Where it does not exist, the SPT row runs the dense
+                 router initialised by routed_init.init_router. Where it does not exist, the SPT row runs the dense
                  LoRA FFN and says so ("routed FFN: not implemented yet").
   (c') SPT via backend (default on; --no-backend-row drops it): the (b') layer after sparsify.prepare(...),
                  compiled with torch.compile(backend="sparsify", options={"attention": {"method": "spt", ...},
@@ -58,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 
 import sparsify  # noqa: E402
-from sparsify.ops.spt import codebook_loss  # noqa: E402
+from sparsify.ops.key_select import codebook_loss  # noqa: E402
 from sparsify.methods.spt import init_codebook  # noqa: E402
 
 # papers.md section 1, Introduction table (one OPT-2048 layer on the authors' GPU). The paper's numbers,
@@ -134,11 +134,11 @@ class Attention(nn.Module):
 
 class RoutedFFN(nn.Module):
     """SPT's routed FFN over two LoRALinear layers: torch.ops.sparsify.routed_mlp, ReLU, 4 contiguous blocks,
-    top-2, gate 2p; the router (blocks x d, + bias) is trainable, initialised by sparsify.ops.routed.init_router."""
+    top-2, gate 2p; the router (blocks x d, + bias) is trainable, initialised by sparsify.ops.routed_init.init_router."""
 
     def __init__(self, fc1: "LoRALinear", fc2: "LoRALinear", blocks=ROUTED_BLOCKS, top_k=ROUTED_TOP_K):
         super().__init__()
-        from sparsify.ops.routed import init_router
+        from sparsify.ops.routed_init import init_router
         self.fc1, self.fc2, self.blocks, self.top_k = fc1, fc2, blocks, top_k
         router_w, router_b = init_router(fc1.base.weight, fc1.base.bias, None, blocks)
         self.router_w, self.router_b = nn.Parameter(router_w), nn.Parameter(router_b)

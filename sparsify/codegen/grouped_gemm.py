@@ -7,13 +7,13 @@ Public API::
                activation=None, gate=None, out_dtype=None) -> Y [A, block_size]
     grouped_down(h, w, tok, offsets, out, *, perm=None, row_scale=None) -> out   (fp32 out, scatter-added)
     grouped_wgrad(l, r, tok, offsets, out, *, perm=None) -> out                  (per-block weight gradients)
-    TRITON_GROUPED   # the three above as the "grouped primitives" object sparsify/ops/routed.py runs on
+    TRITON_GROUPED   # the three above as one "grouped primitives" object, like ops/routed_grouping.py TORCH_GROUPED
 
 The routing is given as indices (ScatterMoE style: data is never permuted or copied):
     tok [A] int32       token of each assignment, assignments sorted by block (A = T * top_k)
     offsets [NB+1] int32  block i owns assignments [offsets[i], offsets[i+1])   (on the device)
     perm [F] or None    neuron order: neuron j of block i is perm[i * fb + j] (None: i * fb + j)
-Semantics (the torch reference is sparsify.ops.routed.TorchGrouped, with the same signatures):
+Semantics (the torch reference is sparsify.ops.routed_grouping.TorchGrouped, with the same signatures):
     up     Y[a, j] = f(x[tok[a]] . w[n(i, j)])          w [F, K] (nn.Linear rows = neurons), any strides
            f: pre = s[a] * (acc + bias[n]) + lora_scale * (xa[tok[a]] . lb[n]), then the activation; gated:
            act(pre_gate) * pre_up with a second accumulator fed by the same x tile.
@@ -583,7 +583,7 @@ def grouped_wgrad(l, r, tok, offsets, out, *, perm=None):
 
 
 class _TritonGrouped:
-    """The grouped primitives of sparsify/ops/routed.py on these kernels (same signatures as TorchGrouped)."""
+    """The grouped primitives of sparsify/ops/routed_grouping.py on these kernels (same signatures as TorchGrouped)."""
 
     name = "triton"
     up = staticmethod(grouped_up)

@@ -6,7 +6,7 @@ Public API::
     pq_select_triton(q_codes, k_codes, keep, causal, allowed=None) -> (index int32, valid bool) [B, H, Lq, keep]
     PQEncodeSpec, PQSelectSpec, kernel_source(spec), get_pq_kernel(spec)
 
-Both functions return exactly what the CPU references in sparsify/ops/spt.py return (same codes, same index and
+Both functions return exactly what the CPU references in sparsify/ops/key_select.py return (same codes, same index and
 valid tensors); see that module for the semantics. Inputs may have any strides (an HF [B, L, H, D] buffer seen as
 [B, H, L, D] is read in place). On CPU tensors they need TRITON_INTERPRET=1 (Triton's interpreter).
 

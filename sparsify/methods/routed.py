@@ -78,7 +78,7 @@ class Routed(Method):
         return mlp_sample(args)
 
     def prepare_region(self, ctx, region, options):
-        from ..ops.routed import cluster_neurons, fit_router
+        from ..ops.routed_init import cluster_neurons, fit_router
 
         d_ff = region.facts.get("d_ff")
         samples = ctx.samples_of(self, region)

@@ -186,7 +186,7 @@ def allowed_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def spt_codebook_aux(q: torch.Tensor, k: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    from ..ops.spt import codebook_loss
+    from ..ops.key_select import codebook_loss
     return codebook_loss(q, codebook) + codebook_loss(k, codebook)
 
 

@@ -73,9 +73,9 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .causal import causal_keep, causal_offset
 
-from ._vjp import fresh_seed, placeholder_grads
-from .spt import (check_allowed, _acc_dtype, _broadcast_mask, _dropout_scale, _effective_needs, _ell_layout, _probs,
-                  _reduce_to_shape, check_qk_select_inputs)
+from ._vjp import _acc_dtype, fresh_seed, placeholder_grads
+from .key_select import _ell_layout, check_allowed, check_qk_select_inputs
+from .spt import _broadcast_mask, _dropout_scale, _effective_needs, _probs, _reduce_to_shape
 
 # Element budget for the per-chunk [B, H, rows, Lk] temporaries (about 64 MiB in fp32).
 _CHUNK_ELEMS = 1 << 24

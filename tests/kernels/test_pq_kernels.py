@@ -2,7 +2,7 @@
 
 On CPU the kernels run in Triton's interpreter (set up as in tests/kernels/test_codegen.py: kernels are generated lazily
 and keyed on the mode, so setting TRITON_INTERPRET here is enough even if triton was imported earlier). The
-reference of pq_encode is the CPU op of sparsify/ops/spt.py; the reference of pq_select is select_brute_force
+reference of pq_encode is the CPU op of sparsify/ops/key_select.py; the reference of pq_select is select_brute_force
 below, the op's contract written out directly. Equality is exact (codes, index, valid), on random inputs with
 many ties (few codewords), GQA, causal, 4-d allowed masks (sliding window, packed sequences, KV cache, key
 padding, per head, broadcast and strided), fully masked rows, odd sizes, strided and int64 inputs, and both tile
@@ -27,7 +27,7 @@ import tracemalloc  # noqa: E402
 import pytest  # noqa: E402
 from paths import REPO  # noqa: E402
 
-import sparsify.ops.spt  # noqa: E402,F401  (registers sparsify::pq_encode / pq_select)
+import sparsify.ops.key_select  # noqa: E402,F401  (registers sparsify::pq_encode / pq_select)
 from sparsify.codegen import cache_dir, cache_info  # noqa: E402
 from sparsify.codegen.pq_kernels import (  # noqa: E402
     PQEncodeSpec,

@@ -26,7 +26,7 @@ BAD_FIELDS = [
     ("attention", "score", "dot", r"choose one of \['codes', 'exact'\]"),
     *[("mlp", "blocks", v, "int >= 1") for v in (0, -4, 4.0, "4", True)],
     *[("mlp", "top_k", v, r"int in \[1, blocks=4\]") for v in (0, -1, 5, 2.0, "2", True)],
-    ("mlp", "method", "spt", r"choose one of \['dense', 'routed', 'off'\]"),
+    ("mlp", "method", "spt", r"choose one of \['dense', 'routed', 'deft', 'off'\]"),
     ("mlp", "gate", "softmax", r"choose one of \['sigmoid2p', 'none'\]"),
     ("mlp", "block_order", "random", r"choose one of \['contiguous', 'clustered'\]"),
 ]
@@ -89,7 +89,7 @@ def test_good_values_are_accepted_and_normalised():
     ({"exclude": [None]}, "options.exclude", "None is not a string"),
     ({"attention": 5}, "options.attention", r"method name \['dense', 'spt', 'off'\], None or an instance"),
     ({"attention": MLPConfig()}, "options.attention", "AttentionConfig"),
-    ({"mlp": ["routed"]}, "options.mlp", r"method name \['dense', 'routed', 'off'\]"),
+    ({"mlp": ["routed"]}, "options.mlp", r"method name \['dense', 'routed', 'deft', 'off'\]"),
 ])
 def test_bad_top_level_option(options, where, valid):
     with pytest.raises((ValueError, TypeError)) as error:
@@ -111,7 +111,7 @@ def test_method_name_shorthand(section, method):
 
 
 @pytest.mark.parametrize("section,valid", [("attention", r"\['dense', 'spt', 'off'\]"),
-                                           ("mlp", r"\['dense', 'routed', 'off'\]")])
+                                           ("mlp", r"\['dense', 'routed', 'deft', 'off'\]")])
 def test_bad_shorthand_names_the_methods(section, valid):
     with pytest.raises(ValueError, match=rf"sparsify: options.{section}.method='sparse' is not valid; choose one of {valid}"):
         SparsifyConfig.from_options({section: "sparse"})
@@ -195,9 +195,9 @@ def test_one_activation_table_keys_every_layer():
     from sparsify import tables
     from sparsify.codegen import templates
     from sparsify.codegen.up_projection import ACTIVATIONS as kernel_names
-    from sparsify.ops import routed
+    from sparsify.ops import routed_grouping
     assert tuple(tables.ACTIVATIONS) == kernel_names == tuple(templates.ACTIVATIONS)
     x = torch.linspace(-3, 3, 7, dtype=torch.float64, requires_grad=True)
     for name, fn in tables.ACTIVATIONS.items():  # the hand-written derivative agrees with autograd's
         (expected,) = torch.autograd.grad(fn(x).sum(), x)
-        torch.testing.assert_close(routed._act_backward(name, torch.ones_like(x), x.detach()), expected)
+        torch.testing.assert_close(routed_grouping._act_backward(name, torch.ones_like(x), x.detach()), expected)

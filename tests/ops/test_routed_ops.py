@@ -30,17 +30,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import sparsify.ops  # noqa: F401  (registers sparsify::mlp)
 import sparsify.ops.routed as routed
+import sparsify.ops.routed_grouping as routed_grouping
 from sparsify.ops.mlp import mlp_reference
-from sparsify.ops.routed import (
-    TORCH_GROUPED,
-    Grouping,
-    cluster_neurons,
-    fit_router,
-    init_router,
-    route,
-    routed_flops,
-    routed_reference,
-)
+from sparsify.ops.routed import routed_flops, routed_reference
+from sparsify.ops.routed_grouping import TORCH_GROUPED, Grouping, route
+from sparsify.ops.routed_init import cluster_neurons, fit_router, init_router
 
 routed_op = torch.ops.sparsify.routed_mlp
 routed_bwd = torch.ops.sparsify.routed_mlp_backward
@@ -324,7 +318,7 @@ def test_dropout_replayed_in_backward():
 
 
 def test_dropout_rate_and_p_one():
-    keep = routed._keep_mask(64, 64, 0.25, torch.tensor(5), "cpu")
+    keep = routed_grouping._keep_mask(64, 64, 0.25, torch.tensor(5), "cpu")
     assert abs(keep.float().mean().item() - 0.75) < 0.05
     args = make_routed(_gen(12), lead=(64,), requires_grad=False, dropout_p=1.0)
     args[6] = None  # no down bias: everything dropped gives exact zeros (no NaN from 0 / 0)

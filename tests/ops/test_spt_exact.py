@@ -18,7 +18,7 @@ import sparsify.ops  # noqa: F401  (registers the ops)
 from families import assert_compiled_matches_eager, op_flops, tiny_inputs, tiny_model
 from op_inputs import (HYP, RANDOM_ALLOWED, STRUCTURED_ALLOWED, gen as _gen, opcheck_ok as _ok, random_allowed,
                        structured_allowed)
-from sparsify.ops.spt import selection_recall
+from sparsify.ops.key_select import selection_recall
 from sparsify.methods.spt import CODEBOOK
 from test_spt_block_ops import brute_select_blocks
 from test_spt_ops import STRUCTURED_SHAPES, brute_select
@@ -83,10 +83,10 @@ def test_qk_select_has_recall_one_and_chunks_consistently(monkeypatch):
     for allowed in (torch.rand(2, 1, 1, 40, generator=g) < 0.8,     # key padding
                     torch.rand(2, 1, 40, 40, generator=g) < 0.5,    # row by row (an HF mask)
                     torch.rand(2, 4, 40, 40, generator=g) < 0.5):   # per head
-        monkeypatch.setattr(sparsify.ops.spt, "_CHUNK_ELEMS", 1 << 24)
+        monkeypatch.setattr(sparsify.ops.key_select, "_CHUNK_ELEMS", 1 << 24)
         index, valid = qk_select(q, k, 5, True, allowed)
         assert selection_recall(q, k, index, valid, 5, True, allowed) == 1.0
-        monkeypatch.setattr(sparsify.ops.spt, "_CHUNK_ELEMS", 37)  # a few rows per chunk: the mask's rows follow
+        monkeypatch.setattr(sparsify.ops.key_select, "_CHUNK_ELEMS", 37)  # a few rows per chunk: the mask's rows follow
         again = qk_select(q, k, 5, True, allowed)
         assert torch.equal(again[0], index) and torch.equal(again[1], valid)
     # recall reads the mask: the top-5 chosen without it keeps keys the mask forbids, measured below 1

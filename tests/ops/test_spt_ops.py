@@ -1,5 +1,5 @@
-"""Tests for the SPT ops (sparsify/ops/spt.py): pq_encode, pq_select, spt_attention (+ backward),
-codebook_loss, aux_loss, selection_recall, FLOP formulas.
+"""Tests for the SPT ops (sparsify/ops/key_select.py, sparsify/ops/spt.py): pq_encode, pq_select,
+spt_attention (+ backward), codebook_loss, aux_loss, selection_recall, FLOP formulas.
 
 What is checked:
   * torch.library.opcheck on every op (schema, fake kernel, autograd registration, AOT dispatch);
@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparsify.ops  # noqa: F401  (registers sparsify::attention, the dense op)
-import sparsify.ops.spt as spt
+import sparsify.ops.key_select as key_select
 import sparsify.ops.aux_loss as aux_loss_ops
 from sparsify.ops._vjp import seeded_dropout
 from op_inputs import (HYP, RANDOM_ALLOWED, STRUCTURED_ALLOWED, allowed_at, gen as _gen, opcheck_ok as _ok,
@@ -488,8 +488,8 @@ def test_row_chunking_gives_identical_results(monkeypatch):
         return (index, valid, out, lse, *torch.autograd.grad(out.sum(), (q, k, v, mask)))
 
     whole = run()
-    monkeypatch.setattr(spt, "_CHUNK_ELEMS", 64)  # a few rows per chunk
-    assert len(list(spt._row_chunks(9, 2 * 4 * 4 * 16))) == 9
+    monkeypatch.setattr(key_select, "_CHUNK_ELEMS", 64)  # a few rows per chunk
+    assert len(list(key_select._row_chunks(9, 2 * 4 * 4 * 16))) == 9
     for a, b in zip(run(), whole):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
@@ -633,7 +633,7 @@ def test_codebook_loss_value_and_gradient_flow():
     g = _gen(15)
     z = _randn(g, 2, 3, 5, 16, dtype=torch.float64, requires_grad=True)
     cb = _randn(g, 2, 8, 8, dtype=torch.float64, requires_grad=True)
-    loss = spt.codebook_loss(z, cb)
+    loss = key_select.codebook_loss(z, cb)
     assert loss.dim() == 0
     torch.testing.assert_close(loss, _codebook_loss_loops(z, cb))
     dz, dcb = torch.autograd.grad(loss, (z, cb))
@@ -650,14 +650,14 @@ def test_codebook_loss_half_input_and_training_reduces_it():
     g = _gen(16)
     z = _randn(g, 1, 2, 64, 16)
     cb = torch.nn.Parameter(_randn(g, 2, 16, 8))
-    assert spt.codebook_loss(z.half(), cb).dtype == torch.float32
+    assert key_select.codebook_loss(z.half(), cb).dtype == torch.float32
     opt = torch.optim.Adam([cb], lr=0.05)
-    first = spt.codebook_loss(z, cb).item()
+    first = key_select.codebook_loss(z, cb).item()
     for _ in range(30):
         opt.zero_grad()
-        spt.codebook_loss(z, cb).backward()
+        key_select.codebook_loss(z, cb).backward()
         opt.step()
-    assert spt.codebook_loss(z, cb).item() < 0.8 * first
+    assert key_select.codebook_loss(z, cb).item() < 0.8 * first
 
 
 def test_aux_loss_injects_weighted_gradient():
@@ -669,7 +669,7 @@ def test_aux_loss_injects_weighted_gradient():
 
     def run(inject):
         y = torch.tanh(x @ w)
-        aux = spt.codebook_loss(y, cb)
+        aux = key_select.codebook_loss(y, cb)
         if inject:
             out = aux_loss(y, aux, weight, "pq_test")
             total = (out.sin() ** 2).sum()
@@ -701,7 +701,7 @@ def test_selection_recall_exact_cases():
     qc, kc = pq_encode(q, cb), pq_encode(k, cb)
     for causal in (False, True):
         index, valid = pq_select(qc, kc, lk, causal, None)  # keep == Lk: everything allowed is kept
-        assert spt.selection_recall(q, k, index, valid, lk, causal) == 1.0
+        assert key_select.selection_recall(q, k, index, valid, lk, causal) == 1.0
 
     # codes that are exact: 4 clusters of orthogonal codewords; a query's code matches exactly its
     # cluster's keys, which are also its true top-4 by q . k
@@ -714,10 +714,10 @@ def test_selection_recall_exact_cases():
     k = k + 0.01 * torch.randn(k.shape, generator=g)
     q = torch.cat([basis[query_cluster], basis[query_cluster]], -1).view(1, 1, 5, 16)
     index, valid = pq_select(pq_encode(q, cb), pq_encode(k, cb), keep, False, None)
-    assert spt.selection_recall(q, k, index, valid, keep, False) == 1.0
+    assert key_select.selection_recall(q, k, index, valid, keep, False) == 1.0
     # and a poor pattern is measured as poor
     worst = torch.stack([(key_cluster != c).nonzero().flatten()[:keep] for c in query_cluster]).view(1, 1, 5, keep)
-    assert spt.selection_recall(q, k, worst.int(), torch.ones_like(worst, dtype=torch.bool), keep, False) == 0.0
+    assert key_select.selection_recall(q, k, worst.int(), torch.ones_like(worst, dtype=torch.bool), keep, False) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -810,7 +810,7 @@ def test_compile_aot_eager_matches_eager():
     def f(q, k, v, cb):
         index, valid = pq_select(pq_encode(q, cb), pq_encode(k, cb), 3, True, allowed)
         out, _, _ = spt_attention(q, k, v, index, valid, None, 0.25, 0.0)
-        aux = spt.codebook_loss(q, cb) + spt.codebook_loss(k, cb)
+        aux = key_select.codebook_loss(q, cb) + key_select.codebook_loss(k, cb)
         return aux_loss(out, aux, 0.01, "compile_test")
 
     leaves = (q, k, v, cb)

@@ -1,0 +1,184 @@
+"""The hand-written backward of sparsify::routed_mlp (ops/routed.py), written once against a grouped-primitives
+implementation (ops/routed_grouping.py TORCH_GROUPED, or codegen/grouped_gemm.py's Triton kernels).
+
+Backward (sparsify::routed_mlp_backward, hand-written) and its memory
+--------------------------------------------------------------------
+Saved for backward: the inputs (x and the parameters, which exist anyway), block_ids (int32 [T, top_k])
+and the seed: per token d * sizeof(x) + 4 * top_k bytes of activations. Everything else is recomputed:
+p (router GEMM, 2*T*blocks*d FLOPs: about 1/F of the MLP), the grouping (a sort of T*top_k ints) and the
+pre-activations (the up GEMMs). Saving the pre-activations instead would cost T * top_k * fb (x2 when
+gated) values per layer, that is top_k/blocks of the dense MLP's hidden activation, for saving
+(1 or 2) * 2*T*top_k*fb*d FLOPs; SPT's goal is memory, and the dense ops checkpoint the same way.
+    recompute  u_P = W_P x + b_P, l_P = B_P (A_P x), z_P = g u_P + s_P l_P, h, hd = dropout(h)
+    down       v = W_down^T dy (per block);  dhd = g v + s_down A_down^T (B_down^T dy)
+               dW_down[:, n] = sum_a g hd dy^T;  db_down = sum_t dy;  dg += hd . v
+               LoRA: Z = A_down hd (scatter), dB_down = s dy^T Z, dA_down[:, n] = s sum_a (dy B_down) hd^T
+    dropout    dh = dhd * keep / (1 - p)      (the same seeded mask)
+    activation plain dz_up = act'(z_up) dh;   gated dz_up = dh act(z_gate), dz_gate = act'(z_gate) dh z_up
+    up, gate   dg += dz . u;  dW[n] = sum_a g dz x^T;  db[n] = sum_a g dz;  dx += sum_a g W[n]^T dz
+               LoRA: dB[n] = s sum_a dz (A x)^T;  Q = sum_a B[n]^T dz;  dx += s Q A;  dA = s Q^T x
+    router     dp = 2 dg (sigmoid2p), dlogits = dp p (1 - p);  dW_r = dlogits^T x, db_r = sum dlogits,
+               dx += dlogits W_r
+Only the gradients asked for are computed (frozen base weights skip their wgrad GEMMs).
+
+The 16 tensors and their gradients are addressed by name (ops/operands.py RoutedTensors): `needs` and `grads`
+are dicts keyed by field, and the up / gate projections are walked by name.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._vjp import _acc_dtype
+from .mlp import ACTIVATIONS
+from .operands import PROJECTIONS, RoutedTensors, projection_fields
+from .routed_grouping import Grouping, _act_backward, _sorted_dropout, router_probs, sorted_gate
+
+
+def _backward(impl, grad_out, tensors, block_ids, seed, lora_scales, blocks, top_k, gate, activation,
+              dropout_p, needs_grad) -> list[Tensor]:
+    """Gradients of the 16 tensors (RoutedTensors order), empty where not asked for; see the module docstring."""
+    ts = RoutedTensors(*tensors)
+    needs = ts.grad_needs(needs_grad)
+    x, gate_w, down_w, down_a, down_bb = ts.x, ts.gate_w, ts.down_w, ts.down_lora_a, ts.down_lora_b
+    names = ("up", "gate") if gate_w is not None else ("up",)  # the projections in front of the activation
+    scale = dict(zip(PROJECTIONS, lora_scales))
+    d, d_out, d_ff = x.shape[-1], down_w.shape[0], ts.up_w.shape[0]
+    fb = d_ff // blocks
+    dtype = x.dtype
+    acc = _acc_dtype(dtype)
+    x2 = x.reshape(-1, d)
+    dy = grad_out.reshape(-1, d_out)
+    t = x2.shape[0]
+    grp = Grouping(block_ids, blocks, ts.neuron_order)
+    router_grad = gate == "sigmoid2p" and (needs["router_w"] or needs["router_b"] or needs["x"])
+    p = router_probs(x2, ts.router_w, ts.router_b) if gate == "sigmoid2p" else None
+    g = None if p is None else sorted_gate(p, block_ids, grp, gate)
+    grads: dict[str, Tensor] = {}
+    dx = torch.zeros(t, d, dtype=acc, device=x.device) if needs["x"] else None
+    dg = torch.zeros(grp.assignments, dtype=acc, device=x.device) if router_grad else None
+    if needs["down_b"]:
+        grads["down_b"] = dy.sum(0, dtype=acc)
+    tok, off, perm = grp.tok, grp.offsets, grp.perm
+    a_count = grp.assignments
+
+    def scaled(v):  # g * v per sorted row (g = 1 for gate "none")
+        return v if g is None else v * g[:, None].to(v.dtype)
+
+    # 1. recompute the pre-activations (fp32 buffers for half inputs)
+    def recompute(name):
+        w, b, la, lb = (getattr(ts, f) for f in projection_fields(name))
+        u = impl.up(x2, w, tok, off, fb, perm=perm, bias=b, out_dtype=acc)
+        xa = None
+        z = scaled(u)
+        if la is not None:
+            xa = F.linear(x2, la)
+            z = z + impl.up(xa, lb, tok, off, fb, perm=perm, out_dtype=acc) * scale[name]
+        return u, z, xa
+
+    if a_count:
+        u, z, xa = {}, {}, {}  # per projection name
+        for name in names:
+            u[name], z[name], xa[name] = recompute(name)
+        if gate_w is not None:
+            act_g = ACTIVATIONS[activation](z["gate"])
+            h = act_g * z["up"]
+        else:
+            h = ACTIVATIONS[activation](z["up"])
+        hd = _sorted_dropout(h, grp, fb, dropout_p, seed)
+
+        # 2. down projection
+        need_dh = needs["x"] or any(needs[f] for name in names for f in projection_fields(name)) or router_grad
+        hd_w = hd.to(dtype)
+        if needs["down_w"]:  # written through the transposed view: neuron n is a column of W_down
+            grads["down_w"] = torch.empty(d_out, d_ff, dtype=acc, device=x.device)
+            impl.wgrad(scaled(hd).to(dtype), dy, tok, off, grads["down_w"].t(), perm=perm)
+        dhd = None
+        if need_dh:
+            v = impl.up(dy, down_w.t(), tok, off, fb, perm=perm, out_dtype=acc)
+            if dg is not None:
+                dg += (hd * v).sum(1)
+            dhd = scaled(v)
+        if down_a is not None:
+            dyb = F.linear(dy, down_bb.t())                                        # [T, r]
+            if need_dh:
+                dhd = dhd + impl.up(dyb, down_a.t(), tok, off, fb, perm=perm, out_dtype=acc) * scale["down"]
+            if needs["down_lora_b"]:
+                zd = torch.zeros(t, down_a.shape[0], dtype=acc, device=x.device)
+                impl.down(hd_w, down_a, tok, off, zd, perm=perm)
+                grads["down_lora_b"] = (dy.t().to(acc) @ zd) * scale["down"]
+            if needs["down_lora_a"]:
+                grads["down_lora_a"] = torch.empty(down_a.shape[0], d_ff, dtype=acc, device=x.device)
+                impl.wgrad(hd_w, (dyb.to(acc) * scale["down"]).to(dtype), tok, off, grads["down_lora_a"].t(),
+                           perm=perm)
+
+        # 3. dropout, activation
+        if need_dh:
+            dh = _sorted_dropout(dhd, grp, fb, dropout_p, seed)
+            if gate_w is not None:
+                dz = {"up": dh * act_g, "gate": _act_backward(activation, dh * z["up"], z["gate"])}
+            else:
+                dz = {"up": _act_backward(activation, dh, z["up"])}
+
+            # 4. up / gate projections
+            for name in names:
+                f_w, f_b, f_la, f_lb = projection_fields(name)
+                w, la, lb, s = getattr(ts, f_w), getattr(ts, f_la), getattr(ts, f_lb), scale[name]
+                if dg is not None:
+                    dg += (dz[name] * u[name]).sum(1)
+                gdz = scaled(dz[name])
+                gdz_w = gdz.to(dtype)
+                if needs[f_w]:
+                    dw = torch.empty(d_ff, d, dtype=acc, device=x.device)
+                    grads[f_w] = impl.wgrad(gdz_w, x2, tok, off, dw, perm=perm)
+                if needs[f_b]:
+                    db = torch.zeros(blocks, fb, dtype=acc, device=x.device).index_add_(0, grp.blk, gdz)
+                    db = db.reshape(-1)
+                    if perm is not None:
+                        db = torch.empty_like(db).index_copy_(0, perm, db)
+                    grads[f_b] = db
+                if needs["x"]:
+                    impl.down(gdz_w, w.t(), tok, off, dx, perm=perm)
+                if la is not None and (needs[f_la] or needs[f_lb] or needs["x"]):
+                    dz_w = dz[name].to(dtype)
+                    if needs[f_lb]:
+                        dlb = torch.empty(d_ff, la.shape[0], dtype=acc, device=x.device)
+                        impl.wgrad(dz_w, (xa[name].to(acc) * s).to(dtype), tok, off, dlb, perm=perm)
+                        grads[f_lb] = dlb
+                    if needs[f_la] or needs["x"]:
+                        q = torch.zeros(t, la.shape[0], dtype=acc, device=x.device)
+                        impl.down(dz_w, lb.t(), tok, off, q, perm=perm)
+                        q = q * s
+                        if needs[f_la]:
+                            grads[f_la] = q.t() @ x2.to(acc)
+                        if needs["x"]:
+                            dx += q @ la.to(acc)
+    else:  # T == 0: only zero gradients
+        pass
+
+    # 5. router
+    if router_grad and p is not None:
+        dp = torch.zeros_like(p)
+        if a_count:
+            dp.scatter_(1, block_ids.long(), 2.0 * grp.unsort(dg))
+        dlogits = dp * p * (1.0 - p)
+        if needs["router_w"]:
+            grads["router_w"] = dlogits.t() @ x2.to(dlogits.dtype)
+        if needs["router_b"]:
+            grads["router_b"] = dlogits.sum(0)
+        if needs["x"]:
+            dx += (dlogits @ ts.router_w.to(dlogits.dtype)).to(acc)
+
+    if needs["x"]:
+        grads["x"] = dx.reshape(x.shape)
+    result = []
+    for field, tns in zip(ts._fields, ts):
+        gr = grads.get(field)
+        if not needs[field]:
+            result.append(grad_out.new_empty(0))
+        elif gr is None:  # asked for but no dependence (e.g. router with gate "none", T == 0)
+            result.append(torch.zeros(tns.shape, dtype=tns.dtype, device=tns.device))
+        else:
+            result.append(gr.to(tns.dtype).reshape(tns.shape).contiguous())
+    return result
