@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import sparsify
 from sparsify.methods.deft import stack_of
+from sparsify.ops.aux_loss import AUX_LOSSES
 from families import FAMILIES, first_output, grads_of, tiny_inputs, tiny_model
 
 # the activation module of each family's MLP (what the authors hook: RoBERTa's intermediate_act_fn, T5's act)
@@ -58,7 +59,8 @@ def compare_with_hand(model, family, inputs, options, weight, eps, token_mask=No
     torch.testing.assert_close(out, reference, atol=atol, rtol=0)  # outputs unchanged
     out.square().mean().backward()  # the task loss alone: the density gradient is injected
     got = grads_of(model)
-    assert set(got) == set(expected)
+    # parameters eager leaves without a gradient (BERT's pooler, outside the loss) get zeros from AOTAutograd
+    assert set(got) >= set(expected) and all(not got[n].any() for n in set(got) - set(expected))
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, atol=atol, rtol=1e-4, msg=name)
     return report, hand
@@ -67,6 +69,7 @@ def compare_with_hand(model, family, inputs, options, weight, eps, token_mask=No
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradient_equals_task_plus_density_loss(family):
     torch._dynamo.reset()
+    AUX_LOSSES.clear()
     model = tiny_model(family)
     inputs = tiny_inputs(family)
     report, hand = compare_with_hand(model, family, inputs, deft(weight=0.7), 0.7, 1e-7)
@@ -74,23 +77,24 @@ def test_gradient_equals_task_plus_density_loss(family):
     assert rows and all(r.decision == "deft (density loss)" for r in rows), report
     # the recorded loss terms add up to the hand-computed L_density
     recorded = sum(v for k, v in sparsify.aux_losses().items() if k.startswith("train:"))
-    assert recorded == pytest.approx(float(hand), rel=1e-5)
+    assert recorded == pytest.approx(hand.item(), rel=1e-5)
     if family == "t5":  # encoder and decoder are two stacks, each averaged over its own layers
-        assert {r.facts["stack"] for r in rows} == {"encoder.block.*.layer.1.DenseReluDense",
-                                                    "decoder.block.*.layer.2.DenseReluDense"}
+        assert {r.facts["stack"] for r in rows} == {"encoder.block.*.layer.*.DenseReluDense",
+                                                    "decoder.block.*.layer.*.DenseReluDense"}
 
 
 def test_mask_padding_leaves_padding_out():
     torch._dynamo.reset()
     model = tiny_model("bert")
     inputs = tiny_inputs("bert", padded=True)
-    report, _ = compare_with_hand(model, "bert", inputs, deft(mask_padding=True), 1.0, 1e-7,
-                                  token_mask=inputs["attention_mask"])
+    report, masked = compare_with_hand(model, "bert", inputs, deft(mask_padding=True), 1.0, 1e-7,
+                                       token_mask=inputs["attention_mask"])
     assert all(r.facts["padding"] == "masked" for r in report.regions if r.kind == "mlp")
     # without the mask the padding counts: a different loss (the padded row has 3 padding tokens)
     torch._dynamo.reset()
     model = tiny_model("bert")
-    compare_with_hand(model, "bert", inputs, deft(), 1.0, 1e-7, token_mask=None)
+    _, counted = compare_with_hand(model, "bert", inputs, deft(), 1.0, 1e-7, token_mask=None)
+    assert abs(masked.item() - counted.item()) > 1e-6
 
 
 def test_mask_padding_without_an_attention_mask_warns_and_says_why():
