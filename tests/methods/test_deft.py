@@ -218,3 +218,54 @@ def test_between_steps_logs_the_metrics():
     trainer_logs = {"loss": 1.0}
     callback.on_log(None, None, None, logs=trainer_logs)
     assert trainer_logs["deft/train/density"] == logs["deft/train/density"] and trainer_logs["loss"] == 1.0
+
+
+# --- under peft: base weights frozen, only the adapters train ------------------------------------------------------
+
+LORA_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "t5": ["q", "v"],
+                "llama": ["q_proj", "v_proj"]}
+
+
+def _peft_model(family, kind):
+    peft = pytest.importorskip("peft")
+    import transformers
+    from families import tiny_config
+
+    torch.manual_seed(0)
+    if kind == "lora":  # the paper's setting: r=8, alpha=16, dropout 0.1 on query / value
+        config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=LORA_TARGETS[family])
+        base = tiny_model(family)
+    elif kind == "prefix":  # 60 virtual tokens, as the paper
+        task = "CAUSAL_LM" if family == "llama" else "SEQ_2_SEQ_LM"
+        auto = transformers.AutoModelForCausalLM if family == "llama" else transformers.AutoModelForSeq2SeqLM
+        base = auto.from_config(tiny_config(family), attn_implementation="eager")
+        config = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=60)
+    else:  # (IA)3 on keys and values
+        config = peft.IA3Config(target_modules=LORA_TARGETS[family][:1] + (["key"] if family != "llama" else ["k_proj"]),
+                                feedforward_modules=[])
+        base = tiny_model(family)
+    model = peft.get_peft_model(base, config)
+    # dropout (LoRA's 0.1) draws different masks in eager and compiled runs: compare in eval mode, where it is
+    # off; grad mode still makes these training graphs (the adapters require grad)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family, kind", [("bert", "lora"), ("roberta", "lora"), ("t5", "lora"), ("llama", "lora"),
+                                          ("t5", "prefix"), ("llama", "prefix"), ("t5", "ia3"), ("llama", "ia3")])
+def test_under_peft_the_adapters_get_the_density_gradient(family, kind):
+    torch._dynamo.reset()
+    model = _peft_model(family, kind)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in n or "prompt_encoder" in n or "ia3" in n or "classifier" in n or "score" in n
+                             for n in trainable)
+    inputs = tiny_inputs(family)
+    report, hand = compare_with_hand(model, family, inputs, deft(), 1.0, 1e-7)
+    rows = [r for r in report.regions if r.kind == "mlp"]
+    assert rows and all(r.decision == "deft (density loss)" for r in rows), report
+    assert all(r.module.startswith("base_model.") for r in rows)  # paths as model.named_modules() of the PeftModel
+    # the density term moves the adapters: without it their gradient differs
+    with_density = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    first_output(model(**inputs)).square().mean().backward()
+    task_only = grads_of(model)
+    assert any(not torch.allclose(with_density[n], task_only[n]) for n in task_only), "density gradient is zero"
