@@ -10,12 +10,17 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/families.py
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """Skips `gpu` tests where there is no CUDA device, and `wide` cases (the wider families / peft methods of a
+    differential test) unless -m selects them: `python -m pytest -q -n 2 -m wide` runs those, and the default
+    suite stays inside CI's time budget."""
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    narrow = "wide" not in (config.getoption("markexpr") or "")
+    not_wide = pytest.mark.skip(reason="a wide case: run with -m wide")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "wide" in item.keywords and narrow:
+            item.add_marker(not_wide)
 
 
 @pytest.fixture(autouse=True)
@@ -41,3 +46,4 @@ def interpreter(kernel_cache_dir, monkeypatch):
     import triton.language  # noqa: F401
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+

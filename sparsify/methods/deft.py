@@ -25,8 +25,8 @@ from typing import Optional
 import torch
 from torch.fx import Node
 
-from ..config import boolean, patterns, real
-from ..passes.fx_utils import insert_call, shape, value
+from ..config import boolean, choice, integer, patterns, real
+from ..passes.fx_utils import erase_unused, insert_call, shape, value
 from .base import Method, register
 
 DEFT_NAME = "deft"
@@ -44,6 +44,12 @@ class DeftOptions:
                   reproduces the authors, who count them
     tau:          the |a| <= tau threshold of the near-zero density, reported beside the exact one (activations
                   such as SiLU are never exactly zero), a real >= 0
+    inference:    eval graphs' down projections: "dense" (as written), "sparse" (sparsify::sparse_down: only the
+                  non-zero activations are read; exact), or "auto": sparse where this layer's density measured in
+                  training (sparsify.activation_density, this process) is at most switch_density
+    switch_density: the density at or below which "auto" takes the sparse path (benchmarks/deft_inference.py
+                  measures and models where it pays)
+    block_t:      tokens per tile sharing one union of active neurons in the sparse path (16..256, a power of 2)
     """
     weight: float = real(1.0, low=0.0)
     eps: float = real(1e-7, low=0.0, low_open=True)
@@ -51,6 +57,9 @@ class DeftOptions:
     measure_only: bool = boolean(False)
     mask_padding: bool = boolean(False)
     tau: float = real(1e-3, low=0.0)
+    inference: str = choice("dense", "sparse", "auto")
+    switch_density: float = real(0.25, low=0.0, high=1.0)
+    block_t: int = integer(16, low=16, among=(16, 32, 64, 128, 256))
 
 
 def stack_of(module: str) -> str:
@@ -86,7 +95,7 @@ class Deft(Method):
     name = DEFT_NAME
     kinds = ("mlp",)
     options = DeftOptions
-    report_facts = ("stack", "exact_zeros", "padding")
+    report_facts = ("stack", "exact_zeros", "padding", "inference")
 
     def decision(self, region, options, mode):
         if mode == "train" and not options.measure_only:
@@ -131,6 +140,8 @@ class Deft(Method):
         region.facts["exact_zeros"] = ("yes" if a_value is None or exact_zeros(region.facts.get("activation"), a_value.dtype)
                                        else f"never in {a_value.dtype} (read density_tau)")
         region.facts["padding"] = "masked" if token_mask is not None else "counted"
+        if mode == "eval":
+            region.facts["inference"] = self._inference_path(gm, region, options, mode)
         users = [u for u in region.output.users]
         with graph.inserting_before(region.output.next):  # in order, right after the MLP output
             counts = insert_call(graph, density_counts, (a, float(options.tau), float(options.eps), token_mask),
@@ -145,6 +156,35 @@ class Deft(Method):
                 out = insert_call(graph, torch.ops.sparsify.observe.default, (region.output, counts, name), like=like)
         for user in users:
             user.replace_input_with(region.output, out)
+
+    def _inference_path(self, gm, region, options, mode) -> str:
+        """Rewrite the down projection into sparsify::sparse_down where the options and the layer allow; the
+        report's "inference" fact says which path the layer took and why."""
+        from ..ops.density import activation_density
+
+        down = region.facts["_match"][2]
+        if options.inference == "dense":
+            return "dense (options.mlp.inference='dense')"
+        if options.inference == "auto":
+            measured = activation_density().get(metric_name("train", region.module))
+            if measured is None:
+                return "dense (auto: no training density measured for this layer in this process)"
+            if measured["density"] > options.switch_density:
+                return f"dense (auto: density {measured['density']:.2f} > switch_density {options.switch_density:g})"
+        if down.lora_a is not None:
+            return "dense (the down projection has a LoRA adapter: merge it first, peft's merge_and_unload)"
+        if region.facts.get("dropout_p"):
+            return "dense (dropout before the down projection is active)"
+        graph = gm.graph
+        with graph.inserting_before(down.output):
+            new = insert_call(graph, torch.ops.sparsify.sparse_down.default,
+                              (down.x, down.weight, down.bias, int(options.block_t)), like=down.output)
+        new.meta["sparsify_module"] = region.module
+        down.output.replace_all_uses_with(new)
+        erase_unused([down.output, *down.nodes])
+        if region.output is down.output:
+            region.output = new
+        return f"sparse (block_t={options.block_t})"
 
     def metrics(self, options, reset: bool = True) -> dict:
         from ..ops.density import activation_density

@@ -4,6 +4,7 @@
     sparsify::routed_mlp (+ bwd)  ops/routed.py routed_mlp_cuda / routed_mlp_backward_cuda (grouped GEMMs)
     sparsify::pq_encode, pq_select       codegen/pq_kernels.py
     sparsify::spt_attention (+ bwd), block_sparse_attention (+ bwd)   codegen/spt_attention.py, below
+    sparsify::sparse_down         codegen/sparse_down.py (DEFT inference: the non-zero activations only)
 
 What a kernel does not cover falls back to the op's plain-torch reference on the same device (the
 same math, unfused), so a CUDA tensor never meets an unsupported kernel; the SPT attention ops':
@@ -20,6 +21,7 @@ from .mlp import mlp_cuda
 from .routed import routed_mlp_backward_cuda, routed_mlp_cuda
 from .spt import spt_attention_backward_reference, spt_attention_reference
 from .spt_block import block_sparse_attention_backward_reference, block_sparse_attention_reference
+from .sparse_down import sparse_down_reference
 
 from ..tables import KERNEL_DTYPES  # noqa: E402
 
@@ -98,3 +100,12 @@ def _pq_select_cuda(q_codes, k_codes, keep, causal, allowed):
 torch.library.register_kernel("sparsify::mlp", "cuda")(mlp_cuda)
 torch.library.register_kernel("sparsify::routed_mlp", "cuda")(routed_mlp_cuda)
 torch.library.register_kernel("sparsify::routed_mlp_backward", "cuda")(routed_mlp_backward_cuda)
+
+
+@torch.library.register_kernel("sparsify::sparse_down", "cuda")
+def _sparse_down_cuda(h, w, b, block_t):
+    if h.dtype not in KERNEL_DTYPES:
+        return sparse_down_reference(h, w, b, block_t)
+    from ..codegen.sparse_down import sparse_down_triton
+    out = sparse_down_triton(h.reshape(-1, h.shape[-1]), w, b, block_t)
+    return out.reshape(*h.shape[:-1], w.shape[0])

@@ -66,7 +66,11 @@ def compare_with_hand(model, family, inputs, options, weight, eps, token_mask=No
     return report, hand
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+WIDE = pytest.mark.wide
+
+
+@pytest.mark.parametrize("family", [f if f in ("bert", "llama", "t5") else pytest.param(f, marks=WIDE)
+                                    for f in FAMILIES])
 def test_gradient_equals_task_plus_density_loss(family):
     torch._dynamo.reset()
     AUX_LOSSES.clear()
@@ -250,8 +254,10 @@ def _peft_model(family, kind):
     return model.eval()
 
 
-@pytest.mark.parametrize("family, kind", [("bert", "lora"), ("roberta", "lora"), ("t5", "lora"), ("llama", "lora"),
-                                          ("t5", "prefix"), ("llama", "prefix"), ("t5", "ia3"), ("llama", "ia3")])
+@pytest.mark.parametrize("family, kind", [("bert", "lora"), pytest.param("roberta", "lora", marks=WIDE),
+                                          pytest.param("t5", "lora", marks=WIDE), ("llama", "lora"),
+                                          pytest.param("t5", "prefix", marks=WIDE), ("llama", "prefix"),
+                                          ("t5", "ia3"), pytest.param("llama", "ia3", marks=WIDE)])
 def test_under_peft_the_adapters_get_the_density_gradient(family, kind):
     torch._dynamo.reset()
     model = _peft_model(family, kind)
@@ -269,3 +275,57 @@ def test_under_peft_the_adapters_get_the_density_gradient(family, kind):
     first_output(model(**inputs)).square().mean().backward()
     task_only = grads_of(model)
     assert any(not torch.allclose(with_density[n], task_only[n]) for n in task_only), "density gradient is zero"
+
+
+# --- inference: the down projection reads only the non-zero activations ---------------------------------------------
+
+def _eval_run(model, family, options, monkeypatch):
+    import sparsify.ops.sparse_down as sd
+    calls = []
+    reference = sd.sparse_down_reference
+    monkeypatch.setattr(sd, "sparse_down_reference", lambda *a: calls.append(1) or reference(*a))
+    inputs = tiny_inputs(family)
+    with torch.no_grad():
+        expected = first_output(model(**inputs))
+        got = first_output(torch.compile(model, backend="sparsify", options=options)(**inputs))
+    rows = [r for r in sparsify.last_report().regions if r.kind == "mlp"]
+    return expected, got, rows, len(calls)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "gpt2", "t5"])
+def test_sparse_inference_equals_eager(family, monkeypatch):
+    torch._dynamo.reset()
+    model = tiny_model(family).eval()
+    expected, got, rows, calls = _eval_run(model, family, deft(inference="sparse"), monkeypatch)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert rows and all(r.facts["inference"] == "sparse (block_t=16)" for r in rows)
+    assert calls == len(rows)  # every MLP's down projection ran through sparsify::sparse_down
+
+
+def test_auto_inference_follows_the_measured_training_density(monkeypatch):
+    torch._dynamo.reset()
+    sparsify.activation_density(reset=True)
+    model = tiny_model("opt")
+    first_output(torch.compile(model, backend="sparsify", options=deft())(**tiny_inputs("opt"))).sum().backward()
+    density = sparsify.activation_density()["train:decoder.layers.0"]["density"]
+    assert 0.3 < density < 0.7
+    model.eval()
+    torch._dynamo.reset()
+    _, _, rows, calls = _eval_run(model, "opt", deft(inference="auto", switch_density=0.9), monkeypatch)
+    assert calls == 2 and all(r.facts["inference"].startswith("sparse") for r in rows)
+    torch._dynamo.reset()
+    _, _, rows, calls = _eval_run(model, "opt", deft(inference="auto", switch_density=0.1), monkeypatch)
+    assert calls == 0 and all("> switch_density 0.1" in r.facts["inference"] for r in rows)
+    sparsify.activation_density(reset=True)
+    torch._dynamo.reset()
+    _, _, rows, calls = _eval_run(model, "opt", deft(inference="auto"), monkeypatch)
+    assert calls == 0 and all("no training density measured" in r.facts["inference"] for r in rows)
+
+
+def test_sparse_inference_leaves_a_lora_down_projection_dense_and_says_why(monkeypatch):
+    peft = pytest.importorskip("peft")
+    torch._dynamo.reset()
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["down_proj"])).eval()
+    expected, got, rows, calls = _eval_run(model, "llama", deft(inference="sparse"), monkeypatch)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert calls == 0 and all("LoRA adapter" in r.facts["inference"] for r in rows)
