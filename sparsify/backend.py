@@ -35,7 +35,7 @@ def sparsify_backend(gm: GraphModule, example_inputs, options: Union[SparsifyCon
     if mode not in (None, "default"):
         raise ValueError(f"sparsify: torch.compile mode={mode!r} is not supported; pass options= instead")
     config = SparsifyConfig.from_options(options)
-    report = run_passes(gm, config, mode=guess_mode(example_inputs))
+    report = run_passes(gm, config, mode=guess_mode(example_inputs), example_inputs=example_inputs)
     _reports.append(report)
     del _reports[:-64]
     return _inner_compile(gm, example_inputs, config.inner)
@@ -97,7 +97,7 @@ def trace(model: torch.nn.Module, args: tuple, kwargs: dict, config: SparsifyCon
     mode = "train" if model.training else "eval"  # what a training (or inference) run of the model would compile
 
     def capture(gm: GraphModule, example_inputs) -> Callable:
-        reports.append(run_passes(gm, config, announce, mode, preparing))
+        reports.append(run_passes(gm, config, announce, mode, preparing, example_inputs))
         return runner(gm)
 
     with torch.no_grad(), _eager_calls(model):

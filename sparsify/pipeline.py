@@ -16,6 +16,7 @@ from .debug import Report, dump_graph, dump_report, log, region_reports, single_
 from .methods import method_for, report_facts
 from .methods.state import collect_state
 from .passes.canonicalize import canonicalize
+from .passes.fx_utils import REAL_VALUE
 from .passes.regions import Region, find_regions
 from .plan import plan_regions
 
@@ -23,13 +24,18 @@ _graph_counter = itertools.count()
 
 
 def run_passes(gm: GraphModule, config: SparsifyConfig, announce: bool = True, mode: str = "train",
-               preparing: Optional[SparsifyConfig] = None) -> Report:
+               preparing: Optional[SparsifyConfig] = None, example_inputs: Optional[list] = None) -> Report:
     """Rewrite `gm` in place; return what was found and decided. `announce`: warn about requested sparse
     methods that some regions did not get (explain() prints its report instead). `mode`: "train" or "eval"
     (methods/base.py guess_mode), which the methods may plan differently. `preparing`: sparsify.prepare's trace
     (its config asks the dense rewrite of every block, whose op calls it records; projections a linear method
-    would own are planned, not rewritten, so the method's prepare_region sees them)."""
+    would own are planned, not rewritten, so the method's prepare_region sees them). `example_inputs`: the real
+    tensors Dynamo compiles the graph for; a method may read a state's value at compile time (fx_utils.real_value:
+    ADA-DEFT's layer gates decide which layers an eval graph skips)."""
     graph_index = next(_graph_counter)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, example in zip(placeholders, example_inputs or ()):
+        node.meta[REAL_VALUE] = example
     single_handlers()
     dump_graph(config.dump, graph_index, "before", gm)
     canonical = canonicalize(gm)
@@ -42,6 +48,8 @@ def run_passes(gm: GraphModule, config: SparsifyConfig, announce: bool = True, m
             method_for(kind, region.method).rewrite(gm, region, getattr(config, kind), states, mode)
             rewritten += 1
     report = Report(region_reports(regions, graph_index, report_facts), graphs=1)
+    for node in placeholders:  # real tensors stay out of the graph Inductor caches
+        node.meta.pop(REAL_VALUE, None)
     gm.graph.lint()
     gm.recompile()
     if announce:

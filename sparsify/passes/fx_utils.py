@@ -88,6 +88,19 @@ def value(node: Any) -> Any:
     return node
 
 
+# node.meta key of a placeholder's real tensor while the passes run (pipeline.run_passes sets and removes it)
+REAL_VALUE = "sparsify_real_value"
+
+
+def real_value(node: Any) -> Optional[torch.Tensor]:
+    """The real tensor a placeholder holds in the call being compiled (a parameter's current value), or None when
+    the node is not a placeholder the backend was given an input for."""
+    if isinstance(node, Node):
+        v = node.meta.get(REAL_VALUE)
+        return v if isinstance(v, torch.Tensor) and not isinstance(v, torch._subclasses.FakeTensor) else None
+    return None
+
+
 def shape(node: Any) -> Optional[tuple]:
     v = value(node)
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
