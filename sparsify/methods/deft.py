@@ -19,7 +19,7 @@ between-steps adapter logs them). measure_only=True records without the loss (th
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -30,6 +30,19 @@ from ..passes.fx_utils import erase_unused, insert_call, shape, value
 from .base import Method, register
 
 DEFT_NAME = "deft"
+
+
+def _optional_fraction(value, config, where):
+    return None if value is None else _FRACTION(value, config, where)
+
+
+_FRACTION = real(0.0, low=0.0, high=1.0).metadata["check"]
+
+# "auto"'s switch density per device type when options.mlp.switch_density is None (None: never sparse), from
+# benchmarks/deft_inference.py: CPU measured (benchmarks/results/deft_inference_cpu.md: the CPU path, a gather
+# and matmul per token tile, is slower than dense at every density and token count measured); CUDA from the
+# H200 roofline model of the same script (a prediction: no GPU has run it)
+AUTO_SWITCH = {"cpu": None, "cuda": None}
 
 
 @dataclass
@@ -46,9 +59,10 @@ class DeftOptions:
                   such as SiLU are never exactly zero), a real >= 0
     inference:    eval graphs' down projections: "dense" (as written), "sparse" (sparsify::sparse_down: only the
                   non-zero activations are read; exact), or "auto": sparse where this layer's density measured in
-                  training (sparsify.activation_density, this process) is at most switch_density
-    switch_density: the density at or below which "auto" takes the sparse path (benchmarks/deft_inference.py
-                  measures and models where it pays)
+                  training (sparsify.activation_density, this process) is at most the switch density
+    switch_density: the density at or below which "auto" takes the sparse path, a real in [0, 1]; None (the
+                  default): the device's switch density, AUTO_SWITCH (measured on CPU, modelled for the H200 by
+                  benchmarks/deft_inference.py)
     block_t:      tokens per tile sharing one union of active neurons in the sparse path (16..256, a power of 2)
     """
     weight: float = real(1.0, low=0.0)
@@ -58,7 +72,7 @@ class DeftOptions:
     mask_padding: bool = boolean(False)
     tau: float = real(1e-3, low=0.0)
     inference: str = choice("dense", "sparse", "auto")
-    switch_density: float = real(0.25, low=0.0, high=1.0)
+    switch_density: Optional[float] = field(default=None, metadata={"check": _optional_fraction})
     block_t: int = integer(16, low=16, among=(16, 32, 64, 128, 256))
 
 
@@ -169,8 +183,16 @@ class Deft(Method):
             measured = activation_density().get(metric_name("train", region.module))
             if measured is None:
                 return "dense (auto: no training density measured for this layer in this process)"
-            if measured["density"] > options.switch_density:
-                return f"dense (auto: density {measured['density']:.2f} > switch_density {options.switch_density:g})"
+            switch = options.switch_density
+            if switch is None:
+                weight = value(down.weight)
+                device = weight.device.type if isinstance(weight, torch.Tensor) else "cpu"
+                switch = AUTO_SWITCH.get(device)
+                if switch is None:
+                    return (f"dense (auto: on {device} the sparse path was slower than dense at every density measured, "
+                            "benchmarks/deft_inference.py; set switch_density to force a threshold)")
+            if measured["density"] > switch:
+                return f"dense (auto: density {measured['density']:.2f} > switch_density {switch:g})"
         if down.lora_a is not None:
             return "dense (the down projection has a LoRA adapter: merge it first, peft's merge_and_unload)"
         if region.facts.get("dropout_p"):

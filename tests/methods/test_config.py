@@ -26,7 +26,7 @@ BAD_FIELDS = [
     ("attention", "score", "dot", r"choose one of \['codes', 'exact'\]"),
     *[("mlp", "blocks", v, "int >= 1") for v in (0, -4, 4.0, "4", True)],
     *[("mlp", "top_k", v, r"int in \[1, blocks=4\]") for v in (0, -1, 5, 2.0, "2", True)],
-    ("mlp", "method", "spt", r"choose one of \['dense', 'routed', 'deft', 'off'\]"),
+    ("mlp", "method", "spt", r"choose one of \['dense', 'routed', 'deft', 'ada_deft', 'off'\]"),
     ("mlp", "gate", "softmax", r"choose one of \['sigmoid2p', 'none'\]"),
     ("mlp", "block_order", "random", r"choose one of \['contiguous', 'clustered'\]"),
 ]
@@ -89,7 +89,7 @@ def test_good_values_are_accepted_and_normalised():
     ({"exclude": [None]}, "options.exclude", "None is not a string"),
     ({"attention": 5}, "options.attention", r"method name \['dense', 'spt', 'off'\], None or an instance"),
     ({"attention": MLPConfig()}, "options.attention", "AttentionConfig"),
-    ({"mlp": ["routed"]}, "options.mlp", r"method name \['dense', 'routed', 'deft', 'off'\]"),
+    ({"mlp": ["routed"]}, "options.mlp", r"method name \['dense', 'routed', 'deft', 'ada_deft', 'off'\]"),
 ])
 def test_bad_top_level_option(options, where, valid):
     with pytest.raises((ValueError, TypeError)) as error:
@@ -111,7 +111,7 @@ def test_method_name_shorthand(section, method):
 
 
 @pytest.mark.parametrize("section,valid", [("attention", r"\['dense', 'spt', 'off'\]"),
-                                           ("mlp", r"\['dense', 'routed', 'deft', 'off'\]")])
+                                           ("mlp", r"\['dense', 'routed', 'deft', 'ada_deft', 'off'\]")])
 def test_bad_shorthand_names_the_methods(section, valid):
     with pytest.raises(ValueError, match=rf"sparsify: options.{section}.method='sparse' is not valid; choose one of {valid}"):
         SparsifyConfig.from_options({section: "sparse"})

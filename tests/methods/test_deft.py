@@ -187,6 +187,9 @@ def test_eval_graph_measures_and_the_report_says_so():
     ({"tau": float("nan")}, "options.mlp.tau"),
     ({"layers": [3]}, "options.mlp.layers"),
     ({"measure_only": 1}, "options.mlp.measure_only"),
+    ({"switch_density": 1.5}, "options.mlp.switch_density=1.5 is not valid"),
+    ({"inference": "fast"}, "options.mlp.inference"),
+    ({"block_t": 24}, "options.mlp.block_t"),
 ])
 def test_bad_options_fail_when_made(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -316,6 +319,9 @@ def test_auto_inference_follows_the_measured_training_density(monkeypatch):
     torch._dynamo.reset()
     _, _, rows, calls = _eval_run(model, "opt", deft(inference="auto", switch_density=0.1), monkeypatch)
     assert calls == 0 and all("> switch_density 0.1" in r.facts["inference"] for r in rows)
+    torch._dynamo.reset()  # the device's switch density: on CPU the sparse path never paid (measured)
+    _, _, rows, calls = _eval_run(model, "opt", deft(inference="auto"), monkeypatch)
+    assert calls == 0 and all("on cpu the sparse path was slower" in r.facts["inference"] for r in rows)
     sparsify.activation_density(reset=True)
     torch._dynamo.reset()
     _, _, rows, calls = _eval_run(model, "opt", deft(inference="auto"), monkeypatch)
