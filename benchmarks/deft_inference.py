@@ -16,8 +16,9 @@ Real DEFT activations lie between the two; the union density of each case is in 
 What is measured: the median wall time of F.linear(h, w, b) against torch.ops.sparsify.sparse_down(h, w, b,
 block_t) (CPU: the op's reference, a gather + matmul per tile; CUDA: its Triton kernel), and of the whole MLP
 (up projection + GELU + down) with the dense or the sparse down projection. The roofline (H200: 790 TFLOP/s
-fp16 dense, 4.3 TB/s; 4 us per kernel launch; the assumptions are in roofline_ms) is a prediction, not a
-measurement.
+fp16 dense, 4.3 TB/s; 4 us per kernel launch; the assumptions are in sparsify/ops/sparse_down.py roofline_ms,
+which DEFT's inference="auto" uses on CUDA) is a prediction, not a measurement. W is stored as W^T rows for the sparse path (sparsify.prepare does that); dense reads the usual
+row-major W.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing  # noqa: E402
 
-H200 = {"flops": 790e12, "bytes_per_s": 4.3e12, "launch_s": 4e-6}
+from sparsify.ops.sparse_down import H200, roofline_ms  # noqa: E402  (the model "auto" uses on CUDA)
 SHAPES = {"minilm": (384, 1536), "bert-base": (768, 3072), "llama-1b": (2048, 8192)}  # (d_model, d_ff)
 
 
@@ -54,27 +55,6 @@ def union_density(h: torch.Tensor, block_t: int) -> float:
     return float(counts.float().mean()) / h.shape[1]
 
 
-def roofline_ms(tokens: int, d_model: int, d_ff: int, union: float, block_t: int, bytes_per: int = 2,
-                layout: str = "as_built") -> tuple[float, float]:
-    """(dense, sparse) milliseconds of the down projection on an H200 (a prediction).
-
-    Dense: max(compute, memory) with h [T, F], W [D, F] and out [T, D] each moved once, + 1 launch. Sparse: the
-    union pass (pad copy, compare, any, sort of [tiles, F] int8, count: ~3 passes over h and 5 launches), then
-    the kernel: h's active columns re-read once per BLOCK_N=64 output tile (from L2 in practice: counted once),
-    W's active columns, out; FLOPs padded to tiles of max(T, 16) tokens. `layout` "as_built": W [D, F] is
-    gathered by column, so each fp16 element of a scattered neuron costs a 32-byte sector (16x); "transposed":
-    W^T [F, D] rows (one contiguous row per neuron: no waste; the kernel takes strided W, a copy made once)."""
-    P, BW, L = H200["flops"], H200["bytes_per_s"], H200["launch_s"]
-    t_pad = max(tokens, 16)
-    dense = max(2 * tokens * d_ff * d_model / P, (tokens * d_ff + d_ff * d_model + tokens * d_model) * bytes_per / BW) + L
-    waste = 32 / bytes_per if layout == "as_built" else 1.0
-    union_pass = 3 * tokens * d_ff * bytes_per / BW + 5 * L
-    w_bytes = union * d_ff * d_model * bytes_per * waste
-    kernel = max(2 * t_pad * union * d_ff * d_model / P,
-                 (tokens * union * d_ff * bytes_per + w_bytes + tokens * d_model * bytes_per) / BW) + L
-    return dense * 1e3, (union_pass + kernel) * 1e3
-
-
 def switch_density(rows: list, key: str) -> float | None:
     """The largest grid density at which the sparse time (key) beats the dense one; None: never."""
     wins = [r["density"] for r in rows if r[key + "_sparse_ms"] < r[key + "_dense_ms"]]
@@ -94,6 +74,7 @@ def run(args, device) -> dict:
         d_model, d_ff = SHAPES[shape_name]
         w_up = torch.randn((d_ff, d_model), generator=gen).div_(d_model ** 0.5).to(device, dtype)
         w = torch.randn((d_model, d_ff), generator=gen).div_(d_ff ** 0.5).to(device, dtype)
+        w_rows = w.t().contiguous().t()  # the same W stored as W^T rows (what sparsify.prepare does)
         b = torch.zeros(d_model, device=device, dtype=dtype)
         for tokens in token_counts:
             x = torch.randn((tokens, d_model), generator=gen).to(device, dtype)
@@ -105,29 +86,29 @@ def run(args, device) -> dict:
                     timing = dict(warmup=2, min_repeats=args.min_repeats, max_repeats=args.max_repeats,
                                   budget_s=args.budget_s)
                     down_dense = _timing.time_call(lambda: F.linear(h, w, b), device, **timing)["median_ms"]
-                    down_sparse = _timing.time_call(lambda: torch.ops.sparsify.sparse_down(h, w, b, args.block_t),
+                    down_sparse = _timing.time_call(lambda: torch.ops.sparsify.sparse_down(h, w_rows, b, args.block_t),
                                                     device, **timing)["median_ms"]
                     up = _timing.time_call(lambda: F.gelu(F.linear(x, w_up)), device, **timing)["median_ms"]
-                    err = (torch.ops.sparsify.sparse_down(h, w, b, args.block_t).float()
+                    err = (torch.ops.sparsify.sparse_down(h, w_rows, b, args.block_t).float()
                            - F.linear(h, w, b).float()).abs().max().item()
                     r_dense, r_sparse = roofline_ms(tokens, d_model, d_ff, union, args.block_t)
-                    _, r_sparse_t = roofline_ms(tokens, d_model, d_ff, union, args.block_t, layout="transposed")
+                    _, r_sparse_t = roofline_ms(tokens, d_model, d_ff, union, args.block_t, layout="row_major")
                     rows.append({"density": density, "union": round(union, 4),
                                  "down_dense_ms": round(down_dense, 4), "down_sparse_ms": round(down_sparse, 4),
                                  "mlp_dense_ms": round(up + down_dense, 4), "mlp_sparse_ms": round(up + down_sparse, 4),
                                  "max_abs_err": err,
                                  "h200_dense_ms": round(r_dense, 5), "h200_sparse_ms": round(r_sparse, 5),
-                                 "h200_transposed_dense_ms": round(r_dense, 5),
-                                 "h200_transposed_sparse_ms": round(r_sparse_t, 5)})
+                                 "h200_row_major_dense_ms": round(r_dense, 5),
+                                 "h200_row_major_sparse_ms": round(r_sparse_t, 5)})
                 cases.append({"shape": shape_name, "d_model": d_model, "d_ff": d_ff, "tokens": tokens,
                               "pattern": pattern, "rows": rows,
                               "switch_measured_down": switch_density(rows, "down"),
                               "switch_measured_mlp": switch_density(rows, "mlp"),
-                              "switch_h200_as_built": switch_density(rows, "h200"),
-                              "switch_h200_transposed": switch_density(rows, "h200_transposed")})
+                              "switch_h200_rows": switch_density(rows, "h200"),
+                              "switch_h200_row_major": switch_density(rows, "h200_row_major")})
                 print(f"{shape_name} T={tokens} {pattern}: switch measured {cases[-1]['switch_measured_down']}, "
-                      f"H200 model {cases[-1]['switch_h200_as_built']} (W^T rows: "
-                      f"{cases[-1]['switch_h200_transposed']})", file=sys.stderr, flush=True)
+                      f"H200 model {cases[-1]['switch_h200_rows']} (row-major W: "
+                      f"{cases[-1]['switch_h200_row_major']})", file=sys.stderr, flush=True)
     return {"benchmark": "DEFT sparse inference (sparsify::sparse_down) vs dense", "dtype": str(dtype),
             "block_t": args.block_t, "device": _timing.device_name(device), "roofline": H200, "cases": cases}
 
@@ -138,19 +119,19 @@ def markdown(result: dict) -> str:
              "whole MLP (up + GELU + down). H200 columns: the roofline model of benchmarks/deft_inference.py "
              "(a prediction, not a measurement). Switch = the largest density of the grid where sparse is faster.",
              "", "| shape | tokens | pattern | density | union | down dense ms | down sparse ms | MLP dense ms | "
-             "MLP sparse ms | H200 dense us | H200 sparse us (as built) | H200 sparse us (W^T rows) |",
+             "MLP sparse ms | H200 dense us | H200 sparse us (W^T rows) | H200 sparse us (row-major W) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["cases"]:
         for r in c["rows"]:
             lines.append(f"| {c['shape']} | {c['tokens']} | {c['pattern']} | {r['density']:g} | {r['union']:.3f} | "
                          f"{r['down_dense_ms']:.4f} | {r['down_sparse_ms']:.4f} | {r['mlp_dense_ms']:.4f} | "
                          f"{r['mlp_sparse_ms']:.4f} | {1e3 * r['h200_dense_ms']:.2f} | {1e3 * r['h200_sparse_ms']:.2f} | "
-                         f"{1e3 * r['h200_transposed_sparse_ms']:.2f} |")
+                         f"{1e3 * r['h200_row_major_sparse_ms']:.2f} |")
     lines += ["", "| shape | tokens | pattern | switch, measured (down) | switch, measured (MLP) | "
-              "switch, H200 model (as built) | switch, H200 model (W^T rows) |", "|---|---|---|---|---|---|---|"]
+              "switch, H200 model (W^T rows) | switch, H200 model (row-major W) |", "|---|---|---|---|---|---|---|"]
     for c in result["cases"]:
         lines.append(f"| {c['shape']} | {c['tokens']} | {c['pattern']} | {c['switch_measured_down']} | "
-                     f"{c['switch_measured_mlp']} | {c['switch_h200_as_built']} | {c['switch_h200_transposed']} |")
+                     f"{c['switch_measured_mlp']} | {c['switch_h200_rows']} | {c['switch_h200_row_major']} |")
     return "\n".join(lines) + "\n"
 
 

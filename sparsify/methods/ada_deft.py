@@ -84,6 +84,8 @@ class AdaDeft(Deft):
         return super().guard(region, options, states, mode)
 
     def prepare_region(self, ctx, region, options):
+        if options.inference != "dense":
+            super().prepare_region(ctx, region, options)  # DEFT's W^T rows for the sparse down projection
         weight = getattr(ctx.model.get_submodule(region.facts["up"]), "weight", None)
         dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
         device = weight.device if isinstance(weight, torch.Tensor) else None

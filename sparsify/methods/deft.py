@@ -38,11 +38,11 @@ def _optional_fraction(value, config, where):
 
 _FRACTION = real(0.0, low=0.0, high=1.0).metadata["check"]
 
-# "auto"'s switch density per device type when options.mlp.switch_density is None (None: never sparse), from
-# benchmarks/deft_inference.py: CPU measured (benchmarks/results/deft_inference_cpu.md: the CPU path, a gather
-# and matmul per token tile, is slower than dense at every density and token count measured); CUDA from the
-# H200 roofline model of the same script (a prediction: no GPU has run it)
-AUTO_SWITCH = {"cpu": None, "cuda": None}
+# "auto"'s switch density when options.mlp.switch_density is None. CPU: None, never sparse: measured by
+# benchmarks/deft_inference.py (benchmarks/results/deft_inference_cpu.md), the CPU path (a gather and a matmul per
+# token tile) did not beat dense consistently at any density. CUDA: per layer, from the H200 roofline
+# (ops/sparse_down.py modelled_switch: a prediction; no GPU has run the kernels yet).
+AUTO_SWITCH = {"cpu": None}
 
 
 @dataclass
@@ -183,21 +183,21 @@ class Deft(Method):
             measured = activation_density().get(metric_name("train", region.module))
             if measured is None:
                 return "dense (auto: no training density measured for this layer in this process)"
-            switch = options.switch_density
+            switch, source = options.switch_density, "switch_density"
             if switch is None:
-                weight = value(down.weight)
-                device = weight.device.type if isinstance(weight, torch.Tensor) else "cpu"
-                switch = AUTO_SWITCH.get(device)
+                switch, source = self._device_switch(region, down, options)
                 if switch is None:
-                    return (f"dense (auto: on {device} the sparse path was slower than dense at every density measured, "
-                            "benchmarks/deft_inference.py; set switch_density to force a threshold)")
+                    return source
             if measured["density"] > switch:
-                return f"dense (auto: density {measured['density']:.2f} > switch_density {switch:g})"
+                return f"dense (auto: density {measured['density']:.2f} > {source} {switch:g})"
         if down.lora_a is not None:
             return "dense (the down projection has a LoRA adapter: merge it first, peft's merge_and_unload)"
         if region.facts.get("dropout_p"):
             return "dense (dropout before the down projection is active)"
         graph = gm.graph
+        weight = value(down.weight)
+        layout = ("W^T rows" if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.stride(0) == 1
+                  else "row-major W: strided gathers; sparsify.prepare with these options stores W^T rows")
         with graph.inserting_before(down.output):
             new = insert_call(graph, torch.ops.sparsify.sparse_down.default,
                               (down.x, down.weight, down.bias, int(options.block_t)), like=down.output)
@@ -206,7 +206,47 @@ class Deft(Method):
         erase_unused([down.output, *down.nodes])
         if region.output is down.output:
             region.output = new
-        return f"sparse (block_t={options.block_t})"
+        return f"sparse (block_t={options.block_t}, {layout})"
+
+    @staticmethod
+    def _device_switch(region, down, options):
+        """(switch density, where it comes from), or (None, the report's reason) where the device never pays."""
+        from ..ops.sparse_down import modelled_switch
+        weight, h = value(down.weight), value(down.x)
+        device = weight.device.type if isinstance(weight, torch.Tensor) else "cpu"
+        if device != "cuda":
+            return None, (f"dense (auto: on {device} the sparse path did not beat dense consistently at any density "
+                          "measured, benchmarks/deft_inference.py; set switch_density to force a threshold)")
+        tokens = 1
+        for d in (h.shape[:-1] if isinstance(h, torch.Tensor) else ()):
+            tokens *= int(d) if isinstance(d, int) else 16  # a dynamic size: model a 16-token tile
+        rows = weight.dim() == 2 and weight.stride(0) == 1
+        switch = modelled_switch(tokens, region.facts["d_model"], region.facts["d_ff"], options.block_t,
+                                 weight.element_size(), "rows" if rows else "row_major")
+        return switch, f"the H200 roofline's switch for {tokens} tokens (a prediction)"
+
+    def prepare_region(self, ctx, region, options):
+        """inference "sparse" / "auto": store the down projection's weight as W^T rows (a [N, F] parameter with
+        strides (1, N): the same values, shape and Parameter object), so the sparse kernel's gather of a neuron's
+        weights is one contiguous row. Dense matmuls read either layout."""
+        if options.inference == "dense":
+            ctx.decide(region, "dense", "inference='dense': nothing to prepare")
+            return
+        down = ctx.model.get_submodule(region.facts["down"])
+        down = getattr(down, "base_layer", down)  # peft's wrapper
+        weight = getattr(down, "weight", None)
+        if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 2:
+            ctx.decide(region, "dense", "the down projection has no 2-d weight parameter")
+            return
+        if type(down).__name__ == "Conv1D":  # GPT-2's [F, N] weight, contiguous: W^T rows already
+            if not weight.is_contiguous():
+                with torch.no_grad():
+                    weight.data = weight.detach().contiguous()
+        elif weight.stride(0) != 1:
+            with torch.no_grad():
+                weight.data = weight.detach().t().contiguous().t()
+        ctx.decide(region, "prepared: W^T rows", f"down projection {region.facts['down']} stored as W^T rows "
+                   "(strides (1, N)) for the sparse kernel")
 
     def metrics(self, options, reset: bool = True) -> dict:
         from ..ops.density import activation_density

@@ -4,9 +4,15 @@
 
 Equal to F.linear(h, w, b) up to summation order (a zero activation contributes nothing, so skipping it is
 exact): per tile of block_t tokens, the union of the neurons some token activates, and only those columns of h
-and W are read. CPU: this reference (a gather per tile); CUDA: the Triton kernel (codegen/sparse_down.py,
+and rows of W^T are read. CPU: this reference (a gather per tile); CUDA: the Triton kernels (codegen/sparse_down.py,
 registered in ops/cuda.py). Gradients are the dense projection's (the op is an inference path; a backward
 exists so a graph that needs one stays correct).
+
+Skipping a neuron skips its bytes only when each neuron's N weights are contiguous: W stored as W^T rows, a
+[N, F] parameter with strides (1, N). sparsify.prepare with inference "sparse" or "auto" stores the down
+projections so (values, shape and identity unchanged: F.linear and cuBLAS read either layout; no copy is kept
+beside it, so no in-place update can leave a stale one). A row-major W still gives the exact result; the kernel's
+gathers are then strided, and the report says so.
 """
 from __future__ import annotations
 
@@ -62,6 +68,39 @@ def _backward(ctx, grad_out):
 
 
 sparse_down.register_autograd(_backward, setup_context=_setup_context)
+
+
+# the roofline's machine: H200 fp16/bf16 dense tensor-core peak, HBM3e bandwidth, and an assumed launch cost
+H200 = {"flops": 790e12, "bytes_per_s": 4.3e12, "launch_s": 4e-6}
+
+
+def roofline_ms(tokens: int, d_model: int, d_ff: int, union: float, block_t: int, bytes_per: int = 2,
+                layout: str = "rows") -> tuple[float, float]:
+    """(dense, sparse) milliseconds of the down projection on an H200: a prediction, not a measurement.
+
+    Dense: max(compute, memory) with h [T, F], W [D, F] and out [T, D] each moved once, + 1 launch. Sparse: the
+    union kernel (h read once, the active ids written, 1 launch), then the GEMM kernel: h's active columns
+    (re-read per BLOCK_N output tile, from L2: counted once), W's active neurons, out; FLOPs padded to tiles of
+    max(T, 16) tokens; 1 launch. `union`: the share of neurons a token tile activates. layout "rows": W stored
+    as W^T rows, one contiguous row per neuron; "row_major": W [D, F] gathered by column, each fp16 element of a
+    scattered neuron costing a 32-byte sector (16x the bytes, at most all of W)."""
+    P, BW, L = H200["flops"], H200["bytes_per_s"], H200["launch_s"]
+    t_pad = max(tokens, 16)
+    dense = max(2 * tokens * d_ff * d_model / P, (tokens * d_ff + d_ff * d_model + tokens * d_model) * bytes_per / BW) + L
+    waste = 1.0 if layout == "rows" else 32 / bytes_per
+    union_pass = (tokens * d_ff * bytes_per + -(-tokens // block_t) * d_ff * 4) / BW + L
+    w_bytes = min(union * waste, 1.0) * d_ff * d_model * bytes_per
+    kernel = max(2 * t_pad * union * d_ff * d_model / P,
+                 (tokens * union * d_ff * bytes_per + w_bytes + tokens * d_model * bytes_per) / BW) + L
+    return dense * 1e3, (union_pass + kernel) * 1e3
+
+
+def modelled_switch(tokens: int, d_model: int, d_ff: int, block_t: int, bytes_per: int = 2,
+                    layout: str = "rows") -> float:
+    """The largest union density (0.01 steps) at which roofline_ms predicts the sparse path faster; 0: never."""
+    wins = [u / 100 for u in range(1, 101)
+            if (lambda t: t[1] < t[0])(roofline_ms(tokens, d_model, d_ff, u / 100, block_t, bytes_per, layout))]
+    return max(wins) if wins else 0.0
 
 
 @register_flop_formula(torch.ops.sparsify.sparse_down)

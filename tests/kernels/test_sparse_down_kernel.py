@@ -33,6 +33,7 @@ def test_triton_equals_reference(interpreter, dtype, tol, t, f, n, density):
     h, w, b = _case(t, f, n, density, dtype)
     for bias in (b, None):
         got = sparse_down_triton(h, w, bias, 16)
+        torch.testing.assert_close(sparse_down_triton(h, w.t().contiguous().t(), bias, 16), got)  # W^T rows
         expected = sparse_down_reference(h, w, bias, 16)
         torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
         torch.testing.assert_close(got.float(), F.linear(h.float(), w.float(), None if bias is None else bias.float()),
@@ -42,8 +43,25 @@ def test_triton_equals_reference(interpreter, dtype, tol, t, f, n, density):
 def test_triton_reads_strided_weights(interpreter):
     from sparsify.codegen.sparse_down import sparse_down_triton
     h, _, _ = _case(20, 32, 8, 0.5, torch.float32)
-    w = torch.randn(32, 24).t()
+    w = torch.randn(32, 24).t()  # [24, 32] stored as W^T rows, strides (1, 24)
     torch.testing.assert_close(sparse_down_triton(h, w, None, 16), F.linear(h, w), atol=1e-5, rtol=1e-5)
+    w = torch.randn(24, 64)[:, ::2]  # a strided view
+    torch.testing.assert_close(sparse_down_triton(h, w, None, 16), F.linear(h, w), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t, f, block_t", [(1, 64, 16), (37, 300, 16), (64, 512, 32), (5, 17, 16)])
+def test_union_kernel_equals_the_torch_union(interpreter, dtype, t, f, block_t):
+    """One launch gives each tile's active neurons, ascending, and their count, as the torch path does (NaN counts
+    as active: the dense product would carry it)."""
+    from sparsify.codegen.sparse_down import active_neurons, active_neurons_triton
+    h, _, _ = _case(t, f, 8, 0.4, dtype)
+    h[0, 3] = float("nan")
+    got_n, got_c = active_neurons_triton(h, block_t)
+    want_n, want_c = active_neurons(h, block_t)
+    assert torch.equal(got_c, want_c)
+    for tile, count in enumerate(want_c.tolist()):
+        assert torch.equal(got_n[tile, :count], want_n[tile, :count])
 
 
 SM90_SCRIPT = """
@@ -53,22 +71,24 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-from sparsify.codegen.sparse_down import SparseDownSpec, get_sparse_down_kernel
-kernel = get_sparse_down_kernel(SparseDownSpec(dtype=torch.float16))
-consts = dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, HAS_BIAS=True)
+from sparsify.codegen.sparse_down import ActiveUnionSpec, SparseDownSpec, get_sparse_down_kernel
 ptrs = dict(h_ptr="*fp16", w_ptr="*fp16", b_ptr="*fp16", nrn_ptr="*i32", cnt_ptr="*i32", out_ptr="*fp16")
-sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in kernel.fn.arg_names}
-out = triton.compile(ASTSource(kernel.fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                     options={"num_warps": 4, "num_stages": 3})
-ptx = out.asm["ptx"]
-with tempfile.TemporaryDirectory() as d:
-    path = os.path.join(d, "k.ptx")
-    open(path, "w").write(ptx)
-    log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=" + sm_arch_from_capability(90), path,
-                          "-o", path + ".o"], capture_output=True, text=True).stderr
-print("registers", re.search(r"Used (\\d+) registers", log).group(1),
-      "spill_stores", re.search(r"(\\d+) bytes spill stores", log).group(1),
-      "wgmma", ptx.count("wgmma.mma_async"), "mma", ptx.count("mma.sync"), "shared", out.metadata.shared)
+for label, spec, consts, stages in (
+        ("gemm", SparseDownSpec(dtype=torch.float16), dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, HAS_BIAS=True), 3),
+        ("union", ActiveUnionSpec(dtype=torch.float16), dict(BLOCK_T=16, BLOCK_F=256), 1)):
+    kernel = get_sparse_down_kernel(spec)
+    sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in kernel.fn.arg_names}
+    out = triton.compile(ASTSource(kernel.fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": 4, "num_stages": stages})
+    ptx = out.asm["ptx"]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        open(path, "w").write(ptx)
+        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=" + sm_arch_from_capability(90), path,
+                              "-o", path + ".o"], capture_output=True, text=True).stderr
+    print(label, "registers", re.search(r"Used (\\d+) registers", log).group(1),
+          "spill_stores", re.search(r"(\\d+) bytes spill stores", log).group(1),
+          "wgmma", ptx.count("wgmma.mma_async"), "mma", ptx.count("mma.sync"), "shared", out.metadata.shared)
 """
 
 
@@ -87,10 +107,11 @@ def test_compiles_for_sm90_with_tensor_cores_and_no_spills(tmp_path):
         pytest.skip(f"no usable ptxas: {run.stderr[-500:]}")
     assert run.returncode == 0, run.stderr[-3000:]
     print(run.stdout)
-    found = re.search(r"registers (\d+) spill_stores (\d+) wgmma (\d+) mma (\d+)", run.stdout)
-    assert found, run.stdout
-    _, stores, wgmma, _ = map(int, found.groups())
-    assert stores == 0 and wgmma > 0, run.stdout
+    found = {m.group(1): tuple(map(int, m.groups()[1:])) for m in
+             re.finditer(r"(\w+) registers (\d+) spill_stores (\d+) wgmma (\d+) mma (\d+)", run.stdout)}
+    assert set(found) == {"gemm", "union"}, run.stdout
+    assert found["gemm"][1] == 0 and found["gemm"][2] > 0, run.stdout  # no spills, tensor cores
+    assert found["union"][1] == 0, run.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -80,3 +80,15 @@ def test_bad_arguments_are_named(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         sparse_down_reference(**args)
+
+
+def test_the_h200_roofline_switch_grows_with_the_layer_and_the_row_layout():
+    """DEFT's auto on CUDA takes the modelled switch: small layers are launch-bound (never sparse), large ones pay
+    up to a union density near 1/2 (d_ff 8192) or more; a row-major W's column gathers pay only near 1/16."""
+    from sparsify.ops.sparse_down import modelled_switch, roofline_ms
+    assert modelled_switch(16, 384, 1536, 16) == 0.0
+    small, large, huge = (modelled_switch(16, d, f, 16) for d, f in ((768, 3072), (2048, 8192), (4096, 14336)))
+    assert small <= large < huge and 0.3 < large < 0.7
+    assert modelled_switch(16, 2048, 8192, 16, layout="row_major") <= 1 / 16
+    dense, sparse = roofline_ms(1, 4096, 14336, 0.0, 16)
+    assert sparse < dense  # nothing active: two launches and one pass over h
