@@ -109,7 +109,7 @@ class Deft(Method):
     name = DEFT_NAME
     kinds = ("mlp",)
     options = DeftOptions
-    report_facts = ("stack", "exact_zeros", "padding", "inference")
+    report_facts = ("stack", "exact_zeros", "padding", "inference", "inference_up")
 
     def decision(self, region, options, mode):
         if mode == "train" and not options.measure_only:
@@ -156,6 +156,10 @@ class Deft(Method):
         region.facts["padding"] = "masked" if token_mask is not None else "counted"
         if mode == "eval":
             region.facts["inference"] = self._inference_path(gm, region, options, mode)
+            if region.facts["gated"]:
+                region.facts["inference_up"] = (self._sparse_up(gm, region, options)
+                                                if region.facts["inference"].startswith("sparse")
+                                                else "dense (as the down projection)")
         users = [u for u in region.output.users]
         with graph.inserting_before(region.output.next):  # in order, right after the MLP output
             counts = insert_call(graph, density_counts, (a, float(options.tau), float(options.eps), token_mask),
@@ -207,6 +211,27 @@ class Deft(Method):
         if region.output is down.output:
             region.output = new
         return f"sparse (block_t={options.block_t}, {layout})"
+
+    @staticmethod
+    def _sparse_up(gm, region, options) -> str:
+        """A gated MLP: act(gate(x)) * up(x) becomes sparsify::sparse_up, which reads only the up projection's rows
+        of the neurons the gate keeps (the gate's zeros are exact zeros of the product: an exact predictor)."""
+        up, mul, g = region.facts["_match"][0], region.facts.get("_gated_mul"), region.facts["_activation_out"]
+        if mul is None or set(mul.args[:2]) != {g, up.output}:
+            return "dense (the gate multiply is not act(gate) * up as a plain product)"
+        if up.lora_a is not None:
+            return "dense (the up projection has a LoRA adapter: merge it first, peft's merge_and_unload)"
+        dtypes = {getattr(value(n), "dtype", None) for n in (g, up.x, up.weight)}
+        if len(dtypes) != 1:
+            return f"dense (gate, input and weight dtypes differ: {sorted(map(str, dtypes))})"
+        graph = gm.graph
+        with graph.inserting_before(mul):
+            new = insert_call(graph, torch.ops.sparsify.sparse_up.default,
+                              (g, up.x, up.weight, up.bias, int(options.block_t)), like=mul)
+        new.meta["sparsify_module"] = region.module
+        mul.replace_all_uses_with(new)
+        erase_unused([mul, up.output, *up.nodes])
+        return f"sparse (block_t={options.block_t}: only the rows of the neurons the gate keeps)"
 
     @staticmethod
     def _device_switch(region, down, options):

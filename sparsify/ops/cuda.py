@@ -5,6 +5,7 @@
     sparsify::pq_encode, pq_select       codegen/pq_kernels.py
     sparsify::spt_attention (+ bwd), block_sparse_attention (+ bwd)   codegen/spt_attention.py, below
     sparsify::sparse_down         codegen/sparse_down.py (DEFT inference: the non-zero activations only)
+    sparsify::sparse_up           codegen/sparse_up.py (DEFT inference: a gated MLP's up rows where the gate is non-zero)
 
 What a kernel does not cover falls back to the op's plain-torch reference on the same device (the
 same math, unfused), so a CUDA tensor never meets an unsupported kernel; the SPT attention ops':
@@ -22,6 +23,7 @@ from .routed import routed_mlp_backward_cuda, routed_mlp_cuda
 from .spt import spt_attention_backward_reference, spt_attention_reference
 from .spt_block import block_sparse_attention_backward_reference, block_sparse_attention_reference
 from .sparse_down import sparse_down_reference
+from .sparse_up import sparse_up_reference
 
 from ..tables import KERNEL_DTYPES  # noqa: E402
 
@@ -109,3 +111,12 @@ def _sparse_down_cuda(h, w, b, block_t):
     from ..codegen.sparse_down import sparse_down_triton
     out = sparse_down_triton(h.reshape(-1, h.shape[-1]), w, b, block_t)
     return out.reshape(*h.shape[:-1], w.shape[0])
+
+
+@torch.library.register_kernel("sparsify::sparse_up", "cuda")
+def _sparse_up_cuda(g, x, w, b, block_t):
+    if g.dtype not in KERNEL_DTYPES:
+        return sparse_up_reference(g, x, w, b, block_t)
+    from ..codegen.sparse_up import sparse_up_triton
+    out = sparse_up_triton(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]), w, b, block_t)
+    return out.reshape(g.shape)

@@ -579,6 +579,7 @@ def match_mlp(down: Projection) -> Optional[Region]:
         "_match": (up, gate, down),
         # the activation's output (gated: the activated gate branch, before the multiply): what DEFT taps
         "_activation_out": act_out,
+        "_gated_mul": gated_mul,  # gated: act(gate(x)) * up(x), the down projection's input
     }
     unsupported = None
     if activation is None:

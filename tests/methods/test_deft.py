@@ -359,3 +359,29 @@ def test_sparse_inference_leaves_a_lora_down_projection_dense_and_says_why(monke
     expected, got, rows, calls = _eval_run(model, "llama", deft(inference="sparse"), monkeypatch)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert calls == 0 and all("LoRA adapter" in r.facts["inference"] for r in rows)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_gated_up_projection_reads_only_the_rows_the_gate_keeps(family, monkeypatch):
+    """Gated MLPs (SwiGLU, T5's gated GELU): the gate's zeros are exact zeros of act(gate) * up, so the up projection
+    runs as sparsify::sparse_up. A ReLU gate has real zeros: the output still equals eager."""
+    import transformers
+    import sparsify.ops.sparse_up as su
+    from families import tiny_config
+    torch._dynamo.reset()
+    config = tiny_config(family)
+    if family == "llama":
+        config.hidden_act = "relu"
+    else:
+        config.feed_forward_proj = "gated-relu"
+        config.dense_act_fn, config.is_gated_act = "relu", True
+    torch.manual_seed(0)
+    model = type(tiny_model(family))(config).eval()
+    calls = []
+    reference = su.sparse_up_reference
+    monkeypatch.setattr(su, "sparse_up_reference", lambda *a: calls.append(float((a[0] != 0).float().mean()))
+                        or reference(*a))
+    expected, got, rows, down_calls = _eval_run(model, family, deft(inference="sparse"), monkeypatch)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert rows and all(r.facts["inference_up"].startswith("sparse") for r in rows)
+    assert len(calls) == len(rows) == down_calls and all(0.2 < c < 0.8 for c in calls)  # the gates had zeros
