@@ -43,9 +43,10 @@ def options_for(args) -> dict:
     return {"mlp": mlp, "attention": "off"}
 
 
-def eval_density(per_layer: dict) -> dict[str, float]:
-    """module path -> exact-zero density measured by the eval graphs."""
-    return {name.split(":", 1)[1]: round(m["density"], 5) for name, m in per_layer.items() if name.startswith("eval:")}
+def eval_density(per_layer: dict, key: str = "density") -> dict[str, float]:
+    """module path -> the density `key` measured by the eval graphs ("density": exact non-zeros; "density_tau":
+    |a| > tau; "surrogate": the loss's a^2 / (a^2 + eps))."""
+    return {name.split(":", 1)[1]: round(m[key], 5) for name, m in per_layer.items() if name.startswith("eval:")}
 
 
 def run(args) -> dict:
@@ -99,7 +100,9 @@ def run(args) -> dict:
     accuracy, eval_s = finetune.evaluate(compiled, test_set, args.batch, torch.device("cpu"))
     report = sparsify.last_report()
     model.eval()
-    per_layer = eval_density(sparsify.activation_density(reset=True))
+    measured = sparsify.activation_density(reset=True)
+    per_layer = eval_density(measured)
+    per_layer_tau, per_layer_surrogate = eval_density(measured, "density_tau"), eval_density(measured, "surrogate")
     flops = sparsify.count_flops(model, *test_set.tensors[:2], options=options) if args.variant == "ada" else None
     dense_flops = (sparsify.count_flops(model, *test_set.tensors[:2], options={**options, "mlp": {"method": "dense"}})
                    if args.variant == "ada" else None)
@@ -114,6 +117,9 @@ def run(args) -> dict:
         "test_accuracy": round(accuracy, 4),
         "eval_density_per_layer": per_layer,
         "eval_density_mean": round(statistics.mean(per_layer.values()), 5) if per_layer else None,
+        "eval_density_tau_per_layer (|a| > 1e-3)": per_layer_tau,
+        "eval_density_tau_mean": round(statistics.mean(per_layer_tau.values()), 5) if per_layer_tau else None,
+        "eval_surrogate_mean": round(statistics.mean(per_layer_surrogate.values()), 5) if per_layer_surrogate else None,
         "train_density_every_10pct": [round(statistics.mean(train_density[i:i + tail]), 5)
                                       for i in range(0, len(train_density), tail)],
         "train_loss_every_10pct": [round(statistics.mean(losses[i:i + tail]), 4) for i in range(0, len(losses), tail)],
@@ -144,7 +150,7 @@ def summary(folder: str) -> str:
              f"{len(first['data']['categories'])} classes. LoRA {first['lora']}. Density: exact non-zeros of the "
              "MLP activations (GELU, fp32) on the test set, mean over the 6 layers.", "",
              "| variant | seeds | accuracy % per seed | mean | vs peft, points | density per seed | mean density | "
-             "density vs peft | skipped MLPs (ada) |", "|---|---|---|---|---|---|---|---|---|"]
+             "density vs peft | |a| > 1e-3 density (mean) | skipped MLPs (ada) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         acc = [100 * r["test_accuracy"] for r in rs]
@@ -154,9 +160,11 @@ def summary(folder: str) -> str:
         vs_acc = f"{statistics.mean(p[0] for p in paired):+.2f}" if paired and name != "peft" else "-"
         vs_den = f"{100 * statistics.mean(p[1] for p in paired):+.1f} %" if paired and name != "peft" else "-"
         skipped = " / ".join(str(len(r["ada_skipped"] or [])) for r in rs) if rs[0]["variant"] == "ada" else "-"
+        taus = [r["eval_density_tau_mean"] for r in rs if r.get("eval_density_tau_mean") is not None]
+        tau = f"{statistics.mean(taus):.4f} ({len(taus)} seeds)" if taus else "-"
         lines.append(f"| {name} | {', '.join(str(r['seed']) for r in rs)} | {' / '.join(f'{a:.2f}' for a in acc)} | "
                      f"{statistics.mean(acc):.2f} | {vs_acc} | {' / '.join(f'{d:.4f}' for d in dens)} | "
-                     f"{statistics.mean(dens):.4f} | {vs_den} | {skipped} |")
+                     f"{statistics.mean(dens):.4f} | {vs_den} | {tau} | {skipped} |")
     plot = os.path.join(folder, "density_per_layer.png")
     try:
         import matplotlib
