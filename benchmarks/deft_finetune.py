@@ -40,7 +40,10 @@ def options_for(args) -> dict:
            "measure_only": args.variant == "peft"}
     if args.variant == "ada":
         mlp.update(gate_weight=args.gate_weight, skip_below=args.skip_below)
-    return {"mlp": mlp, "attention": "off"}
+    options = {"mlp": mlp, "attention": "off"}
+    if args.inner:
+        options["inner"] = args.inner
+    return options
 
 
 def eval_density(per_layer: dict, key: str = "density") -> dict[str, float]:
@@ -204,6 +207,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--inner", default=None, help="the backend's inner compiler (default: Inductor)")
     p.add_argument("--out", default=None)
     p.add_argument("--summary", default=None, metavar="FOLDER", help="write FOLDER/summary.md and the plot; no run")
     return p.parse_args(argv)
