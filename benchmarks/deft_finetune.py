@@ -39,7 +39,7 @@ def options_for(args) -> dict:
     mlp = {"method": "ada_deft" if args.variant == "ada" else "deft", "weight": args.weight, "eps": args.eps,
            "measure_only": args.variant == "peft"}
     if args.variant == "ada":
-        mlp.update(gate_weight=args.gate_weight, skip_below=args.skip_below)
+        mlp.update(gate_weight=args.gate_weight, skip_below=args.skip_below, gate_scale=args.gate_scale)
     options = {"mlp": mlp, "attention": "off"}
     if args.inner:
         options["inner"] = args.inner
@@ -97,7 +97,7 @@ def run(args) -> dict:
     gates = None
     if args.variant == "ada":
         from sparsify.methods.ada_deft import gate_values
-        gates = {k: round(v, 4) for k, v in gate_values(model).items()}
+        gates = {k: round(v, 4) for k, v in gate_values(model, args.gate_scale).items()}
     model.eval()
     torch._dynamo.reset()  # the eval graph is compiled from the trained gates
     accuracy, eval_s = finetune.evaluate(compiled, test_set, args.batch, torch.device("cpu"))
@@ -196,6 +196,7 @@ def parse_args(argv=None):
     p.add_argument("--weight", type=float, default=1.0, help="DEFT's lambda (the authors: 1.0)")
     p.add_argument("--eps", type=float, default=1e-7)
     p.add_argument("--gate-weight", type=float, default=0.05, help="ADA-DEFT: the gate penalty's weight")
+    p.add_argument("--gate-scale", type=float, default=10.0, help="ADA-DEFT: g = 2 sigmoid(scale * logit)")
     p.add_argument("--skip-below", type=float, default=0.5, help="ADA-DEFT: eval skips MLPs with gate below this")
     p.add_argument("--model", default="minilm", choices=["minilm", "tiny"])
     p.add_argument("--seq-len", type=int, default=64)

@@ -7,8 +7,10 @@ The authors publish no code and no exact form for ADA-DEFT ("learns layer-wise w
 MLP blocks according to them", papers.md section 3). This is OUR reconstruction, not theirs:
 
 - each selected MLP gets a scalar parameter s_l (the module attribute sparsify_ada_gate_logit, 0 at prepare);
-  its gate g_l = 2 * sigmoid(s_l) is exactly 1 at the start (the model is unchanged until training moves it)
-  and scales the MLP's output: y_l = g_l * MLP_l(x);
+  its gate g_l = 2 * sigmoid(gate_scale * s_l) is exactly 1 at the start (the model is unchanged until training
+  moves it) and scales the MLP's output: y_l = g_l * MLP_l(x). gate_scale (10) is there because an optimizer
+  such as Adam moves a scalar by about lr per step: at lr 5e-4 an unscaled logit moves 0.2 in 400 steps, and
+  the gate could not leave 1 within a fine-tuning run;
 - training adds DEFT's density loss unchanged and a gate penalty gate_weight * mean_l g_l (per stack, like
   the density term) through the shared auxiliary-loss op: layers the task can do without drift to small gates;
 - eval graphs skip every MLP whose gate is below skip_below (its output is zero: in a residual block only the
@@ -39,31 +41,33 @@ class AdaDeftOptions(DeftOptions):
     """ADA-DEFT's fields of options.mlp (with method="ada_deft"), besides DEFT's.
 
     gate_weight: the gate penalty's weight (mean over a stack's layers of g_l), a real >= 0
-    skip_below:  eval graphs skip an MLP whose gate g_l = 2 sigmoid(s_l) is below this, a real in [0, 2]
-                 (0: never skip)
+    skip_below:  eval graphs skip an MLP whose gate g_l = 2 sigmoid(gate_scale s_l) is below this, a real in
+                 [0, 2] (0: never skip)
+    gate_scale:  how fast the gate moves with its logit, a real > 0
     """
     gate_weight: float = real(0.05, low=0.0)
     skip_below: float = real(0.5, low=0.0, high=2.0)
+    gate_scale: float = real(10.0, low=0.0, low_open=True)
 
 
-def layer_gate(logit: torch.Tensor) -> torch.Tensor:
-    """g = 2 sigmoid(s): 1 at s = 0, in (0, 2)."""
-    return 2.0 * torch.sigmoid(logit)
+def layer_gate(logit: torch.Tensor, scale: float) -> torch.Tensor:
+    """g = 2 sigmoid(scale * s): 1 at s = 0, in (0, 2)."""
+    return 2.0 * torch.sigmoid(logit * scale)
 
 
-def gate_values(model: torch.nn.Module) -> dict[str, float]:
+def gate_values(model: torch.nn.Module, gate_scale: float = AdaDeftOptions.gate_scale) -> dict[str, float]:
     """Module path -> the current gate g_l of every MLP ADA-DEFT prepared (what eval would skip below)."""
     from .state import modules_with_state
-    return {path: float(layer_gate(tensors[GATE_LOGIT].detach())) for path, _, tensors in
+    return {path: float(layer_gate(tensors[GATE_LOGIT].detach(), gate_scale)) for path, _, tensors in
             modules_with_state(model, GATE_KIND)}
 
 
-def _gated(out: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
-    return out * layer_gate(logit).to(out.dtype)
+def _gated(out: torch.Tensor, logit: torch.Tensor, gate_scale: float) -> torch.Tensor:
+    return out * layer_gate(logit, gate_scale).to(out.dtype)
 
 
-def _gate_share(logit: torch.Tensor, scale: float) -> torch.Tensor:
-    return layer_gate(logit) * scale
+def _gate_share(logit: torch.Tensor, gate_scale: float, share: float) -> torch.Tensor:
+    return layer_gate(logit, gate_scale) * share
 
 
 class AdaDeft(Deft):
@@ -114,10 +118,11 @@ class AdaDeft(Deft):
             out = next(iter(out.users))  # past DEFT's tap: the gate scales what the model reads
         users = list(out.users)
         with graph.inserting_after(out):
-            gated = insert_call(graph, _gated, (out, logit), like=region.output)
+            gated = insert_call(graph, _gated, (out, logit, float(options.gate_scale)), like=region.output)
             if mode == "train" and not options.measure_only:
                 with graph.inserting_after(gated):
-                    share = insert_call(graph, _gate_share, (logit, 1.0 / region.facts["_stack_layers"]), like=gated)
+                    share = insert_call(graph, _gate_share, (logit, float(options.gate_scale),
+                                                             1.0 / region.facts["_stack_layers"]), like=gated)
                 with graph.inserting_after(share):
                     gated_out = insert_call(graph, torch.ops.sparsify.aux_loss.default,
                                             (gated, share, float(options.gate_weight),
@@ -127,14 +132,14 @@ class AdaDeft(Deft):
         for user in users:
             user.replace_input_with(out, gated_out)
         if mode == "train":
-            region.facts["gate"] = "learned (2 sigmoid(logit))"
+            region.facts["gate"] = f"learned (2 sigmoid({options.gate_scale:g} logit))"
 
     @staticmethod
     def _skip(region, options, logit) -> Optional[str]:
         real = real_value(logit)
         if real is None:
             return "kept (the gate's value is not known when compiling)"
-        g = float(layer_gate(real.detach().float()))
+        g = float(layer_gate(real.detach().float(), options.gate_scale))
         if options.skip_below > 0 and g < options.skip_below:
             return f"skipped (gate {g:.3f} < skip_below {options.skip_below:g})"
         return f"kept (gate {g:.3f})"

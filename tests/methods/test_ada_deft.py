@@ -58,11 +58,11 @@ def test_training_gradient_is_task_plus_density_plus_gate_penalty(family):
         torch.testing.assert_close(got[name], grad, atol=1e-5, rtol=1e-4, msg=name)
     # the penalty alone: zero the task (0 * output keeps the graph); the last layer's gate moves no density term
     # (earlier gates change later layers' activations), so its gradient is the penalty's:
-    # d/ds [gate_weight * 2 sigmoid(s) / layers] at s = 0 = gate_weight * 0.5 / layers
+    # d/ds [gate_weight * 2 sigmoid(k s) / layers] at s = 0 = gate_weight * 0.5 k / layers (k = gate_scale, 10)
     model.zero_grad(set_to_none=True)
     (0.0 * first_output(compiled(**inputs)).sum()).backward()
     last = gates[sorted(gates)[-1]]
-    torch.testing.assert_close(last.grad, torch.tensor(0.3 * 0.5 / len(gates)))
+    torch.testing.assert_close(last.grad, torch.tensor(0.3 * 0.5 * 10 / len(gates)))
     rows = [r for r in sparsify.last_report().regions if r.kind == "mlp"]
     assert rows and all(r.decision == "ada_deft (density + gate loss)" for r in rows)
 
@@ -73,10 +73,10 @@ def test_eval_skips_the_layers_below_the_threshold_and_scales_the_rest(family):
     model, inputs = _prepared(family, options)
     model.eval()
     gates = sorted(_gates(model).items())
-    # first gated MLP: g = 2 sigmoid(-3) = 0.095 (skipped); the others: g = 2 sigmoid(0.4) = 1.197 (kept, scaled)
+    # first gated MLP: g = 2 sigmoid(10 * -0.3) = 0.095 (skipped); the others: 2 sigmoid(10 * 0.04) = 1.197 (kept)
     with torch.no_grad():
         for i, (_, p) in enumerate(gates):
-            p.fill_(-3.0 if i == 0 else 0.4)
+            p.fill_(-0.3 if i == 0 else 0.04)
     values = gate_values(model)
     skipped = [path for path, g in values.items() if g < 0.5]
     assert len(skipped) == 1
@@ -116,7 +116,8 @@ def test_without_prepare_the_mlps_stay_dense_and_say_why():
     assert rows and all(r.decision == "dense" and "prepare" in r.reason for r in rows)
 
 
-@pytest.mark.parametrize("bad, match", [({"gate_weight": -1.0}, "gate_weight"), ({"skip_below": 3.0}, "skip_below")])
+@pytest.mark.parametrize("bad, match", [({"gate_weight": -1.0}, "gate_weight"), ({"skip_below": 3.0}, "skip_below"),
+                                        ({"gate_scale": 0.0}, "gate_scale")])
 def test_bad_options_fail_when_made(bad, match):
     with pytest.raises(ValueError, match=match):
         sparsify.SparsifyConfig.from_options(ada(**bad))
