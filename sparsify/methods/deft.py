@@ -156,10 +156,12 @@ class Deft(Method):
         region.facts["padding"] = "masked" if token_mask is not None else "counted"
         if mode == "eval":
             region.facts["inference"] = self._inference_path(gm, region, options, mode)
-            if region.facts["gated"]:
-                region.facts["inference_up"] = (self._sparse_up(gm, region, options)
-                                                if region.facts["inference"].startswith("sparse")
-                                                else "dense (as the down projection)")
+            if not region.facts["inference"].startswith("sparse"):
+                region.facts["inference_up"] = "dense (as the down projection)"
+            elif region.facts["gated"]:
+                region.facts["inference_up"] = self._sparse_up(gm, region, options)
+            else:  # the zeros come from the up projection itself: only a learned (inexact) predictor could skip it
+                region.facts["inference_up"] = "dense (not gated: no exact predictor of the activation's zeros)"
         users = [u for u in region.output.users]
         with graph.inserting_before(region.output.next):  # in order, right after the MLP output
             counts = insert_call(graph, density_counts, (a, float(options.tau), float(options.eps), token_mask),
