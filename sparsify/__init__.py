@@ -7,6 +7,7 @@ from . import methods  # noqa: F401  (registers the built-in methods: their opti
 from .checkpoint import load_state
 from .prepare import prepare
 from .steps import BetweenSteps
+from . import training  # noqa: F401  (sparsify.training.MixedSparsity: MST's loop)
 from .ops.aux_loss import aux_losses
 from .ops.density import activation_density
 from . import ops  # noqa: F401  (registers torch.ops.sparsify.*)

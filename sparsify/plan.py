@@ -72,7 +72,10 @@ def _resolve_projection_owners(regions: list[Region], requested: SparsifyConfig)
             if block.decision == "skipped" or linear.output not in inside[id(block)]:
                 continue
             asked = getattr(requested, block.kind).method
-            if asked != "dense":
+            asked_method = method_for(block.kind, asked)
+            reads_only = asked_method is not None and asked_method.reads_only(block, getattr(requested, block.kind),
+                                                                            block.mode)
+            if asked not in ("dense", "off") and not reads_only:  # a tap (DEFT) leaves the projections as they are
                 raise SparsifyError(
                     f"sparsify: the projection '{linear.module or '<root>'}' is claimed by {block.kind} method "
                     f"{asked!r} (module '{block.module or '<root>'}') and by linear method "

@@ -13,7 +13,7 @@ import sparsify
 
 ROOT = Path(sparsify.__file__).parent
 LEVELS = {"tables": 0, "config": 0, "debug": 0, "codegen": 1, "ops": 2, "passes": 3, "methods": 4,
-          "plan": 5, "checkpoint": 5, "steps": 5, "pipeline": 6, "backend": 7, "prepare": 8, "": 9}
+          "plan": 5, "checkpoint": 5, "steps": 5, "training": 6, "pipeline": 6, "backend": 7, "prepare": 8, "": 9}
 
 
 def _layer(module: str) -> str:
