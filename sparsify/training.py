@@ -39,7 +39,7 @@ _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 
 class MixedSparsity:
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                 options: Union[SparsifyConfig, Mapping[str, Any], None] = None):
+                 options: Union[SparsifyConfig, Mapping[str, Any], None] = None, tokens_per_step: Optional[int] = None):
         self.config = SparsifyConfig.from_options(options)
         if self.config.linear.method != "mst":
             raise ValueError("sparsify.training.MixedSparsity: options.linear.method must be 'mst', got "
@@ -56,24 +56,92 @@ class MixedSparsity:
         self.generator = torch.Generator().manual_seed(self.options.seed)
         self.steps_done = 0
         self.updates: list[dict] = []  # one record per topology update: step, target, pruned, regrown
+        self.tokens_per_step = tokens_per_step
+        self.flop_totals = {"forward": 0.0, "backward": 0.0, "dense_gradient": 0.0, "dense_model": 0.0, "steps": 0,
+                            "tokens": 0}
 
     # --- the loop -----------------------------------------------------------------------------------------------
-    def step(self) -> None:
-        step = self.steps_done
-        o = self.options
+    def step(self, tokens: Optional[int] = None) -> None:
+        """After backward: update the topology (on update steps), mask the gradients, step the optimizer (unless
+        skipped), re-mask the weights. `tokens`: this step's tokens, for the FLOP account (default: the
+        constructor's tokens_per_step)."""
+        update = self.before_optimizer(tokens)
+        if self.optimizer is not None and not (update and self.options.skip_update_step):
+            self.optimizer.step()
+        self.after_optimizer()
+
+    def before_optimizer(self, tokens: Optional[int] = None) -> bool:
+        """The part before the optimizer step (the HF Trainer's on_pre_optimizer_step); True on an update step."""
+        step, o = self.steps_done, self.options
         update = step > 0 and step % o.delta == 0 and step < o.total_steps
         with torch.no_grad():
+            self._account(tokens if tokens is not None else self.tokens_per_step, update)
             if update:
                 self._update_topology(step)
             for _, w, mask in self.layers:
                 if w.grad is not None:
                     w.grad.mul_(mask)
-        if self.optimizer is not None and not (update and o.skip_update_step):
-            self.optimizer.step()
+        return update
+
+    def after_optimizer(self) -> None:
+        """The part after it (the HF Trainer's on_optimizer_step): masked weights back to exactly zero."""
         with torch.no_grad():
             for _, w, mask in self.layers:
                 w.mul_(mask)
         self.steps_done += 1
+
+    def trainer_callback(self):
+        """A transformers.TrainerCallback running before_optimizer / after_optimizer around the Trainer's optimizer
+        step. The Trainer always steps its optimizer: skip_update_step cannot be honoured there (warned once)."""
+        import warnings
+        from transformers import TrainerCallback
+
+        schedule = self
+        if self.options.skip_update_step:
+            warnings.warn("sparsify.training.MixedSparsity: under the HF Trainer the optimizer steps on topology-update "
+                          "steps too (options.linear.skip_update_step=True cannot be honoured there)", stacklevel=2)
+
+        class MixedSparsityCallback(TrainerCallback):
+            def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+                if schedule.optimizer is None:
+                    schedule.optimizer = optimizer  # the Trainer builds it: the moments of regrown weights are reset
+
+            def on_pre_optimizer_step(self, args, state, control, **kwargs):
+                schedule.before_optimizer()
+
+            def on_optimizer_step(self, args, state, control, **kwargs):
+                schedule.after_optimizer()
+
+        return MixedSparsityCallback()
+
+    # --- FLOPs, the paper's accounting -------------------------------------------------------------------------
+    def _account(self, tokens: Optional[int], update: bool) -> None:
+        """Per step over the masked projections (attention scores and everything else are not included): forward
+        2 T N d, backward twice that (input and weight gradients at the mask's density), plus the dense weight
+        gradient's remainder 2 T N (1 - d) on update steps; the dense model: 3 * 2 T N. In this unstructured mode
+        the matmuls actually run dense: these are the FLOPs a sparse kernel would run, as the paper counts."""
+        per_token = {"forward": 0.0, "backward": 0.0, "dense_gradient": 0.0, "dense_model": 0.0}
+        for _, w, mask in self.layers:
+            n, kept = mask.numel(), float(mask.sum())
+            per_token["forward"] += 2 * kept
+            per_token["backward"] += 4 * kept
+            per_token["dense_gradient"] += 2 * (n - kept) if update else 0.0
+            per_token["dense_model"] += 6 * n
+        scale = float(tokens) if tokens else 1.0
+        for key, value in per_token.items():
+            self.flop_totals[key] += value * scale
+        self.flop_totals["steps"] += 1
+        self.flop_totals["tokens"] += int(tokens or 0)
+
+    def flops(self) -> dict:
+        """Totals so far (per token where no token counts were given), and the ratio of the dense model's training
+        FLOPs to MST's over the masked projections."""
+        t = dict(self.flop_totals)
+        sparse = t["forward"] + t["backward"] + t["dense_gradient"]
+        t["mst_total"] = sparse
+        t["dense_over_mst"] = t["dense_model"] / sparse if sparse else None
+        t["unit"] = "FLOPs" if self.tokens_per_step or t["tokens"] else "FLOPs per token (summed over steps)"
+        return t
 
     def densities(self) -> dict[str, float]:
         """Module path -> the share of its weight the mask keeps."""
@@ -160,9 +228,11 @@ class MixedSparsity:
 
     # --- checkpoints ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"steps_done": self.steps_done, "generator": self.generator.get_state(), "updates": list(self.updates)}
+        return {"steps_done": self.steps_done, "generator": self.generator.get_state(), "updates": list(self.updates),
+                "flop_totals": dict(self.flop_totals)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.steps_done = int(state["steps_done"])
         self.generator.set_state(state["generator"])
         self.updates = list(state.get("updates", []))
+        self.flop_totals.update(state.get("flop_totals", {}))

@@ -156,3 +156,52 @@ def test_regrown_weights_get_zeroed_adam_moments():
                 assert not optimizer.state[w][key][grown].any(), (step, key)
                 stale_seen |= bool(before[key][grown].any())
     assert stale_seen, "no regrown weight had stale moments: the test would not notice a missing reset"
+
+
+def test_flop_account_counts_what_the_masks_keep():
+    """Per step over the masked projections: forward 2 T N d, backward 4 T N d, on update steps the dense
+    gradient's remainder 2 T N (1 - d); the dense model 6 T N."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    options = mst(total_steps=10, delta=3, warmup_end=0.3, ultra_end=0.9, warmup_sparsity=0.5, ultra_sparsity=0.5)
+    torch._dynamo.reset()
+    sparsify.prepare(model, torch.randn(4, 16), options=options)
+    compiled = torch.compile(model, backend="sparsify", options=options)
+    schedule = sparsify.training.MixedSparsity(compiled, torch.optim.SGD(model.parameters(), lr=0.1), options,
+                                               tokens_per_step=5)
+    expected = {"forward": 0.0, "backward": 0.0, "dense_gradient": 0.0}
+    for step in range(6):
+        compiled(torch.randn(5, 16)).sum().backward()
+        kept = float(schedule.layers[0][2].sum())  # the density this step ran at (the update comes after)
+        update = step > 0 and step % 3 == 0
+        expected["forward"] += 2 * 5 * kept
+        expected["backward"] += 4 * 5 * kept
+        expected["dense_gradient"] += 2 * 5 * (128 - kept) if update else 0.0
+        schedule.step()
+        model.zero_grad(set_to_none=True)
+    got = schedule.flops()
+    assert {k: got[k] for k in expected} == pytest.approx(expected)
+    assert got["dense_model"] == 6 * 5 * 128 * 6 and got["tokens"] == 30 and got["steps"] == 6
+    assert got["dense_over_mst"] == pytest.approx(got["dense_model"] / sum(expected.values()))
+    assert schedule.sparsity() > 0.3  # the masks did thin out
+
+
+def test_hf_trainer_runs_the_schedule_around_its_optimizer_step(tmp_path):
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+    model = _gpt2()
+    options = mst(total_steps=6, delta=2, warmup_end=0.5, ultra_end=0.9, skip_update_step=False)
+    torch._dynamo.reset()
+    sparsify.prepare(model, **_batch(), options=options)
+    ids = _batch()["input_ids"]
+    data = [{"input_ids": ids[i % 2], "labels": ids[i % 2]} for i in range(12)]
+    model.compile(backend="sparsify", options=options)
+    schedule = sparsify.training.MixedSparsity(model, None, options)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[schedule.trainer_callback()])
+    trainer.train()
+    assert schedule.steps_done == 6 and schedule.optimizer is trainer.optimizer
+    assert [u["step"] for u in schedule.updates] == [2, 4]
+    assert schedule.sparsity() > 0.3
+    for _, w, mask in schedule.layers:
+        assert not w[~mask].any()
