@@ -55,3 +55,47 @@ def test_ddp_all_reduces_the_learned_sparse_state(tmp_path):
     for name, grad in grads0.items():
         assert grad is not None and grad.abs().sum() > 0, name
         torch.testing.assert_close(grads1[name], grad, rtol=0, atol=0, msg=name)
+
+
+def _mst_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """MST under DDP: each rank trains on its own data; the topology updates (gradient growth on the all-reduced
+    gradients, random growth from the one seeded generator) must give every rank the same masks."""
+    sys.path.insert(0, TESTS)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        import transformers
+        import sparsify
+        from families import tiny_config
+
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(tiny_config("gpt2"))
+        options = {"linear": {"method": "mst", "total_steps": 12, "delta": 2, "warmup_end": 0.3, "ultra_end": 0.9},
+                   "attention": "off", "mlp": "off", "inner": "aot_eager"}
+        g = torch.Generator().manual_seed(100 + rank)
+        ids = torch.randint(0, 90, (2, 12), generator=g)  # per-rank data
+        sparsify.prepare(model, input_ids=ids, options=options)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        compiled = torch.compile(ddp, backend="sparsify", options=options)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        schedule = sparsify.training.MixedSparsity(compiled, optimizer, options)
+        for _ in range(12):
+            compiled(input_ids=ids, labels=ids).loss.backward()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+        masks = {path: mask.clone() for path, _, mask in schedule.layers}
+        torch.save((masks, schedule.updates), os.path.join(out_dir, f"mst{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_mst_masks_stay_identical_on_every_rank(tmp_path):
+    mp.spawn(_mst_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    masks0, updates0 = torch.load(tmp_path / "mst0.pt")
+    masks1, updates1 = torch.load(tmp_path / "mst1.pt")
+    assert updates0 and any(u["regrown"] for u in updates0)
+    assert updates0 == updates1
+    for path, mask in masks0.items():
+        assert torch.equal(masks1[path], mask), path
