@@ -109,6 +109,20 @@ def run(args) -> dict:
     flops = sparsify.count_flops(model, *test_set.tensors[:2], options=options) if args.variant == "ada" else None
     dense_flops = (sparsify.count_flops(model, *test_set.tensors[:2], options={**options, "mlp": {"method": "dense"}})
                    if args.variant == "ada" else None)
+    sweep = []
+    if args.variant == "ada":  # what skipping saves and costs at other thresholds (the trained gates stay)
+        for threshold in [float(t) for t in args.skip_sweep.split(",") if t]:
+            swept = {**options, "mlp": {**options["mlp"], "skip_below": threshold}}
+            torch._dynamo.reset()
+            acc, _ = finetune.evaluate(torch.compile(model, backend="sparsify", options=swept), test_set, args.batch,
+                                       torch.device("cpu"))
+            rows = sparsify.last_report().regions
+            model.eval()
+            f = sparsify.count_flops(model, *test_set.tensors[:2], options=swept)
+            sweep.append({"skip_below": threshold, "test_accuracy": round(acc, 4),
+                          "skipped": [r.module for r in rows if r.decision == "ada_deft (skipped)"],
+                          "eval_forward_flops": sum(f.values())})
+        sparsify.activation_density(reset=True)
     tail = max(1, len(losses) // 10)
     return {
         "benchmark": "DEFT real run: all-MiniLM-L6-v2 + LoRA, fortunes topics",
@@ -129,6 +143,7 @@ def run(args) -> dict:
         "ada_gates": gates,
         "ada_skipped": [r.module for r in report.regions if r.decision == "ada_deft (skipped)"] if report else None,
         "eval_forward_flops": sum(flops.values()) if flops else None,
+        "ada_skip_sweep": sweep,
         "eval_forward_flops_all_mlps": sum(dense_flops.values()) if dense_flops else None,
         "step_median_s": round(statistics.median(step_times[3:] or step_times), 3),
         "eval_batch_median_s": round(eval_s, 4),
@@ -198,6 +213,7 @@ def parse_args(argv=None):
     p.add_argument("--gate-weight", type=float, default=0.05, help="ADA-DEFT: the gate penalty's weight")
     p.add_argument("--gate-scale", type=float, default=10.0, help="ADA-DEFT: g = 2 sigmoid(scale * logit)")
     p.add_argument("--skip-below", type=float, default=0.5, help="ADA-DEFT: eval skips MLPs with gate below this")
+    p.add_argument("--skip-sweep", default="0.6,0.7,0.8,0.9", help="ADA-DEFT: also evaluate at these thresholds")
     p.add_argument("--model", default="minilm", choices=["minilm", "tiny"])
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
