@@ -183,6 +183,23 @@ def summary(folder: str) -> str:
         lines.append(f"| {name} | {', '.join(str(r['seed']) for r in rs)} | {' / '.join(f'{a:.2f}' for a in acc)} | "
                      f"{statistics.mean(acc):.2f} | {vs_acc} | {' / '.join(f'{d:.4f}' for d in dens)} | "
                      f"{statistics.mean(dens):.4f} | {vs_den} | {tau} | {skipped} |")
+    adas = [r for r in runs if r["variant"] == "ada" and r.get("ada_skip_sweep")]
+    if adas:
+        lines += ["", "ADA-DEFT (our reconstruction): eval at other skip thresholds, the trained gates unchanged "
+                  f"({len(adas)} seeds: {', '.join(str(r['seed']) for r in sorted(adas, key=lambda r: r['seed']))}); "
+                  "accuracy vs PEFT is paired by seed; FLOPs: one eval forward over the test set.", "",
+                  "| skip_below | MLPs skipped per seed | accuracy % per seed | mean vs peft, points | eval FLOPs vs all MLPs kept |",
+                  "|---|---|---|---|---|"]
+        adas = sorted(adas, key=lambda r: r["seed"])
+        thresholds = [e["skip_below"] for e in adas[0]["ada_skip_sweep"]]
+        for i, th in enumerate(thresholds):
+            entries = [r["ada_skip_sweep"][i] for r in adas]
+            paired = [100 * (e["test_accuracy"] - base[r["seed"]]["test_accuracy"]) for e, r in zip(entries, adas)
+                      if r["seed"] in base]
+            flops = statistics.mean(e["eval_forward_flops"] / r["eval_forward_flops_all_mlps"] for e, r in zip(entries, adas))
+            lines.append(f"| {th:g} | {' / '.join(str(len(e['skipped'])) for e in entries)} | "
+                         f"{' / '.join(format(100 * e['test_accuracy'], '.2f') for e in entries)} | "
+                         f"{statistics.mean(paired):+.2f} | {100 * (flops - 1):+.1f} % |" if paired else "")
     plot = os.path.join(folder, "density_per_layer.png")
     try:
         import matplotlib
