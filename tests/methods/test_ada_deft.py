@@ -67,7 +67,7 @@ def test_training_gradient_is_task_plus_density_plus_gate_penalty(family):
     assert rows and all(r.decision == "ada_deft (density + gate loss)" for r in rows)
 
 
-@pytest.mark.parametrize("family", ["bert", "llama", "t5"])
+@pytest.mark.parametrize("family", ["bert", "llama", pytest.param("t5", marks=pytest.mark.wide)])
 def test_eval_skips_the_layers_below_the_threshold_and_scales_the_rest(family):
     options = ada(skip_below=0.5)
     model, inputs = _prepared(family, options)
