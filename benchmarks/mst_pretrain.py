@@ -207,17 +207,20 @@ def summary(folder: str) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6, 3.5))
+        colors = {}
         for name, r in runs.items():
-            ax.plot([c["step"] for c in r["val_curve"]], [c["val_loss"] for c in r["val_curve"]], label=name)
-        msts = [r for r in runs.values() if r["variant"] == "mst"]
+            (line,) = ax.plot([c["step"] for c in r["val_curve"]], [c["val_loss"] for c in r["val_curve"]], label=name)
+            colors[name] = line.get_color()
+        msts = [(name, r) for name, r in runs.items() if r["variant"] == "mst"]
         if msts:
             ax2 = ax.twinx()
-            for r in msts:
-                ax2.plot([c["step"] for c in r["val_curve"]], [c["sparsity"] for c in r["val_curve"]], linestyle=":")
+            for name, r in msts:  # each run's sparsity in its loss curve's colour
+                ax2.plot([c["step"] for c in r["val_curve"]], [c["sparsity"] for c in r["val_curve"]], linestyle=":",
+                         color=colors[name])
             ax2.set_ylabel("MST sparsity (dotted)")
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss (nats / byte)")
-        ax.legend()
+        ax.legend(fontsize=7, loc="upper right")
         fig.tight_layout()
         fig.savefig(plot, dpi=110)
         lines += ["", f"Plot: {os.path.basename(plot)}."]
