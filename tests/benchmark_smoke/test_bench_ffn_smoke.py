@@ -120,6 +120,7 @@ def test_finetune_lm_tiny(tmp_path):
     assert "CPU run" in markdown and "Triton" in markdown
 
 
+@pytest.mark.wide
 def test_finetune_lm_tiny_lora(tmp_path):
     pytest.importorskip("peft")
     payload = _run_tiny_lm(tmp_path, "--variants", "routed", "--lora", "4")

@@ -19,18 +19,18 @@ import data_fortunes  # noqa: E402
 def test_deft_finetune_variants_and_summary(tmp_path):
     pytest.importorskip("peft")
     bench = load_benchmark("deft_finetune")
-    for variant in ("peft", "deft", "ada"):
+    for variant in ("peft", "ada"):  # deft is ada's path without the gates
         bench.main(["--model", "tiny", "--variant", variant, "--weight", "5", "--steps", "3", "--batch", "4",
                     "--seq-len", "32", "--n-test", "8", "--inner", "aot_eager", "--log-every", "0", "--skip-sweep", "1.5",
                     "--out", str(tmp_path / f"{variant}.json")])
-    runs = {v: json.loads((tmp_path / f"{v}.json").read_text()) for v in ("peft", "deft", "ada")}
+    runs = {v: json.loads((tmp_path / f"{v}.json").read_text()) for v in ("peft", "ada")}
     for run in runs.values():
         assert len(run["eval_density_per_layer"]) == 2 and 0.0 < run["eval_density_mean"] <= 1.0
         assert run["eval_density_tau_mean"] <= 1.0 and len(run["train_density_every_10pct"]) >= 1
-    assert runs["peft"]["options"]["mlp"]["measure_only"] and not runs["deft"]["options"]["mlp"]["measure_only"]
+    assert runs["peft"]["options"]["mlp"]["measure_only"] and not runs["ada"]["options"]["mlp"]["measure_only"]
     assert runs["ada"]["ada_gates"] and runs["ada"]["eval_forward_flops"] <= runs["ada"]["eval_forward_flops_all_mlps"]
     text = bench.main(["--summary", str(tmp_path)])
-    assert "| peft |" in text and "| deft (weight 5) |" in text and "| ada (weight 5) |" in text
+    assert "| peft |" in text and "| ada (weight 5) |" in text
     # the sweep's threshold 1.5 skips both MLPs (every gate is near 1): FLOPs fall, and the table says so
     assert len(runs["ada"]["ada_skip_sweep"][0]["skipped"]) == 2 and "| 1.5 | 2 |" in text
     assert (tmp_path / "summary.md").exists() and (tmp_path / "density_per_layer.png").stat().st_size > 0

@@ -71,7 +71,7 @@ def _mst_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
         torch.manual_seed(0)
         model = transformers.GPT2LMHeadModel(tiny_config("gpt2"))
-        options = {"linear": {"method": "mst", "total_steps": 12, "delta": 2, "warmup_end": 0.3, "ultra_end": 0.9},
+        options = {"linear": {"method": "mst", "total_steps": 6, "delta": 2, "warmup_end": 0.3, "ultra_end": 0.9},
                    "attention": "off", "mlp": "off", "inner": "aot_eager"}
         g = torch.Generator().manual_seed(100 + rank)
         ids = torch.randint(0, 90, (2, 12), generator=g)  # per-rank data
@@ -80,7 +80,7 @@ def _mst_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         compiled = torch.compile(ddp, backend="sparsify", options=options)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         schedule = sparsify.training.MixedSparsity(compiled, optimizer, options)
-        for _ in range(12):
+        for _ in range(6):
             compiled(input_ids=ids, labels=ids).loss.backward()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)

@@ -95,7 +95,7 @@ def graph_break_in_bert_layers(monkeypatch):
     monkeypatch.setattr(layer, "forward", breaking_forward)
 
 
-@pytest.mark.parametrize("score", ["codes", "exact"])
+@pytest.mark.parametrize("score", ["codes", pytest.param("exact", marks=pytest.mark.wide)])
 def test_graph_break_inside_a_layer(graph_break_in_bert_layers, score):
     model = tiny_model("bert", "eager").train()
     inputs = tiny_inputs("bert")

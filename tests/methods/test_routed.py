@@ -11,7 +11,7 @@ def routed_options(**mlp):
 
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "t5"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", pytest.param("t5", marks=pytest.mark.wide)])
 def test_ungated_all_blocks_equals_dense(family):
     model = tiny_model(family, "sdpa").train()
     inputs = tiny_inputs(family)

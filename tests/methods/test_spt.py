@@ -172,7 +172,7 @@ def test_sparse_attention_equals_flex_attention_with_the_same_mask():
     torch.testing.assert_close(out, sdpa, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["bert", "llama", "t5"])
+@pytest.mark.parametrize("family", ["bert", "llama", pytest.param("t5", marks=pytest.mark.wide)])
 def test_block_granularity_all_blocks_reproduces_dense(family):
     model = tiny_model(family, "sdpa").train()
     inputs = tiny_inputs(family, seq=32)
