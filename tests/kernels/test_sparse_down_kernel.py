@@ -2,17 +2,13 @@
 Triton's interpreter (fp32 exact up to summation order, fp16 within half-precision tolerance), compiled for
 sm_90 (tensor cores, no spills), and on CUDA where a GPU is."""
 import importlib.util
-import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import sparsify  # noqa: F401
-from paths import REPO
+from sm90 import compile_sm90
 from sparsify.ops.sparse_down import sparse_down_reference
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -64,54 +60,19 @@ def test_union_kernel_equals_the_torch_union(interpreter, dtype, t, f, block_t):
         assert torch.equal(got_n[tile, :count], want_n[tile, :count])
 
 
-SM90_SCRIPT = """
-import os, re, subprocess, tempfile
-os.environ.pop("TRITON_INTERPRET", None)
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-from sparsify.codegen.sparse_down import ActiveUnionSpec, SparseDownSpec, get_sparse_down_kernel
-ptrs = dict(h_ptr="*fp16", w_ptr="*fp16", b_ptr="*fp16", nrn_ptr="*i32", cnt_ptr="*i32", out_ptr="*fp16")
-for label, spec, consts, stages in (
-        ("gemm", SparseDownSpec(dtype=torch.float16), dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, HAS_BIAS=True), 3),
-        ("union", ActiveUnionSpec(dtype=torch.float16), dict(BLOCK_T=16, BLOCK_F=256), 1)):
-    kernel = get_sparse_down_kernel(spec)
-    sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in kernel.fn.arg_names}
-    out = triton.compile(ASTSource(kernel.fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                         options={"num_warps": 4, "num_stages": stages})
-    ptx = out.asm["ptx"]
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
-        open(path, "w").write(ptx)
-        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=" + sm_arch_from_capability(90), path,
-                              "-o", path + ".o"], capture_output=True, text=True).stderr
-    print(label, "registers", re.search(r"Used (\\d+) registers", log).group(1),
-          "spill_stores", re.search(r"(\\d+) bytes spill stores", log).group(1),
-          "wgmma", ptx.count("wgmma.mma_async"), "mma", ptx.count("mma.sync"), "shared", out.metadata.shared)
-"""
+PTRS = dict(h_ptr="*fp16", w_ptr="*fp16", b_ptr="*fp16", nrn_ptr="*i32", cnt_ptr="*i32", out_ptr="*fp16")
 
 
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 def test_compiles_for_sm90_with_tensor_cores_and_no_spills(tmp_path):
-    """At a GPU tile (64 tokens x 64 outputs x 32 neurons, fp16) the kernel compiles for H100/H200: tl.dot lowers
-    to wgmma and ptxas reports no spills (figures printed for the record)."""
-    if importlib.util.find_spec("triton.backends.nvidia") is None:
-        pytest.skip("this triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env["SPARSIFY_CACHE_DIR"] = str(tmp_path)
-    run = subprocess.run([sys.executable, "-c", SM90_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=300)
-    if run.returncode != 0 and "ptxas" in run.stderr.lower():
-        pytest.skip(f"no usable ptxas: {run.stderr[-500:]}")
-    assert run.returncode == 0, run.stderr[-3000:]
-    print(run.stdout)
-    found = {m.group(1): tuple(map(int, m.groups()[1:])) for m in
-             re.finditer(r"(\w+) registers (\d+) spill_stores (\d+) wgmma (\d+) mma (\d+)", run.stdout)}
-    assert set(found) == {"gemm", "union"}, run.stdout
-    assert found["gemm"][1] == 0 and found["gemm"][2] > 0, run.stdout  # no spills, tensor cores
-    assert found["union"][1] == 0, run.stdout
+    """At a GPU tile (64 tokens x 64 outputs x 32 neurons, fp16) the GEMM kernel compiles for H100/H200: tl.dot lowers
+    to wgmma and ptxas reports no spills; the union kernel compiles without spills too."""
+    gemm = compile_sm90(tmp_path, "sparsify.codegen.sparse_down", "get_sparse_down_kernel", "SparseDownSpec",
+                        dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, HAS_BIAS=True), PTRS)
+    assert gemm["spill_stores"] == 0 and gemm["wgmma"] > 0, gemm
+    union = compile_sm90(tmp_path, "sparsify.codegen.sparse_down", "get_sparse_down_kernel", "ActiveUnionSpec",
+                         dict(BLOCK_T=16, BLOCK_F=256), PTRS, num_stages=1)
+    assert union["spill_stores"] == 0, union
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
