@@ -85,7 +85,11 @@ class KernelSpec:
 
     @property
     def kernel_name(self) -> str:
-        raise NotImplementedError
+        """The jit function's name: "<family>_<dtype>_kernel" for a family with one source per dtype; a family with
+        other fields names its variants itself."""
+        if [f.name for f in dataclasses.fields(self)] == ["dtype"]:
+            return f"{self.family}_{self.dtype_name}_kernel"
+        raise NotImplementedError(f"{type(self).__name__} must name its kernel (kernel_name)")
 
     def canonical(self) -> str:
         """A stable, explicit string of every field (bools as 0/1, dtypes by short name)."""

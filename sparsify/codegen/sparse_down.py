@@ -107,10 +107,6 @@ class SparseDownSpec(KernelSpec):
     family = "sparse_down"
     dtype: torch.dtype = torch.float16
 
-    @property
-    def kernel_name(self) -> str:
-        return f"sparse_down_{self.dtype_name}_kernel"
-
 
 @dataclasses.dataclass(frozen=True)
 class ActiveUnionSpec(KernelSpec):
@@ -118,10 +114,6 @@ class ActiveUnionSpec(KernelSpec):
 
     family = "active_union"
     dtype: torch.dtype = torch.float16
-
-    @property
-    def kernel_name(self) -> str:
-        return f"active_union_{self.dtype_name}_kernel"
 
 
 def kernel_source(spec) -> str:

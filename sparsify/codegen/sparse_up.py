@@ -74,10 +74,6 @@ class SparseUpSpec(KernelSpec):
     family = "sparse_up"
     dtype: torch.dtype = torch.float16
 
-    @property
-    def kernel_name(self) -> str:
-        return f"sparse_up_{self.dtype_name}_kernel"
-
 
 def kernel_source(spec: SparseUpSpec) -> str:
     dot_kwargs = ', input_precision="ieee"' if spec.dtype == torch.float32 else ""
