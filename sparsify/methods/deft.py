@@ -141,7 +141,7 @@ class Deft(Method):
             region.facts["_stack_layers"] = stacks[region.facts["stack"]]
 
     def rewrite(self, gm, region, options, states, mode):
-        from ..ops.density import METRIC_KINDS, density_counts, density_per_sample
+        from ..ops.density import METRIC_KINDS, density_counts, density_per_sample, exact_zeros
 
         graph = gm.graph
         a = region.facts["_activation_out"]
@@ -150,7 +150,6 @@ class Deft(Method):
         name = metric_name(mode, region.module)
         a_value = value(a)
         METRIC_KINDS[name] = (region.facts.get("activation"), a_value.dtype if a_value is not None else None)
-        from ..ops.density import exact_zeros
         region.facts["exact_zeros"] = ("yes" if a_value is None or exact_zeros(region.facts.get("activation"), a_value.dtype)
                                        else f"never in {a_value.dtype} (read density_tau)")
         region.facts["padding"] = "masked" if token_mask is not None else "counted"

@@ -23,8 +23,7 @@ target, layers past 1 made dense and the scale solved again) or uniform.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,15 +40,15 @@ MASK_STATE = StateKind(MASK_KIND, (MASK,))
 
 def _after(field_name: str):
     """A real in (config.<field_name>, 1]: the phase boundaries' order, checked when the options are made."""
+    fraction = real(0.5, low=0.0, high=1.0).metadata["check"]
+
     def check(value, config, where):
         low = getattr(config, field_name)
-        base = real(0.5, low=0.0, high=1.0).metadata["check"]
-        value = base(value, config, where)
+        value = fraction(value, config, where)
         if not value > low:
             raise ValueError(f"sparsify: {where}={value!r} is not valid: it must be > {field_name}={low!r} "
                              "(phases in order: warm-up, ultra-sparse, restoration)")
         return value
-    from dataclasses import field
     return field(default=0.75, metadata={"check": check})
 
 
