@@ -4,6 +4,7 @@ sparsify.prepare registers the codebooks and routers before DDP is built (DDP re
 broadcasts rank 0's values at construction); torch.compile then wraps the DDP module. Each rank sees
 different data, so equal gradients of the learned state on both ranks show that DDP all-reduced them.
 """
+import contextlib
 import os
 import socket
 import sys
@@ -22,12 +23,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+@contextlib.contextmanager
+def _process_group(rank: int, world: int, port: int):
+    """One gloo rank of a spawned worker (tests importable, one thread), torn down however the body ends."""
     sys.path.insert(0, TESTS)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    with _process_group(rank, world, port):
         import sparsify
         from families import tiny_inputs, tiny_model
 
@@ -41,8 +51,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if "sparsify_" in n}
         decisions = sorted((r.kind, r.decision) for r in sparsify.last_report().regions)
         torch.save((grads, decisions), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -60,11 +68,7 @@ def test_ddp_all_reduces_the_learned_sparse_state(tmp_path):
 def _mst_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """MST under DDP: each rank trains on its own data; the topology updates (gradient growth on the all-reduced
     gradients, random growth from the one seeded generator) must give every rank the same masks."""
-    sys.path.insert(0, TESTS)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
+    with _process_group(rank, world, port):
         import transformers
         import sparsify
         from families import tiny_config
@@ -86,8 +90,6 @@ def _mst_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             optimizer.zero_grad(set_to_none=True)
         masks = {path: mask.clone() for path, _, mask in schedule.layers}
         torch.save((masks, schedule.updates), os.path.join(out_dir, f"mst{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
