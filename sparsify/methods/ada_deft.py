@@ -110,12 +110,9 @@ class AdaDeft(Deft):
                 self._skip_region(gm, region)
                 return
             region.facts["gate"] = reason
-        super().rewrite(gm, region, options, states, mode)  # DEFT: tap (+ loss in training, + sparse inference)
+        # DEFT: tap (+ loss in training, + sparse inference); the gate scales what the model reads after the tap
+        out = super().rewrite(gm, region, options, states, mode)
         graph = gm.graph
-        out = region.output
-        while len(out.users) == 1 and next(iter(out.users)).target in (torch.ops.sparsify.observe.default,
-                                                                        torch.ops.sparsify.aux_loss.default):
-            out = next(iter(out.users))  # past DEFT's tap: the gate scales what the model reads
         users = list(out.users)
         with graph.inserting_after(out):
             gated = insert_call(graph, _gated, (out, logit, float(options.gate_scale)), like=region.output)

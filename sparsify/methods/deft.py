@@ -175,6 +175,7 @@ class Deft(Method):
                 out = insert_call(graph, torch.ops.sparsify.observe.default, (region.output, counts, name), like=like)
         for user in users:
             user.replace_input_with(region.output, out)
+        return out  # what the model now reads in place of the MLP's output (ADA-DEFT gates it)
 
     def _inference_path(self, gm, region, options, mode) -> str:
         """Rewrite the down projection into sparsify::sparse_down where the options and the layer allow; the
