@@ -13,6 +13,7 @@ from . import spt_block as _spt_block  # noqa: F401  (pq_select_blocks, block_sp
 from . import routed as _routed  # noqa: F401  (routed_mlp: SPT routed FFN)
 from . import sparse_down as _sparse_down  # noqa: F401  (sparse_down: DEFT's activation-sparse down projection)
 from . import sparse_up as _sparse_up  # noqa: F401  (sparse_up: a gated MLP's up projection where the gate is non-zero)
+from . import block_linear as _block_linear  # noqa: F401  (block_sparse_linear: MST's block mode)
 from . import cuda as _cuda  # noqa: F401  (every CUDA registration: the Triton kernels)
 from .attention import attention_reference
 from .mlp import ACTIVATIONS, mlp_reference

@@ -6,6 +6,7 @@
     sparsify::spt_attention (+ bwd), block_sparse_attention (+ bwd)   codegen/spt_attention.py, below
     sparsify::sparse_down         codegen/sparse_down.py (DEFT inference: the non-zero activations only)
     sparsify::sparse_up           codegen/sparse_up.py (DEFT inference: a gated MLP's up rows where the gate is non-zero)
+    sparsify::block_sparse_linear (+ dgrad, wgrad)   codegen/block_linear.py (MST's block mode)
 
 What a kernel does not cover falls back to the op's plain-torch reference on the same device (the
 same math, unfused), so a CUDA tensor never meets an unsupported kernel; the SPT attention ops':
@@ -24,6 +25,7 @@ from .spt import spt_attention_backward_reference, spt_attention_reference
 from .spt_block import block_sparse_attention_backward_reference, block_sparse_attention_reference
 from .sparse_down import sparse_down_reference
 from .sparse_up import sparse_up_reference
+from .block_linear import block_mm_cpu, block_wgrad_cpu
 
 from ..tables import KERNEL_DTYPES  # noqa: E402
 
@@ -120,3 +122,37 @@ def _sparse_up_cuda(g, x, w, b, block_t):
     from ..codegen.sparse_up import sparse_up_triton
     out = sparse_up_triton(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]), w, b, block_t)
     return out.reshape(g.shape)
+
+
+# MST block mode. The kernels take one dtype of KERNEL_DTYPES for all tensors; other inputs (fp64, mixed) run the
+# CPU path's torch ops on the device (the same block-skipping math, unfused).
+def _kernel_dtypes(*tensors) -> bool:
+    return tensors[0].dtype in KERNEL_DTYPES and all(t.dtype == tensors[0].dtype for t in tensors if t is not None)
+
+
+@torch.library.register_kernel("sparsify::block_sparse_linear", "cuda")
+def _block_sparse_linear_cuda(x, w, b, blocks, grad_blocks):
+    x2 = x.reshape(-1, x.shape[-1])
+    if _kernel_dtypes(x, w, b):
+        from ..codegen.block_linear import block_mm_triton
+        out = block_mm_triton(x2, w, blocks, b)
+    else:
+        out = block_mm_cpu(x2, w, blocks)
+        out = out + b if b is not None else out
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+@torch.library.register_kernel("sparsify::block_sparse_linear_dgrad", "cuda")
+def _block_sparse_linear_dgrad_cuda(dy, w, blocks):
+    if _kernel_dtypes(dy, w):
+        from ..codegen.block_linear import block_mm_triton
+        return block_mm_triton(dy, w.t(), blocks.t())
+    return block_mm_cpu(dy, w.t(), blocks.t())
+
+
+@torch.library.register_kernel("sparsify::block_sparse_linear_wgrad", "cuda")
+def _block_sparse_linear_wgrad_cuda(dy, x, grad_blocks):
+    if _kernel_dtypes(dy, x):
+        from ..codegen.block_linear import block_wgrad_triton
+        return block_wgrad_triton(dy, x, grad_blocks)
+    return block_wgrad_cpu(dy, x, grad_blocks)
