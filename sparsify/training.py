@@ -30,11 +30,47 @@ import torch
 from torch import nn
 
 from .config import SparsifyConfig
-from .methods.mst import MASK, MASK_KIND, drop_fraction, layer_densities, target_sparsity
+from .methods.mst import (BLOCKS, BLOCKS_KIND, GRAD_BLOCKS, MASK, MASK_KIND, drop_fraction, layer_densities,
+                          target_sparsity)
 from .methods.state import modules_with_state
 from .steps import _unwrapped
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+
+
+class _Layer:
+    """One masked weight. `mask` is bool, in the weight's own layout: the weight's shape (unstructured) or one
+    entry per block [R, C] (block mode; `grad_blocks` alike). The topology update works on units (an element, or
+    a block of br x bc), scored by the sum of |w| or |grad| over the unit."""
+
+    def __init__(self, path: str, weight: nn.Parameter, mask: torch.Tensor, grad_blocks: Optional[torch.Tensor]):
+        self.path, self.weight, self.mask, self.grad_blocks = path, weight, mask, grad_blocks
+        self.unit = (weight.shape[0] // mask.shape[0], weight.shape[1] // mask.shape[1])
+        self.unit_size = self.unit[0] * self.unit[1]
+
+    def unit_scores(self, t: torch.Tensor) -> torch.Tensor:
+        """|t| summed per unit, flat (the mask's order)."""
+        if self.unit_size == 1:
+            return t.detach().abs().reshape(-1)
+        (r, c), (br, bc) = self.mask.shape, self.unit
+        return t.detach().abs().reshape(r, br, c, bc).sum(dim=(1, 3)).reshape(-1)
+
+    def elements(self, units: torch.Tensor) -> torch.Tensor:
+        """A bool of the mask's shape as one of the weight's shape."""
+        if self.unit_size == 1:
+            return units
+        return units.repeat_interleave(self.unit[0], 0).repeat_interleave(self.unit[1], 1)
+
+    def apply_mask(self, t: torch.Tensor) -> None:
+        """t (the weight or its gradient) *= the mask, in place."""
+        if self.unit_size == 1:
+            t.mul_(self.mask)
+        else:
+            (r, c), (br, bc) = self.mask.shape, self.unit
+            t.view(r, br, c, bc).mul_(self.mask[:, None, :, None])
+
+    def kept(self) -> int:
+        return int(self.mask.sum()) * self.unit_size
 
 
 class MixedSparsity:
@@ -47,18 +83,21 @@ class MixedSparsity:
         self.options = self.config.linear
         self.model = _unwrapped(model)
         self.optimizer = optimizer
-        self.layers = [(path, module.weight, tensors[MASK]) for path, module, tensors in
-                       modules_with_state(self.model, MASK_KIND)]
+        self.layers = [_Layer(path, module.weight, tensors[MASK], None)
+                       for path, module, tensors in modules_with_state(self.model, MASK_KIND)]
+        self.layers += [_Layer(path, module.weight, tensors[BLOCKS], tensors[GRAD_BLOCKS])
+                        for path, module, tensors in modules_with_state(self.model, BLOCKS_KIND)]
         if not self.layers:
             raise ValueError("sparsify.training.MixedSparsity: the model has no MST masks; run sparsify.prepare(model, "
                              "..., options=...) with these options first")
-        self.shapes = {path: tuple(w.shape) for path, w, _ in self.layers}
+        self.shapes = {layer.path: tuple(layer.weight.shape) for layer in self.layers}
         self.generator = torch.Generator().manual_seed(self.options.seed)
         self.steps_done = 0
         self.updates: list[dict] = []  # one record per topology update: step, target, pruned, regrown
         self.tokens_per_step = tokens_per_step
         self.flop_totals = {"forward": 0.0, "backward": 0.0, "dense_gradient": 0.0, "dense_model": 0.0, "steps": 0,
                             "tokens": 0}
+        self._set_grad_blocks()
 
     # --- the loop -----------------------------------------------------------------------------------------------
     def step(self, tokens: Optional[int] = None) -> None:
@@ -72,23 +111,37 @@ class MixedSparsity:
 
     def before_optimizer(self, tokens: Optional[int] = None) -> bool:
         """The part before the optimizer step (the HF Trainer's on_pre_optimizer_step); True on an update step."""
-        step, o = self.steps_done, self.options
-        update = step > 0 and step % o.delta == 0 and step < o.total_steps
+        step = self.steps_done
+        update = self.is_update_step(step)
         with torch.no_grad():
             self._account(tokens if tokens is not None else self.tokens_per_step, update)
             if update:
                 self._update_topology(step)
-            for _, w, mask in self.layers:
-                if w.grad is not None:
-                    w.grad.mul_(mask)
+            for layer in self.layers:
+                if layer.weight.grad is not None:
+                    layer.apply_mask(layer.weight.grad)
         return update
 
     def after_optimizer(self) -> None:
         """The part after it (the HF Trainer's on_optimizer_step): masked weights back to exactly zero."""
         with torch.no_grad():
-            for _, w, mask in self.layers:
-                w.mul_(mask)
+            for layer in self.layers:
+                layer.apply_mask(layer.weight)
         self.steps_done += 1
+        self._set_grad_blocks()
+
+    def is_update_step(self, step: int) -> bool:
+        o = self.options
+        return step > 0 and step % o.delta == 0 and step < o.total_steps
+
+    def _set_grad_blocks(self) -> None:
+        """Block mode: the next backward computes the weight gradient of every block on a topology-update step (the
+        growth criterion reads it) and of the kept blocks only otherwise."""
+        dense = self.is_update_step(self.steps_done)
+        with torch.no_grad():
+            for layer in self.layers:
+                if layer.grad_blocks is not None:
+                    layer.grad_blocks.fill_(True) if dense else layer.grad_blocks.copy_(layer.mask)
 
     def trainer_callback(self):
         """A transformers.TrainerCallback running before_optimizer / after_optimizer around the Trainer's optimizer
@@ -121,8 +174,8 @@ class MixedSparsity:
         gradient's remainder 2 T N (1 - d) on update steps; the dense model: 3 * 2 T N. In this unstructured mode
         the matmuls actually run dense: these are the FLOPs a sparse kernel would run, as the paper counts."""
         per_token = {"forward": 0.0, "backward": 0.0, "dense_gradient": 0.0, "dense_model": 0.0}
-        for _, w, mask in self.layers:
-            n, kept = mask.numel(), float(mask.sum())
+        for layer in self.layers:
+            n, kept = layer.weight.numel(), float(layer.kept())
             per_token["forward"] += 2 * kept
             per_token["backward"] += 4 * kept
             per_token["dense_gradient"] += 2 * (n - kept) if update else 0.0
@@ -145,12 +198,11 @@ class MixedSparsity:
 
     def densities(self) -> dict[str, float]:
         """Module path -> the share of its weight the mask keeps."""
-        return {path: float(mask.float().mean()) for path, _, mask in self.layers}
+        return {layer.path: float(layer.mask.float().mean()) for layer in self.layers}
 
     def sparsity(self) -> float:
         """The global sparsity over the masked weights."""
-        kept = sum(int(mask.sum()) for _, _, mask in self.layers)
-        return 1.0 - kept / sum(mask.numel() for _, _, mask in self.layers)
+        return 1.0 - sum(layer.kept() for layer in self.layers) / sum(layer.weight.numel() for layer in self.layers)
 
     # --- the topology update ------------------------------------------------------------------------------------
     def _update_topology(self, step: int) -> None:
@@ -159,36 +211,43 @@ class MixedSparsity:
         densities = layer_densities({p: (s[0], s[1]) for p, s in self.shapes.items()}, target, o.allocation)
         zeta_t = drop_fraction(step, o)
         record = {"step": step, "target_sparsity": target, "zeta": zeta_t, "pruned": 0, "regrown": 0}
-        for path, w, mask in self.layers:
-            flat_mask, flat_w = mask.view(-1), w.detach().view(-1)
+        for layer in self.layers:
+            w, flat_mask = layer.weight, layer.mask.view(-1)
             n_active = int(flat_mask.sum())
-            n_target = int(round(densities[path] * flat_mask.numel()))
-            shrink = n_active - n_target  # > 0: the target asks for fewer active weights
+            n_target = int(round(densities[layer.path] * flat_mask.numel()))
+            shrink = n_active - n_target  # > 0: the target asks for fewer active units
             n_prune = min(n_active, max(int(n_active * zeta_t), shrink))
             n_grow = n_prune - shrink
-            pruned = self._prune(flat_w, flat_mask, n_prune)
-            grown = self._grow(w, flat_mask, pruned, n_grow)
-            flat_w[pruned] = 0.0
-            flat_w[grown] = 0.0  # regrown weights start at zero
-            self._reset_moments(w, grown)
-            record["pruned"] += len(pruned)
-            record["regrown"] += len(grown)
+            pruned = self._prune(layer.unit_scores(w), flat_mask, n_prune)
+            grad = None if w.grad is None else layer.unit_scores(w.grad)
+            grown = self._grow(grad, flat_mask, pruned, n_grow)
+            changed = torch.zeros_like(flat_mask)
+            changed[pruned] = True
+            changed[grown] = True
+            w.detach()[layer.elements(changed.view(layer.mask.shape))] = 0.0  # pruned: zero; regrown: start at zero
+            regrown = torch.zeros_like(flat_mask)
+            regrown[grown] = True
+            self._reset_moments(w, layer.elements(regrown.view(layer.mask.shape)))
+            record["pruned"] += len(pruned) * layer.unit_size
+            record["regrown"] += len(grown) * layer.unit_size
         self.updates.append(record)
 
     @staticmethod
-    def _prune(flat_w: torch.Tensor, flat_mask: torch.Tensor, n: int) -> torch.Tensor:
-        """Drop the n active weights of smallest |w|; their indices."""
+    def _prune(scores: torch.Tensor, flat_mask: torch.Tensor, n: int) -> torch.Tensor:
+        """Drop the n active units of smallest |w|; their indices."""
         if n <= 0:
-            return torch.empty(0, dtype=torch.long, device=flat_w.device)
+            return torch.empty(0, dtype=torch.long, device=scores.device)
         active = flat_mask.nonzero().view(-1)
-        order = flat_w[active].abs().argsort(stable=True)
+        order = scores[active].argsort(stable=True)
         dropped = active[order[:n]]
         flat_mask[dropped] = False
         return dropped
 
-    def _grow(self, w: torch.Tensor, flat_mask: torch.Tensor, just_pruned: torch.Tensor, n: int) -> torch.Tensor:
-        """Regrow n inactive weights: by |dense grad|, at random, or 3:1 mixed; among the ones not just pruned
-        first, the just pruned only where there are too few others (the layer's count meets its target)."""
+    def _grow(self, grad: Optional[torch.Tensor], flat_mask: torch.Tensor, just_pruned: torch.Tensor,
+              n: int) -> torch.Tensor:
+        """Regrow n inactive units: by |dense grad| (`grad`: the units' scores), at random, or 3:1 mixed; among the
+        ones not just pruned first, the just pruned only where there are too few others (the layer's count meets
+        its target)."""
         if n <= 0:
             return torch.empty(0, dtype=torch.long, device=flat_mask.device)
         eligible = ~flat_mask
@@ -201,10 +260,9 @@ class MixedSparsity:
             chosen.append(back)
             n = candidates.numel()
         growth = self.options.growth
-        grad = w.grad.detach().view(-1) if w.grad is not None else None
         n_grad = 0 if growth == "random" or grad is None else (n if growth == "gradient" else (3 * n) // 4)
         if n_grad:
-            top = grad[candidates].abs().argsort(descending=True, stable=True)[:n_grad]
+            top = grad[candidates].argsort(descending=True, stable=True)[:n_grad]
             chosen.append(candidates[top])
             keep = torch.ones(candidates.numel(), dtype=torch.bool, device=candidates.device)
             keep[top] = False
@@ -218,13 +276,14 @@ class MixedSparsity:
         return grown
 
     def _reset_moments(self, w: torch.Tensor, grown: torch.Tensor) -> None:
-        if self.optimizer is None or not len(grown):
+        """Zero the optimizer moments of the regrown weights (`grown`: a bool of w's shape)."""
+        if self.optimizer is None:
             return
         state = self.optimizer.state.get(w, {})
         for key in _MOMENTS:
             buf = state.get(key)
             if isinstance(buf, torch.Tensor) and buf.shape == w.shape:
-                buf.view(-1)[grown] = 0
+                buf[grown] = 0
 
     # --- checkpoints ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -88,7 +88,7 @@ def _mst_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             compiled(input_ids=ids, labels=ids).loss.backward()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-        masks = {path: mask.clone() for path, _, mask in schedule.layers}
+        masks = {layer.path: layer.mask.clone() for layer in schedule.layers}
         torch.save((masks, schedule.updates), os.path.join(out_dir, f"mst{rank}.pt"))
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import sparsify
-from sparsify.methods.mst import MASK, layer_densities, target_sparsity
+from sparsify.methods.mst import BLOCKS, GRAD_BLOCKS, MASK, layer_densities, target_sparsity
+from sparsify.ops.block_linear import expand_blocks
 from families import tiny_config
 
 
@@ -53,6 +54,8 @@ def test_schedule_has_three_phases_and_no_jump():
     ({"growth": "magnitude"}, "growth"),
     ({"allocation": "erk"}, "allocation"),
     ({"zeta": -0.1}, "zeta"),
+    ({"block": (24, 32)}, "block"),
+    ({"block": 32}, "block"),
 ])
 def test_bad_options_fail_when_made(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -119,7 +122,7 @@ def test_training_keeps_masked_weights_zero_follows_the_target_and_never_recompi
         optimizer.zero_grad(set_to_none=True)
         if step == 0:
             graphs_after_first_step = len(compiled_graphs)  # the model's graphs (a graph break gives two)
-        for _, w, mask in schedule.layers:
+        for w, mask in ((layer.weight, layer.mask) for layer in schedule.layers):
             assert not w[~mask].any(), f"a masked weight moved at step {step}"
         if step % o.delta == 0 and step > 0:
             assert schedule.sparsity() == pytest.approx(target_sparsity(step, o), abs=0.01), (step, schedule.updates[-1])
@@ -141,7 +144,7 @@ def test_regrown_weights_get_zeroed_adam_moments():
     compiled = torch.compile(model, backend="sparsify", options=options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     schedule = sparsify.training.MixedSparsity(compiled, optimizer, options)
-    w, mask = schedule.layers[0][1], schedule.layers[0][2]
+    w, mask = schedule.layers[0].weight, schedule.layers[0].mask
     x = torch.randn(8, 16)
     stale_seen = False
     for step in range(40):
@@ -171,7 +174,7 @@ def test_flop_account_counts_what_the_masks_keep():
     expected = {"forward": 0.0, "backward": 0.0, "dense_gradient": 0.0}
     for step in range(6):
         compiled(torch.randn(5, 16)).sum().backward()
-        kept = float(schedule.layers[0][2].sum())  # the density this step ran at (the update comes after)
+        kept = float(schedule.layers[0].mask.sum())  # the density this step ran at (the update comes after)
         update = step > 0 and step % 3 == 0
         expected["forward"] += 2 * 5 * kept
         expected["backward"] += 4 * 5 * kept
@@ -203,5 +206,140 @@ def test_hf_trainer_runs_the_schedule_around_its_optimizer_step(tmp_path):
     assert schedule.steps_done == 6 and schedule.optimizer is trainer.optimizer
     assert [u["step"] for u in schedule.updates] == [2, 4]
     assert schedule.sparsity() > 0.3
-    for _, w, mask in schedule.layers:
+    for w, mask in ((layer.weight, layer.mask) for layer in schedule.layers):
         assert not w[~mask].any()
+
+
+# --- block mode: masks of whole blocks, the block-sparse Linear op ---------------------------------------------
+
+def _gpt2_blocky(seed=0):
+    """A GPT-2 whose every projection (the tied head too) is a multiple of 16 on both sides."""
+    import transformers
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2,
+                                                                n_head=2, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+
+
+def _block_elements(module):
+    """The block mask as an element mask in the module's weight layout."""
+    return expand_blocks(getattr(module, BLOCKS), module.weight.shape)
+
+
+def test_block_mode_compiles_to_the_block_sparse_linear_equal_to_eager_with_masked_blocks():
+    model = _gpt2_blocky()
+    options = mst(block=(16, 16))
+    torch._dynamo.reset()
+    report = sparsify.prepare(model, **_batch(), options=options)
+    masked = {path: module for path, module in model.named_modules() if hasattr(module, BLOCKS)}
+    assert len(masked) == 4 * 2 + 1 and not any(hasattr(m, MASK) for m in masked.values())
+    assert all(r.decision == "prepared: mst_blocks" for r in report.by_kind("linear"))
+    # masks in the module's layout: Conv1D c_fc is [in 32, out 128] -> [2, 8] blocks; the head [96, 32] -> [6, 2]
+    assert getattr(masked["transformer.h.0.mlp.c_fc"], BLOCKS).shape == (2, 8)
+    assert getattr(masked["lm_head"], BLOCKS).shape == (6, 2)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in masked.values():
+            blocks = getattr(module, BLOCKS)
+            blocks.copy_(torch.rand(blocks.shape, generator=g) > 0.4)
+            getattr(module, GRAD_BLOCKS).copy_(blocks)
+            module.weight.mul_(_block_elements(module))
+    with torch.no_grad():
+        expected = model(**_batch()).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sparsify", options=options)
+    out = compiled(**_batch()).logits
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    rows = sparsify.last_report().by_kind("linear")
+    assert {r.decision for r in rows} == {"mst (block-sparse linear)"}
+    assert all(r.facts.get("mst_block") == "16x16" and "mst_block" in r.shown for r in rows)
+    # the weight gradient exists on grad_blocks' blocks only (here the mask's); the rest is zero, not computed
+    out.logsumexp(-1).mean().backward()
+    c_fc = masked["transformer.h.0.mlp.c_fc"]
+    keep = _block_elements(c_fc)
+    assert (c_fc.weight.grad[keep] != 0).any() and not c_fc.weight.grad[~keep].any()
+
+
+def test_block_mode_training_keeps_dropped_blocks_zero_reads_dense_gradients_on_update_steps_and_never_recompiles(
+        monkeypatch):
+    model = _gpt2_blocky()
+    options = mst(total_steps=30, delta=5, warmup_end=0.3, ultra_end=0.6, warmup_sparsity=0.75, ultra_sparsity=0.75,
+                  restore_sparsity=0.5, block=(16, 16), allocation="uniform")
+    torch._dynamo.reset()
+    sparsify.prepare(model, **_batch(), options=options)
+    graphs = []
+    backend_module = importlib.import_module("sparsify.backend")
+    run_passes = backend_module.run_passes
+    monkeypatch.setattr(backend_module, "run_passes",
+                        lambda gm, config, *a, **k: graphs.append(1) or run_passes(gm, config, *a, **k))
+    compiled = torch.compile(model, backend="sparsify", options=options)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    schedule = sparsify.training.MixedSparsity(compiled, optimizer, options)
+    batch = _batch()
+    modules = dict(model.named_modules())
+    for step in range(30):
+        update = schedule.is_update_step(step)
+        loss = compiled(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        for layer in schedule.layers:
+            assert bool(layer.grad_blocks.all()) == update or bool(layer.mask.all()), (step, layer.path)
+            if update:  # the dense gradient growth reads: computed for the dropped blocks too
+                dropped = ~expand_blocks(layer.mask, layer.weight.shape)
+                assert not dropped.any() or layer.weight.grad[dropped].abs().sum() > 0, (step, layer.path)
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == 0:
+            first = len(graphs)
+        for layer in schedule.layers:
+            dropped = ~_block_elements(modules[layer.path])
+            assert not layer.weight[dropped].any(), f"a weight of a dropped block moved at step {step}"
+        if update:
+            assert schedule.sparsity() == pytest.approx(target_sparsity(step, schedule.options), abs=0.05)
+    assert len(graphs) == first, "block mask and phase changes must not recompile"
+    assert schedule.updates and max(u["pruned"] for u in schedule.updates) > 0
+    assert all(u["pruned"] % 256 == 0 for u in schedule.updates)  # whole 16 x 16 blocks
+    flops = schedule.flops()
+    assert flops["dense_over_mst"] > 1.2
+
+
+def test_block_mode_regrows_blocks_with_zeroed_adam_moments():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    options = mst(total_steps=100, delta=2, warmup_end=0.2, ultra_end=0.9, warmup_sparsity=0.5, ultra_sparsity=0.5,
+                  block=(16, 16))
+    torch._dynamo.reset()
+    sparsify.prepare(model, torch.randn(4, 64), options=options)
+    compiled = torch.compile(model, backend="sparsify", options=options)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    schedule = sparsify.training.MixedSparsity(compiled, optimizer, options)
+    layer = schedule.layers[0]
+    x = torch.randn(8, 64)
+    seen = 0
+    for step in range(30):
+        compiled(x).square().sum().backward()
+        before = layer.mask.clone()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        grown = expand_blocks(layer.mask & ~before, layer.weight.shape)
+        if grown.any():
+            seen += 1
+            assert not layer.weight[grown].any()
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert not optimizer.state[layer.weight][key][grown].any(), (step, key)
+    assert seen
+
+
+def test_block_sides_that_do_not_divide_a_weight_fail_at_prepare_naming_the_field_and_the_module():
+    model = _gpt2_blocky()
+    with pytest.raises(ValueError, match=r"options.linear.block=\(64, 64\) does not divide the weight .* of "
+                                         r"transformer.h.0.attn.c_attn"):
+        sparsify.prepare(model, **_batch(), options=mst(block=(64, 64)))
+
+
+def test_a_model_prepared_unstructured_compiled_in_block_mode_stays_dense_and_says_why():
+    model = _gpt2_blocky()
+    torch._dynamo.reset()
+    sparsify.prepare(model, **_batch(), options=mst())
+    with pytest.warns(UserWarning):
+        torch.compile(model, backend="sparsify", options=mst(block=(16, 16)))(**_batch())
+    rows = sparsify.last_report().by_kind("linear")
+    assert all(r.decision == "dense" for r in rows)
+    assert all("it was prepared with unstructured masks" in (r.reason or "") for r in rows), [r.reason for r in rows]
