@@ -278,6 +278,10 @@ class SparsifyConfig(_Checked):
     dump: Optional[str] = _checked(None, _dump_path)
     exclude: tuple[str, ...] = patterns(())
 
+    def __post_init__(self) -> None:
+        validate(self)
+        _across_sections(self)
+
     @classmethod
     def from_options(cls, options: Union["SparsifyConfig", Mapping[str, Any], None]) -> "SparsifyConfig":
         if options is None:
@@ -288,6 +292,15 @@ class SparsifyConfig(_Checked):
         if not isinstance(options, Mapping):
             raise TypeError(f"sparsify: options must be a dict or a SparsifyConfig, not {type(options).__name__}")
         return _from_mapping(cls, options)
+
+
+def _across_sections(config: "SparsifyConfig") -> None:
+    """Checks that read two sections: HSA's active="ultra" follows MST's phases (options.linear)."""
+    attention = config.attention
+    if attention.method == "hsa" and attention.active == "ultra" and config.linear.method != "mst":
+        raise ValueError("sparsify: options.attention.active='ultra' is not valid with options.linear.method="
+                         f"{config.linear.method!r}: it follows MST's ultra-sparse phase; set options.linear.method="
+                         "'mst' (with its total_steps) or options.attention.active='always'")
 
 
 def _from_mapping(cls, values: Mapping[str, Any]):

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .config import SparsifyConfig
+from .methods.hsa import ACTIVE, HEADS, HSA_KIND, pattern_density
 from .methods.mst import (BLOCKS, BLOCKS_KIND, GRAD_BLOCKS, MASK, MASK_KIND, drop_fraction, layer_densities,
                           target_sparsity)
 from .methods.state import modules_with_state
@@ -75,7 +76,8 @@ class _Layer:
 
 class MixedSparsity:
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                 options: Union[SparsifyConfig, Mapping[str, Any], None] = None, tokens_per_step: Optional[int] = None):
+                 options: Union[SparsifyConfig, Mapping[str, Any], None] = None, tokens_per_step: Optional[int] = None,
+                 seq_len: Optional[int] = None):
         self.config = SparsifyConfig.from_options(options)
         if self.config.linear.method != "mst":
             raise ValueError("sparsify.training.MixedSparsity: options.linear.method must be 'mst', got "
@@ -94,27 +96,31 @@ class MixedSparsity:
         self.generator = torch.Generator().manual_seed(self.options.seed)
         self.steps_done = 0
         self.updates: list[dict] = []  # one record per topology update: step, target, pruned, regrown
-        self.tokens_per_step = tokens_per_step
+        self.tokens_per_step, self.seq_len = tokens_per_step, seq_len
+        # HSA (options.attention.method "hsa"): the attention modules' on/off flags and (heads, head_dim)
+        self.hsa = self.config.attention if self.config.attention.method == "hsa" else None
+        self.attention = [(path, tensors[ACTIVE], tuple(int(v) for v in tensors[HEADS]))
+                          for path, _, tensors in modules_with_state(self.model, HSA_KIND)] if self.hsa else []
         self.flop_totals = {"forward": 0.0, "backward": 0.0, "dense_gradient": 0.0, "dense_model": 0.0, "steps": 0,
-                            "tokens": 0}
-        self._set_grad_blocks()
+                            "tokens": 0, "attention_forward": 0.0, "attention_dense_forward": 0.0}
+        self._between_steps()
 
     # --- the loop -----------------------------------------------------------------------------------------------
-    def step(self, tokens: Optional[int] = None) -> None:
+    def step(self, tokens: Optional[int] = None, seq_len: Optional[int] = None) -> None:
         """After backward: update the topology (on update steps), mask the gradients, step the optimizer (unless
-        skipped), re-mask the weights. `tokens`: this step's tokens, for the FLOP account (default: the
-        constructor's tokens_per_step)."""
-        update = self.before_optimizer(tokens)
+        skipped), re-mask the weights. `tokens`: this step's tokens, `seq_len` its sequence length (attention), for
+        the FLOP account (defaults: the constructor's tokens_per_step and seq_len)."""
+        update = self.before_optimizer(tokens, seq_len)
         if self.optimizer is not None and not (update and self.options.skip_update_step):
             self.optimizer.step()
         self.after_optimizer()
 
-    def before_optimizer(self, tokens: Optional[int] = None) -> bool:
+    def before_optimizer(self, tokens: Optional[int] = None, seq_len: Optional[int] = None) -> bool:
         """The part before the optimizer step (the HF Trainer's on_pre_optimizer_step); True on an update step."""
         step = self.steps_done
         update = self.is_update_step(step)
         with torch.no_grad():
-            self._account(tokens if tokens is not None else self.tokens_per_step, update)
+            self._account(tokens if tokens is not None else self.tokens_per_step, update, seq_len)
             if update:
                 self._update_topology(step)
             for layer in self.layers:
@@ -128,20 +134,33 @@ class MixedSparsity:
             for layer in self.layers:
                 layer.apply_mask(layer.weight)
         self.steps_done += 1
-        self._set_grad_blocks()
+        self._between_steps()
 
     def is_update_step(self, step: int) -> bool:
         o = self.options
         return step > 0 and step % o.delta == 0 and step < o.total_steps
 
-    def _set_grad_blocks(self) -> None:
-        """Block mode: the next backward computes the weight gradient of every block on a topology-update step (the
-        growth criterion reads it) and of the kept blocks only otherwise."""
+    def hsa_active(self, step: int) -> bool:
+        """Whether HSA's pattern applies at `step`: always, or inside MST's ultra-sparse phase."""
+        if self.hsa is None:
+            return False
+        if self.hsa.active == "always":
+            return True
+        o = self.options
+        return o.warmup_end * o.total_steps <= step < o.ultra_end * o.total_steps
+
+    def _between_steps(self) -> None:
+        """Set what the next forward and backward read (in place: graph inputs, no recompile). Block mode: the weight
+        gradient of every block on a topology-update step (the growth criterion reads it), of the kept blocks only
+        otherwise. HSA: the pattern's flag for the next step's phase."""
         dense = self.is_update_step(self.steps_done)
+        active = self.hsa_active(self.steps_done)
         with torch.no_grad():
             for layer in self.layers:
                 if layer.grad_blocks is not None:
                     layer.grad_blocks.fill_(True) if dense else layer.grad_blocks.copy_(layer.mask)
+            for _, flag, _ in self.attention:
+                flag.fill_(active)
 
     def trainer_callback(self):
         """A transformers.TrainerCallback running before_optimizer / after_optimizer around the Trainer's optimizer
@@ -168,11 +187,14 @@ class MixedSparsity:
         return MixedSparsityCallback()
 
     # --- FLOPs, the paper's accounting -------------------------------------------------------------------------
-    def _account(self, tokens: Optional[int], update: bool) -> None:
-        """Per step over the masked projections (attention scores and everything else are not included): forward
-        2 T N d, backward twice that (input and weight gradients at the mask's density), plus the dense weight
-        gradient's remainder 2 T N (1 - d) on update steps; the dense model: 3 * 2 T N. In this unstructured mode
-        the matmuls actually run dense: these are the FLOPs a sparse kernel would run, as the paper counts."""
+    def _account(self, tokens: Optional[int], update: bool, seq_len: Optional[int] = None) -> None:
+        """Per step, the paper's accounting. Masked projections: forward 2 T N d, backward twice that (input and
+        weight gradients at the mask's density), plus the dense weight gradient's remainder 2 T N (1 - d) on update
+        steps; the dense model: 3 * 2 T N. Attention (with HSA and a known sequence length L): forward 4 H D per
+        visible (query, key) pair, L (L + 1) / 2 causal pairs per sequence times the pattern's density while it is
+        active, backward twice the forward; the dense model: 3 times the dense causal forward. In the unstructured
+        mode the matmuls actually run dense: these are the FLOPs a sparse kernel would run, as the paper counts;
+        the block mode and HSA's kernels skip them."""
         per_token = {"forward": 0.0, "backward": 0.0, "dense_gradient": 0.0, "dense_model": 0.0}
         for layer in self.layers:
             n, kept = layer.weight.numel(), float(layer.kept())
@@ -180,6 +202,16 @@ class MixedSparsity:
             per_token["backward"] += 4 * kept
             per_token["dense_gradient"] += 2 * (n - kept) if update else 0.0
             per_token["dense_model"] += 6 * n
+        seq_len = seq_len or self.seq_len
+        if self.attention and seq_len:
+            density = pattern_density(seq_len, self.hsa) if self.hsa_active(self.steps_done) else 1.0
+            pairs_per_token = (seq_len + 1) / 2  # L (L + 1) / 2 causal pairs per sequence of L tokens
+            dense_fwd = sum(4 * heads * head_dim * pairs_per_token for _, _, (heads, head_dim) in self.attention)
+            per_token["attention_forward"] = dense_fwd * density
+            per_token["attention_dense_forward"] = dense_fwd
+            per_token["forward"] += dense_fwd * density
+            per_token["backward"] += 2 * dense_fwd * density
+            per_token["dense_model"] += 3 * dense_fwd
         scale = float(tokens) if tokens else 1.0
         for key, value in per_token.items():
             self.flop_totals[key] += value * scale
@@ -193,6 +225,8 @@ class MixedSparsity:
         sparse = t["forward"] + t["backward"] + t["dense_gradient"]
         t["mst_total"] = sparse
         t["dense_over_mst"] = t["dense_model"] / sparse if sparse else None
+        dense_attention = t.pop("attention_dense_forward")
+        t["attention_density"] = t.pop("attention_forward") / dense_attention if dense_attention else None
         t["unit"] = "FLOPs" if self.tokens_per_step or t["tokens"] else "FLOPs per token (summed over steps)"
         return t
 
