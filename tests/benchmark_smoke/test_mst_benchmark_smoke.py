@@ -36,3 +36,4 @@ def test_mst_pretrain_both_variants_and_summary(tmp_path):
     assert len(dense["val_curve"]) == len(mst["val_curve"]) == 3
     text = bench.main(["--summary", str(tmp_path)])
     assert "| mst (0.9 by 0.25, 0.9 to 0.75, 0.5 at the end) |" in text and (tmp_path / "val_loss.png").stat().st_size > 0
+
