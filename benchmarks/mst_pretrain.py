@@ -45,8 +45,11 @@ def mst_options(args) -> dict:
     return {"linear": {"method": "mst", "total_steps": args.steps, "delta": args.delta,
                        "warmup_end": args.warmup_end, "ultra_end": args.ultra_end,
                        "warmup_sparsity": args.sparsity, "ultra_sparsity": args.sparsity,
-                       "restore_sparsity": args.restore_sparsity, "seed": args.seed},
-            "attention": "off", "mlp": "off", "inner": args.inner}
+                       "restore_sparsity": args.restore_sparsity, "seed": args.seed,
+                       "block": tuple(args.block) if args.block else None},
+            "attention": ({"method": "hsa", "block": args.hsa[0], "window": args.hsa[1], "stride": args.hsa[2]}
+                          if args.hsa else "off"),
+            "mlp": "off", "inner": args.inner}
 
 
 def lr_at(step: int, args) -> float:
@@ -90,7 +93,8 @@ def run(args) -> dict:
         options = None
         compiled = torch.compile(model, backend=args.inner)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    schedule = sparsify.training.MixedSparsity(model, optimizer, options, tokens_per_step=tokens) \
+    schedule = sparsify.training.MixedSparsity(model, optimizer, options, tokens_per_step=tokens,
+                                               seq_len=args.seq) \
         if args.variant == "mst" else None
 
     def validate() -> float:
@@ -148,7 +152,9 @@ def run(args) -> dict:
         "train_loss_every_10pct": [round(statistics.mean(train_losses[i:i + max(1, args.steps // 10)]), 4)
                                    for i in range(0, args.steps, max(1, args.steps // 10))],
         "training_flops": total, "dense_training_flops": total_dense, "dense_over_this": total_dense / total,
-        "flops_counted": "eager-attention forward x 3",
+        "flops_counted": "eager-attention forward x 3" + (" less MixedSparsity's attention saving (HSA)"
+                                                           if args.hsa else ""),
+        "attention_density": schedule.flops().get("attention_density") if schedule else None,
         "masked_projection_flops": masked,
         "topology_updates": len(schedule.updates) if schedule else 0,
         "wall_clock_s": round(wall, 1), "step_median_s": round(statistics.median(step_times[5:] or step_times), 4),
@@ -161,9 +167,12 @@ def run(args) -> dict:
 def label(r: dict) -> str:
     if r["variant"] != "mst":
         return r["variant"]
-    o = r["options"]["linear"]
+    o, a = r["options"]["linear"], r["options"].get("attention")
+    extra = (f", {o['block'][0]}x{o['block'][1]} blocks" if o.get("block") else "") + (
+        f", HSA {a['pattern'] if 'pattern' in a else 'union'} w{a['window']} s{a['stride']}"
+        if isinstance(a, dict) else "")
     return (f"mst ({o['warmup_sparsity']:g} by {o['warmup_end']:g}, {o['ultra_sparsity']:g} to {o['ultra_end']:g}, "
-            f"{o['restore_sparsity']:g} at the end)")
+            f"{o['restore_sparsity']:g} at the end{extra})")
 
 
 def recount(path: str) -> None:
@@ -244,6 +253,10 @@ def parse_args(argv=None):
     p.add_argument("--restore-sparsity", type=float, default=0.5)
     p.add_argument("--warmup-end", type=float, default=0.25)
     p.add_argument("--ultra-end", type=float, default=0.75)
+    p.add_argument("--block", type=int, nargs=2, default=None, metavar=("ROWS", "COLS"),
+                   help="MST block mode (default: unstructured, the paper's)")
+    p.add_argument("--hsa", type=int, nargs=3, default=None, metavar=("BLOCK", "WINDOW", "STRIDE"),
+                   help="hybrid sparse attention in the ultra-sparse phase (default: dense attention)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--val-batches", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
