@@ -203,7 +203,7 @@ def summary(folder: str) -> str:
              f"vocabulary) on WordNet glosses ({first['device']})", "",
              f"{first['steps']} AdamW steps of {first['tokens_per_step']} tokens, seed {first['seed']}; validation: "
              f"{first['data']['val_tokens']} held-out tokens (glosses not in training).", "",
-             "| variant | final val loss | vs dense | training FLOPs | dense / this | masked projections: dense / MST | "
+             "| variant | final val loss | vs dense | training FLOPs | dense / this | MixedSparsity account (projections, + attention with HSA): dense / MST | "
              "wall-clock s | step median s |", "|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         vs = f"{100 * (r['final_val_loss'] / dense['final_val_loss'] - 1):+.2f} %" if dense and r is not dense else "-"

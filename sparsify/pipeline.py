@@ -17,6 +17,7 @@ from .methods import method_for, report_facts
 from .methods.state import collect_state
 from .passes.canonicalize import canonicalize
 from .passes.fx_utils import REAL_VALUE
+from .passes.lower import lower_dense_attention
 from .passes.regions import Region, find_regions
 from .plan import plan_regions
 
@@ -47,6 +48,11 @@ def run_passes(gm: GraphModule, config: SparsifyConfig, announce: bool = True, m
             kind = region.kind
             method_for(kind, region.method).rewrite(gm, region, getattr(config, kind), states, mode)
             rewritten += 1
+    if preparing is None:  # prepare records the dense op's arguments: it keeps the op
+        lowered = lower_dense_attention(gm)
+        for region in regions:
+            if region.kind == "attention" and region.module in lowered:
+                region.facts["kernel"] = "sdpa"
     report = Report(region_reports(regions, graph_index, report_facts), graphs=1)
     for node in placeholders:  # real tensors stay out of the graph Inductor caches
         node.meta.pop(REAL_VALUE, None)

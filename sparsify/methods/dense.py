@@ -13,6 +13,7 @@ from .base import Method, register
 class Dense(Method):
     name = "dense"
     kinds = ("attention", "mlp")
+    report_facts = ("kernel",)  # "sdpa": the attention call was lowered to SDPA (passes/lower.py)
 
     def decision(self, region, options, mode):
         return f"sparsify.{region.kind}"

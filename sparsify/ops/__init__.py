@@ -23,4 +23,23 @@ register_flop_formula(torch.ops.sparsify.attention_backward)(_attention.attentio
 register_flop_formula(torch.ops.sparsify.mlp)(_mlp.mlp_flops)
 register_flop_formula(torch.ops.sparsify.mlp_backward)(_mlp.mlp_backward_flops)
 
+
+# CPU SDPA's fused kernel has no formula in torch.utils.flop_counter (the CUDA ones do): the dense attention the
+# backend lowers to SDPA (passes/lower.py) would count nothing on a CPU. The same count as torch's CUDA kernels.
+def _register_cpu_sdpa_flops():
+    from torch.utils import flop_counter as fc
+    forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is not None and forward not in fc.flop_registry:
+        @register_flop_formula(forward, get_raw=True)
+        def _cpu_sdpa(query, key, value, *args, out_val=None, **kwargs) -> int:
+            return fc.sdpa_flop_count(query.shape, key.shape, value.shape)
+    if backward is not None and backward not in fc.flop_registry:
+        @register_flop_formula(backward, get_raw=True)
+        def _cpu_sdpa_backward(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+            return fc.sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+_register_cpu_sdpa_flops()
+
 __all__ = ["ACTIVATIONS", "attention_reference", "mlp_reference"]

@@ -113,7 +113,7 @@ def test_options_dict_and_config_are_the_same():
 
 @pytest.mark.parametrize("options,message", [
     ({"atention": {}}, "valid keys: \\['attention', 'dump', 'exclude', 'inner', 'linear', 'mlp', 'strict'\\]"),
-    ({"attention": {"methd": "dense"}}, "\\['methd'\\] in options.attention; valid keys: \\['block_size', "),
+    ({"attention": {"methd": "dense"}}, "\\['methd'\\] in options.attention; valid keys: \\['active', 'block', 'block_size', "),
     ({"attention": {"method": "magic"}}, "options.attention.method='magic' is not valid; choose one of"),
     ({"mlp": {"gate": "softmax"}}, "options.mlp.gate='softmax' is not valid; choose one of \\['sigmoid2p', 'none'\\]"),
     ({"inner": "tvm"}, "choose one of \\['inductor', 'aot_eager', 'eager'\\]"),
@@ -220,7 +220,7 @@ def test_dump_directory(tmp_path):
             f"plan_{index}.json"} <= set(names)
     after = (tmp_path / f"graph_{index}_after.py").read_text()
     before = (tmp_path / f"graph_{index}_before.py").read_text()
-    assert "sparsify.attention" in after and "sparsify.mlp" in after and "sparsify" not in before
+    assert "sdpa_attention" in after and "sparsify.mlp" in after and "sparsify" not in before
     assert "layers.0.self_attn" in (tmp_path / f"regions_{index}.txt").read_text()
 
 
