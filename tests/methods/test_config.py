@@ -21,7 +21,7 @@ BAD_FIELDS = [
     *[("attention", "codebook_loss", v, "finite real number >= 0") for v in (-1, -1e-3, NAN, INF, "0.01", True)],
     *[("attention", "min_seq", v, "int >= 0") for v in (-1, 128.0, "128", True)],
     *[("attention", "block_size", v, r"one of \[16, 32, 64, 128\]") for v in (0, 48, 256, 64.0, "64", True)],
-    ("attention", "method", "magic", r"choose one of \['dense', 'spt', 'off'\]"),
+    ("attention", "method", "magic", r"choose one of \['dense', 'spt', 'hsa', 'off'\]"),
     ("attention", "granularity", "row", r"choose one of \['token', 'block'\]"),
     ("attention", "score", "dot", r"choose one of \['codes', 'exact'\]"),
     *[("mlp", "blocks", v, "int >= 1") for v in (0, -4, 4.0, "4", True)],
@@ -87,7 +87,7 @@ def test_good_values_are_accepted_and_normalised():
     ({"exclude": 5}, "options.exclude", "fnmatch pattern string or a list of them"),
     ({"exclude": ["decoder.*", 3]}, "options.exclude", "3 is not a string"),
     ({"exclude": [None]}, "options.exclude", "None is not a string"),
-    ({"attention": 5}, "options.attention", r"method name \['dense', 'spt', 'off'\], None or an instance"),
+    ({"attention": 5}, "options.attention", r"method name \['dense', 'spt', 'hsa', 'off'\], None or an instance"),
     ({"attention": MLPConfig()}, "options.attention", "AttentionConfig"),
     ({"mlp": ["routed"]}, "options.mlp", r"method name \['dense', 'routed', 'deft', 'ada_deft', 'off'\]"),
 ])
@@ -110,7 +110,7 @@ def test_method_name_shorthand(section, method):
     assert dataclasses.replace(SparsifyConfig(), **{section: method}) == longhand
 
 
-@pytest.mark.parametrize("section,valid", [("attention", r"\['dense', 'spt', 'off'\]"),
+@pytest.mark.parametrize("section,valid", [("attention", r"\['dense', 'spt', 'hsa', 'off'\]"),
                                            ("mlp", r"\['dense', 'routed', 'deft', 'ada_deft', 'off'\]")])
 def test_bad_shorthand_names_the_methods(section, valid):
     with pytest.raises(ValueError, match=rf"sparsify: options.{section}.method='sparse' is not valid; choose one of {valid}"):
