@@ -186,8 +186,9 @@ def allowed_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def spt_codebook_aux(q: torch.Tensor, k: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    from ..ops.key_select import codebook_loss
-    return codebook_loss(q, codebook) + codebook_loss(k, codebook)
+    # the recompute op: the distances and soft assignments are not saved for backward (q and k are, by the attention)
+    loss = torch.ops.sparsify.codebook_loss
+    return loss(q, codebook) + loss(k, codebook)
 
 
 def rewrite_spt(gm: GraphModule, region: Region, codebook: Optional[Node], options: SPTOptions) -> None:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from ._vjp import _acc_dtype
+from ._vjp import _acc_dtype, placeholder_grads, recompute_vjp
 from ..codegen.pq_kernels import check_allowed as _kernel_check_allowed, check_select_args
 from .causal import causal_keep
 
@@ -281,6 +281,43 @@ def codebook_loss(z: Tensor, codebook: Tensor) -> Tensor:
     code = dist.detach().argmin(dim=-1)                               # [N, M]
     z_q = cb[torch.arange(m, device=cb.device), code]                 # [N, M, dc], gradient to C
     return F.mse_loss(z_soft, z_q) + F.mse_loss(zs, z_q)
+
+
+@torch.library.custom_op("sparsify::codebook_loss", mutates_args=())
+def codebook_loss_recompute(z: Tensor, codebook: Tensor) -> Tensor:
+    """codebook_loss as an op that saves only its inputs and recomputes the rest in backward: the distances and
+    soft assignments ([N, M, E] each, several times q's size) are never kept for backward. In SPT's graph z is
+    q or k, which the attention saves anyway: the loss then costs no saved bytes but the codebook's."""
+    return codebook_loss(z, codebook)
+
+
+@codebook_loss_recompute.register_fake
+def _(z, codebook):
+    return z.new_empty((), dtype=_acc_dtype(torch.promote_types(z.dtype, codebook.dtype)))
+
+
+@torch.library.custom_op("sparsify::codebook_loss_backward", mutates_args=())
+def codebook_loss_backward(grad: Tensor, z: Tensor, codebook: Tensor, needs_grad: list[bool]) -> list[Tensor]:
+    return recompute_vjp(codebook_loss, (z, codebook), needs_grad, grad)
+
+
+@codebook_loss_backward.register_fake
+def _(grad, z, codebook, needs_grad):
+    return placeholder_grads((z, codebook), needs_grad, z)
+
+
+def _codebook_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _codebook_backward(ctx, grad):
+    z, codebook = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
+    dz, dc = torch.ops.sparsify.codebook_loss_backward(grad, z, codebook, needs)
+    return (dz if needs[0] else None), (dc if needs[1] else None)
+
+
+codebook_loss_recompute.register_autograd(_codebook_backward, setup_context=_codebook_setup)
 
 
 # ---------------------------------------------------------------------------------------------
