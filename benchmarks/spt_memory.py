@@ -1,6 +1,7 @@
 """SPT's memory against what users run today: bytes saved for backward by the whole model, a 1-layer BERT (hidden
 128, head_dim 64, train mode, dropout 0, batch 1), for eager attention, SDPA (transformers' default), the
-backend's dense rewrite and SPT token / block, exact / codes (its defaults, codebook loss included).
+backend's dense rewrite and SPT token / block, exact / codes (its defaults, codebook loss included); SDPA also
+compiled without sparsify (Inductor, aot_eager), the leanest of which the ratios are taken against.
 
     python benchmarks/spt_memory.py                  # n = 512, 1024, 2048 -> benchmarks/results/spt_memory_cpu.{json,md}
     python benchmarks/spt_memory.py --n 256          # one length
@@ -24,6 +25,8 @@ import _timing  # noqa: E402
 VARIANTS = {
     "eager attention": ("eager", None),
     "SDPA": ("sdpa", None),
+    "SDPA, torch.compile (Inductor)": ("sdpa", "inductor"),
+    "SDPA, torch.compile (aot_eager)": ("sdpa", "aot_eager"),
     "sparsify dense op": ("sdpa", {"inner": "aot_eager"}),
     "SPT token exact": ("sdpa", {"attention": {"method": "spt", "score": "exact"}, "inner": "aot_eager"}),
     "SPT token codes (defaults)": ("sdpa", {"attention": {"method": "spt"}, "inner": "aot_eager"}),
@@ -47,6 +50,11 @@ def saved_mb(model, options, ids) -> float:
     import sparsify
     if options is None:
         run = model
+    elif isinstance(options, str):  # the model compiled without sparsify
+        torch._dynamo.reset()
+        run = torch.compile(model, backend=options)
+        run(input_ids=ids).last_hidden_state.square().mean().backward()
+        model.zero_grad(set_to_none=True)
     else:
         if options.get("attention", {}).get("method") == "spt":
             sparsify.prepare(model, input_ids=ids, options=options)
@@ -74,10 +82,12 @@ def measure(lengths, variants=tuple(VARIANTS)) -> list[dict]:
         for name in variants:
             attn, options = VARIANTS[name]
             row[name] = round(saved_mb(bert(attn), options, ids), 2)
-        row["SPT token codes / SDPA"] = round(row["SPT token codes (defaults)"] / row["SDPA"], 3) \
-            if "SPT token codes (defaults)" in row and "SDPA" in row else None
-        row["SPT block codes / SDPA"] = round(row["SPT block codes"] / row["SDPA"], 3) \
-            if "SPT block codes" in row and "SDPA" in row else None
+        sdpa = [row[k] for k in row if k.startswith("SDPA")]
+        best = min(sdpa) if sdpa else None  # the leanest thing a user runs today
+        row["SPT token codes / leanest SDPA"] = round(row["SPT token codes (defaults)"] / best, 3) \
+            if "SPT token codes (defaults)" in row and best else None
+        row["SPT block codes / leanest SDPA"] = round(row["SPT block codes"] / best, 3) \
+            if "SPT block codes" in row and best else None
         print(row, flush=True)
         rows.append(row)
     return rows
@@ -89,11 +99,12 @@ def main(argv=None):
     p.add_argument("--out-dir", default=_timing.default_out_dir())
     args = p.parse_args(argv)
     rows = measure(args.n)
-    cols = ["n", *VARIANTS, "SPT token codes / SDPA", "SPT block codes / SDPA"]
+    cols = ["n", *VARIANTS, "SPT token codes / leanest SDPA", "SPT block codes / leanest SDPA"]
     md = "\n".join(["# Bytes saved for backward, whole model: 1-layer BERT (hidden 128, head_dim 64), train, batch 1, "
                     "CPU fp32, MB", "",
                     "Goal (issue 12): SPT with its defaults no more than SDPA in block mode, no more than 1.25x SDPA "
-                    "in token mode.", "",
+                    "in token mode; judged against the leanest SDPA variant (eager, or compiled without sparsify).",
+                    "",
                     _timing.markdown_table(cols, [[r.get(c) for c in cols] for r in rows])])
     print("wrote", *_timing.write_results(args.out_dir, "spt_memory_cpu", {"rows": rows}, md))
     return rows
