@@ -354,8 +354,11 @@ def spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale=None, *, caus
 # the largest tiles that compile without (or with a few bytes of) register spills.
 _BLOCK_TILES = {
     # head dim <=: (forward, backward)
-    64: ((64, 64, 4), (64, 32, 8)),
-    128: ((64, 32, 8), (64, 32, 8)),  # bwd: a few bytes of spills, but 4x fewer atomics than 16 rows
+    # bwd at head_dim 64: 64 x 64 tiles make dK / dV's dots 64 rows, wgmma-sized (at 64 x 32 they lowered to
+    # mma.sync); sm_90 compile: 161 registers, no spills (benchmarks/results/sm90_kernels.md)
+    64: ((64, 64, 4), (64, 64, 8)),
+    # bwd at 128: 64 x 64 reaches 255 registers (the edge of spilling): 64 x 32 (183 registers, dK / dV on mma.sync)
+    128: ((64, 32, 8), (64, 32, 8)),
     256: ((32, 32, 8), (16, 32, 8)),  # bwd spills whatever the tile
 }
 

@@ -185,12 +185,13 @@ ${token_slots}${token_recompute}${renormalise}
         # dS = P * (dP - D_i): the gradient w.r.t. the pre-softmax score (scaled qk + mask)
         ds = p * (dp - delta[:, None])
 ${ds_store}        dq += tl.reduce(ds[:, :, None] * kt, 1, _sum_combine)
+        # relaxed: the sums need atomicity, not ordering (nothing reads dK / dV before the kernel ends)
         tl.atomic_add(dk_base + kidx[:, :, None] * s_dkn + offs_d[None, None, :] * s_dkd,
                       ds[:, :, None] * q[:, None, :] * sm_scale,
-                      mask=keep[:, :, None] & d_ok[None, None, :])
+                      mask=keep[:, :, None] & d_ok[None, None, :], sem="relaxed")
         tl.atomic_add(dv_base + kidx[:, :, None] * s_dvn + offs_e[None, None, :] * s_dvd,
                       p[:, :, None] * do[:, None, :],
-                      mask=keep[:, :, None] & e_ok[None, None, :])
+                      mask=keep[:, :, None] & e_ok[None, None, :], sem="relaxed")
 
     dq = dq * sm_scale
     tl.store(dq_ptr + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :] * s_dqd,
@@ -365,10 +366,11 @@ ${block_scores}${block_recompute}
                 dq += tl.dot(ds.to(q.dtype), tl.trans(kt)${dot_kwargs})
                 dk_tile = tl.dot(tl.trans(ds.to(q.dtype)), q${dot_kwargs}) * sm_scale
                 dv_tile = tl.dot(tl.trans(p.to(do.dtype)), do${dot_kwargs})
+                # relaxed: atomicity without ordering (acq_rel, tl.atomic_add's default, fences every add)
                 tl.atomic_add(dk_base + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd, dk_tile,
-                              mask=n_ok[:, None] & d_ok[None, :])
+                              mask=n_ok[:, None] & d_ok[None, :], sem="relaxed")
                 tl.atomic_add(dv_base + offs_n[:, None] * s_dvn + offs_e[None, :] * s_dvd, dv_tile,
-                              mask=n_ok[:, None] & e_ok[None, :])
+                              mask=n_ok[:, None] & e_ok[None, :], sem="relaxed")
 
     dq = dq * sm_scale
     tl.store(dq_ptr + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :] * s_dqd,

@@ -1,6 +1,7 @@
 """Every kernel family the codegen emits, compiled for sm_90 through its own launcher at the launcher's GPU choices
 (benchmarks/sm90_kernels.py, sparsify/codegen/sm90.py), in a fresh process without the interpreter: it compiles,
-ptxas reports no spills, shared memory fits a Hopper block, and kernels that multiply matrices use tensor cores.
+ptxas reports no spills, shared memory fits a Hopper block, kernels that multiply matrices use tensor cores, and no
+atomic accumulation carries acq_rel ordering.
 The default suite compiles one case per family in fp16 (--quick); `-m wide` compiles the whole table (fp16 and
 bf16, head_dim 64 and 128, causal or not, d_model 2048 / d_ff 8192)."""
 import importlib.util
@@ -50,6 +51,7 @@ def _check(rows):
         where = (r["family"], r["case"], r["kernel"], r["constexprs"])
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, where
         assert 0 <= r["shared"] <= SM90_SHARED_LIMIT, where
+        assert r["atomics_acq_rel"] == 0, where  # accumulations are relaxed: acq_rel fences every add
         if r["dots"]:
             assert r["wgmma"] + r["mma_sync"] > 0, where
 
