@@ -94,7 +94,7 @@ def cases(dtypes, quick: bool):
                 out.append(("block_attention_bwd", f"{n} d{head_dim} causal={causal}",
                             lambda q=q, k=k, v=v, bi=bindex, bv=bvalid, causal=causal:
                             spt_attention.block_sparse_backward(q.clone(), q, k, v, bi, bv, torch.zeros(1, 8, length),
-                                                                causal=causal)))
+                                                                causal=causal, out=v.clone())))  # as the op calls it
                 del nb
         # MST's block-sparse Linear
         for side in ((32,) if quick else (32, 64)):

@@ -79,13 +79,13 @@ def _block_sparse_attention_cuda(q, k, v, block_index, block_valid, block, mask,
 
 @torch.library.register_kernel("sparsify::block_sparse_attention_backward", "cuda")
 def _block_sparse_attention_backward_cuda(grad_out, q, k, v, block_index, block_valid, block, mask, lse, seed,
-                                          scale, causal, dropout_p, needs_grad):
+                                          scale, causal, dropout_p, needs_grad, out=None):
     if not _block_kernel_applies(q, k, mask, causal, dropout_p):
         return block_sparse_attention_backward_reference(grad_out, q, k, v, block_index, block_valid, block, mask,
                                                          lse, seed, scale, causal, dropout_p, needs_grad)
     from ..codegen.spt_attention import block_sparse_backward
     dq, dk, dv = block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, block_m=block,
-                                       block_n=block, causal=causal, scale=scale)
+                                       block_n=block, causal=causal, scale=scale, out=out)
     return _empty_like_needs([dq, dk, dv, None], (q, k, v, mask), needs_grad, grad_out)
 
 

@@ -467,21 +467,25 @@ def block_sparse_attention_backward_reference(
 def block_sparse_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, block_index: Tensor, block_valid: Tensor, block: int,
     mask: Optional[Tensor], lse: Tensor, seed: Tensor, scale: float, causal: bool, dropout_p: float,
-    needs_grad: list[bool],
+    needs_grad: list[bool], out: Optional[Tensor] = None,
 ) -> list[Tensor]:
-    """The CPU implementation; CUDA: sparsify/ops/cuda.py."""
+    """The CPU implementation; CUDA: sparsify/ops/cuda.py. `out`: the forward's output, from which the CUDA kernel
+    takes D_i = rowsum(dO * O) instead of recomputing it from P and dP (two dots fewer per tile); the reference
+    computes it from P (the same value)."""
     return block_sparse_attention_backward_reference(grad_out, q, k, v, block_index, block_valid, block, mask, lse, seed, scale, causal, dropout_p, needs_grad)
 
 
 @block_sparse_attention_backward.register_fake
-def _(grad_out, q, k, v, block_index, block_valid, block, mask, lse, seed, scale, causal, dropout_p, needs_grad):
+def _(grad_out, q, k, v, block_index, block_valid, block, mask, lse, seed, scale, causal, dropout_p, needs_grad,
+      out=None):
     return placeholder_grads((q, k, v, mask), _effective_needs(mask, needs_grad), grad_out)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, block_index, block_valid, block, mask, scale, causal, dropout_p = inputs
-    _, lse, seed = output
-    ctx.save_for_backward(q, k, v, block_index, block_valid, mask, lse, seed)
+    out, lse, seed = output
+    # the output too, as SDPA saves it: the backward kernel reads D_i = rowsum(dO * O) from it
+    ctx.save_for_backward(q, k, v, block_index, block_valid, mask, lse, seed, out)
     ctx.mark_non_differentiable(lse)
     ctx.args = (scale, causal, dropout_p)
     ctx.block = block
@@ -489,11 +493,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_seed):
-    q, k, v, block_index, block_valid, mask, lse, seed = ctx.saved_tensors
+    q, k, v, block_index, block_valid, mask, lse, seed, out = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2],
              ctx.needs_input_grad[6] and ctx.mask_is_float]
     grads = torch.ops.sparsify.block_sparse_attention_backward(
-        grad_out, q, k, v, block_index, block_valid, ctx.block, mask, lse, seed, *ctx.args, needs)
+        grad_out, q, k, v, block_index, block_valid, ctx.block, mask, lse, seed, *ctx.args, needs, out)
     dq, dk, dv, dmask = (g if need else None for g, need in zip(grads, needs))
     return dq, dk, dv, None, None, None, dmask, None, None, None
 

@@ -705,3 +705,24 @@ class TestCuda:
             grads = block_sparse_backward(do, q, k, v, block_index, block_valid, lse, **kw, **extra)
             for name, got, leaf in zip(("dq", "dk", "dv"), grads, leaves):
                 _gpu_close(got, leaf.grad, dtype, name)
+
+
+def test_block_backward_cuda_path_reads_the_saved_output(interpreter):
+    """The op's CUDA registration (run here under the interpreter on CPU tensors) hands the forward's output to the
+    kernel (D_i from rowsum(dO * O)); its gradients equal the reference's."""
+    from sparsify.ops.cuda import _block_sparse_attention_backward_cuda
+    from sparsify.ops.spt_block import block_sparse_attention_backward_reference, block_sparse_attention_reference
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=g) for _ in range(3))
+    n = 2
+    index = torch.arange(n, dtype=torch.int32).expand(n, n)[None, None]
+    valid = torch.ones(1, 1, n, n, dtype=torch.bool)
+    out, lse, seed = block_sparse_attention_reference(q, k, v, index, valid, 16, None, 0.25, True, 0.0)
+    do = torch.randn(out.shape, generator=g)
+    needs = [True, True, True, False]
+    want = block_sparse_attention_backward_reference(do, q, k, v, index, valid, 16, None, lse, seed, 0.25, True, 0.0,
+                                                     needs)
+    got = _block_sparse_attention_backward_cuda(do, q, k, v, index, valid, 16, None, lse, seed, 0.25, True, 0.0,
+                                                needs, out)
+    for a, b in zip(got[:3], want[:3]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
