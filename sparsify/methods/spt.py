@@ -212,8 +212,10 @@ def rewrite_spt(gm: GraphModule, region: Region, codebook: Optional[Node], optio
             block = options.block_size
             keep = _keep_count(graph, k, options.keep, like, block)
             select = torch.ops.sparsify.qk_select_blocks if exact else torch.ops.sparsify.pq_select_blocks
+            # codes: the codebook's size, so the block scores need no look at the codes (no host sync)
+            extra = () if exact else (options.codewords,)
             selected = insert_call(graph, select.default,
-                                   (rank_q, rank_k, keep, block, is_causal, allowed), like=like)
+                                   (rank_q, rank_k, keep, block, is_causal, allowed, *extra), like=like)
             args = (f.q, k, f.v, _item(graph, selected, 0, like), _item(graph, selected, 1, like), block, mask,
                     float(f.scale), is_causal, float(f.dropout_p))
             call = insert_call(graph, torch.ops.sparsify.block_sparse_attention.default, args, like=like)

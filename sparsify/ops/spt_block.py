@@ -131,18 +131,26 @@ def _code_hist(codes: Tensor, block: int, e: int, weight: Optional[Tensor]) -> T
     return hist.view(b, x, nblk, m * e)
 
 
-def block_scores(q_codes: Tensor, k_codes: Tensor, block: int, key_weight: Optional[Tensor] = None) -> Tensor:
+def block_scores(q_codes: Tensor, k_codes: Tensor, block: int, key_weight: Optional[Tensor] = None,
+                 codewords: Optional[int] = None) -> Tensor:
     """Aggregated block scores [B, H, nQB, nKB] float64 via the histogram identity (module docstring): the number
-    of code matches over all (query in qb, valid key in kb) pairs, causality not applied."""
+    of code matches over all (query in qb, valid key in kb) pairs, causality not applied.
+
+    `codewords` (E, the codebook's size, when the caller knows it: SPT's rewrite does): the histograms' width
+    without reading the codes' range, and on a GPU without checking it (codes from pq_encode are in [0, E) by
+    construction): no host synchronisation. Without it, E is read from the codes (two syncs) and they are checked."""
     b, h, lq, m = q_codes.shape
     hkv = k_codes.shape[1]
     if q_codes.numel() == 0 or k_codes.numel() == 0:
         return torch.zeros(b, h, _cdiv(lq, block), _cdiv(k_codes.shape[2], block), dtype=torch.float64,
                            device=q_codes.device)
-    lo = min(int(q_codes.min()), int(k_codes.min()))
-    if lo < 0:
-        raise ValueError(f"sparsify::pq_select_blocks: codes must be >= 0, got {lo}")
-    e = max(int(q_codes.max()), int(k_codes.max())) + 1
+    if codewords is None or q_codes.device.type == "cpu":  # a sync is free on the CPU: check the range there
+        lo = min(int(q_codes.min()), int(k_codes.min()))
+        hi = max(int(q_codes.max()), int(k_codes.max()))
+        if lo < 0 or (codewords is not None and hi >= codewords):
+            valid = ">= 0" if codewords is None else f"in [0, codewords={codewords})"
+            raise ValueError(f"sparsify::pq_select_blocks: codes must be {valid}, got [{lo}, {hi}]")
+    e = codewords if codewords is not None else hi + 1
     qh = _code_hist(q_codes, block, e, None)                    # [B, H, nQB, M*E]
     kh = _code_hist(k_codes, block, e, key_weight)              # [B, Hkv, nKB, M*E]
     nqb, nkb = qh.shape[2], kh.shape[2]
@@ -183,8 +191,10 @@ def block_candidates(lq: int, lk: int, block: int, causal: bool, allowed: Option
 @torch.library.custom_op("sparsify::pq_select_blocks", mutates_args=())
 def pq_select_blocks(
     q_codes: Tensor, k_codes: Tensor, keep_blocks: int, block: int, causal: bool, allowed: Optional[Tensor],
+    codewords: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Top-`keep_blocks` key blocks per query block: (block_index int32, block_valid bool) [B, H, nQB, keep]."""
+    """Top-`keep_blocks` key blocks per query block: (block_index int32, block_valid bool) [B, H, nQB, keep].
+    `codewords`: the codebook's size E, when known (block_scores: then no host synchronisation on a GPU)."""
     _check_block_select_inputs(q_codes, k_codes, keep_blocks, block, allowed)
     b, h, lq, _ = q_codes.shape
     lk = k_codes.shape[2]
@@ -193,11 +203,13 @@ def pq_select_blocks(
     if nqb == 0:
         return (torch.empty(b, h, 0, keep_blocks, dtype=torch.int32, device=dev),
                 torch.empty(b, h, 0, keep_blocks, dtype=torch.bool, device=dev))
-    score = block_scores(q_codes, k_codes, block, key_visible(allowed)).to(torch.int64)  # [B, H, nQB, nKB]
+    score = block_scores(q_codes, k_codes, block, key_visible(allowed), codewords).to(torch.int64)  # [B,H,nQB,nKB]
     cand, forced = block_candidates(lq, lk, block, causal, allowed, b, dev)
     # rank = score * nKB + (nKB - 1 - kb): unique, higher is better, lower kb wins ties; forced blocks first,
-    # non-candidates -1. Scores are at most block^2 * M, far from overflowing int64.
-    top_score = int(score.max()) + 1 if score.numel() else 1
+    # non-candidates -1. A score is at most block^2 * M (every pair matching in every subspace): the forced
+    # blocks' score above that bound needs no look at the scores (no host synchronisation), and int64 is far
+    # from overflowing.
+    top_score = block * block * q_codes.shape[-1] + 1
     score = torch.where(forced, top_score, score)
     kb = torch.arange(nkb, device=dev)
     rank = torch.where(cand, score * nkb + (nkb - 1 - kb), -1)
@@ -206,7 +218,7 @@ def pq_select_blocks(
 
 
 @pq_select_blocks.register_fake
-def _(q_codes, k_codes, keep_blocks, block, causal, allowed):
+def _(q_codes, k_codes, keep_blocks, block, causal, allowed, codewords=None):
     shape = (q_codes.shape[0], q_codes.shape[1], _cdiv(q_codes.shape[2], block), keep_blocks)
     return (q_codes.new_empty(shape, dtype=torch.int32), q_codes.new_empty(shape, dtype=torch.bool))
 

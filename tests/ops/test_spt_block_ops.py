@@ -594,3 +594,30 @@ class TestGPU:
             gtol = tol if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
             torch.testing.assert_close(a, b_, **gtol)
         assert math.isfinite(out.float().sum().item())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_select_blocks_with_the_codebook_size_is_the_same_selection(causal):
+    """codewords= (what SPT's rewrite passes) only spares the look at the codes' range: the same blocks, and
+    codes outside [0, codewords) are refused on the CPU."""
+    g = _gen(21)
+    q_codes, k_codes = _codes(g, 2, 4, 40, 3, 5), _codes(g, 2, 2, 40, 3, 5)
+    want = select_blocks(q_codes, k_codes, 3, 8, causal, None)
+    got = select_blocks(q_codes, k_codes, 3, 8, causal, None, 8)  # a larger E: empty histogram bins only
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(select_blocks(q_codes, k_codes, 3, 8, causal, None, 5)[0], want[0])
+    with pytest.raises(ValueError, match="codes must be in"):
+        select_blocks(q_codes, k_codes, 3, 8, causal, None, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_select_blocks_on_cuda_does_not_synchronise():
+    g = _gen(22)
+    q_codes, k_codes = (_codes(g, 1, 4, 512, 8, 16).cuda() for _ in range(2))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        select_blocks(q_codes, k_codes, 2, 64, True, None, 16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
