@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
+import roofline  # noqa: E402  (H200 predictions beside the measurements)
 
 import sparsify  # noqa: E402,F401  (registers torch.ops.sparsify.*)
 from sparsify.ops.mlp import ACTIVATIONS  # noqa: E402
@@ -386,6 +387,8 @@ def run(args, device) -> dict:
                             continue
                         r = {**cfg, **r, "useful_gflop": round(useful_gflop(case.name, tokens, d, d_ff, mode,
                                                                             args.rank), 3)}
+                        if mode == "full":  # the H200 prediction beside the measurement (benchmarks/roofline.py)
+                            r["h200_roofline_ms"] = roofline.ffn_roofline_ms(case.name, tokens, d, d_ff, BLOCKS)
                         results.append(r)
                         mem = (f"peak {T.fmt_mib(r['peak_bytes'])} MiB" if gpu else
                                f"saved {T.fmt_mib(r.get('saved_bytes'))} MiB")
@@ -447,14 +450,14 @@ def _header(gpu):
     mem = ["peak MiB", "peak above baseline MiB", "saved MiB", "saved excl. x/params MiB"] if gpu else \
         ["saved MiB", "saved excl. x/params MiB"]
     return ["d", "d_ff", "T", "dtype", "mode", "variant", "fwd ms", "fwd+bwd ms", *mem,
-            "vs torch-eager", "vs inductor", "useful TFLOP/s", "block load", "note"]
+            "vs torch-eager", "vs inductor", "useful TFLOP/s", "H200 roofline ms (prediction)", "block load", "note"]
 
 
 def _rows(results, gpu):
     for r in results:
         head = [r["d_model"], r["d_ff"], r["tokens"], r["dtype"], r["mode"], r["variant"]]
         if r["status"] != "ok":
-            yield [*head, r["status"].upper(), "", *([""] * (4 if gpu else 2)), "", "", "", "",
+            yield [*head, r["status"].upper(), "", *([""] * (4 if gpu else 2)), "", "", "", "", "",
                    (r.get("reason") or "")[:100]]
             continue
         mem = [T.fmt_mib(r.get("saved_bytes")), T.fmt_mib(r.get("saved_excl_bytes"))]
@@ -466,7 +469,22 @@ def _rows(results, gpu):
         load = r.get("block_load")
         yield [*head, T.fmt_ms(r["fwd_ms"]), T.fmt_ms(r["fwd_bwd_ms"]), *mem, *ratios,
                f"{r['useful_tflops']:.3f}" if "useful_tflops" in r else "-",
+               f"{r['h200_roofline_ms']:.3f}" if "h200_roofline_ms" in r else "-",
                "/".join(str(c) for c in load["assignments_per_block"]) if load else "", r.get("note", "")]
+
+
+def roofline_note(configs) -> str:
+    """The model's dense / routed ratios for the measured full-mode shapes, the redesigned routed FFN included."""
+    parts = []
+    for cfg in configs:
+        if cfg["mode"] != "full":
+            continue
+        t, d, f = cfg["tokens"], cfg["d_model"], cfg["d_ff"]
+        dense = roofline.ffn_roofline_ms("dense", t, d, f, BLOCKS)
+        ratios = ", ".join(f"{v} {dense / roofline.ffn_roofline_ms(v, t, d, f, BLOCKS):.2f}x"
+                           for v in ("routed-top2", "routed-top2-redesign", "routed-top1"))
+        parts.append(f"d {d} x {f}, T {t}: dense {dense:.3f} ms; {ratios}")
+    return "; ".join(dict.fromkeys(parts)) or "-"
 
 
 def render_markdown(payload, gpu):
@@ -495,6 +513,7 @@ def render_markdown(payload, gpu):
               + payload["measures"]["memory"] + ". Useful TFLOP/s: " + payload["measures"]["useful_gflop"]
               + " / fwd+bwd time. Block load: assignments per block in the first call.", "",
               T.markdown_table(_header(gpu), _rows(payload["results"], gpu)), "",
+              "H200 roofline (benchmarks/roofline.py, a model): " + roofline_note(payload["configs"]), "",
               "## Check (GPU target)", "",
               T.markdown_table(["result", "check", "numbers / reason"],
                                [[c["result"], c["check"], c["why"]] for c in payload["checks"]])]

@@ -23,6 +23,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(not_wide)
 
 
+def pytest_configure(config):
+    """One torch thread per pytest-xdist worker: `-n 2` on two cores already fills them, and more intra-op threads
+    per worker make tiny tensors' ops wait on thread barriers (a float64 gradcheck took 10 s instead of 0.1)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each test compiles from scratch, so cache entries of one test never serve another."""

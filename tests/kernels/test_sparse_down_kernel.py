@@ -64,6 +64,7 @@ PTRS = dict(h_ptr="*fp16", w_ptr="*fp16", b_ptr="*fp16", nrn_ptr="*i32", cnt_ptr
 
 
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.wide  # the default suite compiles this family in tests/kernels/test_sm90_all.py
 def test_compiles_for_sm90_with_tensor_cores_and_no_spills(tmp_path):
     """At a GPU tile (64 tokens x 64 outputs x 32 neurons, fp16) the GEMM kernel compiles for H100/H200: tl.dot lowers
     to wgmma and ptxas reports no spills; the union kernel compiles without spills too."""

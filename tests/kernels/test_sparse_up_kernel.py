@@ -36,6 +36,7 @@ def test_triton_equals_reference(interpreter, dtype, tol, t, f, d, density):
 
 
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.wide  # the default suite compiles this family in tests/kernels/test_sm90_all.py
 def test_compiles_for_sm90_with_tensor_cores_and_no_spills(tmp_path):
     figures = compile_sm90(tmp_path, "sparsify.codegen.sparse_up", "get_sparse_up_kernel", "SparseUpSpec",
                            dict(BLOCK_T=64, BLOCK_K=64, BLOCK_D=64, HAS_BIAS=True),

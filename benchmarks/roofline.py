@@ -1,0 +1,73 @@
+"""Roofline predictions of H200 time for the FFN variants bench_ffn measures: a MODEL, not a measurement, printed
+beside every measurement so the two can be compared when a GPU runs them.
+
+    ffn_roofline_ms(variant, tokens, d_model, d_ff, blocks=4, dtype_bytes=2) -> predicted fwd+bwd ms (full mode)
+
+Machine: H200, 790 TFLOP/s dense bf16/fp16, 4.3 TB/s HBM, 4 us per kernel launch (ops/sparse_down.py H200, the
+numbers DEFT's inference="auto" uses). Each GEMM (M x N x K) costs max(2 M N K / P, bytes / BW) + one launch, its
+bytes its two operands read once and its output written once; each elementwise pass over an [rows, cols] tensor
+reads and writes it once, plus one launch. Assumed: a GEMM kernel at peak (the ratio between variants is what the
+model is for; absolute times are optimistic), gathers at full bandwidth.
+
+Variants, full fine-tuning, y = W2 act(W1 x + b1) + b2 (x [T, d], W1 [F, d]):
+  dense (torch-eager / inductor / sparsify-mlp): 6 GEMMs (up, down; dgrad and wgrad of each), 2 elementwise
+      passes over [T, F] (activation and its derivative; Inductor fuses the bias);
+  routed-topk as built (ops/routed_backward.py): top_k of `blocks` neuron blocks per token: 7 grouped GEMMs of
+      T*top_k rows x F/blocks (the backward recomputes the up projection), the router GEMM forward and backward,
+      about 26 elementwise passes over [T*top_k, F/blocks] (scaling, activation, gate gradients in torch), and
+      x gathered per assignment [T*top_k, d] twice;
+  routed-topk redesigned (issue 12 item 3: forward saves the pre-activation, activation derivative, gate scaling
+      and gate gradient in the GEMM epilogues): 6 grouped GEMMs, 2 elementwise passes, the same router and gathers.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sparsify.ops.sparse_down import H200  # noqa: E402
+
+
+def gemm_s(m: int, n: int, k: int, b: int = 2) -> float:
+    return max(2 * m * n * k / H200["flops"], (m * k + k * n + m * n) * b / H200["bytes_per_s"]) + H200["launch_s"]
+
+
+def passes_s(count: int, rows: int, cols: int, b: int = 2) -> float:
+    return count * (2 * rows * cols * b / H200["bytes_per_s"] + H200["launch_s"])
+
+
+def ffn_roofline_ms(variant: str, tokens: int, d: int, f: int, blocks: int = 4, b: int = 2) -> float:
+    t = tokens
+    if variant in ("torch-eager", "inductor", "sparsify-mlp", "dense"):
+        s = 2 * (gemm_s(t, f, d, b) + gemm_s(t, d, f, b)) + gemm_s(f, d, t, b) + gemm_s(d, f, t, b)
+        return (s + passes_s(2, t, f, b)) * 1e3
+    if variant.startswith("routed-top"):
+        top_k = int(variant.split("top")[1].split("-")[0])
+        redesigned = variant.endswith("-redesign")
+        a, fb = t * top_k, f // blocks
+        # per block: a / blocks assignments (a balanced router) x fb neurons; summed over blocks = rows a
+        up = blocks * gemm_s(a // blocks, fb, d, b)       # forward up (and the recompute, as built)
+        down = blocks * gemm_s(a // blocks, d, fb, b)     # forward down
+        bwd = (blocks * gemm_s(a // blocks, fb, d, b)      # dgrad of down: dh = dy W2
+               + blocks * gemm_s(fb, d, a // blocks, b)    # wgrad of down
+               + blocks * gemm_s(a // blocks, d, fb, b)    # dgrad of up: dx
+               + blocks * gemm_s(fb, d, a // blocks, b))   # wgrad of up
+        router = 3 * gemm_s(t, blocks, d, b)
+        gathers = passes_s(2, a, d, b)
+        s = up + down + bwd + router + gathers
+        if redesigned:
+            s += passes_s(2, a, fb, b)
+        else:
+            s += up + passes_s(26, a, fb, b)  # the recompute and the torch elementwise passes
+        return s * 1e3
+    raise ValueError(f"no roofline for variant {variant!r}")
+
+
+if __name__ == "__main__":
+    for t in (4096, 16384):
+        dense = ffn_roofline_ms("dense", t, 2048, 8192)
+        print(f"T={t}: dense {dense:.3f} ms", end="")
+        for v in ("routed-top2", "routed-top2-redesign", "routed-top1", "routed-top1-redesign"):
+            ms = ffn_roofline_ms(v, t, 2048, 8192)
+            print(f" | {v} {ms:.3f} ms ({dense / ms:.2f}x)", end="")
+        print()
