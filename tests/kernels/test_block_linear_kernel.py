@@ -54,7 +54,7 @@ PTRS = dict(x_ptr="*fp16", a_ptr="*fp16", b_ptr="*fp16", idx_ptr="*i32", cnt_ptr
 
 
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-@pytest.mark.parametrize("side", [pytest.param(32, marks=pytest.mark.wide), 64])  # 32: also in test_sm90_all
+@pytest.mark.parametrize("side", [pytest.param(32, marks=pytest.mark.wide), pytest.param(64, marks=pytest.mark.wide)])  # both: in test_sm90_all (quick: 32; wide: the whole table)
 def test_compiles_for_sm90_with_tensor_cores_and_no_spills(tmp_path, side):
     """At 64-token tiles and (side x side) blocks in fp16 both kernels compile for H100/H200 without spills. The
     forward / input-gradient dot is [64 tokens, side] x [side, side]: wgmma. The weight gradient's is [side, 64] x
