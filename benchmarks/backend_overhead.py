@@ -33,21 +33,6 @@ def models(quick: bool):
                                           attention_probs_dropout_prob=0.0, attn_implementation="sdpa"), seq
 
 
-def saved_bytes(fn) -> int:
-    seen, total = set(), 0
-
-    def pack(t):
-        nonlocal total
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in seen:
-            seen.add(key)
-            total += key[1]
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
-
-
 def run(args, device):
     import transformers
     started = time.perf_counter()
@@ -67,10 +52,10 @@ def run(args, device):
             step()  # compiles
             timing = _timing.time_call(step, device, warmup=args.warmup, min_repeats=args.min_repeats,
                                        max_repeats=args.max_repeats, budget_s=args.budget_s)
-            saved = saved_bytes(lambda: compiled(input_ids=ids).last_hidden_state.square().mean())
+            _, saved = _timing.saved_bytes(lambda: compiled(input_ids=ids).last_hidden_state.square().mean())
             rows.append({"model": name, "d_model": config.hidden_size, "layers": config.num_hidden_layers,
                          "seq": seq, "variant": variant, "fwd_bwd_ms": timing["median_ms"],
-                         "saved_mib": saved / _timing.MiB})
+                         "saved_mib": saved["saved_bytes"] / _timing.MiB})
             print(rows[-1], flush=True)
     for r in rows:
         base = next(b for b in rows if b["model"] == r["model"] and b["variant"] == "inductor")

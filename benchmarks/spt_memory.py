@@ -62,16 +62,9 @@ def saved_mb(model, options, ids) -> float:
         run = torch.compile(model, backend="sparsify", options=options)
         run(input_ids=ids).last_hidden_state.square().mean().backward()  # compile outside the hooks
         model.zero_grad(set_to_none=True)
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = run(input_ids=ids).last_hidden_state.square().mean()
+    loss, saved = _timing.saved_bytes(lambda: run(input_ids=ids).last_hidden_state.square().mean())
     loss.backward()
-    return sum(seen.values()) / 1e6
+    return saved["saved_bytes"] / 1e6
 
 
 def measure(lengths, variants=tuple(VARIANTS)) -> list[dict]:

@@ -37,6 +37,20 @@ def _fresh_dynamo():
     yield
 
 
+@pytest.fixture
+def compiled_graphs(monkeypatch):
+    """The mode ("train" / "eval") of every graph the sparsify passes run on in this test, in order (sparsify.prepare's
+    and explain's traces included: clear it after them): a test that must not recompile compares its length across
+    steps."""
+    import importlib
+    backend_module = importlib.import_module("sparsify.backend")  # sparsify.backend is the function of that name
+    run_passes = backend_module.run_passes
+    graphs = []
+    monkeypatch.setattr(backend_module, "run_passes",
+                        lambda gm, config, *a, **k: graphs.append(k.get("mode")) or run_passes(gm, config, *a, **k))
+    return graphs
+
+
 @pytest.fixture(scope="module")
 def kernel_cache_dir(tmp_path_factory):
     """Generated kernel sources go to a temporary directory, not ~/.cache."""

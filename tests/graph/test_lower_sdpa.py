@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import sparsify
+from bench_helpers import load_benchmark
 from families import FAMILIES, assert_compiled_matches_eager, tiny_inputs, tiny_model
 from sparsify.ops.attention import attention_reference
 from sparsify.passes.lower import sdpa_applies, sdpa_attention
@@ -65,21 +66,6 @@ def test_every_family_runs_sdpa_and_equals_eager(family):
     assert rows and all(r.facts.get("kernel") == "sdpa" for r in rows), [(r.module, r.facts.get("kernel")) for r in rows]
 
 
-def _saved_bytes(fn) -> int:
-    seen, total = set(), 0
-
-    def pack(t):
-        nonlocal total
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in seen:
-            seen.add(key)
-            total += key[1]
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return total, out
-
-
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_default_backend_saves_no_more_for_backward_than_the_model_compiled_alone(family):
     """Whole model, train mode, seq 64: the default backend against torch.compile(aot_eager) of the same model."""
@@ -91,6 +77,7 @@ def test_default_backend_saves_no_more_for_backward_than_the_model_compiled_alon
         torch._dynamo.reset()
         compiled = torch.compile(model, **compile_kw)
         compiled(**inputs)  # compile outside the hooks
-        measured[name], _ = _saved_bytes(lambda: compiled(**inputs))
+        _, saved = load_benchmark("_timing").saved_bytes(lambda: compiled(**inputs))
+        measured[name] = saved["saved_bytes"]
     assert measured["sparsify"] <= 1.02 * measured["plain"], measured
     assert measured["plain"] > 0

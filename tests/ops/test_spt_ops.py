@@ -827,7 +827,9 @@ def test_compile_aot_eager_matches_eager():
 def test_codebook_loss_op_recomputes_instead_of_saving():
     """sparsify::codebook_loss: the plain function's value and gradients, opcheck and float64 gradcheck, and
     only its inputs saved for backward (the plain function keeps distances and soft assignments, [N, M, E])."""
+    from bench_helpers import load_benchmark
     from sparsify.ops.key_select import codebook_loss
+    saved_bytes = load_benchmark("_timing").saved_bytes
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 3, 64, 16, generator=g, dtype=torch.float64)
     cb = torch.randn(2, 16, 8, generator=g, dtype=torch.float64)
@@ -839,15 +841,9 @@ def test_codebook_loss_op_recomputes_instead_of_saving():
     grads = []
     for fn in (torch.ops.sparsify.codebook_loss, codebook_loss):
         zs, cs = z.detach().clone().requires_grad_(), cb.detach().clone().requires_grad_()
-        seen = {}
-
-        def pack(t):
-            seen[(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = fn(zs, cs)
+        loss, saved = saved_bytes(lambda: fn(zs, cs))
         loss.backward()
-        grads.append((loss.detach(), zs.grad, cs.grad, sum(seen.values())))
+        grads.append((loss.detach(), zs.grad, cs.grad, saved["saved_bytes"]))
     (l1, dz1, dc1, saved_op), (l2, dz2, dc2, saved_plain) = grads
     torch.testing.assert_close(l1, l2)
     torch.testing.assert_close(dz1, dz2)
