@@ -110,6 +110,7 @@ def trace(model: torch.nn.Module, args: tuple, kwargs: dict, config: SparsifyCon
     merged = Report(graphs=len(reports))
     for r in reports:
         merged.regions.extend(r.regions)
+        merged.unmatched.extend(r.unmatched)
     return merged
 
 

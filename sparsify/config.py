@@ -264,7 +264,8 @@ class SparsifyConfig(_Checked):
              of its fields, its method name alone ("spt" means {"method": "spt"}) or None (the defaults).
     inner:   the compiler for everything after our passes: "inductor" (default), "aot_eager"
              (AOTAutograd without codegen: fast to compile, for tests and debugging) or "eager".
-    strict:  a region that cannot be rewritten raises (naming its module) instead of staying dense.
+    strict:  a region that cannot be rewritten, or a module named like a block in which no pattern was recognised,
+             raises (naming its module) instead of staying as written.
     dump:    a directory (str or os.PathLike) for graphs before/after the passes, the match table and
              the plan (None: $SPARSIFY_DUMP, if set).
     exclude: fnmatch patterns of module paths whose regions are left untouched (e.g. "decoder.*"):

@@ -71,6 +71,9 @@ class Report:
     """Everything the backend matched, across all graphs Dynamo produced for a call."""
     regions: list = field(default_factory=list)
     graphs: int = 0
+    # modules named like attention / MLP blocks in which no region was found (regions.unmatched_blocks): they run
+    # as written whatever the options ask; rows with decision "unmatched", apart from `regions`
+    unmatched: list = field(default_factory=list)
 
     def by_kind(self, kind: str) -> list:
         return [r for r in self.regions if r.kind == kind]
@@ -81,7 +84,7 @@ class Report:
 
     def table(self) -> str:
         rows = [("graph", "mode", "kind", "module", "decision", "facts / reason")]
-        for r in self.regions:
+        for r in self.regions + self.unmatched:
             detail = r.reason or ", ".join(f"{k}={_fmt(r.facts[k])}" for k in r.shown if k in r.facts)
             rows.append((str(r.graph), r.mode, r.kind, r.module or "<root>", r.decision, detail))
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
@@ -90,7 +93,8 @@ class Report:
         linear = self.by_kind("linear")
         summary = (f"{len(self.by_kind('attention'))} attention + {len(self.by_kind('mlp'))} mlp "
                    + (f"+ {len(linear)} linear " if linear else "")
-                   + f"regions in {self.graphs} graph(s); {len(self.rewritten)} rewritten")
+                   + f"regions in {self.graphs} graph(s); {len(self.rewritten)} rewritten"
+                   + (f"; {len(self.unmatched)} block(s) not recognised" if self.unmatched else ""))
         return "\n".join(lines + [summary])
 
     def __str__(self) -> str:
@@ -99,7 +103,7 @@ class Report:
     def to_json(self) -> list:
         return [{"graph": r.graph, "mode": r.mode, "kind": r.kind, "module": r.module, "decision": r.decision,
                  "reason": r.reason, "facts": {k: _fmt(r.facts[k]) for k in r.shown if k in r.facts}}
-                for r in self.regions]
+                for r in self.regions + self.unmatched]
 
 
 def _fmt(v) -> str:
@@ -114,6 +118,12 @@ def region_reports(regions, graph_index: int, extra_facts=lambda kind: ()) -> li
                          {k: v for k, v in r.facts.items() if not k.startswith("_")}, graph_index,
                          REGION_FACTS[r.kind] + tuple(extra_facts(r.kind)), r.mode)
             for r in regions]
+
+
+def unmatched_reports(blocks, graph_index: int, mode: str) -> list:
+    """Report rows of regions.unmatched_blocks' (kind, path, class name) entries."""
+    return [RegionReport(kind, path, "unmatched", f"{cls}: no {kind} pattern recognised; it runs as written",
+                         {"class": cls}, graph_index, ("class",), mode) for kind, path, cls in blocks]
 
 
 def dump_graph(directory: Optional[str], graph_index: int, stage: str, gm: torch.fx.GraphModule) -> None:

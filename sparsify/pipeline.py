@@ -5,6 +5,7 @@ Each Dynamo graph (one per graph break, one per mode) goes through run_passes on
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import itertools
 import warnings
 from typing import Optional
@@ -12,14 +13,14 @@ from typing import Optional
 from torch.fx import GraphModule
 
 from .config import SECTIONS, SparsifyConfig
-from .debug import Report, dump_graph, dump_report, log, region_reports, single_handlers
+from .debug import Report, dump_graph, dump_report, log, region_reports, single_handlers, unmatched_reports
 from .methods import method_for, report_facts
 from .methods.state import collect_state
 from .passes.canonicalize import canonicalize
 from .passes.fx_utils import REAL_VALUE
 from .passes.lower import lower_dense_attention
-from .passes.regions import Region, find_regions
-from .plan import plan_regions
+from .passes.regions import Region, find_regions, unmatched_blocks
+from .plan import SparsifyError, plan_regions
 
 _graph_counter = itertools.count()
 
@@ -41,7 +42,10 @@ def run_passes(gm: GraphModule, config: SparsifyConfig, announce: bool = True, m
     dump_graph(config.dump, graph_index, "before", gm)
     canonical = canonicalize(gm)
     states = collect_state(gm)
-    regions = plan_regions(find_regions(gm, linear=config.linear.method != "off"), config, states, mode, preparing)
+    found = find_regions(gm, linear=config.linear.method != "off")
+    unmatched = [(kind, path, cls) for kind, path, cls in unmatched_blocks(gm, found)
+                 if not any(fnmatch.fnmatchcase(path, p) for p in config.exclude)]
+    regions = plan_regions(found, config, states, mode, preparing)
     rewritten = 0
     for region in regions:
         if region.method is not None and not (preparing is not None and region.kind == "linear"):
@@ -53,13 +57,14 @@ def run_passes(gm: GraphModule, config: SparsifyConfig, announce: bool = True, m
         for region in regions:
             if region.kind == "attention" and region.module in lowered:
                 region.facts["kernel"] = "sdpa"
-    report = Report(region_reports(regions, graph_index, report_facts), graphs=1)
+    report = Report(region_reports(regions, graph_index, report_facts), graphs=1,
+                    unmatched=unmatched_reports(unmatched, graph_index, mode))
     for node in placeholders:  # real tensors stay out of the graph Inductor caches
         node.meta.pop(REAL_VALUE, None)
     gm.graph.lint()
     gm.recompile()
     if announce:
-        warn_not_done(regions, config, graph_index)
+        warn_not_done(regions, config, graph_index, unmatched)
     if not regions:
         warnings.warn(f"sparsify: no attention or MLP block found in graph {graph_index}; it runs unchanged",
                       stacklevel=2)
@@ -71,13 +76,23 @@ def run_passes(gm: GraphModule, config: SparsifyConfig, announce: bool = True, m
     return report
 
 
-def warn_not_done(regions: list[Region], config: SparsifyConfig, graph_index: int) -> None:
+def warn_not_done(regions: list[Region], config: SparsifyConfig, graph_index: int, unmatched=()) -> None:
     """One warning per region kind whose requested sparse method some regions of this graph did not get (no
-    prepare, below min_seq, a guard): the count and the first reason. A fallback the user does not see is a bug."""
+    prepare, below min_seq, a guard): the count and the first reason; and one per kind for the modules named
+    like its blocks in which no region was found (strict raises). A fallback the user does not see is a bug."""
     for kind in SECTIONS:
         method = getattr(config, kind).method
         if method in ("dense", "off"):
             continue
+        missed = [(path, cls) for k, path, cls in unmatched if k == kind]
+        if missed:
+            shown = ", ".join(f"{path or '<root>'} ({cls})" for path, cls in missed[:3])
+            message = (f"sparsify: {kind} method {method!r} was requested, but {len(missed)} module(s) named like "
+                       f"{kind} blocks in graph {graph_index} matched no {kind} pattern and run as written: {shown}"
+                       f"{', ...' if len(missed) > 3 else ''}. sparsify.explain(model, ...) lists them")
+            if config.strict:
+                raise SparsifyError(message.replace("sparsify:", "sparsify (strict):", 1))
+            warnings.warn(message, stacklevel=3)
         of_kind = [r for r in regions if r.kind == kind]
         left = [r for r in of_kind if r.decision == "dense"]
         if left:

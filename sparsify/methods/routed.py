@@ -86,7 +86,11 @@ class Routed(Method):
             ctx.decide(region, "dense", f"d_ff {d_ff} is not divisible by blocks={options.blocks}: no router attached"
                        if samples else "no sample of this MLP in the example call")
             return
-        sample = samples[-1]
+        sample = max(samples, key=lambda sm: sm["x"].numel())  # a layer may run on no tokens (an empty modality)
+        if sample["x"].numel() == 0:
+            ctx.decide(region, "dense", "no token reached this MLP in the example call: no router to fit; prepare "
+                                        "with inputs that reach it")
+            return
 
         def make_router():
             up_w = sample["weight"]

@@ -15,6 +15,21 @@ from torch.fx import GraphModule, Node
 from .fx_utils import arg, erase_unused, insert_call, is_elementwise, kind_of, shape, skip_casts, static_scalar
 
 
+def positional_linear_args(gm: GraphModule) -> int:
+    """linear(x, weight=W, bias=b) (I-BERT's quantised Linear) -> linear(x, W, b): the matchers read
+    a linear's operands by position. Same call, same values. Returns the count."""
+    rewritten = 0
+    for linear in gm.graph.nodes:
+        if kind_of(linear) != "linear" or not linear.kwargs:
+            continue
+        operands = [arg(linear, i, name) for i, name in enumerate(("input", "weight", "bias"))]
+        if operands[0] is None or operands[1] is None or set(linear.kwargs) - {"input", "weight", "bias"}:
+            continue
+        linear.args, linear.kwargs = tuple(operands), {}
+        rewritten += 1
+    return rewritten
+
+
 def conv1d_to_linear(gm: GraphModule) -> int:
     """GPT-2's Conv1D: view(addmm(b, view(x, [-1, K]), W), [..., N])  ->  linear(x, W.t(), b).
 
@@ -141,7 +156,7 @@ def split_fused_projections(gm: GraphModule) -> int:
 
 
 def canonicalize(gm: GraphModule) -> dict[str, int]:
-    counts = {"conv1d_to_linear": conv1d_to_linear(gm), "matmul_to_linear": matmul_to_linear(gm),
+    counts = {"positional_linear_args": positional_linear_args(gm), "conv1d_to_linear": conv1d_to_linear(gm), "matmul_to_linear": matmul_to_linear(gm),
               "split_fused_projections": split_fused_projections(gm),
               "unfold_batched_heads": unfold_batched_heads(gm)}
     gm.graph.lint()

@@ -149,23 +149,33 @@ ROOT_PREFIX = "sparsify_root_prefix"  # gm.meta key: the frame's module path in 
 
 
 def module_path(node: Node) -> str:
-    """Module path of the innermost module a node ran in, from the user's root module.
+    """Module path of the innermost module a node ran in, from the user's root module."""
+    stack = module_stack(node)
+    return stack[-1][0] if stack else _frame_prefix(node)
+
+
+def module_stack(node: Node) -> list[tuple[str, str]]:
+    """[(path, class name)] of the modules a node ran in, outermost first, paths from the user's root module.
 
     nn_module_stack paths are relative to the frame Dynamo traced; after a graph break inside a
     layer that frame is the layer (L['self'] is encoder.layer.0), so the frame's own path in the
     root, which frame_root_prefix recorded on the graph, goes in front."""
+    prefix = _frame_prefix(node)
+    out = []
+    for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+        path = _ROOT.sub("", path)
+        path = path.replace(".__dict__['_modules']", "").replace("__dict__['_modules']", "")  # peft wrappers
+        path = re.sub(r"\[(\d+)\]", r".\1", path)  # "layers[0]" -> "layers.0"
+        path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)  # "lora_A['default']" -> "lora_A.default"
+        path = path.lstrip(".")
+        name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1].rstrip("'>")
+        out.append((f"{prefix}.{path}" if prefix and path else (prefix or path), name))
+    return out
+
+
+def _frame_prefix(node: Node) -> str:
     owner = node.graph.owning_module
-    prefix = owner.meta.get(ROOT_PREFIX, "") if owner is not None else ""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return prefix  # ran in the frame's own module
-    path, _cls = list(stack.values())[-1]
-    path = _ROOT.sub("", path)
-    path = path.replace(".__dict__['_modules']", "").replace("__dict__['_modules']", "")  # peft wrappers
-    path = re.sub(r"\[(\d+)\]", r".\1", path)  # "layers[0]" -> "layers.0"
-    path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)  # "lora_A['default']" -> "lora_A.default"
-    path = path.lstrip(".")
-    return f"{prefix}.{path}" if prefix and path else (prefix or path)
+    return owner.meta.get(ROOT_PREFIX, "") if owner is not None else ""
 
 
 def frame_root_prefix(gm) -> str:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 
 from ..tables import ACTIVATIONS
-from .fx_utils import (arg, common_module, is_elementwise, kind_of, module_path, shape, skip_casts, static_scalar,
+from .fx_utils import (arg, common_module, is_elementwise, kind_of, module_path, module_stack, shape, skip_casts, static_scalar,
                        value)
 
 # the activations the ops implement (their table is the vocabulary); the finder may name more (see
@@ -662,6 +662,43 @@ def find_regions(gm: GraphModule, linear: bool = False) -> list[Region]:
     if linear:
         regions += [linear_region(p) for node, p in projections.items() if node not in members]
     return regions
+
+
+# module class names that say "attention block" / "MLP block" (the names transformers' families use). Used only to
+# tell the user about blocks the matchers did not recognise: a match never depends on a name.
+ATTENTION_NAMES = ("Attention",)
+MLP_SUFFIXES = ("MLP", "Mlp", "FeedForward", "FFN", "Ffn", "FF", "Intermediate", "DenseActDense",
+                "DenseGatedActDense", "MoE", "Moe", "MoeBlock", "Experts")
+_PRODUCTS = {"linear", "matmul", "addmm", "baddbmm", "sdpa"}
+
+
+def block_kind(class_name: str) -> Optional[str]:
+    if any(name in class_name for name in ATTENTION_NAMES):
+        return "attention"
+    return "mlp" if class_name.endswith(MLP_SUFFIXES) else None
+
+
+def unmatched_blocks(gm: GraphModule, regions: list[Region]) -> list[tuple[str, str, str]]:
+    """[(kind, module path, class name)] of the modules named like attention or MLP blocks (block_kind) that ran
+    matrix products in this graph and hold no region of their kind, inside or around them: the blocks the
+    matchers did not recognise, which run unchanged whatever method was asked. Outermost block of a kind only
+    (BertAttention, not also its BertSelfAttention)."""
+    blocks: dict[tuple[str, str], str] = {}
+    for node in gm.graph.nodes:
+        if kind_of(node) not in _PRODUCTS:
+            continue
+        seen_kinds = set()
+        for path, cls in module_stack(node):
+            kind = block_kind(cls)
+            if kind is not None and kind not in seen_kinds:
+                seen_kinds.add(kind)
+                blocks.setdefault((kind, path), cls)
+
+    def related(a: str, b: str) -> bool:
+        return a == b or not a or not b or a.startswith(b + ".") or b.startswith(a + ".")
+
+    return [(kind, path, cls) for (kind, path), cls in blocks.items()
+            if not any(r.kind == kind and related(r.module, path) for r in regions)]
 
 
 def linear_region(proj: Projection) -> Region:

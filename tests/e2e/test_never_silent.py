@@ -109,3 +109,74 @@ def test_min_seq_under_dynamic_shapes_is_the_same_whatever_the_call_order(order)
             with torch.no_grad():
                 torch.testing.assert_close(out, model(**inputs).last_hidden_state, atol=1e-5, rtol=0)
     assert decisions == {8: {"dense"}, 16: {"spt"}}
+
+
+class _SineMLP(torch.nn.Module):
+    """A block named like an MLP whose activation no matcher knows (as Apertus' xIELU was)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return self.down(torch.sin(self.up(x)) * torch.cumsum(self.up(x), -1))
+
+
+class _KeywordLinearMLP(torch.nn.Module):
+    """I-BERT's spelling: F.linear(x, weight=..., bias=...). The matchers must read keywords too."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        hidden = torch.nn.functional.linear(x, weight=self.up.weight, bias=self.up.bias)
+        return torch.nn.functional.linear(torch.relu(hidden), weight=self.down.weight, bias=self.down.bias)
+
+
+class _Blocks(torch.nn.Module):
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+
+def test_block_named_like_an_mlp_without_a_region_is_reported_and_warned():
+    """A block the matchers do not recognise runs as written: when its kind's method asks for sparsity, say so
+    (report row "unmatched", one warning naming it; strict raises); the dense default says nothing."""
+    model, x = _Blocks(_SineMLP()), torch.randn(2, 8, 16)
+    report = sparsify.explain(model, x, options={"mlp": "routed"})
+    assert [(r.kind, r.module, r.decision) for r in report.unmatched] == [("mlp", "mlp", "unmatched")]
+    assert "_SineMLP" in report.table() and "1 block(s) not recognised" in report.table()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(model, backend="sparsify", options={"mlp": "routed", "inner": "aot_eager"})(x)
+    ours = [str(w.message) for w in caught if "matched no mlp pattern" in str(w.message)]
+    assert len(ours) == 1 and "mlp (_SineMLP)" in ours[0], ours
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    for options, raises in (({"mlp": "routed", "strict": True}, True), ({}, False)):
+        torch._dynamo.reset()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled = torch.compile(model, backend="sparsify", options={**options, "inner": "aot_eager"})
+            if raises:
+                with pytest.raises(Exception, match=r"strict.*mlp \(_SineMLP\)"):
+                    compiled(x)
+            else:
+                compiled(x)
+                assert not [w for w in caught if "matched no" in str(w.message)]
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:  # an excluded module is the user's choice: no warning
+        warnings.simplefilter("always")
+        torch.compile(model, backend="sparsify", options={"mlp": "routed", "exclude": "mlp", "inner": "aot_eager"})(x)
+    assert not [w for w in caught if "matched no" in str(w.message)]
+
+
+def test_linear_called_with_keyword_operands_is_matched():
+    model, x = _Blocks(_KeywordLinearMLP()), torch.randn(2, 8, 16)
+    report = sparsify.explain(model, x)
+    assert [(r.kind, r.module) for r in report.regions] == [("mlp", "mlp")] and not report.unmatched
+    compiled = torch.compile(model, backend="sparsify", options={"inner": "aot_eager"})
+    torch.testing.assert_close(compiled(x), model(x))
