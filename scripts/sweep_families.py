@@ -4,6 +4,7 @@
     python scripts/sweep_families.py --types mistral,qwen2 --jobs 1
     python scripts/sweep_families.py --modes train --impls sdpa --time-box 30   # a narrower, faster matrix
     python scripts/sweep_families.py --resume              # keep the types already in the json, run the rest
+    python scripts/sweep_families.py --resume --rerun a,b  # the same, running types a and b again
     python scripts/sweep_families.py --render --note "..." # rewrite docs/families.md from the json, running nothing
 
 Writes docs/families.md (model type x check table, summary counts, every failure with its detail, the types
@@ -195,6 +196,7 @@ def main(argv=None):
     parser.add_argument("--impls", default=",".join(sweep.IMPLS))
     parser.add_argument("--checks", default=",".join(sweep.CHECKS))
     parser.add_argument("--resume", action="store_true", help="keep the types already in --json and run the rest")
+    parser.add_argument("--rerun", default="", help="with --resume: comma-separated types to run again (after a fix)")
     parser.add_argument("--render", action="store_true", help="only rewrite --md from --json (runs nothing)")
     parser.add_argument("--note", default=None, help="a sentence for the table's header (why a sweep is partial)")
     parser.add_argument("--md", default=os.path.join(ROOT, "docs", "families.md"))
@@ -232,6 +234,10 @@ def main(argv=None):
         with open(args.json) as fh:
             previous = json.load(fh)
         records = {r["type"]: r for r in previous.get("records", [])}
+    for t in (t for t in args.rerun.split(",") if t):
+        if t not in registry:
+            parser.error(f"--rerun: unknown model type {t!r}")
+        records.pop(t, None)
     todo = [t for t in types if t not in records]
     start = time.time()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -17,6 +17,7 @@ ACTIVATIONS = {
     "relu": F.relu,
     "silu": F.silu,
     "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),  # CLIP's GELU approximation
+    "relu2": lambda t: torch.square(F.relu(t)),  # squared ReLU (Primer; Persimmon, Nemotron, Arcee, Jais2)
 }
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

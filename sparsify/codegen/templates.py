@@ -110,6 +110,8 @@ ACTIVATIONS = {
     "silu": Template("    $v = $v / (1.0 + tl.exp(-$v))\n"),
     # CLIP's x * sigmoid(1.702 x)
     "quick_gelu": Template("    $v = $v / (1.0 + tl.exp(-1.702 * $v))\n"),
+    # squared ReLU: max(x, 0)^2
+    "relu2": Template("    $v = tl.where($v > 0.0, $v * $v, 0.0)\n"),
 }
 
 EPILOGUE_PLAIN = Template("${act}    out = acc\n")

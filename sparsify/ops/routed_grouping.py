@@ -193,6 +193,8 @@ def _act_backward(activation: str, grad: Tensor, z: Tensor) -> Tensor:
     if activation == "quick_gelu":  # d/dz z * sigmoid(1.702 z)
         s = torch.sigmoid(1.702 * z)
         return grad * (s + 1.702 * z * s * (1.0 - s))
+    if activation == "relu2":  # d/dz relu(z)^2 = 2 relu(z)
+        return grad * (2.0 * torch.relu(z))
     raise ValueError(f"sparsify::routed_mlp: unknown activation {activation!r}")
 
 

@@ -49,9 +49,9 @@ _METHOD_KINDS: dict[str, str] = {
 _POINTWISE = {
     F.gelu, F.relu, torch.relu, F.silu, torch.sigmoid, torch.tanh, torch.erf, torch.exp, torch.pow,
     torch.sqrt, torch.rsqrt, F.sigmoid, F.tanh, F.hardtanh, F.leaky_relu, F.elu, F.mish, F.softplus,
-    F.hardswish, F.hardsigmoid, F.relu6, F.celu, F.selu, operator.pow,
+    F.hardswish, F.hardsigmoid, F.relu6, F.celu, F.selu, operator.pow, torch.square, torch.abs,
 }
-_POINTWISE_METHODS = {"gelu", "relu", "sigmoid", "tanh", "erf", "exp", "pow", "sqrt", "rsqrt", "silu"}
+_POINTWISE_METHODS = {"gelu", "relu", "sigmoid", "tanh", "erf", "exp", "pow", "sqrt", "rsqrt", "silu", "square", "abs"}
 
 
 def kind_of(node: Node) -> Optional[str]:

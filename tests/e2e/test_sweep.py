@@ -42,6 +42,8 @@ FAST = [
     ("gemma2", "eager", "blocks"),     # logit softcapping between scale and mask: reported, with its reason
     ("mixtral", "sdpa", "blocks"),     # MoE experts: reported as such
     ("gptj", "eager", "dense"),        # rotary_dim, parallel attention + MLP
+    ("persimmon", "eager", "routed"),  # squared ReLU MLP (relu2), partial rotary, qk layernorm
+    ("apertus", "sdpa", "blocks"),     # xIELU (a learned activation): its MLPs reported unmatched, not invisible
 ]
 # known wrong cases, as strict xfails that flip to a failure (and move to FAST) when their fix lands
 KNOWN_FAILURES: list = []
@@ -84,6 +86,11 @@ def test_blocks_check_fails_for_a_block_without_a_region():
     # a region above the block (BERT's MLP region is the whole layer) covers it, once
     layer = sparsify.RegionReport("mlp", "layers.0", "sparsify.mlp", "", {}, 0)
     assert sweep.check_blocks(blocks[:2], sparsify.Report(regions=[region, layer]))["status"] == "pass"
+    # a block the report lists as unmatched (with its reason) is reported, not invisible
+    unmatched = [sparsify.RegionReport("mlp", "layers.0.mlp", "unmatched", "XMLP: no mlp pattern recognised", {}, 0),
+                 sparsify.RegionReport("attention", "layers.1.self_attn", "unmatched", "no pattern", {}, 0)]
+    result = sweep.check_blocks(blocks, sparsify.Report(regions=[region], unmatched=unmatched))
+    assert result["status"] == "pass" and "2 reported unmatched" in result["detail"]
 
 
 def test_compare_sees_a_wrong_gradient():

@@ -60,6 +60,8 @@ def _act(name, v):
         return F.silu(v)
     if name == "quick_gelu":
         return v * torch.sigmoid(1.702 * v)
+    if name == "relu2":
+        return F.relu(v) ** 2
     raise AssertionError(name)
 
 
@@ -199,7 +201,7 @@ def test_source_is_specialised_by_spec():
     assert "tl.maximum" in src["relu"] and "tl.exp" in src["silu"]
     # exactly one epilogue per kernel, chosen at generation time: no runtime branch
     markers = {"gelu": "tl.math.erf", "gelu_tanh": "0.044715", "relu": "tl.maximum", "silu": "tl.exp(-acc",
-               "quick_gelu": "1.702"}
+               "quick_gelu": "1.702", "relu2": "tl.where(acc > 0.0"}
     for a, s in src.items():
         assert [m for m in markers.values() if m in s] == [markers[a]]
         assert not any(line.strip().startswith(("if ", "elif ")) for line in s.splitlines())

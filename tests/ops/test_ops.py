@@ -43,13 +43,14 @@ HAS_CUDA = torch.cuda.is_available()
 attention_op = torch.ops.sparsify.attention
 mlp_op = torch.ops.sparsify.mlp
 ZERO_SEED = torch.zeros((), dtype=torch.int64)
-ACTS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
+ACTS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu", "relu2")
 TORCH_ACTS = {
     "gelu": lambda t: F.gelu(t),
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "relu": F.relu,
     "silu": F.silu,
     "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),
+    "relu2": lambda t: F.relu(t) ** 2,
 }
 HYP = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 

@@ -44,7 +44,7 @@ HAS_CUDA = torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 HYP = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 ZERO_SEED = torch.zeros((), dtype=torch.int64)
-ACTS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
+ACTS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu", "relu2")
 
 
 def _gen(seed):
