@@ -7,7 +7,7 @@ Part 1 prints the match table (every attention and MLP block, where it lives, wh
 how the compiled model's outputs and gradients compare with eager PyTorch (the dense backbone).
 Part 2 turns on the sparse methods on a longer batch: SPT attention (each query keeps 1/8 of the
 keys) and the routed FFN (each token runs through 2 of 4 neuron blocks), shows the new table, the
-forward FLOPs against dense (sparsify.count_flops) and one training step.
+forward FLOPs against dense (sparsify.flops_by_block) and one training step.
 """
 from __future__ import annotations
 
@@ -101,18 +101,18 @@ def sparse_methods(model, tokenizer, logits, args) -> None:
     sparsify.prepare(model, **inputs, options=options)  # the routers: new parameters, before any optimizer
     sparsify.explain(model, **inputs, options=options)
 
-    dense_flops = sparsify.count_flops(model, **inputs)
-    sparse_flops = sparsify.count_flops(model, **inputs, options=options)
+    # FLOPs per kind of block, whatever op runs it (a dense MLP runs as plain matmuls, a routed one as our op)
+    dense_flops = sparsify.flops_by_block(model, **inputs)
+    sparse_flops = sparsify.flops_by_block(model, **inputs, options=options)
 
-    def blocks(flops, names):
-        return sum(n for op, n in flops.items() if op in names) / 1e9
-    attention = blocks(dense_flops, {"sparsify.attention"}), blocks(
-        sparse_flops, {"sparsify.spt_attention", "sparsify.qk_select", "sparsify.pq_select", "sparsify.pq_encode"})
-    mlp = blocks(dense_flops, {"sparsify.mlp"}), blocks(sparse_flops, {"sparsify.routed_mlp"})
+    def gflops(by_block, kind=None):
+        return sum(n for k, ops in by_block.items() if kind in (None, k) for n in ops.values()) / 1e9
     print("\nforward GFLOPs (torch.utils.flop_counter, the sparse ops' own formulas):")
-    print(f"  attention  dense {attention[0]:.2f} -> sparse {attention[1]:.2f} (selection included)")
-    print(f"  MLP        dense {mlp[0]:.2f} -> routed {mlp[1]:.2f} (router included)")
-    print(f"  whole model {sum(dense_flops.values()) / 1e9:.2f} -> {sum(sparse_flops.values()) / 1e9:.2f}")
+    print(f"  attention  dense {gflops(dense_flops, 'attention'):.2f} -> sparse "
+          f"{gflops(sparse_flops, 'attention'):.2f} (selection included)")
+    print(f"  MLP        dense {gflops(dense_flops, 'mlp'):.2f} -> routed {gflops(sparse_flops, 'mlp'):.2f} "
+          "(router included)")
+    print(f"  whole model {gflops(dense_flops):.2f} -> {gflops(sparse_flops):.2f}")
 
     compiled = torch.compile(model, backend="sparsify", options=options)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -123,7 +123,8 @@ def sparse_methods(model, tokenizer, logits, args) -> None:
     optimizer.step()
     print(f"\none training step through the sparse graph: loss {loss.item():.4f}, "
           f"{time.perf_counter() - start:.1f} s including compilation (CPU runs the ops' torch references)")
-    if not (sparse_flops.get("sparsify.spt_attention") and sparse_flops.get("sparsify.routed_mlp")):
+    if not (sparse_flops.get("attention", {}).get("sparsify.spt_attention")
+            and sparse_flops.get("mlp", {}).get("sparsify.routed_mlp")):
         raise SystemExit("the sparse methods were not applied: see the table above")
 
 

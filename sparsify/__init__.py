@@ -1,5 +1,5 @@
 """sparsify: compile sparsity into stock Transformers with torch.compile(model, backend="sparsify")."""
-from .backend import backend, count_flops, explain, last_report, sparsify_backend
+from .backend import backend, count_flops, explain, flops_by_block, last_report, sparsify_backend
 from .config import AttentionConfig, LinearConfig, MLPConfig, SparseAttention, SparsifyConfig
 from .debug import Report, RegionReport
 from .plan import SparsifyError
@@ -14,4 +14,4 @@ from . import ops  # noqa: F401  (registers torch.ops.sparsify.*)
 
 __version__ = "0.1.0"
 __all__ = ["AttentionConfig", "BetweenSteps", "LinearConfig", "MLPConfig", "SparseAttention", "load_state", "prepare", "Report", "RegionReport", "SparsifyConfig", "SparsifyError",
-           "activation_density", "aux_losses", "backend", "count_flops", "explain", "last_report", "sparsify_backend"]
+           "activation_density", "aux_losses", "backend", "count_flops", "explain", "flops_by_block", "last_report", "sparsify_backend"]

@@ -14,6 +14,7 @@ from torch.fx import GraphModule
 from .config import SparsifyConfig
 from .debug import Report
 from .methods import guess_mode
+from .passes.fx_utils import REGION_TAG
 from .pipeline import run_passes
 from .plan import SparsifyError
 
@@ -70,19 +71,44 @@ def count_flops(model: torch.nn.Module, *args, options: Union[SparsifyConfig, Ma
     """FLOPs of one forward of model(*args, **kwargs) as the backend rewrites it, per op name ("sparsify.spt_attention",
     "aten.mm", ...), counted by torch.utils.flop_counter with the sparsify ops' own formulas (so sparse ops
     count their sparse work, not dense n x n). Runs the rewritten graphs once without autograd; the model is
-    not changed. Compare two option sets to see what a method saves."""
+    not changed. Compare two option sets to see what a method saves; flops_by_block says which block they are."""
+    totals: dict[str, int] = {}
+    for ops in _flops(model, args, kwargs, options).values():
+        for op, n in ops.items():
+            totals[op] = totals.get(op, 0) + n
+    return totals
+
+
+def flops_by_block(model: torch.nn.Module, *args, options: Union[SparsifyConfig, Mapping[str, Any], None] = None,
+                   **kwargs) -> dict[str, dict[str, int]]:
+    """count_flops per kind of block: {"attention": {op: flops}, "mlp": ..., "linear": ..., "other": ...}. A node
+    counts for the region it was found in or inserted for (passes/fx_utils.REGION_TAG), whatever op runs it (a
+    dense MLP lowered to plain matmuls counts as "mlp"); "other" is everything outside a region (embeddings,
+    norms, the attention's own q/k/v projections where the region starts at q, k, v, an LM head)."""
+    return _flops(model, args, kwargs, options)
+
+
+def _flops(model, args, kwargs, options) -> dict[str, dict[str, int]]:
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    totals: dict[str, dict[str, int]] = {}
+
+    class Counted(torch.fx.Interpreter):
+        def run_node(self, node):
+            # Dynamo steps aside while a dispatch mode is active: a mode per node (entering one clears its counts)
+            counter = FlopCounterMode(display=False)
+            with counter:
+                result = super().run_node(node)
+            kind = totals.setdefault(node.meta.get(REGION_TAG, ("other", ""))[0], {})
+            for op, n in counter.get_flop_counts().get("Global", {}).items():
+                kind[str(op)] = kind.get(str(op), 0) + int(n)
+            return result
 
     def counted(gm: GraphModule) -> Callable:
-        def run(*graph_args):
-            with counter:  # Dynamo steps aside while a dispatch mode is active: enter it per graph call
-                return gm.forward(*graph_args)
-        return run
+        return lambda *graph_args: Counted(gm).run(*graph_args)
 
     trace(model, args, kwargs, SparsifyConfig.from_options(options), counted)
-    return {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
+    return {kind: ops for kind, ops in totals.items() if ops}
 
 
 def trace(model: torch.nn.Module, args: tuple, kwargs: dict, config: SparsifyConfig, runner,
@@ -107,11 +133,7 @@ def trace(model: torch.nn.Module, args: tuple, kwargs: dict, config: SparsifyCon
             if isinstance(failed.inner_exception, SparsifyError):
                 raise failed.inner_exception from None
             raise
-    merged = Report(graphs=len(reports))
-    for r in reports:
-        merged.regions.extend(r.regions)
-        merged.unmatched.extend(r.unmatched)
-    return merged
+    return Report.merged(reports)
 
 
 @contextlib.contextmanager
@@ -128,5 +150,12 @@ def _eager_calls(model: torch.nn.Module):
             module._compiled_call_impl = call
 
 
-def last_report() -> Optional[Report]:
-    return _reports[-1] if _reports else None
+def last_report(graphs: int = 1) -> Optional[Report]:
+    """The report of the last graph the backend compiled. A model with graph breaks compiles one graph per piece:
+    sparsify.explain(model, ...) gives the report of all of them, or last_report(graphs=n) the last n merged
+    (64 kept)."""
+    if graphs < 1:
+        raise ValueError(f"sparsify.last_report: graphs must be >= 1, got {graphs!r}")
+    if not _reports:
+        return None
+    return _reports[-1] if graphs == 1 else Report.merged(_reports[-graphs:])

@@ -75,6 +75,15 @@ class Report:
     # as written whatever the options ask; rows with decision "unmatched", apart from `regions`
     unmatched: list = field(default_factory=list)
 
+    @classmethod
+    def merged(cls, reports: list) -> "Report":
+        """One report of several graphs' (a model with graph breaks compiles a graph per piece)."""
+        out = cls(graphs=sum(r.graphs for r in reports))
+        for r in reports:
+            out.regions.extend(r.regions)
+            out.unmatched.extend(r.unmatched)
+        return out
+
     def by_kind(self, kind: str) -> list:
         return [r for r in self.regions if r.kind == kind]
 

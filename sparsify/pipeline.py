@@ -17,8 +17,8 @@ from .debug import Report, dump_graph, dump_report, log, region_reports, single_
 from .methods import method_for, report_facts
 from .methods.state import collect_state
 from .passes.canonicalize import canonicalize
-from .passes.fx_utils import REAL_VALUE
-from .passes.lower import lower_dense_attention
+from .passes.fx_utils import REAL_VALUE, REGION_TAG
+from .passes.lower import lower_dense_attention, lower_dense_mlp
 from .passes.regions import Region, find_regions, unmatched_blocks
 from .plan import SparsifyError, plan_regions
 
@@ -47,16 +47,25 @@ def run_passes(gm: GraphModule, config: SparsifyConfig, announce: bool = True, m
                  if not any(fnmatch.fnmatchcase(path, p) for p in config.exclude)]
     regions = plan_regions(found, config, states, mode, preparing)
     rewritten = 0
+    # which block each node computes (count_flops by block reads it): linear regions first, so an MLP's or an
+    # attention's own projections count for the block
+    for region in sorted(regions, key=lambda r: r.kind != "linear"):
+        for node in [*region.interior, region.output]:
+            node.meta[REGION_TAG] = (region.kind, region.module)
     for region in regions:
         if region.method is not None and not (preparing is not None and region.kind == "linear"):
             kind = region.kind
+            before = set(gm.graph.nodes)
             method_for(kind, region.method).rewrite(gm, region, getattr(config, kind), states, mode)
+            for node in gm.graph.nodes:
+                if node not in before:
+                    node.meta[REGION_TAG] = (region.kind, region.module)
             rewritten += 1
     if preparing is None:  # prepare records the dense op's arguments: it keeps the op
-        lowered = lower_dense_attention(gm)
+        lowered = {"attention": lower_dense_attention(gm), "mlp": lower_dense_mlp(gm)}
         for region in regions:
-            if region.kind == "attention" and region.module in lowered:
-                region.facts["kernel"] = "sdpa"
+            if region.module in lowered.get(region.kind, ()):
+                region.facts["kernel"] = "sdpa" if region.kind == "attention" else "torch"
     report = Report(region_reports(regions, graph_index, report_facts), graphs=1,
                     unmatched=unmatched_reports(unmatched, graph_index, mode))
     for node in placeholders:  # real tensors stay out of the graph Inductor caches

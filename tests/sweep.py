@@ -220,10 +220,27 @@ def expected_blocks(model, inputs: dict) -> list:
         if any(k == kind and path.startswith(p + ".") for k, p in blocks):
             continue  # inside an outer block of the same kind (BertAttention > BertSelfAttention)
         blocks.append((kind, path))
-    for kind, path in calls:  # layers in which no MLP-named module ran
-        if kind == "layer" and not any(k == "mlp" and (p == path or p.startswith(path + ".")) for k, p in blocks):
+    for kind, path in calls:  # layers in which no MLP-named module ran, but a Linear outside any token mixer
+        if (kind == "layer" and not any(k == "mlp" and (p == path or p.startswith(path + ".")) for k, p in blocks)
+                and _has_free_linear(model.get_submodule(path))):
             blocks.append(("mlp", path))
     return blocks
+
+
+# token mixers that are not attention (state-space and recurrent layers): their Linears are not an MLP
+MIXER_WORDS = ("Mixer", "Mamba", "SSM", "Rwkv", "Recurrent", "Attention")
+
+
+def _has_free_linear(layer) -> bool:
+    """Whether a Linear in `layer` sits outside every attention / mixer module (an MLP written inline: GPT-J)."""
+    def walk(module) -> bool:
+        for child in module.children():
+            if any(w in type(child).__name__ for w in MIXER_WORDS):
+                continue
+            if isinstance(child, torch.nn.Linear) or walk(child):
+                return True
+        return False
+    return walk(layer)
 
 
 def _related(a: str, b: str) -> bool:
@@ -276,10 +293,16 @@ def compare(model, inputs: dict, options: dict, train: bool):
             reference.square().mean().backward()
     reference_grads = _grads(model)
     model.zero_grad(set_to_none=True)
-    compiled = torch.compile(model, backend="sparsify", options=options)
+    reports = []  # one per graph: a model with graph breaks compiles several (last_report() is the last one's)
+
+    def collecting(gm, example_inputs):
+        compiled_graph = sparsify.sparsify_backend(gm, example_inputs, options=options)
+        reports.append(sparsify.last_report())
+        return compiled_graph
+    compiled = torch.compile(model, backend=collecting)
     with torch.set_grad_enabled(train):
         out = first_float(compiled(**inputs))
-    report = sparsify.last_report()
+    report = sparsify.Report.merged(reports) if reports else None
     worst, where = _max_diff(out, reference), "output"
     if train:
         out.square().mean().backward()

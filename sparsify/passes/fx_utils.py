@@ -90,6 +90,9 @@ def value(node: Any) -> Any:
 
 # node.meta key of a placeholder's real tensor while the passes run (pipeline.run_passes sets and removes it)
 REAL_VALUE = "sparsify_real_value"
+# node.meta key: (region kind, module path) of the block a node computes, set by pipeline.run_passes on each
+# region's nodes and on what its rewrite inserts; backend.flops_by_block attributes FLOPs by it
+REGION_TAG = "sparsify_region"
 
 
 def real_value(node: Any) -> Optional[torch.Tensor]:

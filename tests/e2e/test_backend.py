@@ -206,7 +206,30 @@ def test_graph_breaks_each_graph_is_handled():
     assert report.graphs >= 2
     assert len({r.graph for r in report.regions}) >= 2
     assert len(report.rewritten) == 4
+    # last_report() is the last graph's; last_report(graphs=n) the compile's n graphs together
+    assert len(sparsify.last_report().regions) < 4
+    assert len(sparsify.last_report(graphs=report.graphs).rewritten) == 4
     torch.testing.assert_close(first_output(out), first_output(model(**inputs)), atol=1e-5, rtol=0)
+
+
+def test_flops_by_block_attributes_every_flop_to_its_block():
+    """flops_by_block counts each node for the region it was found in or inserted for: the dense MLP, lowered
+    to plain matmuls, counts as "mlp" with exactly the gated MLP's 3 products; SDPA as "attention"; the rest
+    (q/k/v/o projections, LM head) as "other"; the kinds add up to count_flops."""
+    model = tiny_model("llama", "sdpa").eval()
+    inputs = tiny_inputs("llama", padded=False)
+    tokens = inputs["input_ids"].numel()
+    by_block = sparsify.flops_by_block(model, **inputs)
+    totals = sparsify.count_flops(model, **inputs)
+    summed: dict = {}
+    for ops in by_block.values():
+        for op, n in ops.items():
+            summed[op] = summed.get(op, 0) + n
+    assert summed == totals
+    assert set(by_block) == {"attention", "mlp", "other"}, by_block
+    assert sum(by_block["mlp"].values()) == 2 * 3 * 2 * tokens * 32 * 64  # layers x products x 2·T·d·d_ff
+    assert all("attention" in op for op in by_block["attention"]), by_block["attention"]
+    assert sum(by_block["other"].values()) > 0
 
 
 # ---- debugging ---------------------------------------------------------------------------------
@@ -220,7 +243,7 @@ def test_dump_directory(tmp_path):
             f"plan_{index}.json"} <= set(names)
     after = (tmp_path / f"graph_{index}_after.py").read_text()
     before = (tmp_path / f"graph_{index}_before.py").read_text()
-    assert "sdpa_attention" in after and "sparsify.mlp" in after and "sparsify" not in before
+    assert "sdpa_attention" in after and "dense_mlp" in after and "sparsify" not in before
     assert "layers.0.self_attn" in (tmp_path / f"regions_{index}.txt").read_text()
 
 

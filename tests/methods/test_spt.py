@@ -128,7 +128,9 @@ def test_flop_counter_sees_the_sparse_work():
     dense_attention = dense["aten._scaled_dot_product_flash_attention_for_cpu"]
     assert dense_attention == 2 * (2 * 2 * 4 * seq * seq * (8 + 8))  # 2 layers x 2·B·H·n·n·(D+Dv)
     assert sparse["sparsify.spt_attention"] * 8 == dense_attention
-    assert dense["sparsify.mlp"] == sparse["sparsify.mlp"]
+    # the projections and MLPs (dense in both; the MLPs lowered to torch calls: passes/lower.py) count the same
+    mlp = lambda counts: {k: v for k, v in counts.items() if k.startswith("aten.") and "attention" not in k}  # noqa: E731
+    assert mlp(dense) == mlp(sparse) and sum(mlp(dense).values()) > 0
 
 
 def test_dynamic_sequence_lengths_stay_sparse_and_exact():
