@@ -44,6 +44,8 @@ IMPLS = ("eager", "sdpa")
 CHECKS = ("blocks", "dense", "spt", "routed")
 STATUSES = ("pass", "FAIL", "unsupported-build", "error", "timeout")
 ATOL = 1e-5
+# differences above ATOL but below this are checked against eager fp32 vs fp64 before they count as a FAIL
+ROUNDING_CHECK_BELOW = 1e-3
 BATCH, SEQ, VOCAB = 2, 8, 128
 
 DENSE_OPTIONS = {"inner": "aot_eager"}
@@ -280,41 +282,57 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double() - b.detach().double()).abs().max().item() if a.numel() else 0.0
 
 
-def compare(model, inputs: dict, options: dict, train: bool):
-    """(largest output/gradient difference from eager with where it is, report) for one compile of model."""
-    import sparsify
-
-    torch._dynamo.reset()
+def _eager_run(model, inputs: dict, train: bool, call=None) -> dict:
+    """{"output": tensor, "grad <name>": tensor, ...} of one forward (+ backward of mean(out^2) when training)."""
     model.train(train)
     model.zero_grad(set_to_none=True)
     with torch.set_grad_enabled(train):
-        reference = first_float(model(**inputs))
+        torch.manual_seed(0)  # models that draw noise in forward (VITS) draw the same in every run
+        out = first_float((model if call is None else call)(**inputs))
         if train:
-            reference.square().mean().backward()
-    reference_grads = _grads(model)
+            out.square().mean().backward()
+    tensors = {"output": out.detach()}
+    tensors.update({f"grad {n}": g for n, g in _grads(model).items()})
     model.zero_grad(set_to_none=True)
+    return tensors
+
+
+def _diffs(got: dict, expected: dict) -> dict:
+    """Largest |difference| per tensor name; AOTAutograd gives unused parameters (a pooler, a router) zeros
+    where eager leaves None."""
+    diffs = {}
+    for name in got.keys() | expected.keys():
+        zero = (expected[name] if name in expected else got[name]) * 0
+        diffs[name] = _max_diff(got.get(name, zero), expected.get(name, zero))
+    return diffs
+
+
+def compare(model, inputs: dict, options: dict, train: bool):
+    """({tensor name: largest difference from eager}, report) for one compile of model: the output and, when
+    training, every parameter's gradient."""
+    import sparsify
+
+    torch._dynamo.reset()
+    reference = _eager_run(model, inputs, train)
     reports = []  # one per graph: a model with graph breaks compiles several (last_report() is the last one's)
 
     def collecting(gm, example_inputs):
         compiled_graph = sparsify.sparsify_backend(gm, example_inputs, options=options)
         reports.append(sparsify.last_report())
         return compiled_graph
-    compiled = torch.compile(model, backend=collecting)
-    with torch.set_grad_enabled(train):
-        out = first_float(compiled(**inputs))
-    report = sparsify.Report.merged(reports) if reports else None
-    worst, where = _max_diff(out, reference), "output"
-    if train:
-        out.square().mean().backward()
-        grads = _grads(model)
-        # AOTAutograd gives unused parameters (a pooler, a router) zeros where eager leaves None
-        for name in reference_grads.keys() | grads.keys():
-            zero = (reference_grads.get(name) if name in reference_grads else grads[name]) * 0
-            diff = _max_diff(grads.get(name, zero), reference_grads.get(name, zero))
-            if not diff <= worst:
-                worst, where = diff, f"grad {name}"
-    model.zero_grad(set_to_none=True)
-    return worst, where, report
+    got = _eager_run(model, inputs, train, call=torch.compile(model, backend=collecting))
+    return _diffs(got, reference), sparsify.Report.merged(reports) if reports else None
+
+
+def fp32_rounding(model, inputs: dict, train: bool) -> dict:
+    """{tensor name: |eager fp32 - eager fp64|}: how far fp32 rounding alone moves each tensor (RWKV's mixing
+    gradients move 0.5% in eager itself: a rewrite that only reorders sums moves them as much)."""
+    import copy
+
+    reference = _eager_run(model, inputs, train)
+    exact = _eager_run(copy.deepcopy(model).double(), {k: v.double() if torch.is_floating_point(v) else v
+                                                         for k, v in inputs.items()}, train)
+    return _diffs(reference, exact)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -349,13 +367,22 @@ def run_check(model, inputs: dict, check: str, train: bool) -> tuple:
             torch._dynamo.reset()
             model.train(train)
             sparsify.prepare(model, **inputs, options=options)
-        worst, where, report = compare(model, inputs, options, train)
+        diffs, report = compare(model, inputs, options, train)
     except Exception as exc:
         return _result("error", _first_line(exc)), None
     detail = _method_detail(report, kind, method)
-    if worst <= ATOL:
+    where = max(diffs, key=diffs.get)
+    if diffs[where] <= ATOL:
         return _result("pass", detail), report
-    return _result("FAIL", f"max abs diff {worst:.3g} at {where}; {detail}"), report
+    if diffs[where] < ROUNDING_CHECK_BELOW:  # a small difference: is it more than fp32 rounding moves eager?
+        try:
+            rounding = fp32_rounding(model, inputs, train)
+        except Exception:
+            rounding = {}
+        if rounding and all(d <= ATOL or d <= 4 * rounding.get(name, 0.0) for name, d in diffs.items()):
+            return _result("pass", f"{detail}; max abs diff {diffs[where]:.3g} at {where}, within 4x of what fp32 "
+                                   f"rounding moves eager there ({rounding.get(where, 0.0):.3g} from fp64)"), report
+    return _result("FAIL", f"max abs diff {diffs[where]:.3g} at {where}; {detail}"), report
 
 
 def run_type(model_type: str, time_box: float = 60.0, modes=MODES, impls=IMPLS, checks=CHECKS) -> dict:

@@ -230,7 +230,8 @@ def spt_forward(q, k, v, index, valid=None, mask=None, scale=None, *, causal=Fal
     """
     (B, H, Hkv, Lq, Lk, D, Dv, keep), index, valid, mask, _, scale = _token_inputs(
         q, k, v, index, valid, mask, scale)
-    out = torch.empty((B, H, Lq, Dv), dtype=q.dtype, device=q.device)
+    # [B, Lq, H, Dv] in memory as SDPA lays it out (ops/spt.py attention_output): the kernel writes by strides
+    out = torch.empty((B, Lq, H, Dv), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if B * H * Lq == 0:
         return out, lse
@@ -438,7 +439,8 @@ def block_sparse_forward(q, k, v, block_index, block_valid=None, *, block_m=64, 
     """
     (B, H, Hkv, Lq, Lk, D, Dv, nqb), block_index, block_valid, kpm, scale = _block_inputs(
         q, k, v, block_index, block_valid, block_m, block_n, key_padding_mask, scale)
-    out = torch.empty((B, H, Lq, Dv), dtype=q.dtype, device=q.device)
+    # [B, Lq, H, Dv] in memory as SDPA lays it out (ops/spt.py attention_output): the kernel writes by strides
+    out = torch.empty((B, Lq, H, Dv), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if B * H * Lq == 0:
         return out, lse

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import choice, integer
-from ..passes.dense import attention_operands
+from ..passes.dense import as_the_model_reads_it, attention_operands
 from ..passes.fx_utils import erase_unused, insert_call, shape
 from .base import Method, StateKind, register
 
@@ -142,7 +142,7 @@ class HSA(Method):
             call = insert_call(graph, torch.ops.sparsify.block_sparse_attention.default,
                                (f.q, k, f.v, index, valid, options.block, mask, float(f.scale), is_causal,
                                 float(f.dropout_p)), like=like)
-            out = insert_call(graph, operator.getitem, (call, 0), like=like)
+            out = as_the_model_reads_it(graph, insert_call(graph, operator.getitem, (call, 0), like=like), region)
         region.output.replace_all_uses_with(out)
         erase_unused(region.interior)
         region.facts["hsa_pattern"] = (f"{options.pattern}(block={options.block}, window={options.window}, "

@@ -30,7 +30,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..config import choice, integer, real
-from ..passes.dense import attention_operands
+from ..passes.dense import as_the_model_reads_it, attention_operands
 from ..passes.fx_utils import erase_unused, insert_call, shape, value
 from ..passes.regions import Region
 from ..tables import KERNEL_DTYPES
@@ -206,6 +206,13 @@ def rewrite_spt(gm: GraphModule, region: Region, codebook: Optional[Node], optio
             rank_q = insert_call(graph, torch.ops.sparsify.pq_encode.default, (f.q, codebook), like=like)
             rank_k = insert_call(graph, torch.ops.sparsify.pq_encode.default, (k, codebook), like=like)
         allowed = None if mask is None else insert_call(graph, allowed_from_mask, (mask,), like=like)
+        v = f.v
+        if options.codebook_loss > 0 and not exact:
+            # the codebook loss rides on v, not on the output: aux_loss returns a copy, and the attention saves
+            # the copy of v in the original's place, where a copy of the output would be one more saved tensor
+            aux = insert_call(graph, spt_codebook_aux, (f.q, k, codebook), like=like)
+            v = insert_call(graph, torch.ops.sparsify.aux_loss.default,
+                            (v, aux, float(options.codebook_loss), region.module), like=like)
         # is_causal: SDPA's flag as the ops mean it (bottom-right; a top-left one came back as a mask); a causal
         # mask the model built is in `allowed` and `mask`
         if options.granularity == "block":  # per query block, the key blocks with the best PQ score
@@ -216,7 +223,7 @@ def rewrite_spt(gm: GraphModule, region: Region, codebook: Optional[Node], optio
             extra = () if exact else (options.codewords,)
             selected = insert_call(graph, select.default,
                                    (rank_q, rank_k, keep, block, is_causal, allowed, *extra), like=like)
-            args = (f.q, k, f.v, _item(graph, selected, 0, like), _item(graph, selected, 1, like), block, mask,
+            args = (f.q, k, v, _item(graph, selected, 0, like), _item(graph, selected, 1, like), block, mask,
                     float(f.scale), is_causal, float(f.dropout_p))
             call = insert_call(graph, torch.ops.sparsify.block_sparse_attention.default, args, like=like)
         else:  # per query, the L keys with the most matching codes (or the highest q . k)
@@ -224,15 +231,11 @@ def rewrite_spt(gm: GraphModule, region: Region, codebook: Optional[Node], optio
             select = torch.ops.sparsify.qk_select if exact else torch.ops.sparsify.pq_select
             selected = insert_call(graph, select.default,
                                    (rank_q, rank_k, keep, is_causal, allowed), like=like)
-            args = (f.q, k, f.v, _item(graph, selected, 0, like), _item(graph, selected, 1, like), mask,
+            args = (f.q, k, v, _item(graph, selected, 0, like), _item(graph, selected, 1, like), mask,
                     float(f.scale), float(f.dropout_p))
             call = insert_call(graph, torch.ops.sparsify.spt_attention.default, args, like=like)
         call.meta["sparsify_module"] = region.module
-        out = _item(graph, call, 0, like)
-        if options.codebook_loss > 0 and not exact:
-            aux = insert_call(graph, spt_codebook_aux, (f.q, k, codebook), like=like)
-            out = insert_call(graph, torch.ops.sparsify.aux_loss.default,
-                              (out, aux, float(options.codebook_loss), region.module), like=like)
+        out = as_the_model_reads_it(graph, _item(graph, call, 0, like), region)
     region.output.replace_all_uses_with(out)
     erase_unused(region.interior)
     unit = "blocks" if options.granularity == "block" else "keys"

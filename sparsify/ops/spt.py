@@ -34,6 +34,14 @@ from .key_select import _row_chunks
 # spt_attention: forward and the hand-written backward
 # ---------------------------------------------------------------------------------------------
 
+def attention_output(q: Tensor, dv: int) -> Tensor:
+    """An empty [B, H, Lq, Dv] output laid out [B, Lq, H, Dv] in memory, as SDPA's is: the model's
+    transpose(1, 2).reshape to [B, Lq, H * Dv] is then a view, so the output autograd saves for this op's
+    backward and the o-projection's saved input are one storage, not two (1 MB per layer at n 2048, d 128)."""
+    b, h, lq, _ = q.shape
+    return q.new_empty(b, lq, h, dv).transpose(1, 2)
+
+
 def _check_spt_inputs(q, k, v, index, valid, mask, dropout_p):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"sparsify::spt_attention expects 4-d q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -124,7 +132,7 @@ def spt_attention_reference(
     seed = fresh_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
     drop = _dropout_scale((b, h, lq, keep), acc, q.device, dropout_p, seed)
     mask_b = _broadcast_mask(mask, q, k)
-    out = q.new_empty(b, h, lq, dv)
+    out = attention_output(q, dv)
     lse = torch.empty(b, h, lq, dtype=acc, device=q.device)
     for rows in _row_chunks(lq, b * h * keep * max(d, dv)):
         idx = index[:, :, rows].long()
@@ -151,7 +159,7 @@ def spt_attention(
 @spt_attention.register_fake
 def _(q, k, v, index, valid, mask, scale, dropout_p):
     b, h, lq, _ = q.shape
-    return (q.new_empty(b, h, lq, v.shape[-1]),
+    return (attention_output(q, v.shape[-1]),
             q.new_empty(b, h, lq, dtype=_acc_dtype(q.dtype)),
             torch.empty((), dtype=torch.int64, device="cpu"))
 
@@ -240,18 +248,34 @@ def _(grad_out, q, k, v, index, valid, mask, lse, seed, scale, dropout_p, needs_
     return placeholder_grads((q, k, v, mask), _effective_needs(mask, needs_grad), grad_out)
 
 
+def pack_selection(index: Tensor, valid: Tensor, lk) -> Tensor:
+    """index and valid as one tensor for backward: -1 where a slot is not valid, int16 where every key index
+    fits (Lk <= 32767, known without a guard). At keep n/8 the int32 index and the bool mask are 5 bytes per
+    slot, more than q, k and v together at head_dim 64 and n 2048; packed they are 2."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    small = torch.int16 if statically_known_true(lk <= torch.iinfo(torch.int16).max) else index.dtype
+    return index.to(small).masked_fill(~valid, -1)
+
+
+def unpack_selection(packed: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    valid = packed >= 0
+    return packed.clamp_min(0).to(dtype), valid  # an invalid slot reads key 0, masked out as before
+
+
 def _spt_setup_context(ctx, inputs, output):
     q, k, v, index, valid, mask, scale, dropout_p = inputs
     _, lse, seed = output
-    # exactly what the backward formulas need: no output, no [.., keep] probabilities
-    ctx.save_for_backward(q, k, v, index, valid, mask, lse, seed)
+    # exactly what the backward formulas need: no output, no [.., keep] probabilities, the selection packed
+    ctx.save_for_backward(q, k, v, pack_selection(index, valid, k.shape[2]), mask, lse, seed)
+    ctx.index_dtype = index.dtype
     ctx.mark_non_differentiable(lse)
     ctx.args = (scale, dropout_p)
     ctx.mask_is_float = mask is not None and mask.is_floating_point()
 
 
 def _spt_backward(ctx, grad_out, _grad_lse, _grad_seed):
-    q, k, v, index, valid, mask, lse, seed = ctx.saved_tensors
+    q, k, v, packed, mask, lse, seed = ctx.saved_tensors
+    index, valid = unpack_selection(packed, ctx.index_dtype)
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2],
              ctx.needs_input_grad[5] and ctx.mask_is_float]
     grads = torch.ops.sparsify.spt_attention_backward(grad_out, q, k, v, index, valid, mask, lse, seed,

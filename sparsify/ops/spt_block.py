@@ -75,7 +75,7 @@ from .causal import causal_keep, causal_offset
 
 from ._vjp import _acc_dtype, fresh_seed, placeholder_grads
 from .key_select import _ell_layout, check_allowed, check_qk_select_inputs
-from .spt import _broadcast_mask, _dropout_scale, _effective_needs, _probs, _reduce_to_shape
+from .spt import attention_output, _broadcast_mask, _dropout_scale, _effective_needs, _probs, _reduce_to_shape
 
 # Element budget for the per-chunk [B, H, rows, Lk] temporaries (about 64 MiB in fp32).
 _CHUNK_ELEMS = 1 << 24
@@ -384,7 +384,7 @@ def block_sparse_attention_reference(
     drop = _dropout_scale((b, h, lq, lk), acc, q.device, dropout_p, seed)
     mask_b = _broadcast_mask(mask, q, k)
     bmap = block_map(block_index, block_valid, lq, lk, block)
-    out = q.new_empty(b, h, lq, dv)
+    out = attention_output(q, dv)
     lse = torch.empty(b, h, lq, dtype=acc, device=q.device)
     for rows in _row_chunks(lq, b * h * lk):
         s = _masked_scores(q[:, :, rows], k, bmap, rows, block, causal,
@@ -413,7 +413,7 @@ def block_sparse_attention(
 @block_sparse_attention.register_fake
 def _(q, k, v, block_index, block_valid, block, mask, scale, causal, dropout_p):
     b, h, lq, _ = q.shape
-    return (q.new_empty(b, h, lq, v.shape[-1]),
+    return (attention_output(q, v.shape[-1]),
             q.new_empty(b, h, lq, dtype=_acc_dtype(q.dtype)),
             torch.empty((), dtype=torch.int64, device="cpu"))
 

@@ -13,8 +13,20 @@ from torch.fx import GraphModule
 
 from .. import ops  # noqa: F401  (registers torch.ops.sparsify.*)
 from ..ops.operands import MLPOperands
-from .fx_utils import erase_unused, insert_call, shape
+from .fx_utils import erase_unused, insert_call, shape, value
 from .regions import Region
+
+
+def as_the_model_reads_it(graph, out, region: Region):
+    """The sparse attention ops return SDPA's memory layout ([B, Lq, H, Dv] under a [B, H, Lq, Dv] shape:
+    ops/spt.py attention_output). A model whose attention output was contiguous and that calls .view on it
+    (a bmm-style merge of heads) needs it contiguous: copy there, nowhere else (transpose / reshape take any)."""
+    original = value(region.output)
+    viewed = any(u.op == "call_method" and u.target == "view" or u.target is torch.Tensor.view
+                 for u in region.output.users)
+    if viewed and isinstance(original, torch.Tensor) and original.is_contiguous():
+        return insert_call(graph, torch.Tensor.contiguous, (out,), like=region.output)
+    return out
 
 
 def attention_operands(graph, region: Region):

@@ -670,6 +670,8 @@ ATTENTION_NAMES = ("Attention",)
 MLP_SUFFIXES = ("MLP", "Mlp", "FeedForward", "FFN", "Ffn", "FF", "Intermediate", "DenseActDense",
                 "DenseGatedActDense", "MoE", "Moe", "MoeBlock", "Experts")
 _PRODUCTS = {"linear", "matmul", "addmm", "baddbmm", "sdpa"}
+# convolutions: a feed-forward written with Conv1d (VITS, SAM3's text encoder) is a block no MLP matcher takes
+_CONVOLUTIONS = {torch.conv1d, torch.conv2d, torch.nn.functional.conv1d, torch.nn.functional.conv2d}
 
 
 def block_kind(class_name: str) -> Optional[str]:
@@ -685,7 +687,7 @@ def unmatched_blocks(gm: GraphModule, regions: list[Region]) -> list[tuple[str, 
     (BertAttention, not also its BertSelfAttention)."""
     blocks: dict[tuple[str, str], str] = {}
     for node in gm.graph.nodes:
-        if kind_of(node) not in _PRODUCTS:
+        if kind_of(node) not in _PRODUCTS and not (node.op == "call_function" and node.target in _CONVOLUTIONS):
             continue
         seen_kinds = set()
         for path, cls in module_stack(node):

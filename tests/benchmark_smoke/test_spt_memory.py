@@ -9,6 +9,10 @@ def test_spt_defaults_save_no_more_than_sdpa():
     (row,) = bench.measure([512], variants=("SDPA", "SDPA, torch.compile (aot_eager)", "SPT token exact",
                                             "SPT token codes (defaults)", "SPT block codes"))
     leanest = min(row["SDPA"], row["SDPA, torch.compile (aot_eager)"])
-    assert row["SPT block codes"] <= leanest, row
+    # beyond SDPA's tensors SPT saves only what it is: its codebook (a parameter it adds, 4 KB here, read by the
+    # codebook loss in backward) and the block selection (int32 index + bool valid per head, query block and kept
+    # key block: 2 x 8 x 1 at n 512, block 64, keep 1/8) with the dropout seed (int64): 88 bytes
+    selection = 2 * 8 * 1 * (4 + 1) + 8
+    assert row["SPT block codes"] <= leanest + row["SPT codebook"] + selection / 1e6, row
     assert row["SPT token codes (defaults)"] <= 1.25 * leanest, row
     assert row["SPT token codes (defaults)"] <= 1.02 * row["SPT token exact"], row  # the codebook loss recomputes

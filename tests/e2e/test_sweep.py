@@ -93,23 +93,28 @@ def test_blocks_check_fails_for_a_block_without_a_region():
     assert result["status"] == "pass" and "2 reported unmatched" in result["detail"]
 
 
-def test_compare_sees_a_wrong_gradient():
-    """The sweep's own oracle: a compiled model whose gradient differs from eager's is reported, not passed."""
-    model, config = sweep.build("gpt2", "eager")
-    inputs = sweep.make_inputs(model, config)
-    handle = model.h[0].mlp.c_fc.weight.register_hook(lambda g: g * 2)  # the hook changes every backward
-    calls = []
+def _compiled_without_hook(model, hook):
+    """A gradient hook eager runs with and the compiled run does not: a compile that is off by `hook`."""
+    handle = model.h[0].mlp.c_fc.weight.register_hook(hook)
     original = torch.compile
 
-    def compile_then_drop_hook(*args, **kwargs):  # eager ran with the hook, the compiled run does not
-        calls.append(1)
+    def compile_then_drop_hook(*args, **kwargs):
         handle.remove()
         return original(*args, **kwargs)
+    return pytest.MonkeyPatch.context(), compile_then_drop_hook
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "compile", compile_then_drop_hook)
-        worst, where, _ = sweep.compare(model, inputs, sweep.DENSE_OPTIONS, train=True)
-    assert calls and worst > sweep.ATOL and where == "grad h.0.mlp.c_fc.weight"
+
+@pytest.mark.parametrize("hook, why", [(lambda g: g * 2, "large"), (lambda g: g + 1e-4, "small, above rounding")])
+def test_the_oracle_sees_a_wrong_gradient(hook, why):
+    """The sweep's own oracle: a compiled model whose gradient differs from eager's is reported, not passed,
+    also when the difference is small enough to be checked against fp32 rounding (eager fp32 vs fp64)."""
+    model, config = sweep.build("gpt2", "eager")
+    inputs = sweep.make_inputs(model, config)
+    context, patched = _compiled_without_hook(model, hook)
+    with context as mp:
+        mp.setattr(torch, "compile", patched)
+        result, _ = sweep.run_check(model, inputs, "dense", train=True)
+    assert result["status"] == "FAIL" and "at grad h.0.mlp.c_fc.weight" in result["detail"], (why, result)
 
 
 @pytest.mark.sweep
