@@ -222,8 +222,9 @@ def build_cases(x, ffn: FFN, args, device, cfg) -> list:
                     "torch per-block fallback (Triton unavailable for this dtype)")
         cases.append(Case(name, lambda k=k: torch.ops.sparsify.routed_mlp(
             x, ffn.up_w, ffn.up_b, None, None, ffn.down_w, ffn.down_b, *la, [ffn.scale] * 3,
-            ffn.router_w, ffn.router_b, None, BLOCKS, k, "sigmoid2p", act, 0.0),
-            note=f"top-{k} of {BLOCKS}, sigmoid2p, init_router; {impl}", routed_top_k=k))
+            ffn.router_w, ffn.router_b, None, BLOCKS, k, "sigmoid2p", act, 0.0, True),
+            note=f"top-{k} of {BLOCKS}, sigmoid2p, init_router, up outputs saved for backward; {impl}",
+            routed_top_k=k))
     return cases
 
 
@@ -482,7 +483,7 @@ def roofline_note(configs) -> str:
         t, d, f = cfg["tokens"], cfg["d_model"], cfg["d_ff"]
         dense = roofline.ffn_roofline_ms("dense", t, d, f, BLOCKS)
         ratios = ", ".join(f"{v} {dense / roofline.ffn_roofline_ms(v, t, d, f, BLOCKS):.2f}x"
-                           for v in ("routed-top2", "routed-top2-redesign", "routed-top1"))
+                           for v in ("routed-top2", "routed-top2-recompute", "routed-top2-redesign", "routed-top1"))
         parts.append(f"d {d} x {f}, T {t}: dense {dense:.3f} ms; {ratios}")
     return "; ".join(dict.fromkeys(parts)) or "-"
 

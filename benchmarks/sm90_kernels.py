@@ -55,10 +55,12 @@ def cases(dtypes, quick: bool):
         tok = torch.arange(a, dtype=torch.int32) % tokens
         offsets = torch.tensor([0, a // 4, a // 2, 3 * a // 4, a], dtype=torch.int32)
         x = _t(tokens, d_model, dtype=dt)
-        out.append(("grouped_up", f"{n} silu gated {d_model}->{d_ff}/{blocks}",
+        # the training forward's kernel: it also stores both projections' outputs for the backward
+        out.append(("grouped_up", f"{n} silu gated store_pre {d_model}->{d_ff}/{blocks}",
                     lambda dt=dt, x=x: grouped_gemm.grouped_up(x, _t(d_ff, d_model, dtype=dt), tok, offsets, fb,
                                                                activation="silu", row_scale=torch.rand(a).to(dt),
-                                                               gate=(_t(d_ff, d_model, dtype=dt), None, None))))
+                                                               gate=(_t(d_ff, d_model, dtype=dt), None, None),
+                                                               pre_out=(_t(a, fb, dtype=dt), _t(a, fb, dtype=dt)))))
         out.append(("grouped_down", f"{n} {d_ff}/{blocks}->{d_model}",
                     lambda dt=dt: grouped_gemm.grouped_down(_t(a, fb, dtype=dt), _t(d_model, d_ff, dtype=dt), tok,
                                                             offsets, torch.zeros(tokens, d_model),

@@ -148,7 +148,8 @@ class RoutedFFN(nn.Module):
         return torch.ops.sparsify.routed_mlp(
             h, f1.base.weight, f1.base.bias, None, None, f2.base.weight, f2.base.bias,
             f1.lora_A, f1.lora_B, None, None, f2.lora_A, f2.lora_B, [f1.scaling, f1.scaling, f2.scaling],
-            self.router_w, self.router_b, None, self.blocks, self.top_k, "sigmoid2p", "relu", 0.0)[0]
+            self.router_w, self.router_b, None, self.blocks, self.top_k, "sigmoid2p", "relu", 0.0,
+            torch.is_grad_enabled())[0]  # save the up outputs for backward when training (the backend's default)
 
 
 class OPTLayer(nn.Module):

@@ -98,7 +98,7 @@ def profile(out: str, tiny: bool) -> dict:
     def routed_step():  # top-2 of 4 blocks, the SPT setting
         out_, _ = torch.ops.sparsify.routed_mlp(x, up_w, up_b, None, None, down_w, down_b, *(None,) * 6,
                                                 [1.0, 1.0, 1.0], router_w, router_b, None, 4, 2, "sigmoid2p",
-                                                "relu", 0.0)[:2]
+                                                "relu", 0.0, True)[:2]
         out_.sum().backward()
     run("routed_ffn", routed_step)
     n, hd = (128, 32) if tiny else (4096, 64)

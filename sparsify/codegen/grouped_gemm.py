@@ -89,6 +89,7 @@ class GroupedGemmSpec(KernelSpec):
     gate_bias: bool = False      # up, gated only
     lora: bool = False           # up only: + scale * xa[tok] . lb[n]
     gate_lora: bool = False      # up, gated only
+    store_pre: bool = False      # up only: also store W x + b of each projection (before g and LoRA) for backward
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -96,9 +97,10 @@ class GroupedGemmSpec(KernelSpec):
         super().__post_init__()
         if self.activation not in UP_ACTIVATIONS:
             raise ValueError(f"unsupported activation {self.activation!r}; expected one of {UP_ACTIVATIONS}")
-        up_only = (self.activation != "none", self.gated, self.bias, self.gate_bias, self.lora, self.gate_lora)
+        up_only = (self.activation != "none", self.gated, self.bias, self.gate_bias, self.lora, self.gate_lora,
+                   self.store_pre)
         if self.kind != "up" and any(up_only):
-            raise ValueError("GroupedGemmSpec: activation / gated / bias / lora apply to kind 'up' only")
+            raise ValueError("GroupedGemmSpec: activation / gated / bias / lora / store_pre apply to kind 'up' only")
         if self.kind == "wgrad" and self.row_scale:
             raise ValueError("GroupedGemmSpec: wgrad takes no row_scale (scale its input instead)")
         if (self.gate_bias or self.gate_lora) and not self.gated:
@@ -111,7 +113,8 @@ class GroupedGemmSpec(KernelSpec):
         parts = ["grouped", self.kind]
         if self.kind == "up":
             parts.append(self.activation)
-            parts += [flag for flag in ("gated", "bias", "gate_bias", "lora", "gate_lora") if getattr(self, flag)]
+            parts += [flag for flag in ("gated", "bias", "gate_bias", "lora", "gate_lora", "store_pre")
+                      if getattr(self, flag)]
         if self.row_scale:
             parts.append("scaled")
         if self.permuted:
@@ -199,6 +202,9 @@ GATE_DOT = Template(
 GATE_ADVANCE = "        wg_ptrs += BLOCK_K * s_gk\n"
 
 BIAS = Template("    $acc += tl.load($ptr + neuron, mask=mask_n, other=0.0).to(tl.float32)[None, :]\n")
+# the frozen part W x + b, stored beside Y (same [A, fb] layout) so the backward needs no recompute GEMM
+STORE_PRE = Template("    tl.store($ptr + offs_m[:, None].to(tl.int64) * s_ym + offs_n[None, :] * s_yn, "
+                     "$acc.to($ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])\n")
 ROW_SCALE_LOAD = "    g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)\n"
 ROW_SCALE = Template("    $acc = $acc * g[:, None]\n")
 # rank-r LoRA term: (A x)[tok] . B[n] over r, BLOCK_K at a time (tl.dot needs K >= 16: masked padding)
@@ -316,6 +322,8 @@ def _up_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
     for p, on in (("u", spec.lora), ("g", spec.gate_lora)):
         if on:
             params += [f"xa_{p}_ptr", f"lb_{p}_ptr"]
+    if spec.store_pre:
+        params += ["pre_ptr"] + (["pre_g_ptr"] if spec.gated else [])
     if spec.permuted:
         params.append("perm_ptr")
     params += ["tok_ptr", "off_ptr", "y_ptr", "NB", "FB", "K"]
@@ -332,6 +340,10 @@ def _up_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
         epi += BIAS.substitute(acc="acc", ptr="b_ptr")
     if spec.gate_bias:
         epi += BIAS.substitute(acc="acc_g", ptr="bg_ptr")
+    if spec.store_pre:
+        epi += STORE_PRE.substitute(ptr="pre_ptr", acc="acc")
+        if spec.gated:
+            epi += STORE_PRE.substitute(ptr="pre_g_ptr", acc="acc_g")
     if spec.row_scale:
         epi += ROW_SCALE_LOAD + ROW_SCALE.substitute(acc="acc")
         if spec.gated:
@@ -466,12 +478,13 @@ def _dtype_of(*tensors) -> torch.dtype:
 
 
 def grouped_up(x, w, tok, offsets, block_size, *, perm=None, bias=None, row_scale=None, lora=None,
-               activation=None, gate=None, out_dtype=None):
+               activation=None, gate=None, out_dtype=None, pre_out=None):
     """Grouped up-projection over the sorted assignments: Y [A, block_size] (see the module docstring).
 
     x [T, K]; w [F, K] (F = NB * block_size, any strides); bias [F]; row_scale [A] (g); lora = (xa [T, r],
     lb [F, r], scale); activation: a name or None; gate = (wg [F, K], bg [F] or None, lora_g or None);
-    out_dtype: Y's dtype (default x's). The operand dtype is x's (fp16 / bf16 / fp32)."""
+    out_dtype: Y's dtype (default x's); pre_out = (u [A, block_size], u_gate or None), contiguous: also stores
+    each projection's W x + b there (before g and LoRA). The operand dtype is x's (fp16 / bf16 / fp32)."""
     _check("x", x, x.device, 2)
     _check("w", w, x.device, 2)
     T, K = x.shape
@@ -486,8 +499,13 @@ def grouped_up(x, w, tok, offsets, block_size, *, perm=None, bias=None, row_scal
     act = activation or "none"
     spec = GroupedGemmSpec(kind="up", dtype=dtype, permuted=perm is not None, row_scale=row_scale is not None,
                            activation=act, gated=gated, bias=bias is not None, gate_bias=bg is not None,
-                           lora=lora is not None, gate_lora=lora_g is not None)
+                           lora=lora is not None, gate_lora=lora_g is not None, store_pre=pre_out is not None)
     y = torch.empty(a, fb, dtype=out_dtype or x.dtype, device=x.device)
+    if pre_out is not None:
+        for t in pre_out[:1 + gated]:
+            _check("pre_out", t, x.device, 2)
+            if tuple(t.shape) != (a, fb) or not t.is_contiguous():
+                raise ValueError(f"grouped_up: pre_out must be contiguous [{a}, {fb}], got {tuple(t.shape)}")
     if a == 0 or fb == 0:
         return y
     kernel = get_grouped_kernel(spec)
@@ -511,6 +529,10 @@ def grouped_up(x, w, tok, offsets, block_size, *, perm=None, bias=None, row_scal
             args.update({f"xa_{p}_ptr": xa, f"lb_{p}_ptr": lb, f"R_{p}": xa.shape[1],
                          f"lora_scale_{p}": float(scale), f"s_{p}am": xa.stride(0), f"s_{p}ak": xa.stride(1),
                          f"s_{p}bn": lb.stride(0), f"s_{p}bk": lb.stride(1)})
+    if pre_out is not None:
+        args["pre_ptr"] = pre_out[0]
+        if gated:
+            args["pre_g_ptr"] = pre_out[1]
     if perm is not None:
         args["perm_ptr"] = perm
     bm, bn, bk, warps, stages = _tiles("up", kernel.interpret)

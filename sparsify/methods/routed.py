@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule
 
-from ..config import choice, integer
+from ..config import boolean, choice, integer
 from ..passes.dense import mlp_operands
 from ..passes.fx_utils import erase_unused, insert_call, value
 from ..passes.regions import Region
@@ -42,11 +42,16 @@ class RoutedOptions:
                  router learns) or "none" (equals the dense FFN when top_k == blocks)
     block_order: "contiguous" (SPT) or "clustered" (MoEfication: neurons grouped by balanced
                  k-means on their up-projection rows)
+    recompute:   False (default): training saves each kept block's up (and gate) projection output, top_k /
+                 blocks of the dense MLP's pre-activation, so the backward runs no up GEMM again; True:
+                 save only the inputs and recompute them in backward (one more grouped GEMM per projection,
+                 for the least memory)
     """
     blocks: int = integer(4, low=1)
     top_k: int = integer(2, low=1, high="blocks")  # checked after blocks (fields run in order)
     gate: str = choice("sigmoid2p", "none")
     block_order: str = choice("contiguous", "clustered")
+    recompute: bool = boolean(False)
 
 
 def _router_made_with(tensors) -> dict:
@@ -61,6 +66,7 @@ class Routed(Method):
     name = "routed"
     kinds = ("mlp",)
     options = RoutedOptions
+    report_facts = ("backward",)  # what training keeps for backward (options.mlp.recompute)
     state = (ROUTER_STATE,)
     needs_prepare = True
 
@@ -68,7 +74,7 @@ class Routed(Method):
         return routed_guard(region, options, states)
 
     def rewrite(self, gm, region, options, states, mode):
-        rewrite_routed(gm, region, states[(region.module, ROUTER_KIND)], options)
+        rewrite_routed(gm, region, states[(region.module, ROUTER_KIND)], options, mode)
 
     # --- prepare: a router per MLP, fit to the example call's activations ---------------------------------------
     def wants_samples(self, options):
@@ -140,15 +146,18 @@ def routed_guard(region: Region, options: RoutedOptions, states: dict) -> Option
     return None
 
 
-def rewrite_routed(gm: GraphModule, region: Region, router: list, options: RoutedOptions) -> None:
+def rewrite_routed(gm: GraphModule, region: Region, router: list, options: RoutedOptions, mode: str = "train") -> None:
     graph = gm.graph
+    save_pre = mode == "train" and not options.recompute  # an inference graph has no backward to save for
     router_w, router_b = router[0], router[1]
     neuron_order = router[2] if options.block_order == "clustered" else None
     with graph.inserting_before(region.output):
         args = (*mlp_operands(region), router_w, router_b, neuron_order, options.blocks, options.top_k,
-                options.gate, region.facts["activation"], float(region.facts["dropout_p"]))
+                options.gate, region.facts["activation"], float(region.facts["dropout_p"]), save_pre)
         call = insert_call(graph, torch.ops.sparsify.routed_mlp.default, args, like=region.output)
         call.meta["sparsify_module"] = region.module
+        if mode == "train":
+            region.facts["backward"] = "saves up outputs" if save_pre else "recomputes up outputs"
         out = insert_call(graph, operator.getitem, (call, 0), like=region.output)
     region.output.replace_all_uses_with(out)
     erase_unused(region.interior)

@@ -34,7 +34,8 @@ FLOPs (registered for both ops; 2 per multiply-add; A = T * top_k assignments, f
     backward = exactly the GEMMs listed in ops/routed_backward.py for the gradients asked for
                (routed_backward_flops). With every gradient needed and no LoRA: 3 * forward - 2*A*fb*d_out
                (recompute 1x, input and weight gradients 2x, less the down GEMM's forward, which is never
-               recomputed: its output is not needed); sparsify::mlp's backward counts 3x. With frozen base
+               recomputed: its output is not needed); sparsify::mlp's backward counts 3x. With save_pre (the
+               forward kept W x + b) the up / gate recompute, 2*A*fb*d each, drops out: 2x forward + router. With frozen base
                weights (LoRA fine-tuning) the weight-gradient GEMMs drop out: recompute + v = W_down^T dy + dx
                (+ LoRA, router) is about 2x (tests/ops/test_routed_ops.py::test_flops_with_lora_and_frozen_base
                checks the exact count).
@@ -132,7 +133,9 @@ def routed_reference(
 
 def _forward(impl, x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_lora_b, gate_lora_a,
              gate_lora_b, down_lora_a, down_lora_b, lora_scales, router_w, router_b, neuron_order, blocks,
-             top_k, gate, activation, dropout_p, seed) -> tuple[Tensor, Tensor]:
+             top_k, gate, activation, dropout_p, seed, save_pre=False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, block_ids, pre_up, pre_gate): pre_* are each projection's W x + b over the sorted assignments
+    ([A, fb] in x's dtype) when save_pre, for the backward to read instead of recomputing; else empty."""
     d, d_out, d_ff = x.shape[-1], down_w.shape[0], up_w.shape[0]
     fb = d_ff // blocks
     x2 = x.reshape(-1, d)
@@ -141,6 +144,8 @@ def _forward(impl, x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_
     grp = Grouping(ids, blocks, neuron_order)
     g = sorted_gate(p, ids, grp, gate)
     out = torch.zeros(x2.shape[0], d_out, dtype=acc, device=x.device)
+    pre = (x.new_empty((grp.assignments, fb) if save_pre else (0,)),  # two tensors: outputs may not alias
+           x.new_empty((grp.assignments, fb) if save_pre and gate_w is not None else (0,)))
     if down_b is not None:
         out += down_b.to(acc)
     if grp.assignments:
@@ -150,14 +155,14 @@ def _forward(impl, x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_
             lora_g = None if gate_lora_a is None else (F.linear(x2, gate_lora_a), gate_lora_b, lora_scales[1])
             gate_args = (gate_w, gate_b, lora_g)
         h = impl.up(x2, up_w, grp.tok, grp.offsets, fb, perm=grp.perm, bias=up_b, row_scale=g, lora=lora_up,
-                    activation=activation, gate=gate_args, out_dtype=x.dtype)
+                    activation=activation, gate=gate_args, out_dtype=x.dtype, pre_out=pre if save_pre else None)
         h = _sorted_dropout(h, grp, fb, dropout_p, seed)
         impl.down(h, down_w, grp.tok, grp.offsets, out, perm=grp.perm, row_scale=g)
         if down_lora_a is not None:
             z = torch.zeros(x2.shape[0], down_lora_a.shape[0], dtype=acc, device=x.device)
             impl.down(h, down_lora_a, grp.tok, grp.offsets, z, perm=grp.perm)
             out += F.linear(z.to(x.dtype), down_lora_b).to(acc) * lora_scales[2]
-    return out.to(x.dtype).reshape(*x.shape[:-1], d_out), ids
+    return out.to(x.dtype).reshape(*x.shape[:-1], d_out), ids, *pre
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,16 +181,19 @@ def routed_mlp(
     gate_lora_a: Optional[Tensor], gate_lora_b: Optional[Tensor],
     down_lora_a: Optional[Tensor], down_lora_b: Optional[Tensor],
     lora_scales: list[float], router_w: Tensor, router_b: Tensor, neuron_order: Optional[Tensor],
-    blocks: int, top_k: int, gate: str, activation: str, dropout_p: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (out [..., d_out], block_ids [T, top_k] int32, seed); the seed replays dropout in backward."""
+    blocks: int, top_k: int, gate: str, activation: str, dropout_p: float, save_pre: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out [..., d_out], block_ids [T, top_k] int32, seed, pre_up, pre_gate); the seed replays dropout
+    in backward; pre_up / pre_gate [T * top_k, fb] (x's dtype, sorted by block) are W x + b of the up / gate
+    projection, saved for backward when save_pre (else empty: the backward recomputes them)."""
     check_routed_inputs(x, up_w, gate_w, down_w, router_w, router_b, neuron_order, blocks, top_k, gate,
                         activation, dropout_p)
     seed = _fresh(dropout_p)
-    out, ids = _forward(TORCH_GROUPED, x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_lora_b,
-                        gate_lora_a, gate_lora_b, down_lora_a, down_lora_b, lora_scales, router_w, router_b,
-                        neuron_order, blocks, top_k, gate, activation, dropout_p, seed)
-    return out.contiguous(), ids, seed
+    out, ids, pre_up, pre_gate = _forward(
+        TORCH_GROUPED, x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_lora_b, gate_lora_a,
+        gate_lora_b, down_lora_a, down_lora_b, lora_scales, router_w, router_b, neuron_order, blocks, top_k, gate,
+        activation, dropout_p, seed, save_pre)
+    return out.contiguous(), ids, seed, pre_up, pre_gate
 
 
 def triton_supports(x: Tensor, *tensors: Optional[Tensor]) -> bool:
@@ -209,64 +217,70 @@ def _triton_impl():
 def routed_mlp_forward_triton(x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_lora_b, gate_lora_a,
                               gate_lora_b, down_lora_a, down_lora_b, lora_scales, router_w, router_b,
                               neuron_order, blocks, top_k, gate, activation, dropout_p,
-                              seed) -> tuple[Tensor, Tensor]:
-    """The forward on the generated Triton grouped GEMMs (sparsify.codegen.grouped_gemm): (out, block_ids).
-    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. No host sync (nothing is read back)."""
+                              seed, save_pre=False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward on the generated Triton grouped GEMMs (sparsify.codegen.grouped_gemm): (out, block_ids,
+    pre_up, pre_gate). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. No host sync (nothing is read back)."""
     return _forward(_triton_impl(), x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_lora_b,
                     gate_lora_a, gate_lora_b, down_lora_a, down_lora_b, lora_scales, router_w, router_b,
-                    neuron_order, blocks, top_k, gate, activation, dropout_p, seed)
+                    neuron_order, blocks, top_k, gate, activation, dropout_p, seed, save_pre)
 
 
 def routed_mlp_backward_triton(grad_out, tensors, block_ids, seed, lora_scales, blocks, top_k, gate, activation,
-                               dropout_p, needs_grad) -> list[Tensor]:
+                               dropout_p, needs_grad, pre=()) -> list[Tensor]:
     """The hand-written backward on the Triton grouped GEMMs (same contract as sparsify::routed_mlp_backward)."""
     return _backward(_triton_impl(), grad_out, tensors, block_ids, seed, lora_scales, blocks, top_k, gate,
-                     activation, dropout_p, needs_grad)
+                     activation, dropout_p, needs_grad, pre)
 
 
 def routed_mlp_cuda(x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_lora_b, gate_lora_a, gate_lora_b,
       down_lora_a, down_lora_b, lora_scales, router_w, router_b, neuron_order, blocks, top_k, gate, activation,
-      dropout_p):
+      dropout_p, save_pre=False):
     check_routed_inputs(x, up_w, gate_w, down_w, router_w, router_b, neuron_order, blocks, top_k, gate,
                         activation, dropout_p)
     seed = _fresh(dropout_p)
     args = (x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_lora_b, gate_lora_a, gate_lora_b,
             down_lora_a, down_lora_b, lora_scales, router_w, router_b, neuron_order, blocks, top_k, gate,
-            activation, dropout_p, seed)
+            activation, dropout_p, seed, save_pre)
     tensors = (up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_lora_b, gate_lora_a, gate_lora_b,
                down_lora_a, down_lora_b)
     impl = _triton_impl() if triton_supports(x, *tensors) else TORCH_GROUPED
-    out, ids = _forward(impl, *args)
-    return out.contiguous(), ids, seed
+    out, ids, pre_up, pre_gate = _forward(impl, *args)
+    return out.contiguous(), ids, seed, pre_up, pre_gate
 
 
 @routed_mlp.register_fake
 def _(x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_lora_b, gate_lora_a, gate_lora_b,
       down_lora_a, down_lora_b, lora_scales, router_w, router_b, neuron_order, blocks, top_k, gate, activation,
-      dropout_p):
+      dropout_p, save_pre=False):
     t = math.prod(x.shape[:-1])
+    fb = up_w.shape[0] // blocks
     return (x.new_empty((*x.shape[:-1], down_w.shape[0])),
             x.new_empty((t, top_k), dtype=torch.int32),
-            torch.empty((), dtype=torch.int64, device="cpu"))
+            torch.empty((), dtype=torch.int64, device="cpu"),
+            x.new_empty((t * top_k, fb) if save_pre else (0,)),
+            x.new_empty((t * top_k, fb) if save_pre and gate_w is not None else (0,)))
 
 
 @torch.library.custom_op("sparsify::routed_mlp_backward", mutates_args=())
 def routed_mlp_backward(
     grad_out: Tensor, tensors: list[Optional[Tensor]], block_ids: Tensor, seed: Tensor, lora_scales: list[float],
     blocks: int, top_k: int, gate: str, activation: str, dropout_p: float, needs_grad: list[bool],
+    pre: list[Tensor],
 ) -> list[Tensor]:
     """Gradients for the 16 tensor inputs of sparsify::routed_mlp (13 of sparsify::mlp, router_w, router_b,
-    neuron_order), empty where not asked for (neuron_order: always)."""
+    neuron_order), empty where not asked for (neuron_order: always). pre: the forward's (pre_up, pre_gate),
+    empty tensors where it saved none (then the up / gate GEMMs are recomputed)."""
     return _backward(TORCH_GROUPED, grad_out, tensors, block_ids, seed, lora_scales, blocks, top_k, gate,
-                     activation, dropout_p, needs_grad)
+                     activation, dropout_p, needs_grad, pre)
 
 
-def routed_mlp_backward_cuda(grad_out, tensors, block_ids, seed, lora_scales, blocks, top_k, gate, activation, dropout_p, needs_grad):
+def routed_mlp_backward_cuda(grad_out, tensors, block_ids, seed, lora_scales, blocks, top_k, gate, activation,
+                             dropout_p, needs_grad, pre):
     ts = RoutedTensors(*tensors)
     floating = (getattr(ts, f) for f in ts._fields if f not in ("x", "neuron_order"))
     impl = _triton_impl() if triton_supports(ts.x, grad_out, *floating) else TORCH_GROUPED
     return _backward(impl, grad_out, tensors, block_ids, seed, lora_scales, blocks, top_k, gate, activation,
-                     dropout_p, needs_grad)
+                     dropout_p, needs_grad, pre)
 
 
 def _need_flags(tensors, needs_grad) -> list[bool]:
@@ -276,27 +290,28 @@ def _need_flags(tensors, needs_grad) -> list[bool]:
 
 
 @routed_mlp_backward.register_fake
-def _(grad_out, tensors, block_ids, seed, lora_scales, blocks, top_k, gate, activation, dropout_p, needs_grad):
+def _(grad_out, tensors, block_ids, seed, lora_scales, blocks, top_k, gate, activation, dropout_p, needs_grad, pre):
     return placeholder_grads(tensors, _need_flags(tensors, needs_grad), grad_out)
 
 
 def _setup_context(ctx, inputs, output):
     tensors = RoutedTensors.of_call(inputs)
-    _, block_ids, seed = output
-    ctx.save_for_backward(*tensors, block_ids, seed)
-    ctx.mark_non_differentiable(block_ids)
+    _, block_ids, seed, pre_up, pre_gate = output
+    ctx.save_for_backward(*tensors, block_ids, seed, pre_up, pre_gate)
+    ctx.mark_non_differentiable(block_ids, pre_up, pre_gate)
     ctx.lora_scales = MLPOperands.of(inputs).lora_scales
-    ctx.args = inputs[MLP_OPERANDS + len(ROUTER_FIELDS):]  # blocks, top_k, gate, activation, dropout_p
+    # blocks, top_k, gate, activation, dropout_p (save_pre, when given, is not the backward's)
+    ctx.args = inputs[MLP_OPERANDS + len(ROUTER_FIELDS):][:5]
 
 
-def _autograd_backward(ctx, grad_out, _grad_ids, _grad_seed):
-    *tensors, block_ids, seed = ctx.saved_tensors
+def _autograd_backward(ctx, grad_out, _grad_ids, _grad_seed, _grad_pre_up, _grad_pre_gate):
+    *tensors, block_ids, seed, pre_up, pre_gate = ctx.saved_tensors
     needs = _need_flags(tensors, RoutedTensors.of_call(ctx.needs_input_grad))
     grads = torch.ops.sparsify.routed_mlp_backward(grad_out.contiguous(), tensors, block_ids, seed,
-                                                   ctx.lora_scales, *ctx.args, needs)
+                                                   ctx.lora_scales, *ctx.args, needs, [pre_up, pre_gate])
     g = RoutedTensors(*(gr if need else None for gr, need in zip(grads, needs)))
-    # lora_scales has no gradient, nor do blocks, top_k, gate, activation, dropout_p
-    return (*g.call_order(None), None, None, None, None, None)
+    # lora_scales has no gradient, nor do blocks, top_k, gate, activation, dropout_p, save_pre
+    return (*g.call_order(None), None, None, None, None, None, None)
 
 
 routed_mlp.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -313,7 +328,8 @@ def _dims(x_shape, up_w_shape, down_w_shape, blocks, top_k):
 
 def routed_flops(x_shape, up_w_shape, up_b_shape, gate_w_shape, gate_b_shape, down_w_shape, down_b_shape,
                  up_a, up_b, gate_a, gate_b, down_a, down_b, lora_scales, router_w_shape, router_b_shape,
-                 neuron_order_shape, blocks, top_k, gate, activation, dropout_p, out_shape=None, **kwargs) -> int:
+                 neuron_order_shape, blocks, top_k, gate, activation, dropout_p, save_pre=False, out_shape=None,
+                 **kwargs) -> int:
     """Forward: the kept blocks' GEMMs, the router and the LoRA terms (see the module docstring)."""
     t, a, fb, d, d_out = _dims(x_shape, up_w_shape, down_w_shape, blocks, top_k)
     flops = 2 * a * fb * d * (2 if gate_w_shape is not None else 1) + 2 * a * fb * d_out + 2 * t * blocks * d
@@ -326,16 +342,19 @@ def routed_flops(x_shape, up_w_shape, up_b_shape, gate_w_shape, gate_b_shape, do
 
 
 def routed_backward_flops(grad_out_shape, tensors_shapes, block_ids_shape, seed_shape, lora_scales, blocks, top_k,
-                          gate, activation, dropout_p, needs_grad, out_shape=None, **kwargs) -> int:
-    """Exactly the GEMMs _backward (ops/routed_backward.py) runs for the gradients asked for (2 per multiply-add)."""
+                          gate, activation, dropout_p, needs_grad, pre_shapes=(), out_shape=None, **kwargs) -> int:
+    """Exactly the GEMMs _backward (ops/routed_backward.py) runs for the gradients asked for (2 per multiply-add):
+    the up / gate GEMMs are recomputed only where the forward saved no pre-activation (pre_shapes empty)."""
     shapes = RoutedTensors(*tensors_shapes)
     needs = shapes.grad_needs(needs_grad)
     t, a, fb, d, d_out = _dims(shapes.x, shapes.up_w, shapes.down_w, blocks, top_k)
     router_grad = gate == "sigmoid2p" and (needs["router_w"] or needs["router_b"] or needs["x"])
     flops = 2 * t * blocks * d if gate == "sigmoid2p" else 0          # recompute p
     names = ("up", "gate") if shapes.gate_w is not None else ("up",)
-    for name in names:                                                  # recompute u (and the LoRA part)
-        flops += 2 * a * fb * d
+    saved = [bool(pre_shapes) and math.prod(pre_shapes[i]) > 0 for i in range(len(names))]
+    for name, was_saved in zip(names, saved):                           # recompute u (and the LoRA part)
+        if not was_saved:
+            flops += 2 * a * fb * d
         la = getattr(shapes, f"{name}_lora_a")
         if la is not None:
             flops += 2 * t * la[0] * d + 2 * a * fb * la[0]

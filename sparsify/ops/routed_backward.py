@@ -3,13 +3,14 @@ implementation (ops/routed_grouping.py TORCH_GROUPED, or codegen/grouped_gemm.py
 
 Backward (sparsify::routed_mlp_backward, hand-written) and its memory
 --------------------------------------------------------------------
-Saved for backward: the inputs (x and the parameters, which exist anyway), block_ids (int32 [T, top_k])
-and the seed: per token d * sizeof(x) + 4 * top_k bytes of activations. Everything else is recomputed:
-p (router GEMM, 2*T*blocks*d FLOPs: about 1/F of the MLP), the grouping (a sort of T*top_k ints) and the
-pre-activations (the up GEMMs). Saving the pre-activations instead would cost T * top_k * fb (x2 when
-gated) values per layer, that is top_k/blocks of the dense MLP's hidden activation, for saving
-(1 or 2) * 2*T*top_k*fb*d FLOPs; SPT's goal is memory, and the dense ops checkpoint the same way.
-    recompute  u_P = W_P x + b_P, l_P = B_P (A_P x), z_P = g u_P + s_P l_P, h, hd = dropout(h)
+Saved for backward: the inputs (x and the parameters, which exist anyway), block_ids (int32 [T, top_k]),
+the seed and, by default in training (save_pre, the rewrite's choice unless options.mlp.recompute), each
+projection's frozen output u_P = W_P x + b_P over the kept blocks ([T * top_k, fb] in x's dtype, stored by the
+forward's up kernel beside its output): top_k / blocks of the dense MLP's pre-activation per projection, and no
+up GEMM in backward. With recompute, nothing of size T * F is kept and the up GEMMs run again
+(2*T*top_k*fb*d FLOPs per projection). p (the router GEMM, about 1/F of the MLP) and the grouping (a sort of
+T*top_k ints) are always recomputed.
+    u_P        saved, or recomputed: u_P = W_P x + b_P;  l_P = B_P (A_P x), z_P = g u_P + s_P l_P, h, hd = dropout(h)
     down       v = W_down^T dy (per block);  dhd = g v + s_down A_down^T (B_down^T dy)
                dW_down[:, n] = sum_a g hd dy^T;  db_down = sum_t dy;  dg += hd . v
                LoRA: Z = A_down hd (scatter), dB_down = s dy^T Z, dA_down[:, n] = s sum_a (dy B_down) hd^T
@@ -37,7 +38,7 @@ from .routed_grouping import Grouping, _act_backward, _sorted_dropout, router_pr
 
 
 def _backward(impl, grad_out, tensors, block_ids, seed, lora_scales, blocks, top_k, gate, activation,
-              dropout_p, needs_grad) -> list[Tensor]:
+              dropout_p, needs_grad, pre=()) -> list[Tensor]:
     """Gradients of the 16 tensors (RoutedTensors order), empty where not asked for; see the module docstring."""
     ts = RoutedTensors(*tensors)
     needs = ts.grad_needs(needs_grad)
@@ -66,10 +67,13 @@ def _backward(impl, grad_out, tensors, block_ids, seed, lora_scales, blocks, top
     def scaled(v):  # g * v per sorted row (g = 1 for gate "none")
         return v if g is None else v * g[:, None].to(v.dtype)
 
-    # 1. recompute the pre-activations (fp32 buffers for half inputs)
+    saved = dict(zip(names, (p_ if p_ is not None and p_.numel() else None for p_ in pre)))
+
+    # 1. the pre-activations: W x + b as the forward saved it, else recomputed (fp32 buffers for half inputs)
     def recompute(name):
         w, b, la, lb = (getattr(ts, f) for f in projection_fields(name))
-        u = impl.up(x2, w, tok, off, fb, perm=perm, bias=b, out_dtype=acc)
+        u = saved[name].to(acc) if saved.get(name) is not None else \
+            impl.up(x2, w, tok, off, fb, perm=perm, bias=b, out_dtype=acc)
         xa = None
         z = scaled(u)
         if la is not None:
@@ -132,9 +136,8 @@ def _backward(impl, grad_out, tensors, block_ids, seed, lora_scales, blocks, top
                 if needs[f_w]:
                     dw = torch.empty(d_ff, d, dtype=acc, device=x.device)
                     grads[f_w] = impl.wgrad(gdz_w, x2, tok, off, dw, perm=perm)
-                if needs[f_b]:
-                    db = torch.zeros(blocks, fb, dtype=acc, device=x.device).index_add_(0, grp.blk, gdz)
-                    db = db.reshape(-1)
+                if needs[f_b]:  # a segment sum over each block's sorted rows (no contended atomics into NB rows)
+                    db = torch.segment_reduce(gdz, "sum", offsets=off.long(), axis=0).reshape(-1)
                     if perm is not None:
                         db = torch.empty_like(db).index_copy_(0, perm, db)
                     grads[f_b] = db

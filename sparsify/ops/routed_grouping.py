@@ -112,12 +112,14 @@ class TorchGrouped:
 
     @staticmethod
     def up(x: Tensor, w: Tensor, tok: Tensor, offsets: Tensor, block_size: int, *, perm=None, bias=None,
-           row_scale=None, lora=None, activation=None, gate=None, out_dtype=None) -> Tensor:
+           row_scale=None, lora=None, activation=None, gate=None, out_dtype=None, pre_out=None) -> Tensor:
         """Y[a, j] = f(x[tok[a]] . w[n(i, j)]) for the assignments a of block i (see module docstring).
 
         bias [F]; row_scale [A] (the gate g, applied to the frozen part W x + b); lora = (xa [T, r], lb [F, r],
         scale): adds scale * xa[tok] . lb[n]; activation: a name or None (identity); gate = (wg, bg, lora_g):
-        the gated form act(pre(wg, bg, lora_g)) * pre(w, bias, lora)."""
+        the gated form act(pre(wg, bg, lora_g)) * pre(w, bias, lora). pre_out = (u [A, fb], u_gate [A, fb] or
+        None): also stores the frozen part W x + b of each projection, before g and LoRA (what the backward
+        reads instead of recomputing the GEMM)."""
         acc = _acc_dtype(x.dtype)
         fb = block_size
         out = torch.empty(tok.shape[0], fb, dtype=out_dtype or x.dtype, device=x.device)
@@ -129,8 +131,10 @@ class TorchGrouped:
             xs = x[t]
             s = None if row_scale is None else row_scale[lo:hi].to(acc)[:, None]
 
-            def pre(w_, b_, lora_):
+            def pre(w_, b_, lora_, saved):
                 y = F.linear(xs, w_[n], None if b_ is None else b_[n]).to(acc)
+                if saved is not None:
+                    saved[lo:hi] = y.to(saved.dtype)
                 if s is not None:
                     y = y * s
                 if lora_ is not None:
@@ -138,9 +142,9 @@ class TorchGrouped:
                     y = y + F.linear(xa[t], lb[n]).to(acc) * sc
                 return y
 
-            y = pre(w, bias, lora)
+            y = pre(w, bias, lora, None if pre_out is None else pre_out[0])
             if gate is not None:
-                a = pre(*gate)
+                a = pre(*gate, None if pre_out is None else pre_out[1])
                 y = (ACTIVATIONS[activation](a) if activation else a) * y
             elif activation:
                 y = ACTIVATIONS[activation](y)

@@ -104,3 +104,43 @@ def test_mlp_module_compiled_as_the_root():
     out = torch.compile(model, backend="sparsify", options=options)(x)
     assert [r.decision for r in sparsify.last_report().by_kind("mlp")] == ["routed"]
     torch.testing.assert_close(out, model(x), atol=1e-5, rtol=0)
+
+
+def _saved_storages(fn):
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_training_saves_the_up_outputs_unless_told_to_recompute():
+    """options.mlp.recompute: the default saves each kept block's up and gate outputs (no recompute GEMM in backward),
+    True saves only the inputs; both give the same gradients, and the report says which ran."""
+    model = tiny_model("llama", "sdpa").train()
+    inputs = tiny_inputs("llama")
+    sparsify.prepare(model, **inputs, options=routed_options())
+    runs = {}
+    for recompute in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="sparsify", options=routed_options(recompute=recompute))
+        first_output(compiled(**inputs)).square().mean().backward()  # compile outside the hooks
+        model.zero_grad(set_to_none=True)
+        out, saved = _saved_storages(lambda: first_output(compiled(**inputs)))
+        out.square().mean().backward()
+        facts = {r.facts.get("backward") for r in sparsify.last_report().by_kind("mlp")}
+        runs[recompute] = (saved, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                           facts)
+        model.zero_grad(set_to_none=True)
+    (saved_pre, grads_pre, facts_pre), (saved_re, grads_re, facts_re) = runs[False], runs[True]
+    assert facts_pre == {"saves up outputs"} and facts_re == {"recomputes up outputs"}
+    for name, grad in grads_re.items():
+        torch.testing.assert_close(grads_pre[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    # per layer: up and gate outputs of T * top_k assignments x d_ff / blocks neurons, fp32
+    tokens = inputs["input_ids"].numel()
+    layers, d_ff = model.config.num_hidden_layers, model.config.intermediate_size
+    assert saved_pre - saved_re == layers * 2 * tokens * 2 * (d_ff // 4) * 4

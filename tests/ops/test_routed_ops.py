@@ -114,10 +114,11 @@ OPCHECK_CASES = {
 }
 
 
+@pytest.mark.parametrize("save_pre", [False, True], ids=["recompute", "save_pre"])
 @pytest.mark.parametrize("case", list(OPCHECK_CASES), ids=list(OPCHECK_CASES))
-def test_opcheck_routed_mlp(case):
+def test_opcheck_routed_mlp(case, save_pre):
     args = make_routed(_gen(1), **OPCHECK_CASES[case])
-    assert _ok(torch.library.opcheck(routed_op.default, tuple(args)))
+    assert _ok(torch.library.opcheck(routed_op.default, (*args, save_pre)))
 
 
 def test_opcheck_non_contiguous_inputs():
@@ -134,12 +135,13 @@ def test_opcheck_non_contiguous_inputs():
 def test_opcheck_routed_backward():
     g = _gen(3)
     args = make_routed(g, gated=True, bias=True, lora_rank=2, perm=True, requires_grad=False)
-    out, ids, seed = routed_op(*args)
+    out, ids, seed, pre_up, pre_gate = routed_op(*args, True)
     tensors = _tensors16(args)
     for needs in ([t is not None for t in tensors], [False, True, False, False, False, True] + [False] * 10,
                   [True] + [False] * 12 + [True, True, False]):
-        assert _ok(torch.library.opcheck(routed_bwd.default, (torch.randn_like(out), tensors, ids, seed,
-                                                               args[13], *args[17:22], needs)))
+        for pre in ([], [pre_up, pre_gate]):  # recomputed / saved by the forward
+            assert _ok(torch.library.opcheck(routed_bwd.default, (torch.randn_like(out), tensors, ids, seed,
+                                                                   args[13], *args[17:22], needs, pre)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +154,8 @@ def test_opcheck_routed_backward():
     dict(gated=False, lora_rank=2, activation="gelu_tanh", top_k=1, gate="none"),
     dict(gated=True, bias=False, activation="gelu", blocks=2, top_k=1, lead=(1,)),  # T < blocks
 ], ids=["plain_bias_perm", "gated_lora_perm", "gate_none_lora", "t1"])
-def test_gradcheck_routed(opts):
+@pytest.mark.parametrize("save_pre", [False, True], ids=["recompute", "save_pre"])
+def test_gradcheck_routed(opts, save_pre):
     args = make_routed(_gen(4), lead=opts.pop("lead", (5,)), d=4, d_ff=8, d_out=3, dtype=torch.float64, **opts)
     idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
 
@@ -160,7 +163,7 @@ def test_gradcheck_routed(opts):
         full = list(args)
         for i, t in zip(idx, ts):
             full[i] = t
-        return routed_op(*full)[0]
+        return routed_op(*full, save_pre)[0]
 
     assert torch.autograd.gradcheck(fn, tuple(args[i] for i in idx))
 
@@ -177,13 +180,13 @@ def test_double_backward_is_a_clear_error():
 # 3. equality with the dense-masked reference
 # ---------------------------------------------------------------------------------------------
 
-def _check_against_reference(args, tol=1e-5, grad_tol=2e-5, grad_seed=0):
+def _check_against_reference(args, tol=1e-5, grad_tol=2e-5, grad_seed=0, save_pre=False):
     """Forward (tol) and every gradient (grad_tol) against routed_reference, fp32; absolute tolerances are
     scaled by the reference's magnitude when it is above 1. The grouped path (one GEMM per block) and the
     dense-masked one (GEMMs over all F) round differently, not bitwise alike; gradient elements that come out
     of a cancellation (g * u + s * l near 0) amplify that: over 100 gradient draws of a 1-token case both fp32
     paths stayed within 1.3e-5 of an fp64 oracle (the op) and 4e-6 (the reference), hence 2e-5."""
-    out, ids, seed = routed_op(*args)
+    out, ids, seed, *_ = routed_op(*args, save_pre)
     ref = _ref(args, seed)
     _close(out, ref, tol)
     t = math.prod(args[0].shape[:-1])
@@ -207,20 +210,23 @@ def _close(a, b, tol):
     k_frac=st.floats(0.0, 1.0), gated=st.booleans(), bias=st.booleans(), lora=st.sampled_from([0, 0, 3]),
     activation=st.sampled_from(ACTS), gate=st.sampled_from(["sigmoid2p", "sigmoid2p", "none"]),
     perm=st.booleans(), dropout_p=st.sampled_from([0.0, 0.0, 0.0, 0.3]), seed=st.integers(0, 2**16),
+    save_pre=st.booleans(),
 )
-def test_matches_reference(t, d, fb, blocks, k_frac, gated, bias, lora, activation, gate, perm, dropout_p, seed):
+def test_matches_reference(t, d, fb, blocks, k_frac, gated, bias, lora, activation, gate, perm, dropout_p, seed,
+                           save_pre):
     top_k = 1 + min(blocks - 1, int(k_frac * blocks))
     torch.manual_seed(seed)  # the op's dropout seed comes from the global RNG
     args = make_routed(_gen(seed), lead=(t,), d=d, d_ff=fb * blocks, d_out=7, blocks=blocks, top_k=top_k,
                        gated=gated, bias=bias, lora_rank=lora, perm=perm, gate=gate, activation=activation,
                        dropout_p=dropout_p)
-    _check_against_reference(args)
+    _check_against_reference(args, save_pre=save_pre)
 
 
+@pytest.mark.parametrize("save_pre", [False, True], ids=["recompute", "save_pre"])
 @pytest.mark.parametrize("lead", [(0,), (2, 0, 3), (1,), (3,), (2, 3, 4)])
-def test_shapes_and_edge_token_counts(lead):
+def test_shapes_and_edge_token_counts(lead, save_pre):
     args = make_routed(_gen(6), lead=lead, blocks=4, top_k=2, gated=True, bias=True, lora_rank=2, perm=True)
-    _check_against_reference(args)
+    _check_against_reference(args, save_pre=save_pre)
     out = routed_op(*args)[0]
     assert out.shape == (*lead, 6)
 
@@ -231,7 +237,7 @@ def test_empty_blocks():
     args = make_routed(_gen(7), lead=(9,), blocks=4, top_k=2, bias=True, lora_rank=2, perm=True)
     args[15] = torch.tensor([-5.0, 5.0, -5.0, 4.0], requires_grad=True)
     args[14] = (args[14].detach() * 1e-3).requires_grad_()
-    out, ids, _ = routed_op(*args)
+    out, ids, _, *_ = routed_op(*args)
     assert set(ids.flatten().tolist()) == {1, 3}
     _check_against_reference(args)
     grad_up = torch.autograd.grad(out.sum(), args[1])[0]
@@ -247,7 +253,7 @@ def test_gate_none_all_blocks_equals_dense_mlp(gated, bias, lora_rank, activatio
                        lora_rank=lora_rank, activation=activation, dropout_p=dropout_p)
     mlp_args = (*args[:14], activation, dropout_p)
     torch.manual_seed(123)
-    out, ids, seed = routed_op(*args)
+    out, ids, seed, *_ = routed_op(*args)
     torch.manual_seed(123)
     dense, dense_seed = mlp_op(*mlp_args)
     assert torch.equal(seed, dense_seed)
@@ -305,7 +311,7 @@ def test_grouping_is_sorted_by_block_with_device_offsets():
 
 def test_dropout_replayed_in_backward():
     args = make_routed(_gen(11), lead=(6, 5), gated=True, bias=True, lora_rank=2, perm=True, dropout_p=0.4)
-    out, _, seed = routed_op(*args)
+    out, _, seed, *_ = routed_op(*args)
     assert seed.device.type == "cpu"
     ref = _ref(args, seed)
     _close(out, ref, 1e-5)
@@ -325,8 +331,10 @@ def test_dropout_rate_and_p_one():
     torch.testing.assert_close(routed_op(*args)[0], torch.zeros(64, 6))
 
 
-def test_saved_for_backward_is_inputs_ids_and_seed():
-    """Nothing of size T * F is kept: only x, the parameters, block_ids and the seed."""
+@pytest.mark.parametrize("save_pre", [False, True], ids=["recompute", "save_pre"])
+def test_saved_for_backward(save_pre):
+    """recompute: nothing of size T * F is kept, only x, the parameters, block_ids and the seed; save_pre: also
+    the kept blocks' up and gate outputs, T * top_k * fb each (top_k / blocks of the dense pre-activation)."""
     args = make_routed(_gen(13), lead=(16,), gated=True, bias=True, lora_rank=2, perm=True)
     saved = []
 
@@ -335,11 +343,12 @@ def test_saved_for_backward_is_inputs_ids_and_seed():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = routed_op(*args)[0]
+        out = routed_op(*args, save_pre)[0]
     inputs = [a for a in args if isinstance(a, torch.Tensor)]
-    extra = [t for t in saved if not any(t is a for a in inputs)]
-    # block_ids [16, 2] int32 and the int64 seed: nothing of size T * F, no float activation besides x
-    assert sorted((str(t.dtype), t.numel()) for t in extra) == [("torch.int32", 32), ("torch.int64", 1)], extra
+    extra = [t for t in saved if not any(t is a for a in inputs) and t.numel()]
+    # block_ids [16, 2] int32 and the int64 seed (+ 2 x [32, 3] pre-activations)
+    want = [("torch.int32", 32), ("torch.int64", 1)] + [("torch.float32", 32 * 3)] * 2 * save_pre
+    assert sorted((str(t.dtype), t.numel()) for t in extra) == sorted(want), extra
     assert out.shape == (16, 6)
 
 
@@ -368,6 +377,9 @@ def test_flops_are_top_k_over_blocks_of_dense_plus_router(gated, bias, blocks, t
     # forward, which the backward does not recompute
     total = _count(lambda: routed_op(*args)[0].sum().backward())
     assert total == fwd + 3 * fwd - 2 * a * fb * d_out
+    # saving the up (and gate) outputs drops their recompute GEMMs, and nothing else
+    saved = _count(lambda: routed_op(*args, True)[0].sum().backward())
+    assert saved == total - 2 * a * fb * d * (2 if gated else 1)
 
 
 def test_flops_with_lora_and_frozen_base():
@@ -628,16 +640,21 @@ def test_grouped_down_and_wgrad_match_torch(interpreter, case, dtype):
     dict(lead=(0,), gated=True, bias=True, activation="relu"),                     # T = 0
     dict(lead=(17,), gated=False, bias=True, lora_rank=3, gate="none", activation="gelu_tanh", top_k=3),
 ], ids=["gated_lora_perm_dropout", "t_below_blocks", "t0", "gate_none_lora"])
-def test_triton_forward_backward_match_reference(interpreter, opts):
+@pytest.mark.parametrize("save_pre", [False, True], ids=["recompute", "save_pre"])
+def test_triton_forward_backward_match_reference(interpreter, opts, save_pre):
     args = make_routed(_gen(32), d=12, d_ff=20, d_out=9, blocks=4, **{"top_k": 2, **opts})
     seed = torch.tensor(7) if args[21] > 0 else ZERO_SEED
-    out, ids = routed.routed_mlp_forward_triton(*args, seed)
+    out, ids, *pre = routed.routed_mlp_forward_triton(*args, seed, save_pre)
     ref = _ref(args, seed)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    # the kernel's stored pre-activations are the torch path's
+    for got_pre, want_pre in zip(pre, routed._forward(routed.TORCH_GROUPED, *args, seed, save_pre)[2:]):
+        torch.testing.assert_close(got_pre, want_pre, atol=1e-5, rtol=1e-5)
     tensors = [a.detach() if a is not None else None for a in _tensors16(args)]
     needs = [a is not None and a.requires_grad for a in _tensors16(args)]
     grad_out = _randn(_gen(82), *out.shape)
-    got = routed.routed_mlp_backward_triton(grad_out, tensors, ids, seed, args[13], *args[17:22], needs)
+    got = routed.routed_mlp_backward_triton(grad_out, tensors, ids, seed, args[13], *args[17:22], needs,
+                                            [p_.detach() for p_ in pre])
     want = _grads(ref, _leaves(args), grad_out)
     got = [gr for gr, n in zip(got, needs) if n]
     for a, b, leaf in zip(got, want, _leaves(args)):
@@ -653,19 +670,19 @@ def test_cuda_registrations_use_triton(interpreter):
     bwd = routed.routed_mlp_backward._backend_fns["cuda"]
     args = make_routed(_gen(33), lead=(10,), gated=True, bias=True, lora_rank=2, perm=True, requires_grad=False)
     before = cache_info()
-    out, ids, seed = fwd(*args)
+    out, ids, seed, *_ = fwd(*args)
     assert cache_info().hits + cache_info().misses > before.hits + before.misses
     torch.testing.assert_close(out, _ref(args, seed), atol=1e-4, rtol=1e-4)
     tensors = _tensors16(args)
     needs = [t is not None for t in tensors]
-    grads = bwd(torch.ones_like(out), tensors, ids, seed, args[13], *args[17:22], needs)
-    want = routed_bwd(torch.ones_like(out), tensors, ids, seed, args[13], *args[17:22], needs)
+    grads = bwd(torch.ones_like(out), tensors, ids, seed, args[13], *args[17:22], needs, [])
+    want = routed_bwd(torch.ones_like(out), tensors, ids, seed, args[13], *args[17:22], needs, [])
     for a, b in zip(grads, want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     # fp64 has no kernel: the torch grouped path
     args64 = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
     before = cache_info()
-    out64, _, seed = fwd(*args64)
+    out64, _, seed, *_ = fwd(*args64)
     assert cache_info() == before
     torch.testing.assert_close(out64, _ref(args64, seed))
 
@@ -710,7 +727,7 @@ class TestCuda:
                if isinstance(a, torch.Tensor) else a for a in args]
         # route the fp32 reference exactly as the device did (near-ties may flip in low precision)
         before = cache_info()
-        out, ids, seed = routed_op(*dev)
+        out, ids, seed, *_ = routed_op(*dev)
         assert cache_info().hits + cache_info().misses > before.hits + before.misses
         ref_args = [a.detach().to("cuda", dtype).float().requires_grad_() if isinstance(a, torch.Tensor)
                     and a.is_floating_point() else (a.cuda() if isinstance(a, torch.Tensor) else a) for a in args]
@@ -753,5 +770,5 @@ class TestCuda:
         assert out.shape == (0, 6)
         args = make_routed(_gen(43), lead=(9,), dtype=torch.float64, lora_rank=2)
         dev = [a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
-        out, _, seed = routed_op(*dev)
+        out, _, seed, *_ = routed_op(*dev)
         torch.testing.assert_close(out, routed_reference(*dev, seed))
