@@ -12,16 +12,19 @@ model is for; absolute times are optimistic), gathers at full bandwidth.
 Variants, full fine-tuning, y = W2 act(W1 x + b1) + b2 (x [T, d], W1 [F, d]):
   dense (torch-eager / inductor / sparsify-mlp): 6 GEMMs (up, down; dgrad and wgrad of each), 2 elementwise
       passes over [T, F] (activation and its derivative; Inductor fuses the bias);
-  routed-topk as built (ops/routed_backward.py, training's default): top_k of `blocks` neuron blocks per token:
-      6 grouped GEMMs of T*top_k rows x F/blocks (the forward's up kernel also stores W x + b, 16-bit, which the
-      backward reads: one more write and read of [T*top_k, F/blocks]), the router GEMM forward and backward,
-      16 elementwise passes over [T*top_k, F/blocks] in fp32 in torch (counted in ops/routed_backward.py's saved
-      path: cast, gate scaling, activation and its derivative, the two gate-gradient products and row sums, the
-      16-bit casts the GEMMs read, the bias gradient's segment sum), and x gathered per assignment twice;
-  routed-topk-recompute (options mlp.recompute=True, the least memory): 7 grouped GEMMs (the backward recomputes
-      the up projection), 15 fp32 passes, nothing stored;
-  routed-topk-redesign (issue 12 item 3's rest: activation derivative, gate scaling and gate gradient in the GEMM
-      epilogues): 6 grouped GEMMs, 2 16-bit elementwise passes, the same router and gathers.
+  routed-topk as built (ops/routed_backward.py, training's default, no LoRA, no dropout): top_k of `blocks`
+      neuron blocks per token: 6 grouped GEMMs of T*top_k rows x F/blocks (the forward's up kernel also stores
+      W x + b, 16-bit, for the backward: no recompute), the activation's backward, gate scaling, gate-gradient
+      row sums and bias-gradient column sums in the epilogue of the backward's v = dy W_down GEMM (grouped
+      act_bwd kernel), which writes g h and g dz in 16 bits: 2 16-bit passes over [T*top_k, F/blocks] in all
+      (the stored W x + b written and read, the epilogue's outputs written), the router GEMM forward and backward,
+      and x gathered per assignment twice;
+  routed-topk-recompute (options mlp.recompute=True, the least memory): the same plus the up GEMM again in
+      backward, nothing stored;
+  routed-topk-unfused (LoRA on the MLP or dropout: the backward's elementwise work in torch): 6 GEMMs and 16
+      fp32 elementwise passes over [T*top_k, F/blocks] (counted in ops/routed_backward.py: cast, gate scaling,
+      activation and derivative, gate-gradient products and row sums, the 16-bit casts the GEMMs read, the bias
+      gradient's segment sum).
 """
 from __future__ import annotations
 
@@ -47,24 +50,24 @@ def ffn_roofline_ms(variant: str, tokens: int, d: int, f: int, blocks: int = 4, 
         return (s + passes_s(2, t, f, b)) * 1e3
     if variant.startswith("routed-top"):
         top_k = int(variant.split("top")[1].split("-")[0])
-        redesigned, recompute = variant.endswith("-redesign"), variant.endswith("-recompute")
+        recompute, unfused = variant.endswith("-recompute"), variant.endswith("-unfused")
         a, fb = t * top_k, f // blocks
         # per block: a / blocks assignments (a balanced router) x fb neurons; summed over blocks = rows a
-        up = blocks * gemm_s(a // blocks, fb, d, b)       # forward up (and the recompute, as built)
+        up = blocks * gemm_s(a // blocks, fb, d, b)       # forward up (and the recompute)
         down = blocks * gemm_s(a // blocks, d, fb, b)     # forward down
-        bwd = (blocks * gemm_s(a // blocks, fb, d, b)      # dgrad of down: dh = dy W2
+        bwd = (blocks * gemm_s(a // blocks, fb, d, b)      # dgrad of down: v = dy W2 (the act_bwd kernel)
                + blocks * gemm_s(fb, d, a // blocks, b)    # wgrad of down
                + blocks * gemm_s(a // blocks, d, fb, b)    # dgrad of up: dx
                + blocks * gemm_s(fb, d, a // blocks, b))   # wgrad of up
         router = 3 * gemm_s(t, blocks, d, b)
         gathers = passes_s(2, a, d, b)
         s = up + down + bwd + router + gathers
-        if redesigned:
-            s += passes_s(2, a, fb, b)
-        elif recompute:
-            s += up + passes_s(15, a, fb, 4)  # the recompute GEMM and the torch elementwise passes (fp32)
-        else:
+        if unfused:
             s += passes_s(1, a, fb, b) + passes_s(16, a, fb, 4)  # the stored W x + b, the torch passes (fp32)
+        elif recompute:
+            s += up + passes_s(1, a, fb, b)  # the recompute GEMM, the epilogue's outputs
+        else:
+            s += passes_s(2, a, fb, b)       # the stored W x + b, the epilogue's outputs
         return s * 1e3
     raise ValueError(f"no roofline for variant {variant!r}")
 
@@ -73,8 +76,7 @@ if __name__ == "__main__":
     for t in (4096, 16384):
         dense = ffn_roofline_ms("dense", t, 2048, 8192)
         print(f"T={t}: dense {dense:.3f} ms", end="")
-        for v in ("routed-top2", "routed-top2-recompute", "routed-top2-redesign", "routed-top1",
-                  "routed-top1-redesign"):
+        for v in ("routed-top2", "routed-top2-recompute", "routed-top2-unfused", "routed-top1"):
             ms = ffn_roofline_ms(v, t, 2048, 8192)
             print(f" | {v} {ms:.3f} ms ({dense / ms:.2f}x)", end="")
         print()

@@ -61,6 +61,12 @@ def cases(dtypes, quick: bool):
                                                                activation="silu", row_scale=torch.rand(a).to(dt),
                                                                gate=(_t(d_ff, d_model, dtype=dt), None, None),
                                                                pre_out=(_t(a, fb, dtype=dt), _t(a, fb, dtype=dt)))))
+        # the backward's v GEMM with the activation's backward, gate and bias gradient sums in its epilogue
+        out.append(("grouped_act_bwd", f"{n} silu gated {d_model}<-{d_ff}/{blocks}",
+                    lambda dt=dt: grouped_gemm.grouped_act_backward(
+                        _t(tokens, d_model, dtype=dt), _t(d_model, d_ff, dtype=dt).t(), tok, offsets, fb,
+                        pre=_t(a, fb, dtype=dt), pre_gate=_t(a, fb, dtype=dt), row_scale=torch.rand(a),
+                        activation="silu", out_dtype=dt, want_dg=True, want_db=True)))
         out.append(("grouped_down", f"{n} {d_ff}/{blocks}->{d_model}",
                     lambda dt=dt: grouped_gemm.grouped_down(_t(a, fb, dtype=dt), _t(d_model, d_ff, dtype=dt), tok,
                                                             offsets, torch.zeros(tokens, d_model),

@@ -52,6 +52,7 @@ from string import Template
 import torch
 
 from . import templates as _T
+from .spt_templates import REDUCTIONS  # tl.reduce's combine functions, defined per mode in the generated module
 from ..tables import KERNEL_DTYPES as SUPPORTED_DTYPES
 from .kernel import GeneratedKernel, KernelSpec, load_kernel, templates_digest
 
@@ -63,10 +64,11 @@ __all__ = [
     "grouped_up",
     "grouped_down",
     "grouped_wgrad",
+    "grouped_act_backward",
     "TRITON_GROUPED",
 ]
 
-KINDS = ("up", "down", "wgrad")
+KINDS = ("up", "down", "wgrad", "act_bwd")
 UP_ACTIVATIONS = ("none",) + tuple(_T.ACTIVATIONS)
 
 
@@ -90,6 +92,10 @@ class GroupedGemmSpec(KernelSpec):
     lora: bool = False           # up only: + scale * xa[tok] . lb[n]
     gate_lora: bool = False      # up, gated only
     store_pre: bool = False      # up only: also store W x + b of each projection (before g and LoRA) for backward
+    # act_bwd (the backward's v = dy . W_down[:, n] with the activation's backward in its epilogue) uses
+    # activation, gated and row_scale as up does, and:
+    want_dg: bool = False        # act_bwd: accumulate the gate gradient's row sums (row_scale needed)
+    bias_grad: bool = False      # act_bwd: accumulate the up (and gate) bias gradients as column sums
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -97,10 +103,15 @@ class GroupedGemmSpec(KernelSpec):
         super().__post_init__()
         if self.activation not in UP_ACTIVATIONS:
             raise ValueError(f"unsupported activation {self.activation!r}; expected one of {UP_ACTIVATIONS}")
-        up_only = (self.activation != "none", self.gated, self.bias, self.gate_bias, self.lora, self.gate_lora,
-                   self.store_pre)
+        up_only = (self.bias, self.gate_bias, self.lora, self.gate_lora, self.store_pre)
         if self.kind != "up" and any(up_only):
-            raise ValueError("GroupedGemmSpec: activation / gated / bias / lora / store_pre apply to kind 'up' only")
+            raise ValueError("GroupedGemmSpec: bias / lora / store_pre apply to kind 'up' only")
+        if self.kind not in ("up", "act_bwd") and (self.activation != "none" or self.gated):
+            raise ValueError("GroupedGemmSpec: activation / gated apply to kinds 'up' and 'act_bwd' only")
+        if self.kind != "act_bwd" and (self.want_dg or self.bias_grad):
+            raise ValueError("GroupedGemmSpec: want_dg / bias_grad apply to kind 'act_bwd' only")
+        if self.kind == "act_bwd" and (self.activation == "none" or (self.want_dg and not self.row_scale)):
+            raise ValueError("GroupedGemmSpec: act_bwd needs an activation, and want_dg a row_scale (the gate)")
         if self.kind == "wgrad" and self.row_scale:
             raise ValueError("GroupedGemmSpec: wgrad takes no row_scale (scale its input instead)")
         if (self.gate_bias or self.gate_lora) and not self.gated:
@@ -111,10 +122,10 @@ class GroupedGemmSpec(KernelSpec):
     @property
     def kernel_name(self) -> str:
         parts = ["grouped", self.kind]
-        if self.kind == "up":
+        if self.kind in ("up", "act_bwd"):
             parts.append(self.activation)
-            parts += [flag for flag in ("gated", "bias", "gate_bias", "lora", "gate_lora", "store_pre")
-                      if getattr(self, flag)]
+            parts += [flag for flag in ("gated", "bias", "gate_bias", "lora", "gate_lora", "store_pre", "want_dg",
+                                        "bias_grad") if getattr(self, flag)]
         if self.row_scale:
             parts.append("scaled")
         if self.permuted:
@@ -162,7 +173,7 @@ TILE_LOOKUP = '''\
 NEURON_IDENTITY = Template("    $dst = (blk * FB + $j).to(tl.int64)\n")
 NEURON_PERM = Template("    $dst = tl.load(perm_ptr + blk * FB + $j, mask=$mask, other=0).to(tl.int64)\n")
 
-UP_KERNEL = Template('''\
+UP_MAINLOOP = '''\
 @triton.jit
 def $name(
     $params,
@@ -187,10 +198,25 @@ ${gate_init}    k_hi = tl.where(active, K, 0)
 ${gate_dot}        x_ptrs += BLOCK_K * s_xk
         w_ptrs += BLOCK_K * s_wk
 ${gate_advance}
+'''
+UP_KERNEL = Template(UP_MAINLOOP + '''\
     # ---- epilogue (fp32) ----
 ${epilogue}
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * s_ym + offs_n[None, :] * s_yn
     tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+''')
+
+# The routed backward's elementwise work in the epilogue of v = dy . W_down[:, n] (acc): with u = W x + b as the
+# forward stored it and z = g u, h = act(z) (gated: h = act(g u_gate) * g u), dh = g v, it writes g h (the down
+# weight gradient's operand) and g dz per projection (the up / gate weight and input gradients' operand) in the
+# operand dtype, and accumulates in fp32 the gate gradient's row sums h . v + dz . u and the bias gradients'
+# column sums g dz (relaxed atomics: a sum, nothing reads it before the kernel ends). No [A, fb] fp32 pass.
+ACT_BWD_KERNEL = Template(UP_MAINLOOP + '''\
+    # ---- backward epilogue (fp32): acc = v ----
+    tile = mask_m[:, None] & mask_n[None, :]
+    at = offs_m[:, None].to(tl.int64) * FB + offs_n[None, :]  # the [A, fb] contiguous buffers
+    u = tl.load(pre_ptr + at, mask=tile, other=0.0).to(tl.float32)
+${body}
 ''')
 
 GATE_INIT = ("    wg_ptrs = wg_ptr + neuron[None, :] * s_gn + offs_k[:, None] * s_gk\n"
@@ -283,6 +309,52 @@ $neuron
 ''')
 
 
+# activation value and derivative of the fp32 tile $z into $a and $d (torch's formulas: relu'(0) = 0)
+ACTIVATION_GRADS = {
+    "gelu": Template("    cdf_$z = 0.5 * (1.0 + tl.math.erf($z * 0.7071067811865476))\n"
+                     "    $a = $z * cdf_$z\n"
+                     "    $d = cdf_$z + $z * 0.3989422804014327 * tl.exp(-0.5 * $z * $z)\n"),
+    "gelu_tanh": Template("    in_$z = 0.7978845608028654 * ($z + 0.044715 * $z * $z * $z)\n"
+                          "    th_$z = 1.0 - 2.0 / (tl.exp(2.0 * in_$z) + 1.0)\n"
+                          "    $a = 0.5 * $z * (1.0 + th_$z)\n"
+                          "    $d = 0.5 * (1.0 + th_$z) + 0.5 * $z * (1.0 - th_$z * th_$z) * 0.7978845608028654 * "
+                          "(1.0 + 0.134145 * $z * $z)\n"),
+    "relu": Template("    $a = tl.maximum($z, 0.0)\n    $d = tl.where($z > 0.0, 1.0, 0.0)\n"),
+    "silu": Template("    sg_$z = 1.0 / (1.0 + tl.exp(-$z))\n    $a = $z * sg_$z\n"
+                     "    $d = sg_$z * (1.0 + $z * (1.0 - sg_$z))\n"),
+    "quick_gelu": Template("    sg_$z = 1.0 / (1.0 + tl.exp(-1.702 * $z))\n    $a = $z * sg_$z\n"
+                           "    $d = sg_$z + 1.702 * $z * sg_$z * (1.0 - sg_$z)\n"),
+    "relu2": Template("    $a = tl.where($z > 0.0, $z * $z, 0.0)\n    $d = tl.where($z > 0.0, 2.0 * $z, 0.0)\n"),
+}
+ACT_BWD_PLAIN = Template('''\
+    z = u * g[:, None]
+$act
+    dz = d_z * (acc * g[:, None])
+    tl.store(ghd_ptr + at, (a_z * g[:, None]).to(ghd_ptr.dtype.element_ty), mask=tile)
+    gdz = dz * g[:, None]
+    tl.store(gdz_ptr + at, gdz.to(gdz_ptr.dtype.element_ty), mask=tile)
+$dg$db''')
+ACT_BWD_GATED = Template('''\
+    ug = tl.load(pre_g_ptr + at, mask=tile, other=0.0).to(tl.float32)
+    zu = u * g[:, None]
+    zg = ug * g[:, None]
+$act
+    dh = acc * g[:, None]
+    dzu = dh * a_zg
+    dzg = d_zg * dh * zu
+    tl.store(ghd_ptr + at, (a_zg * zu * g[:, None]).to(ghd_ptr.dtype.element_ty), mask=tile)
+    gdz = dzu * g[:, None]
+    gdz_g = dzg * g[:, None]
+    tl.store(gdz_ptr + at, gdz.to(gdz_ptr.dtype.element_ty), mask=tile)
+    tl.store(gdz_g_ptr + at, gdz_g.to(gdz_g_ptr.dtype.element_ty), mask=tile)
+$dg$db''')
+ACT_BWD_DG = Template(
+    "    tl.atomic_add(dg_ptr + offs_m, tl.reduce($terms, 1, _sum_combine), mask=mask_m, sem=\"relaxed\")\n")
+ACT_BWD_DB = Template(
+    "    tl.atomic_add($ptr + neuron, tl.reduce(tl.where(tile, $v, 0.0), 0, _sum_combine), mask=mask_n, "
+    "sem=\"relaxed\")\n")
+
+
 _TEMPLATE_DIGEST = None  # computed on first use (after every template above is defined)
 
 
@@ -372,6 +444,45 @@ def _up_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
     )
 
 
+def _act_bwd_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
+    params = ["x_ptr", "w_ptr", "pre_ptr"] + (["pre_g_ptr"] if spec.gated else [])
+    if spec.row_scale:
+        params.append("g_ptr")
+    params += ["ghd_ptr", "gdz_ptr"] + (["gdz_g_ptr"] if spec.gated else [])
+    if spec.want_dg:
+        params.append("dg_ptr")
+    if spec.bias_grad:
+        params += ["db_ptr"] + (["db_g_ptr"] if spec.gated else [])
+    if spec.permuted:
+        params.append("perm_ptr")
+    params += ["tok_ptr", "off_ptr", "NB", "FB", "K", "s_xm", "s_xk", "s_wn", "s_wk"]
+    grads = ACTIVATION_GRADS[spec.activation]
+    if spec.gated:
+        act = grads.substitute(z="zg", a="a_zg", d="d_zg")
+        terms = "a_zg * zu * acc + dzu * u + dzg * ug"  # h . v + dz_up . u_up + dz_gate . u_gate
+        db = [("db_ptr", "gdz"), ("db_g_ptr", "gdz_g")]
+        body = ACT_BWD_GATED
+    else:
+        act = grads.substitute(z="z", a="a_z", d="d_z")
+        terms = "a_z * acc + dz * u"
+        db = [("db_ptr", "gdz")]
+        body = ACT_BWD_PLAIN
+    g_load = ROW_SCALE_LOAD if spec.row_scale else "    g = tl.full((BLOCK_M,), 1.0, tl.float32)\n"
+    dg = ACT_BWD_DG.substitute(terms=terms) if spec.want_dg else ""
+    dbs = "".join(ACT_BWD_DB.substitute(ptr=ptr, v=v) for ptr, v in db) if spec.bias_grad else ""
+    epilogue = g_load + body.substitute(act=act.rstrip("\n"), dg=dg, db=dbs)
+    return ACT_BWD_KERNEL.substitute(
+        name=spec.kernel_name,
+        params=",\n    ".join(params),
+        tile_lookup=TILE_LOOKUP.rstrip("\n"),
+        neuron=_neuron(spec, "neuron", "offs_n", "mask_n").rstrip("\n"),
+        dt=dt,
+        dot_kwargs=dot_kwargs,
+        gate_init="", gate_dot="", gate_advance="",
+        body=epilogue.rstrip("\n"),
+    )
+
+
 def _down_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
     params = ["h_ptr", "w_ptr"]
     if spec.row_scale:
@@ -414,7 +525,10 @@ def kernel_source(spec: GroupedGemmSpec) -> str:
     key = kernel_key(spec)
     dot_kwargs = _T.DOT_KWARGS_FP32 if spec.dtype == torch.float32 else ""
     dt = _TL_DTYPES[spec.dtype]
-    body = {"up": _up_source, "down": _down_source, "wgrad": _wgrad_source}[spec.kind](spec, dot_kwargs, dt)
+    body = {"up": _up_source, "down": _down_source, "wgrad": _wgrad_source,
+            "act_bwd": _act_bwd_source}[spec.kind](spec, dot_kwargs, dt)
+    if spec.kind == "act_bwd":  # its row / column sums: tl.reduce with combine functions of the kernel's mode
+        body = REDUCTIONS + "\n\n" + body
     return HEADER.substitute(spec=spec.canonical(), key=key) + body
 
 
@@ -430,7 +544,8 @@ def get_grouped_kernel(spec: GroupedGemmSpec) -> GeneratedKernel:
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU; the interpreter runs 16-wide tiles
 # (tl.dot's minimum), few programs being what makes it fast.
-_GPU_TILES = {"up": (64, 64, 32, 4, 3), "down": (64, 64, 32, 4, 3), "wgrad": (64, 64, 32, 4, 3)}
+_GPU_TILES = {"up": (64, 64, 32, 4, 3), "down": (64, 64, 32, 4, 3), "wgrad": (64, 64, 32, 4, 3),
+              "act_bwd": (64, 64, 32, 8, 3)}  # 8 warps: 4 spill its gated epilogue's live tiles
 _INTERPRET_TILES = (16, 16, 16, 1, 1)
 
 
@@ -605,6 +720,60 @@ def grouped_wgrad(l, r, tok, offsets, out, *, perm=None):
     return out
 
 
+def grouped_act_backward(dy, w, tok, offsets, block_size, *, pre, pre_gate=None, perm=None, row_scale=None,
+                         activation, out_dtype, want_dg=False, want_db=False):
+    """The routed backward's v = dy . w[n] (w [F, M]: W_down's transpose, any strides) with the activation's
+    backward fused in the epilogue (module docstring, ACT_BWD_KERNEL). pre / pre_gate: the forward's W x + b
+    [A, block_size], contiguous. Returns (g h, {"up": g dz, "gate": g dz_gate}, dg [A] fp32 or None,
+    {"up": db [F] fp32, ...} or None); db is in neuron order (perm applied)."""
+    _check("dy", dy, dy.device, 2)
+    _check("w", w, dy.device, 2)
+    T, K = dy.shape
+    d_ff = w.shape[0]
+    fb = int(block_size)
+    a, nb, tok, offsets, perm = _routing(tok, offsets, perm, d_ff, dy.device)
+    gated = pre_gate is not None
+    for t in (pre, pre_gate)[:1 + gated]:
+        _check("pre", t, dy.device, 2)
+        if tuple(t.shape) != (a, fb) or not t.is_contiguous():
+            raise ValueError(f"grouped_act_backward: pre must be contiguous [{a}, {fb}], got {tuple(t.shape)}")
+    if w.shape[1] != K or d_ff != nb * fb:
+        raise ValueError(f"grouped_act_backward: w {tuple(w.shape)} does not match dy {tuple(dy.shape)}, {nb} "
+                         f"blocks of {fb}")
+    if want_dg and row_scale is None:
+        raise ValueError("grouped_act_backward: the gate gradient (want_dg) needs row_scale")
+    dtype = _dtype_of(dy)
+    names = ("up", "gate") if gated else ("up",)
+    ghd = torch.empty(a, fb, dtype=out_dtype, device=dy.device)
+    gdz = {name: torch.empty(a, fb, dtype=out_dtype, device=dy.device) for name in names}
+    dg = torch.zeros(a, dtype=torch.float32, device=dy.device) if want_dg else None
+    db = {name: torch.zeros(d_ff, dtype=torch.float32, device=dy.device) for name in names} if want_db else None
+    if a == 0 or fb == 0:
+        return ghd, gdz, dg, db
+    spec = GroupedGemmSpec(kind="act_bwd", dtype=dtype, permuted=perm is not None, row_scale=row_scale is not None,
+                           activation=activation, gated=gated, want_dg=want_dg, bias_grad=want_db)
+    kernel = get_grouped_kernel(spec)
+    kernel.check_device(dy)
+    args = dict(x_ptr=dy, w_ptr=w, pre_ptr=pre, ghd_ptr=ghd, gdz_ptr=gdz["up"], tok_ptr=tok, off_ptr=offsets,
+                NB=nb, FB=fb, K=K, s_xm=dy.stride(0), s_xk=dy.stride(1), s_wn=w.stride(0), s_wk=w.stride(1))
+    if gated:
+        args.update(pre_g_ptr=pre_gate, gdz_g_ptr=gdz["gate"])
+    if row_scale is not None:
+        args["g_ptr"] = row_scale.contiguous()
+    if want_dg:
+        args["dg_ptr"] = dg
+    if want_db:
+        args["db_ptr"] = db["up"]
+        if gated:
+            args["db_g_ptr"] = db["gate"]
+    if perm is not None:
+        args["perm_ptr"] = perm
+    bm, bn, bk, warps, stages = _tiles("act_bwd", kernel.interpret)
+    grid = (_cdiv(a, bm) + nb, _cdiv(fb, bn))
+    kernel.launch(grid, num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **args)
+    return ghd, gdz, dg, db
+
+
 class _TritonGrouped:
     """The grouped primitives of sparsify/ops/routed_grouping.py on these kernels (same signatures as TorchGrouped)."""
 
@@ -612,6 +781,7 @@ class _TritonGrouped:
     up = staticmethod(grouped_up)
     down = staticmethod(grouped_down)
     wgrad = staticmethod(grouped_wgrad)
+    act_backward = staticmethod(grouped_act_backward)
 
 
 TRITON_GROUPED = _TritonGrouped()

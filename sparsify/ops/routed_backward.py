@@ -81,7 +81,35 @@ def _backward(impl, grad_out, tensors, block_ids, seed, lora_scales, blocks, top
             z = z + impl.up(xa, lb, tok, off, fb, perm=perm, out_dtype=acc) * scale[name]
         return u, z, xa
 
-    if a_count:
+    need_dh = needs["x"] or any(needs[f] for name in names for f in projection_fields(name)) or router_grad
+    lora = any(getattr(ts, f"{name}_lora_a") is not None for name in PROJECTIONS)
+    if a_count and need_dh and dropout_p == 0.0 and not lora:
+        # the common case (no dropout, no LoRA): the activation's backward in the epilogue of the v GEMM
+        def pre_activation(name):
+            w, b = getattr(ts, f"{name}_w"), getattr(ts, f"{name}_b")
+            return saved[name] if saved.get(name) is not None else \
+                impl.up(x2, w, tok, off, fb, perm=perm, bias=b, out_dtype=acc)
+
+        u = {name: pre_activation(name) for name in names}
+        ghd, gdz, dg_rows, db = impl.act_backward(
+            dy, down_w.t(), tok, off, fb, pre=u["up"], pre_gate=u.get("gate"), perm=perm, row_scale=g,
+            activation=activation, out_dtype=dtype, want_dg=dg is not None,
+            want_db=any(needs[f"{name}_b"] for name in names))
+        if needs["down_w"]:  # written through the transposed view: neuron n is a column of W_down
+            grads["down_w"] = torch.empty(d_out, d_ff, dtype=acc, device=x.device)
+            impl.wgrad(ghd, dy, tok, off, grads["down_w"].t(), perm=perm)
+        if dg is not None:
+            dg += dg_rows
+        for name in names:
+            w = getattr(ts, f"{name}_w")
+            if needs[f"{name}_w"]:
+                grads[f"{name}_w"] = impl.wgrad(gdz[name], x2, tok, off,
+                                                torch.empty(d_ff, d, dtype=acc, device=x.device), perm=perm)
+            if needs[f"{name}_b"]:
+                grads[f"{name}_b"] = db[name]
+            if needs["x"]:
+                impl.down(gdz[name], w.t(), tok, off, dx, perm=perm)
+    elif a_count:
         u, z, xa = {}, {}, {}  # per projection name
         for name in names:
             u[name], z[name], xa[name] = recompute(name)
@@ -93,7 +121,6 @@ def _backward(impl, grad_out, tensors, block_ids, seed, lora_scales, blocks, top
         hd = _sorted_dropout(h, grp, fb, dropout_p, seed)
 
         # 2. down projection
-        need_dh = needs["x"] or any(needs[f] for name in names for f in projection_fields(name)) or router_grad
         hd_w = hd.to(dtype)
         if needs["down_w"]:  # written through the transposed view: neuron n is a column of W_down
             grads["down_w"] = torch.empty(d_out, d_ff, dtype=acc, device=x.device)

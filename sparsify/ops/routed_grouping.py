@@ -177,6 +177,41 @@ class TorchGrouped:
         return out
 
 
+    @staticmethod
+    def act_backward(dy: Tensor, w: Tensor, tok: Tensor, offsets: Tensor, block_size: int, *, pre: Tensor,
+                     pre_gate=None, perm=None, row_scale=None, activation: str, out_dtype, want_dg=False,
+                     want_db=False):
+        """v = dy . w[n] over the sorted assignments and the activation's backward from the forward's W x + b:
+        (g h, {"up": g dz_up, "gate": g dz_gate}, dg [A] = h . v + sum dz . u or None, {"up": db [F], ...} or
+        None, db in neuron order). The plain-torch twin of codegen/grouped_gemm.py's fused act_bwd kernel."""
+        acc = _acc_dtype(dy.dtype)
+        v = TorchGrouped.up(dy, w, tok, offsets, block_size, perm=perm, out_dtype=acc)
+        g = torch.ones(v.shape[0], 1, dtype=acc, device=v.device) if row_scale is None else row_scale.to(acc)[:, None]
+        u = {"up": pre.to(acc)}
+        if pre_gate is None:
+            z = u["up"] * g
+            h = ACTIVATIONS[activation](z)
+            dz = {"up": _act_backward(activation, v * g, z)}
+        else:
+            u["gate"] = pre_gate.to(acc)
+            zu, zg = u["up"] * g, u["gate"] * g
+            act_g = ACTIVATIONS[activation](zg)
+            h = act_g * zu
+            dh = v * g
+            dz = {"up": dh * act_g, "gate": _act_backward(activation, dh * zu, zg)}
+        dg = None
+        if want_dg:
+            dg = (h * v).sum(1) + sum((dz[name] * u[name]).sum(1) for name in dz)
+        gdz = {name: dz[name] * g for name in dz}
+        db = None
+        if want_db:  # a segment sum over each block's rows, then back to neuron order
+            db = {}
+            for name, value in gdz.items():
+                sums = torch.segment_reduce(value, "sum", offsets=offsets.long(), axis=0).reshape(-1)
+                db[name] = sums if perm is None else torch.empty_like(sums).index_copy_(0, perm.long(), sums)
+        return (h * g).to(out_dtype), {name: value.to(out_dtype) for name, value in gdz.items()}, dg, db
+
+
 TORCH_GROUPED = TorchGrouped()
 
 

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia
 # SPT token kernels gather different keys for each query row, so they have no tile product (CUDA-core dot
 # products and reductions: why token mode cannot reach flash attention's speed, README); PQ encode / select
 # compare codes.
-DOT_FAMILIES = {"up_projection", "grouped_up", "grouped_down", "grouped_wgrad", "block_attention_fwd",
+DOT_FAMILIES = {"up_projection", "grouped_up", "grouped_act_bwd", "grouped_down", "grouped_wgrad", "block_attention_fwd",
                 "block_attention_bwd", "block_mm", "block_wgrad", "sparse_down", "sparse_up"}
 FAMILIES = DOT_FAMILIES | {"pq_encode", "pq_select", "spt_token_fwd", "spt_token_bwd"}
 

@@ -633,13 +633,61 @@ def test_grouped_down_and_wgrad_match_torch(interpreter, case, dtype):
         assert torch.count_nonzero(out.t()[n]) == 0
 
 
+ACT_BWD_CASES = {
+    # t, fb, blocks, top_k, m, empty, gated, permuted, scaled (gate sigmoid2p) , activation
+    "plain_gelu_perm": (37, 5, 4, 2, 19, (), False, True, True, "gelu"),
+    "gated_silu": (23, 7, 4, 3, 24, (), True, False, True, "silu"),
+    "gate_none_tanh": (13, 9, 4, 2, 17, (1, 3), False, False, False, "gelu_tanh"),
+    "gated_relu2_perm_t_below": (3, 6, 4, 1, 16, (), True, True, True, "relu2"),
+    "relu_empty": (11, 6, 2, 1, 18, (0,), False, False, True, "relu"),
+    "quick_gelu_gated": (9, 8, 2, 2, 8, (), True, False, True, "quick_gelu"),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(ACT_BWD_CASES), ids=list(ACT_BWD_CASES))
+def test_grouped_act_backward_matches_torch(interpreter, case, dtype):
+    """The backward's fused kernel (v GEMM + activation backward + gate and bias gradient sums) against the
+    plain-torch twin (the backward's CPU path, which test_matches_reference ties to autograd's gradients)."""
+    from sparsify.codegen.grouped_gemm import grouped_act_backward
+
+    t, fb, blocks, top_k, m, empty, gated, permuted, scaled, act = ACT_BWD_CASES[case]
+    g = _gen(34)
+    grp = _grouping(g, t, blocks, top_k, empty)
+    d_ff = fb * blocks
+    dy = _randn(g, t, m, dtype=dtype)
+    w = _randn(g, m, d_ff, dtype=dtype, scale=m ** -0.5).t()           # W_down's transpose, a view [F, m]
+    pre = _randn(g, grp.assignments, fb, dtype=dtype)
+    pre_gate = _randn(g, grp.assignments, fb, dtype=dtype) if gated else None
+    perm = torch.randperm(d_ff, generator=g) if permuted else None
+    s = 2 * torch.rand(grp.assignments, generator=g) if scaled else None
+    kw = dict(perm=perm, row_scale=s, activation=act, want_dg=scaled, want_db=True)
+    got = grouped_act_backward(dy, w, grp.tok, grp.offsets, fb, pre=pre, pre_gate=pre_gate, out_dtype=dtype, **kw)
+    want = TORCH_GROUPED.act_backward(dy.float(), w.float(), grp.tok, grp.offsets, fb, pre=pre.float(),
+                                      pre_gate=None if pre_gate is None else pre_gate.float(),
+                                      out_dtype=torch.float32, **kw)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    (ghd, gdz, dg, db), (ghd_w, gdz_w, dg_w, db_w) = got, want
+    torch.testing.assert_close(ghd.float(), ghd_w, atol=tol, rtol=tol)
+    assert set(gdz) == set(gdz_w) == ({"up", "gate"} if gated else {"up"})
+    for name in gdz:
+        torch.testing.assert_close(gdz[name].float(), gdz_w[name], atol=tol, rtol=tol)
+        torch.testing.assert_close(db[name], db_w[name], atol=tol * 4, rtol=tol)
+    if scaled:
+        torch.testing.assert_close(dg, dg_w, atol=tol * 4, rtol=tol)
+    else:
+        assert dg is None and dg_w is None
+
+
 @needs_triton
 @pytest.mark.parametrize("opts", [
     dict(lead=(2, 9), gated=True, bias=True, lora_rank=2, perm=True, activation="silu", dropout_p=0.2),
     dict(lead=(3,), gated=False, bias=False, activation="gelu", top_k=1),          # T < blocks
     dict(lead=(0,), gated=True, bias=True, activation="relu"),                     # T = 0
     dict(lead=(17,), gated=False, bias=True, lora_rank=3, gate="none", activation="gelu_tanh", top_k=3),
-], ids=["gated_lora_perm_dropout", "t_below_blocks", "t0", "gate_none_lora"])
+    dict(lead=(2, 7), gated=True, bias=True, perm=True, activation="silu"),       # the fused act_bwd kernel
+], ids=["gated_lora_perm_dropout", "t_below_blocks", "t0", "gate_none_lora", "gated_bias_perm_fused"])
 @pytest.mark.parametrize("save_pre", [False, True], ids=["recompute", "save_pre"])
 def test_triton_forward_backward_match_reference(interpreter, opts, save_pre):
     args = make_routed(_gen(32), d=12, d_ff=20, d_out=9, blocks=4, **{"top_k": 2, **opts})
