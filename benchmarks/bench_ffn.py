@@ -475,7 +475,7 @@ def _rows(results, gpu):
 
 
 def roofline_note(configs) -> str:
-    """The model's dense / routed ratios for the measured full-mode shapes, the recompute and unfused (LoRA / dropout) paths included."""
+    """The model's dense / routed ratios for the measured full-mode shapes, the recompute and unfused (dropout) paths included."""
     parts = []
     for cfg in configs:
         if cfg["mode"] != "full":

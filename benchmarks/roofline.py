@@ -12,7 +12,7 @@ model is for; absolute times are optimistic), gathers at full bandwidth.
 Variants, full fine-tuning, y = W2 act(W1 x + b1) + b2 (x [T, d], W1 [F, d]):
   dense (torch-eager / inductor / sparsify-mlp): 6 GEMMs (up, down; dgrad and wgrad of each), 2 elementwise
       passes over [T, F] (activation and its derivative; Inductor fuses the bias);
-  routed-topk as built (ops/routed_backward.py, training's default, no LoRA, no dropout): top_k of `blocks`
+  routed-topk as built (ops/routed_backward.py, training's default, no dropout): top_k of `blocks`
       neuron blocks per token: 6 grouped GEMMs of T*top_k rows x F/blocks (the forward's up kernel also stores
       W x + b, 16-bit, for the backward: no recompute), the activation's backward, gate scaling, gate-gradient
       row sums and bias-gradient column sums in the epilogue of the backward's v = dy W_down GEMM (grouped
@@ -21,7 +21,7 @@ Variants, full fine-tuning, y = W2 act(W1 x + b1) + b2 (x [T, d], W1 [F, d]):
       and x gathered per assignment twice;
   routed-topk-recompute (options mlp.recompute=True, the least memory): the same plus the up GEMM again in
       backward, nothing stored;
-  routed-topk-unfused (LoRA on the MLP or dropout: the backward's elementwise work in torch): 6 GEMMs and 16
+  routed-topk-unfused (dropout in the MLP: the backward's elementwise work in torch): 6 GEMMs and 16
       fp32 elementwise passes over [T*top_k, F/blocks] (counted in ops/routed_backward.py: cast, gate scaling,
       activation and derivative, gate-gradient products and row sums, the 16-bit casts the GEMMs read, the bias
       gradient's segment sum).

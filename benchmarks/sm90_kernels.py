@@ -67,6 +67,14 @@ def cases(dtypes, quick: bool):
                         _t(tokens, d_model, dtype=dt), _t(d_model, d_ff, dtype=dt).t(), tok, offsets, fb,
                         pre=_t(a, fb, dtype=dt), pre_gate=_t(a, fb, dtype=dt), row_scale=torch.rand(a),
                         activation="silu", out_dtype=dt, want_dg=True, want_db=True)))
+        if not quick:  # with LoRA on every side (z and dh get the LoRA terms, dz and hd are written too)
+            out.append(("grouped_act_bwd", f"{n} silu gated LoRA {d_model}<-{d_ff}/{blocks}",
+                        lambda dt=dt: grouped_gemm.grouped_act_backward(
+                            _t(tokens, d_model, dtype=dt), _t(d_model, d_ff, dtype=dt).t(), tok, offsets, fb,
+                            pre=_t(a, fb, dtype=dt), pre_gate=_t(a, fb, dtype=dt), row_scale=torch.rand(a),
+                            activation="silu", out_dtype=dt, want_dg=True, want_db=True,
+                            lora_z={"up": torch.randn(a, fb), "gate": torch.randn(a, fb)},
+                            dh_extra=torch.randn(a, fb), want_h=True)))
         out.append(("grouped_down", f"{n} {d_ff}/{blocks}->{d_model}",
                     lambda dt=dt: grouped_gemm.grouped_down(_t(a, fb, dtype=dt), _t(d_model, d_ff, dtype=dt), tok,
                                                             offsets, torch.zeros(tokens, d_model),

@@ -96,6 +96,8 @@ class GroupedGemmSpec(KernelSpec):
     # activation, gated and row_scale as up does, and:
     want_dg: bool = False        # act_bwd: accumulate the gate gradient's row sums (row_scale needed)
     bias_grad: bool = False      # act_bwd: accumulate the up (and gate) bias gradients as column sums
+    down_lora: bool = False      # act_bwd: dh gets the down LoRA's term, and hd is written for its gradients
+    # (lora / gate_lora on act_bwd: z gets the LoRA term of that projection, and dz is written for its factors)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -103,13 +105,15 @@ class GroupedGemmSpec(KernelSpec):
         super().__post_init__()
         if self.activation not in UP_ACTIVATIONS:
             raise ValueError(f"unsupported activation {self.activation!r}; expected one of {UP_ACTIVATIONS}")
-        up_only = (self.bias, self.gate_bias, self.lora, self.gate_lora, self.store_pre)
+        up_only = (self.bias, self.gate_bias, self.store_pre)
         if self.kind != "up" and any(up_only):
-            raise ValueError("GroupedGemmSpec: bias / lora / store_pre apply to kind 'up' only")
+            raise ValueError("GroupedGemmSpec: bias / gate_bias / store_pre apply to kind 'up' only")
+        if self.kind not in ("up", "act_bwd") and (self.lora or self.gate_lora):
+            raise ValueError("GroupedGemmSpec: lora / gate_lora apply to kinds 'up' and 'act_bwd' only")
         if self.kind not in ("up", "act_bwd") and (self.activation != "none" or self.gated):
             raise ValueError("GroupedGemmSpec: activation / gated apply to kinds 'up' and 'act_bwd' only")
-        if self.kind != "act_bwd" and (self.want_dg or self.bias_grad):
-            raise ValueError("GroupedGemmSpec: want_dg / bias_grad apply to kind 'act_bwd' only")
+        if self.kind != "act_bwd" and (self.want_dg or self.bias_grad or self.down_lora):
+            raise ValueError("GroupedGemmSpec: want_dg / bias_grad / down_lora apply to kind 'act_bwd' only")
         if self.kind == "act_bwd" and (self.activation == "none" or (self.want_dg and not self.row_scale)):
             raise ValueError("GroupedGemmSpec: act_bwd needs an activation, and want_dg a row_scale (the gate)")
         if self.kind == "wgrad" and self.row_scale:
@@ -125,7 +129,7 @@ class GroupedGemmSpec(KernelSpec):
         if self.kind in ("up", "act_bwd"):
             parts.append(self.activation)
             parts += [flag for flag in ("gated", "bias", "gate_bias", "lora", "gate_lora", "store_pre", "want_dg",
-                                        "bias_grad") if getattr(self, flag)]
+                                        "bias_grad", "down_lora") if getattr(self, flag)]
         if self.row_scale:
             parts.append("scaled")
         if self.permuted:
@@ -326,28 +330,9 @@ ACTIVATION_GRADS = {
                            "    $d = sg_$z + 1.702 * $z * sg_$z * (1.0 - sg_$z)\n"),
     "relu2": Template("    $a = tl.where($z > 0.0, $z * $z, 0.0)\n    $d = tl.where($z > 0.0, 2.0 * $z, 0.0)\n"),
 }
-ACT_BWD_PLAIN = Template('''\
-    z = u * g[:, None]
-$act
-    dz = d_z * (acc * g[:, None])
-    tl.store(ghd_ptr + at, (a_z * g[:, None]).to(ghd_ptr.dtype.element_ty), mask=tile)
-    gdz = dz * g[:, None]
-    tl.store(gdz_ptr + at, gdz.to(gdz_ptr.dtype.element_ty), mask=tile)
-$dg$db''')
-ACT_BWD_GATED = Template('''\
-    ug = tl.load(pre_g_ptr + at, mask=tile, other=0.0).to(tl.float32)
-    zu = u * g[:, None]
-    zg = ug * g[:, None]
-$act
-    dh = acc * g[:, None]
-    dzu = dh * a_zg
-    dzg = d_zg * dh * zu
-    tl.store(ghd_ptr + at, (a_zg * zu * g[:, None]).to(ghd_ptr.dtype.element_ty), mask=tile)
-    gdz = dzu * g[:, None]
-    gdz_g = dzg * g[:, None]
-    tl.store(gdz_ptr + at, gdz.to(gdz_ptr.dtype.element_ty), mask=tile)
-    tl.store(gdz_g_ptr + at, gdz_g.to(gdz_g_ptr.dtype.element_ty), mask=tile)
-$dg$db''')
+# act_bwd epilogue lines (fp32 tiles; u, ug: the stored W x + b; acc: v); the optional ones by spec flag
+ACT_BWD_LOAD = Template("    $dst = tl.load($ptr + at, mask=tile, other=0.0).to(tl.float32)\n")
+ACT_BWD_STORE = Template("    tl.store($ptr + at, ($v).to($ptr.dtype.element_ty), mask=tile)\n")
 ACT_BWD_DG = Template(
     "    tl.atomic_add(dg_ptr + offs_m, tl.reduce($terms, 1, _sum_combine), mask=mask_m, sem=\"relaxed\")\n")
 ACT_BWD_DB = Template(
@@ -445,32 +430,59 @@ def _up_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
 
 
 def _act_bwd_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
-    params = ["x_ptr", "w_ptr", "pre_ptr"] + (["pre_g_ptr"] if spec.gated else [])
+    gated = spec.gated
+    params = ["x_ptr", "w_ptr", "pre_ptr"] + (["pre_g_ptr"] if gated else [])
     if spec.row_scale:
         params.append("g_ptr")
-    params += ["ghd_ptr", "gdz_ptr"] + (["gdz_g_ptr"] if spec.gated else [])
+    params += (["lz_ptr"] if spec.lora else []) + (["lz_g_ptr"] if spec.gate_lora else [])
+    params += ["e_ptr"] if spec.down_lora else []
+    params += ["ghd_ptr", "gdz_ptr"] + (["gdz_g_ptr"] if gated else [])
+    params += (["hd_ptr"] if spec.down_lora else []) + (["dz_ptr"] if spec.lora else [])
+    params += ["dz_g_ptr"] if spec.gate_lora else []
     if spec.want_dg:
         params.append("dg_ptr")
     if spec.bias_grad:
-        params += ["db_ptr"] + (["db_g_ptr"] if spec.gated else [])
+        params += ["db_ptr"] + (["db_g_ptr"] if gated else [])
     if spec.permuted:
         params.append("perm_ptr")
     params += ["tok_ptr", "off_ptr", "NB", "FB", "K", "s_xm", "s_xk", "s_wn", "s_wk"]
+
+    load, store = ACT_BWD_LOAD.substitute, ACT_BWD_STORE.substitute
     grads = ACTIVATION_GRADS[spec.activation]
-    if spec.gated:
-        act = grads.substitute(z="zg", a="a_zg", d="d_zg")
-        terms = "a_zg * zu * acc + dzu * u + dzg * ug"  # h . v + dz_up . u_up + dz_gate . u_gate
-        db = [("db_ptr", "gdz"), ("db_g_ptr", "gdz_g")]
-        body = ACT_BWD_GATED
+    epi = ROW_SCALE_LOAD if spec.row_scale else "    g = tl.full((BLOCK_M,), 1.0, tl.float32)\n"
+    epi += "    zu = u * g[:, None]\n"
+    if spec.lora:
+        epi += load(dst="lz", ptr="lz_ptr") + "    zu += lz\n"
+    if gated:
+        epi += load(dst="ug", ptr="pre_g_ptr") + "    zg = ug * g[:, None]\n"
+        if spec.gate_lora:
+            epi += load(dst="lzg", ptr="lz_g_ptr") + "    zg += lzg\n"
+        epi += grads.substitute(z="zg", a="a_g", d="d_g") + "    hd = a_g * zu\n"
     else:
-        act = grads.substitute(z="z", a="a_z", d="d_z")
-        terms = "a_z * acc + dz * u"
-        db = [("db_ptr", "gdz")]
-        body = ACT_BWD_PLAIN
-    g_load = ROW_SCALE_LOAD if spec.row_scale else "    g = tl.full((BLOCK_M,), 1.0, tl.float32)\n"
-    dg = ACT_BWD_DG.substitute(terms=terms) if spec.want_dg else ""
-    dbs = "".join(ACT_BWD_DB.substitute(ptr=ptr, v=v) for ptr, v in db) if spec.bias_grad else ""
-    epilogue = g_load + body.substitute(act=act.rstrip("\n"), dg=dg, db=dbs)
+        epi += grads.substitute(z="zu", a="hd", d="d_u")
+    epi += "    dh = acc * g[:, None]\n"
+    if spec.down_lora:
+        epi += load(dst="e", ptr="e_ptr") + "    dh += e\n"
+    if gated:
+        epi += "    dzu = dh * a_g\n    dzg = d_g * dh * zu\n"
+    else:
+        epi += "    dzu = d_u * dh\n"
+    epi += store(ptr="ghd_ptr", v="hd * g[:, None]")
+    if spec.down_lora:
+        epi += store(ptr="hd_ptr", v="hd")
+    epi += "    gdz = dzu * g[:, None]\n" + store(ptr="gdz_ptr", v="gdz")
+    if spec.lora:
+        epi += store(ptr="dz_ptr", v="dzu")
+    if gated:
+        epi += "    gdz_g = dzg * g[:, None]\n" + store(ptr="gdz_g_ptr", v="gdz_g")
+        if spec.gate_lora:
+            epi += store(ptr="dz_g_ptr", v="dzg")
+    if spec.want_dg:  # hd . v + dz_up . u_up (+ dz_gate . u_gate)
+        epi += ACT_BWD_DG.substitute(terms="hd * acc + dzu * u" + (" + dzg * ug" if gated else ""))
+    if spec.bias_grad:
+        epi += ACT_BWD_DB.substitute(ptr="db_ptr", v="gdz")
+        if gated:
+            epi += ACT_BWD_DB.substitute(ptr="db_g_ptr", v="gdz_g")
     return ACT_BWD_KERNEL.substitute(
         name=spec.kernel_name,
         params=",\n    ".join(params),
@@ -479,7 +491,7 @@ def _act_bwd_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
         dt=dt,
         dot_kwargs=dot_kwargs,
         gate_init="", gate_dot="", gate_advance="",
-        body=epilogue.rstrip("\n"),
+        body=epi.rstrip("\n"),
     )
 
 
@@ -721,57 +733,86 @@ def grouped_wgrad(l, r, tok, offsets, out, *, perm=None):
 
 
 def grouped_act_backward(dy, w, tok, offsets, block_size, *, pre, pre_gate=None, perm=None, row_scale=None,
-                         activation, out_dtype, want_dg=False, want_db=False):
+                         activation, out_dtype, want_dg=False, want_db=False, lora_z=None, dh_extra=None,
+                         want_h=False, dropout=None):
     """The routed backward's v = dy . w[n] (w [F, M]: W_down's transpose, any strides) with the activation's
-    backward fused in the epilogue (module docstring, ACT_BWD_KERNEL). pre / pre_gate: the forward's W x + b
-    [A, block_size], contiguous. Returns (g h, {"up": g dz, "gate": g dz_gate}, dg [A] fp32 or None,
-    {"up": db [F] fp32, ...} or None); db is in neuron order (perm applied)."""
+    backward fused in the epilogue (ACT_BWD_KERNEL); same contract as ops/routed_grouping.py
+    TorchGrouped.act_backward, an ActGrads. pre / pre_gate: the forward's W x + b [A, block_size]; lora_z: the
+    up / gate LoRA terms s B (A x) [A, block_size]; dh_extra: the down LoRA's share of dh. With dropout (a
+    torch-generated mask) the epilogue runs in torch after the grouped GEMM."""
+    from ..ops.routed_grouping import ActGrads, act_backward_elementwise
+
     _check("dy", dy, dy.device, 2)
     _check("w", w, dy.device, 2)
     T, K = dy.shape
     d_ff = w.shape[0]
     fb = int(block_size)
     a, nb, tok, offsets, perm = _routing(tok, offsets, perm, d_ff, dy.device)
-    gated = pre_gate is not None
-    for t in (pre, pre_gate)[:1 + gated]:
-        _check("pre", t, dy.device, 2)
-        if tuple(t.shape) != (a, fb) or not t.is_contiguous():
-            raise ValueError(f"grouped_act_backward: pre must be contiguous [{a}, {fb}], got {tuple(t.shape)}")
     if w.shape[1] != K or d_ff != nb * fb:
         raise ValueError(f"grouped_act_backward: w {tuple(w.shape)} does not match dy {tuple(dy.shape)}, {nb} "
                          f"blocks of {fb}")
     if want_dg and row_scale is None:
         raise ValueError("grouped_act_backward: the gate gradient (want_dg) needs row_scale")
+    common = dict(pre=pre, pre_gate=pre_gate, perm=perm, row_scale=row_scale, activation=activation,
+                  out_dtype=out_dtype, want_dg=want_dg, want_db=want_db, lora_z=lora_z, dh_extra=dh_extra,
+                  want_h=want_h)
+    if dropout is not None:
+        v = grouped_up(dy, w, tok, offsets, fb, perm=perm, out_dtype=torch.float32)
+        return act_backward_elementwise(v, offsets, dropout=dropout, **common)
+    gated = pre_gate is not None
+    lora_z = lora_z or {}
+    operands = {"pre": pre, "pre_g": pre_gate, "lz": lora_z.get("up"), "lz_g": lora_z.get("gate"), "e": dh_extra}
+    for name, t in operands.items():
+        if t is not None:
+            _check(name, t, dy.device, 2)
+            if tuple(t.shape) != (a, fb):
+                raise ValueError(f"grouped_act_backward: {name} must be [{a}, {fb}], got {tuple(t.shape)}")
+    operands = {name: None if t is None else t.contiguous() for name, t in operands.items()}
     dtype = _dtype_of(dy)
     names = ("up", "gate") if gated else ("up",)
-    ghd = torch.empty(a, fb, dtype=out_dtype, device=dy.device)
-    gdz = {name: torch.empty(a, fb, dtype=out_dtype, device=dy.device) for name in names}
-    dg = torch.zeros(a, dtype=torch.float32, device=dy.device) if want_dg else None
-    db = {name: torch.zeros(d_ff, dtype=torch.float32, device=dy.device) for name in names} if want_db else None
+
+    def buffer():
+        return torch.empty(a, fb, dtype=out_dtype, device=dy.device)
+
+    out = ActGrads(ghd=buffer(), hd=buffer() if want_h else None, gdz={name: buffer() for name in names},
+                   dz={name: buffer() for name in names if lora_z.get(name) is not None},
+                   dg=torch.zeros(a, dtype=torch.float32, device=dy.device) if want_dg else None,
+                   db={name: torch.zeros(d_ff, dtype=torch.float32, device=dy.device) for name in names}
+                   if want_db else None)
     if a == 0 or fb == 0:
-        return ghd, gdz, dg, db
+        return out
     spec = GroupedGemmSpec(kind="act_bwd", dtype=dtype, permuted=perm is not None, row_scale=row_scale is not None,
-                           activation=activation, gated=gated, want_dg=want_dg, bias_grad=want_db)
+                           activation=activation, gated=gated, want_dg=want_dg, bias_grad=want_db,
+                           lora="up" in out.dz, gate_lora="gate" in out.dz, down_lora=dh_extra is not None)
     kernel = get_grouped_kernel(spec)
     kernel.check_device(dy)
-    args = dict(x_ptr=dy, w_ptr=w, pre_ptr=pre, ghd_ptr=ghd, gdz_ptr=gdz["up"], tok_ptr=tok, off_ptr=offsets,
-                NB=nb, FB=fb, K=K, s_xm=dy.stride(0), s_xk=dy.stride(1), s_wn=w.stride(0), s_wk=w.stride(1))
+    args = dict(x_ptr=dy, w_ptr=w, pre_ptr=operands["pre"], ghd_ptr=out.ghd, gdz_ptr=out.gdz["up"], tok_ptr=tok,
+                off_ptr=offsets, NB=nb, FB=fb, K=K, s_xm=dy.stride(0), s_xk=dy.stride(1), s_wn=w.stride(0),
+                s_wk=w.stride(1))
     if gated:
-        args.update(pre_g_ptr=pre_gate, gdz_g_ptr=gdz["gate"])
+        args.update(pre_g_ptr=operands["pre_g"], gdz_g_ptr=out.gdz["gate"])
     if row_scale is not None:
         args["g_ptr"] = row_scale.contiguous()
+    if spec.lora:
+        args.update(lz_ptr=operands["lz"], dz_ptr=out.dz["up"])
+    if spec.gate_lora:
+        args.update(lz_g_ptr=operands["lz_g"], dz_g_ptr=out.dz["gate"])
+    if spec.down_lora:
+        args.update(e_ptr=operands["e"], hd_ptr=out.hd)
+    elif want_h:  # no down-LoRA term in dh, but its factors want hd (their gradients without dh): write g h only
+        raise ValueError("grouped_act_backward: want_h without dh_extra is not a kernel case")
     if want_dg:
-        args["dg_ptr"] = dg
+        args["dg_ptr"] = out.dg
     if want_db:
-        args["db_ptr"] = db["up"]
+        args["db_ptr"] = out.db["up"]
         if gated:
-            args["db_g_ptr"] = db["gate"]
+            args["db_g_ptr"] = out.db["gate"]
     if perm is not None:
         args["perm_ptr"] = perm
     bm, bn, bk, warps, stages = _tiles("act_bwd", kernel.interpret)
     grid = (_cdiv(a, bm) + nb, _cdiv(fb, bn))
     kernel.launch(grid, num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **args)
-    return ghd, gdz, dg, db
+    return out
 
 
 class _TritonGrouped:

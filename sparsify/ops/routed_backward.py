@@ -32,9 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._vjp import _acc_dtype
-from .mlp import ACTIVATIONS
 from .operands import PROJECTIONS, RoutedTensors, projection_fields
-from .routed_grouping import Grouping, _act_backward, _sorted_dropout, router_probs, sorted_gate
+from .routed_grouping import Grouping, _sorted_dropout, act_backward_elementwise, router_probs, sorted_gate
 
 
 def _backward(impl, grad_out, tensors, block_ids, seed, lora_scales, blocks, top_k, gate, activation,
@@ -64,114 +63,65 @@ def _backward(impl, grad_out, tensors, block_ids, seed, lora_scales, blocks, top
     tok, off, perm = grp.tok, grp.offsets, grp.perm
     a_count = grp.assignments
 
-    def scaled(v):  # g * v per sorted row (g = 1 for gate "none")
-        return v if g is None else v * g[:, None].to(v.dtype)
-
     saved = dict(zip(names, (p_ if p_ is not None and p_.numel() else None for p_ in pre)))
-
-    # 1. the pre-activations: W x + b as the forward saved it, else recomputed (fp32 buffers for half inputs)
-    def recompute(name):
-        w, b, la, lb = (getattr(ts, f) for f in projection_fields(name))
-        u = saved[name].to(acc) if saved.get(name) is not None else \
-            impl.up(x2, w, tok, off, fb, perm=perm, bias=b, out_dtype=acc)
-        xa = None
-        z = scaled(u)
-        if la is not None:
-            xa = F.linear(x2, la)
-            z = z + impl.up(xa, lb, tok, off, fb, perm=perm, out_dtype=acc) * scale[name]
-        return u, z, xa
-
     need_dh = needs["x"] or any(needs[f] for name in names for f in projection_fields(name)) or router_grad
-    lora = any(getattr(ts, f"{name}_lora_a") is not None for name in PROJECTIONS)
-    if a_count and need_dh and dropout_p == 0.0 and not lora:
-        # the common case (no dropout, no LoRA): the activation's backward in the epilogue of the v GEMM
-        def pre_activation(name):
-            w, b = getattr(ts, f"{name}_w"), getattr(ts, f"{name}_b")
-            return saved[name] if saved.get(name) is not None else \
+
+    if a_count:
+        # 1. what the activation reads: u = W x + b as the forward saved it (else recomputed), the LoRA terms
+        u, xa, lora_z = {}, {}, {}
+        for name in names:
+            w, b, la, lb = (getattr(ts, f) for f in projection_fields(name))
+            u[name] = saved[name] if saved.get(name) is not None else \
                 impl.up(x2, w, tok, off, fb, perm=perm, bias=b, out_dtype=acc)
-
-        u = {name: pre_activation(name) for name in names}
-        ghd, gdz, dg_rows, db = impl.act_backward(
-            dy, down_w.t(), tok, off, fb, pre=u["up"], pre_gate=u.get("gate"), perm=perm, row_scale=g,
-            activation=activation, out_dtype=dtype, want_dg=dg is not None,
-            want_db=any(needs[f"{name}_b"] for name in names))
-        if needs["down_w"]:  # written through the transposed view: neuron n is a column of W_down
-            grads["down_w"] = torch.empty(d_out, d_ff, dtype=acc, device=x.device)
-            impl.wgrad(ghd, dy, tok, off, grads["down_w"].t(), perm=perm)
-        if dg is not None:
-            dg += dg_rows
-        for name in names:
-            w = getattr(ts, f"{name}_w")
-            if needs[f"{name}_w"]:
-                grads[f"{name}_w"] = impl.wgrad(gdz[name], x2, tok, off,
-                                                torch.empty(d_ff, d, dtype=acc, device=x.device), perm=perm)
-            if needs[f"{name}_b"]:
-                grads[f"{name}_b"] = db[name]
-            if needs["x"]:
-                impl.down(gdz[name], w.t(), tok, off, dx, perm=perm)
-    elif a_count:
-        u, z, xa = {}, {}, {}  # per projection name
-        for name in names:
-            u[name], z[name], xa[name] = recompute(name)
-        if gate_w is not None:
-            act_g = ACTIVATIONS[activation](z["gate"])
-            h = act_g * z["up"]
-        else:
-            h = ACTIVATIONS[activation](z["up"])
-        hd = _sorted_dropout(h, grp, fb, dropout_p, seed)
-
-        # 2. down projection
-        hd_w = hd.to(dtype)
-        if needs["down_w"]:  # written through the transposed view: neuron n is a column of W_down
-            grads["down_w"] = torch.empty(d_out, d_ff, dtype=acc, device=x.device)
-            impl.wgrad(scaled(hd).to(dtype), dy, tok, off, grads["down_w"].t(), perm=perm)
-        dhd = None
-        if need_dh:
-            v = impl.up(dy, down_w.t(), tok, off, fb, perm=perm, out_dtype=acc)
-            if dg is not None:
-                dg += (hd * v).sum(1)
-            dhd = scaled(v)
-        if down_a is not None:
+            if la is not None:
+                xa[name] = F.linear(x2, la)
+                lora_z[name] = impl.up(xa[name], lb, tok, off, fb, perm=perm, out_dtype=acc) * scale[name]
+        dyb = dh_extra = None
+        if down_a is not None:  # the down LoRA's share of dh: s A_down^T (B_down^T dy)
             dyb = F.linear(dy, down_bb.t())                                        # [T, r]
             if need_dh:
-                dhd = dhd + impl.up(dyb, down_a.t(), tok, off, fb, perm=perm, out_dtype=acc) * scale["down"]
+                dh_extra = impl.up(dyb, down_a.t(), tok, off, fb, perm=perm, out_dtype=acc) * scale["down"]
+        dropout = None if dropout_p == 0.0 else (lambda t: _sorted_dropout(t, grp, fb, dropout_p, seed))
+
+        # 2. the elementwise stage: v = W_down^T dy and the activation's backward (one fused kernel where the
+        # implementation has it), or, with no gradient through h asked for, only the down side's operands
+        common = dict(perm=perm, row_scale=g, activation=activation, out_dtype=dtype, lora_z=lora_z or None,
+                      want_h=down_a is not None, dropout=dropout)
+        if need_dh:
+            r = impl.act_backward(dy, down_w.t(), tok, off, fb, pre=u["up"], pre_gate=u.get("gate"),
+                                  want_dg=dg is not None, want_db=any(needs[f"{name}_b"] for name in names),
+                                  dh_extra=dh_extra, **common)
+        else:
+            r = act_backward_elementwise(None, off, pre=u["up"], pre_gate=u.get("gate"), **common)
+
+        # 3. the GEMMs: down projection (weight, LoRA), then the up / gate projections
+        if needs["down_w"]:  # written through the transposed view: neuron n is a column of W_down
+            grads["down_w"] = torch.empty(d_out, d_ff, dtype=acc, device=x.device)
+            impl.wgrad(r.ghd, dy, tok, off, grads["down_w"].t(), perm=perm)
+        if down_a is not None:
             if needs["down_lora_b"]:
                 zd = torch.zeros(t, down_a.shape[0], dtype=acc, device=x.device)
-                impl.down(hd_w, down_a, tok, off, zd, perm=perm)
+                impl.down(r.hd, down_a, tok, off, zd, perm=perm)
                 grads["down_lora_b"] = (dy.t().to(acc) @ zd) * scale["down"]
             if needs["down_lora_a"]:
                 grads["down_lora_a"] = torch.empty(down_a.shape[0], d_ff, dtype=acc, device=x.device)
-                impl.wgrad(hd_w, (dyb.to(acc) * scale["down"]).to(dtype), tok, off, grads["down_lora_a"].t(),
+                impl.wgrad(r.hd, (dyb.to(acc) * scale["down"]).to(dtype), tok, off, grads["down_lora_a"].t(),
                            perm=perm)
-
-        # 3. dropout, activation
         if need_dh:
-            dh = _sorted_dropout(dhd, grp, fb, dropout_p, seed)
-            if gate_w is not None:
-                dz = {"up": dh * act_g, "gate": _act_backward(activation, dh * z["up"], z["gate"])}
-            else:
-                dz = {"up": _act_backward(activation, dh, z["up"])}
-
-            # 4. up / gate projections
+            if dg is not None:
+                dg += r.dg
             for name in names:
                 f_w, f_b, f_la, f_lb = projection_fields(name)
                 w, la, lb, s = getattr(ts, f_w), getattr(ts, f_la), getattr(ts, f_lb), scale[name]
-                if dg is not None:
-                    dg += (dz[name] * u[name]).sum(1)
-                gdz = scaled(dz[name])
-                gdz_w = gdz.to(dtype)
                 if needs[f_w]:
-                    dw = torch.empty(d_ff, d, dtype=acc, device=x.device)
-                    grads[f_w] = impl.wgrad(gdz_w, x2, tok, off, dw, perm=perm)
-                if needs[f_b]:  # a segment sum over each block's sorted rows (no contended atomics into NB rows)
-                    db = torch.segment_reduce(gdz, "sum", offsets=off.long(), axis=0).reshape(-1)
-                    if perm is not None:
-                        db = torch.empty_like(db).index_copy_(0, perm, db)
-                    grads[f_b] = db
+                    grads[f_w] = impl.wgrad(r.gdz[name], x2, tok, off,
+                                            torch.empty(d_ff, d, dtype=acc, device=x.device), perm=perm)
+                if needs[f_b]:
+                    grads[f_b] = r.db[name]
                 if needs["x"]:
-                    impl.down(gdz_w, w.t(), tok, off, dx, perm=perm)
+                    impl.down(r.gdz[name], w.t(), tok, off, dx, perm=perm)
                 if la is not None and (needs[f_la] or needs[f_lb] or needs["x"]):
-                    dz_w = dz[name].to(dtype)
+                    dz_w = r.dz[name]
                     if needs[f_lb]:
                         dlb = torch.empty(d_ff, la.shape[0], dtype=acc, device=x.device)
                         impl.wgrad(dz_w, (xa[name].to(acc) * s).to(dtype), tok, off, dlb, perm=perm)
@@ -184,9 +134,6 @@ def _backward(impl, grad_out, tensors, block_ids, seed, lora_scales, blocks, top
                             grads[f_la] = q.t() @ x2.to(acc)
                         if needs["x"]:
                             dx += q @ la.to(acc)
-    else:  # T == 0: only zero gradients
-        pass
-
     # 5. router
     if router_grad and p is not None:
         dp = torch.zeros_like(p)

@@ -23,6 +23,7 @@ _backward) written against them:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -180,39 +181,75 @@ class TorchGrouped:
     @staticmethod
     def act_backward(dy: Tensor, w: Tensor, tok: Tensor, offsets: Tensor, block_size: int, *, pre: Tensor,
                      pre_gate=None, perm=None, row_scale=None, activation: str, out_dtype, want_dg=False,
-                     want_db=False):
-        """v = dy . w[n] over the sorted assignments and the activation's backward from the forward's W x + b:
-        (g h, {"up": g dz_up, "gate": g dz_gate}, dg [A] = h . v + sum dz . u or None, {"up": db [F], ...} or
-        None, db in neuron order). The plain-torch twin of codegen/grouped_gemm.py's fused act_bwd kernel."""
-        acc = _acc_dtype(dy.dtype)
-        v = TorchGrouped.up(dy, w, tok, offsets, block_size, perm=perm, out_dtype=acc)
-        g = torch.ones(v.shape[0], 1, dtype=acc, device=v.device) if row_scale is None else row_scale.to(acc)[:, None]
-        u = {"up": pre.to(acc)}
-        if pre_gate is None:
-            z = u["up"] * g
-            h = ACTIVATIONS[activation](z)
-            dz = {"up": _act_backward(activation, v * g, z)}
-        else:
-            u["gate"] = pre_gate.to(acc)
-            zu, zg = u["up"] * g, u["gate"] * g
-            act_g = ACTIVATIONS[activation](zg)
-            h = act_g * zu
-            dh = v * g
-            dz = {"up": dh * act_g, "gate": _act_backward(activation, dh * zu, zg)}
-        dg = None
-        if want_dg:
-            dg = (h * v).sum(1) + sum((dz[name] * u[name]).sum(1) for name in dz)
-        gdz = {name: dz[name] * g for name in dz}
-        db = None
-        if want_db:  # a segment sum over each block's rows, then back to neuron order
-            db = {}
-            for name, value in gdz.items():
-                sums = torch.segment_reduce(value, "sum", offsets=offsets.long(), axis=0).reshape(-1)
-                db[name] = sums if perm is None else torch.empty_like(sums).index_copy_(0, perm.long(), sums)
-        return (h * g).to(out_dtype), {name: value.to(out_dtype) for name, value in gdz.items()}, dg, db
+                     want_db=False, lora_z=None, dh_extra=None, want_h=False, dropout=None) -> "ActGrads":
+        """v = dy . w[n] over the sorted assignments (w: W_down's transpose), then the activation's backward
+        (act_backward_elementwise). The plain-torch twin of codegen/grouped_gemm.py's fused act_bwd kernel."""
+        v = TorchGrouped.up(dy, w, tok, offsets, block_size, perm=perm, out_dtype=_acc_dtype(dy.dtype))
+        return act_backward_elementwise(v, offsets, pre=pre, pre_gate=pre_gate, perm=perm, row_scale=row_scale,
+                                        activation=activation, out_dtype=out_dtype, want_dg=want_dg,
+                                        want_db=want_db, lora_z=lora_z, dh_extra=dh_extra, want_h=want_h,
+                                        dropout=dropout)
 
 
 TORCH_GROUPED = TorchGrouped()
+
+
+# ---------------------------------------------------------------------------------------------
+# the backward's elementwise stage
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ActGrads:
+    """What the routed backward's GEMMs read, per sorted assignment [A, fb] (ops/routed_backward.py):
+    ghd = g hd (W_down's weight-gradient operand), hd (the down LoRA's, with want_h), gdz = g dz per projection
+    (the up / gate weight and input gradients'), dz per projection with LoRA (its factors'), all in the operand
+    dtype; dg [A] fp32 = hd . v + sum dz . u (the gate gradient's rows); db per projection [F] fp32 in neuron
+    order (the bias gradients)."""
+    ghd: Tensor
+    hd: Optional[Tensor]
+    gdz: dict
+    dz: dict
+    dg: Optional[Tensor]
+    db: Optional[dict]
+
+
+def act_backward_elementwise(v: Optional[Tensor], offsets: Tensor, *, pre: Tensor, pre_gate=None, perm=None,
+                             row_scale=None, activation: str, out_dtype, want_dg=False, want_db=False, lora_z=None,
+                             dh_extra=None, want_h=False, dropout=None) -> ActGrads:
+    """The activation's backward in torch, from v = W_down^T dy (None: only the forward side, ghd and hd) and
+    the forward's u = W x + b (pre, pre_gate):
+        z = g u (+ lora_z: s B (A x)),  h = act(z_up) or act(z_gate) z_up,  hd = dropout(h)
+        dh = dropout(g v + dh_extra),  dz from dh through the activation,  dg = hd . v + sum dz . u
+    dropout: the seeded mask as a function of an [A, fb] tensor, or None."""
+    acc = _acc_dtype(pre.dtype)
+    lora_z = lora_z or {}
+    g = torch.ones(pre.shape[0], 1, dtype=acc, device=pre.device) if row_scale is None else row_scale.to(acc)[:, None]
+    drop = dropout or (lambda t: t)
+    u = {"up": pre.to(acc)} if pre_gate is None else {"up": pre.to(acc), "gate": pre_gate.to(acc)}
+    z = {name: u[name] * g + (lora_z[name] if lora_z.get(name) is not None else 0.0) for name in u}
+    act_g = ACTIVATIONS[activation](z["gate"]) if pre_gate is not None else None
+    h = ACTIVATIONS[activation](z["up"]) if pre_gate is None else act_g * z["up"]
+    hd = drop(h)
+    dz, dg, db = {}, None, None
+    if v is not None:
+        dhd = v * g if dh_extra is None else v * g + dh_extra
+        dh = drop(dhd)
+        if pre_gate is None:
+            dz = {"up": _act_backward(activation, dh, z["up"])}
+        else:
+            dz = {"up": dh * act_g, "gate": _act_backward(activation, dh * z["up"], z["gate"])}
+        if want_dg:
+            dg = (hd * v).sum(1) + sum((dz[name] * u[name]).sum(1) for name in dz)
+    gdz = {name: dz[name] * g for name in dz}
+    if want_db:  # a segment sum over each block's rows, then back to neuron order
+        db = {}
+        for name, value in gdz.items():
+            sums = torch.segment_reduce(value, "sum", offsets=offsets.long(), axis=0).reshape(-1)
+            db[name] = sums if perm is None else torch.empty_like(sums).index_copy_(0, perm.long(), sums)
+    return ActGrads(ghd=(hd * g).to(out_dtype), hd=hd.to(out_dtype) if want_h else None,
+                    gdz={name: value.to(out_dtype) for name, value in gdz.items()},
+                    dz={name: dz[name].to(out_dtype) for name in dz if lora_z.get(name) is not None},
+                    dg=dg, db=db)
 
 
 # ---------------------------------------------------------------------------------------------

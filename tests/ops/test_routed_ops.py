@@ -634,13 +634,16 @@ def test_grouped_down_and_wgrad_match_torch(interpreter, case, dtype):
 
 
 ACT_BWD_CASES = {
-    # t, fb, blocks, top_k, m, empty, gated, permuted, scaled (gate sigmoid2p) , activation
-    "plain_gelu_perm": (37, 5, 4, 2, 19, (), False, True, True, "gelu"),
-    "gated_silu": (23, 7, 4, 3, 24, (), True, False, True, "silu"),
-    "gate_none_tanh": (13, 9, 4, 2, 17, (1, 3), False, False, False, "gelu_tanh"),
-    "gated_relu2_perm_t_below": (3, 6, 4, 1, 16, (), True, True, True, "relu2"),
-    "relu_empty": (11, 6, 2, 1, 18, (0,), False, False, True, "relu"),
-    "quick_gelu_gated": (9, 8, 2, 2, 8, (), True, False, True, "quick_gelu"),
+    # t, fb, blocks, top_k, m, empty, gated, permuted, scaled (gate sigmoid2p), activation, LoRA on (up, gate, down)
+    "plain_gelu_perm": (37, 5, 4, 2, 19, (), False, True, True, "gelu", ()),
+    "gated_silu": (23, 7, 4, 3, 24, (), True, False, True, "silu", ()),
+    "gate_none_tanh": (13, 9, 4, 2, 17, (1, 3), False, False, False, "gelu_tanh", ()),
+    "gated_relu2_perm_t_below": (3, 6, 4, 1, 16, (), True, True, True, "relu2", ()),
+    "relu_empty": (11, 6, 2, 1, 18, (0,), False, False, True, "relu", ()),
+    "quick_gelu_gated": (9, 8, 2, 2, 8, (), True, False, True, "quick_gelu", ()),
+    "plain_lora_up_down": (21, 5, 4, 2, 12, (), False, True, True, "gelu", ("up", "down")),
+    "gated_lora_all": (17, 6, 4, 2, 10, (2,), True, False, True, "silu", ("up", "gate", "down")),
+    "gated_lora_gate_only": (8, 4, 2, 1, 9, (), True, True, False, "gelu_tanh", ("gate",)),
 }
 
 
@@ -648,36 +651,46 @@ ACT_BWD_CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(ACT_BWD_CASES), ids=list(ACT_BWD_CASES))
 def test_grouped_act_backward_matches_torch(interpreter, case, dtype):
-    """The backward's fused kernel (v GEMM + activation backward + gate and bias gradient sums) against the
-    plain-torch twin (the backward's CPU path, which test_matches_reference ties to autograd's gradients)."""
+    """The backward's fused kernel (v GEMM + activation backward + gate and bias gradient sums, LoRA terms in z
+    and dh) against the plain-torch twin (the backward's CPU path, which test_matches_reference ties to
+    autograd's gradients)."""
     from sparsify.codegen.grouped_gemm import grouped_act_backward
 
-    t, fb, blocks, top_k, m, empty, gated, permuted, scaled, act = ACT_BWD_CASES[case]
+    t, fb, blocks, top_k, m, empty, gated, permuted, scaled, act, lora = ACT_BWD_CASES[case]
     g = _gen(34)
     grp = _grouping(g, t, blocks, top_k, empty)
-    d_ff = fb * blocks
+    d_ff, a = fb * blocks, grp.assignments
     dy = _randn(g, t, m, dtype=dtype)
     w = _randn(g, m, d_ff, dtype=dtype, scale=m ** -0.5).t()           # W_down's transpose, a view [F, m]
-    pre = _randn(g, grp.assignments, fb, dtype=dtype)
-    pre_gate = _randn(g, grp.assignments, fb, dtype=dtype) if gated else None
+    pre = _randn(g, a, fb, dtype=dtype)
+    pre_gate = _randn(g, a, fb, dtype=dtype) if gated else None
+    lora_z = {name: _randn(g, a, fb, scale=0.5) for name in ("up", "gate") if name in lora}
+    dh_extra = _randn(g, a, fb, scale=0.5) if "down" in lora else None
     perm = torch.randperm(d_ff, generator=g) if permuted else None
-    s = 2 * torch.rand(grp.assignments, generator=g) if scaled else None
-    kw = dict(perm=perm, row_scale=s, activation=act, want_dg=scaled, want_db=True)
+    s = 2 * torch.rand(a, generator=g) if scaled else None
+    kw = dict(perm=perm, row_scale=s, activation=act, want_dg=scaled, want_db=True, lora_z=lora_z or None,
+              dh_extra=dh_extra, want_h=dh_extra is not None)
     got = grouped_act_backward(dy, w, grp.tok, grp.offsets, fb, pre=pre, pre_gate=pre_gate, out_dtype=dtype, **kw)
     want = TORCH_GROUPED.act_backward(dy.float(), w.float(), grp.tok, grp.offsets, fb, pre=pre.float(),
                                       pre_gate=None if pre_gate is None else pre_gate.float(),
                                       out_dtype=torch.float32, **kw)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    (ghd, gdz, dg, db), (ghd_w, gdz_w, dg_w, db_w) = got, want
-    torch.testing.assert_close(ghd.float(), ghd_w, atol=tol, rtol=tol)
-    assert set(gdz) == set(gdz_w) == ({"up", "gate"} if gated else {"up"})
-    for name in gdz:
-        torch.testing.assert_close(gdz[name].float(), gdz_w[name], atol=tol, rtol=tol)
-        torch.testing.assert_close(db[name], db_w[name], atol=tol * 4, rtol=tol)
+    close = lambda x, y, atol=tol: torch.testing.assert_close(x.float(), y, atol=atol, rtol=tol)  # noqa: E731
+    close(got.ghd, want.ghd)
+    assert (got.hd is None) == (want.hd is None) == (dh_extra is None)
+    if got.hd is not None:
+        close(got.hd, want.hd)
+    assert set(got.gdz) == set(want.gdz) == ({"up", "gate"} if gated else {"up"})
+    assert set(got.dz) == set(want.dz) == set(lora_z)
+    for name in got.gdz:
+        close(got.gdz[name], want.gdz[name])
+        close(got.db[name], want.db[name], tol * 4)
+    for name in got.dz:
+        close(got.dz[name], want.dz[name])
     if scaled:
-        torch.testing.assert_close(dg, dg_w, atol=tol * 4, rtol=tol)
+        close(got.dg, want.dg, tol * 4)
     else:
-        assert dg is None and dg_w is None
+        assert got.dg is None and want.dg is None
 
 
 @needs_triton
