@@ -390,6 +390,24 @@ def dense_block_map(Lq: int, Lk: int, block_m: int, block_n: int, causal: bool =
     return block_index, block_valid
 
 
+def _attn_mask(mask, B, H, Lq, Lk):
+    """A mask tensor broadcastable to [B, H, Lq, Lk] as a broadcast view (stride 0 where it broadcasts), and its
+    kind for the spec: "bool" (True = attend) or "float" (added to the scores)."""
+    if mask is None:
+        return None, "none"
+    if not isinstance(mask, torch.Tensor) or mask.dim() > 4 or mask.is_complex():
+        raise ValueError(f"attn_mask must be a bool or float tensor broadcastable to {(B, H, Lq, Lk)}")
+    try:
+        view = mask.broadcast_to(B, H, Lq, Lk)
+    except RuntimeError:
+        raise ValueError(f"attn_mask {tuple(mask.shape)} does not broadcast to {(B, H, Lq, Lk)}") from None
+    if mask.dtype == torch.bool:
+        return view, "bool"
+    if not mask.is_floating_point():
+        raise ValueError(f"attn_mask must be bool or floating point, got {mask.dtype}")
+    return view, "float"
+
+
 def _block_inputs(q, k, v, block_index, block_valid, block_m, block_n, key_padding_mask, scale):
     B, H, Hkv, Lq, Lk, D, Dv = _check_qkv(q, k, v)
     for name, val in (("block_m", block_m), ("block_n", block_n)):
@@ -428,17 +446,25 @@ def _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, block_valid, kpm, sc
     return args
 
 
+def _mask_args(mask):
+    if mask is None:
+        return {}
+    return dict(mask_ptr=mask, s_mb=mask.stride(0), s_mh=mask.stride(1), s_mm=mask.stride(2), s_mn=mask.stride(3))
+
+
 def block_sparse_forward(q, k, v, block_index, block_valid=None, *, block_m=64, block_n=64,
-                         causal=False, key_padding_mask=None, scale=None, tile_m=None, tile_n=None):
+                         causal=False, key_padding_mask=None, scale=None, tile_m=None, tile_n=None, attn_mask=None):
     """Block-sparse attention forward: ``(out [B, H, Lq, Dv] in q.dtype, lse [B, H, Lq] fp32)``.
 
     Query block qb (rows qb*block_m ...) attends to the keys of the blocks
     ``block_index[b, h, qb, :]`` whose ``block_valid`` is set, with causal / key padding
     masking inside them. With ``dense_block_map`` this is dense attention. tile_m / tile_n
-    override the kernel tiles (default: ``default_block_tiles``).
+    override the kernel tiles (default: ``default_block_tiles``). attn_mask: a bool (True = attend) or float
+    (added) mask broadcastable to [B, H, Lq, Lk], as sparsify::block_sparse_attention's `mask`.
     """
     (B, H, Hkv, Lq, Lk, D, Dv, nqb), block_index, block_valid, kpm, scale = _block_inputs(
         q, k, v, block_index, block_valid, block_m, block_n, key_padding_mask, scale)
+    attn_mask, mask_kind = _attn_mask(attn_mask, B, H, Lq, Lk)
     # [B, Lq, H, Dv] in memory as SDPA lays it out (ops/spt.py attention_output): the kernel writes by strides
     out = torch.empty((B, Lq, H, Dv), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
@@ -446,11 +472,12 @@ def block_sparse_forward(q, k, v, block_index, block_valid=None, *, block_m=64, 
         return out, lse
     tm, tn, warps = default_block_tiles(D, block_m, block_n, False, interpret_mode())
     spec = BlockSparseSpec(head_dim=D, v_head_dim=Dv, dtype=q.dtype, causal=bool(causal),
-                           key_padding=kpm is not None, block_m=block_m, block_n=block_n,
+                           key_padding=kpm is not None, mask=mask_kind, block_m=block_m, block_n=block_n,
                            tile_m=tile_m or tm, tile_n=tile_n or tn)
     kernel = get_spt_kernel(spec)
     kernel.check_device(q)
     args = _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, block_valid, kpm, scale)
+    args.update(_mask_args(attn_mask))
     args.update(
         out_ptr=out, lse_ptr=lse,
         s_ob=out.stride(0), s_oh=out.stride(1), s_om=out.stride(2), s_od=out.stride(3),
@@ -462,15 +489,17 @@ def block_sparse_forward(q, k, v, block_index, block_valid=None, *, block_m=64, 
 
 def block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, *, block_m=64, block_n=64,
                           causal=False, key_padding_mask=None, scale=None, out=None,
-                          tile_m=None, tile_n=None):
+                          tile_m=None, tile_n=None, attn_mask=None):
     """Block-sparse attention backward: ``(dq, dk, dv)`` in the input dtypes.
 
     One program per (query block, b, h) walks the selected key blocks once: dq is
     accumulated in registers, dk / dv tiles are atomically added to fp32 buffers. D_i is
-    computed by an extra pass, or from ``out=`` (the forward output) if given.
+    computed by an extra pass, or from ``out=`` (the forward output) if given. attn_mask: as the forward's
+    (no gradient for it: a float mask that needs one takes the op's reference).
     """
     (B, H, Hkv, Lq, Lk, D, Dv, nqb), block_index, block_valid, kpm, scale = _block_inputs(
         q, k, v, block_index, block_valid, block_m, block_n, key_padding_mask, scale)
+    attn_mask, mask_kind = _attn_mask(attn_mask, B, H, Lq, Lk)
     _check_grad_out(grad_out, (B, H, Lq, Dv), q)
     _check_lse(lse, (B, H, Lq), q)
     if grad_out.dtype != q.dtype:  # tl.dot(dO, V^T) needs matching operand types
@@ -482,11 +511,12 @@ def block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, *, b
         delta = None if out is None else _delta_from_out(grad_out, out, (B, H, Lq), q)
         tm, tn, warps = default_block_tiles(D, block_m, block_n, True, interpret_mode())
         spec = BlockSparseSpec(head_dim=D, v_head_dim=Dv, dtype=q.dtype, causal=bool(causal),
-                               key_padding=kpm is not None, precomputed_delta=delta is not None,
+                               key_padding=kpm is not None, mask=mask_kind, precomputed_delta=delta is not None,
                                block_m=block_m, block_n=block_n, tile_m=tile_m or tm, tile_n=tile_n or tn)
         kernel = get_spt_kernel(spec)
         kernel.check_device(q)
         args = _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, block_valid, kpm, scale)
+        args.update(_mask_args(attn_mask))
         args.update(
             do_ptr=grad_out, lse_ptr=lse, dq_ptr=dq, dk_ptr=dk_acc, dv_ptr=dv_acc,
             s_gb=grad_out.stride(0), s_gh=grad_out.stride(1), s_gm=grad_out.stride(2), s_gd=grad_out.stride(3),

@@ -119,6 +119,7 @@ class BlockSparseSpec(_AttentionSpec):
     dtype: torch.dtype = torch.float16
     causal: bool = False
     key_padding: bool = False
+    mask: str = "none"           # an attention mask tensor: "none", "bool" (True = attend) or "float" (added)
     precomputed_delta: bool = False
     block_m: int = 64
     block_n: int = 64
@@ -127,6 +128,8 @@ class BlockSparseSpec(_AttentionSpec):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.mask not in ("none", "bool", "float"):
+            raise ValueError(f"BlockSparseSpec.mask must be 'none', 'bool' or 'float', got {self.mask!r}")
         for name in ("block_m", "block_n"):
             val = getattr(self, name)
             if not _is_pow2(val) or not 16 <= val <= 256:
@@ -150,6 +153,8 @@ class BlockSparseSpec(_AttentionSpec):
             parts.append("causal")
         if self.key_padding:
             parts.append("kpm")
+        if self.mask != "none":
+            parts.append(f"mask{self.mask[0]}")
         if self.precomputed_delta:
             parts.append("delta")
         parts.append(f"m{self.block_m}n{self.block_n}t{self.tile_m}x{self.tile_n}")
@@ -210,6 +215,7 @@ def _block_source(spec: BlockSparseSpec) -> str:
         dot_kwargs=dot_kwargs,
         causal=T.BLOCK_CAUSAL if spec.causal else "",
         kpm=T.BLOCK_KPM if spec.key_padding else "",
+        mask={"none": "", "bool": T.BLOCK_MASK_BOOL, "float": T.BLOCK_MASK_FLOAT}[spec.mask],
     )
     recompute = T.BLOCK_RECOMPUTE.substitute(dot_kwargs=dot_kwargs)
     if spec.precomputed_delta:
@@ -226,6 +232,8 @@ def _block_source(spec: BlockSparseSpec) -> str:
         dot_kwargs=dot_kwargs,
         kpm_param=T.BLOCK_KPM_PARAM if spec.key_padding else "",
         kpm_strides=T.BLOCK_KPM_STRIDES if spec.key_padding else "",
+        mask_param=T.BLOCK_MASK_PARAM if spec.mask != "none" else "",
+        mask_strides=T.BLOCK_MASK_STRIDES if spec.mask != "none" else "",
         delta_param=T.DELTA_PARAM if spec.precomputed_delta else "",
         delta_strides=T.DELTA_STRIDES if spec.precomputed_delta else "",
         block_prologue=T.BLOCK_PROLOGUE,

@@ -285,14 +285,14 @@ ${reductions}
 
 @triton.jit
 def ${name}_fwd(
-    q_ptr, k_ptr, v_ptr, bidx_ptr, bval_ptr, ${kpm_param}out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, bidx_ptr, bval_ptr, ${kpm_param}${mask_param}out_ptr, lse_ptr,
     H, GROUP, Lq, Lk, KB, NKB, sm_scale,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_ib, s_ih, s_im, s_is,
     s_ab, s_ah, s_am, s_as,
-    ${kpm_strides}s_ob, s_oh, s_om, s_od,
+    ${kpm_strides}${mask_strides}s_ob, s_oh, s_om, s_od,
     s_lb, s_lh, s_lm,
     MAP_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -327,7 +327,7 @@ ${block_scores}
 
 @triton.jit
 def ${name}_bwd(
-    q_ptr, k_ptr, v_ptr, bidx_ptr, bval_ptr, ${kpm_param}do_ptr, lse_ptr,${delta_param}
+    q_ptr, k_ptr, v_ptr, bidx_ptr, bval_ptr, ${kpm_param}${mask_param}do_ptr, lse_ptr,${delta_param}
     dq_ptr, dk_ptr, dv_ptr,
     H, GROUP, Lq, Lk, KB, NKB, sm_scale,
     s_qb, s_qh, s_qm, s_qd,
@@ -335,7 +335,7 @@ def ${name}_bwd(
     s_vb, s_vh, s_vn, s_vd,
     s_ib, s_ih, s_im, s_is,
     s_ab, s_ah, s_am, s_as,
-    ${kpm_strides}s_gb, s_gh, s_gm, s_gd,
+    ${kpm_strides}${mask_strides}s_gb, s_gh, s_gm, s_gd,
     s_lb, s_lh, s_lm,
     ${delta_strides}s_dqb, s_dqh, s_dqm, s_dqd,
     s_dkb, s_dkh, s_dkn, s_dkd,
@@ -416,7 +416,7 @@ BLOCK_SCORES = Template('''\
                              mask=d_ok[:, None] & n_ok[None, :], other=0.0)
                 s = tl.dot(q, kt${dot_kwargs}) * sm_scale
                 allowed = m_ok[:, None] & n_ok[None, :]
-${causal}${kpm}                s = tl.where(allowed, s, float("-inf"))
+${causal}${kpm}${mask}                s = tl.where(allowed, s, float("-inf"))
 ''')
 
 # Bottom-right aligned (query i is at absolute position i + Lk - Lq); equal to SDPA's
@@ -429,6 +429,19 @@ BLOCK_KPM_STRIDES = "s_pb, s_pn,\n    "
 BLOCK_KPM = (
     "                kpad = tl.load(kpm_ptr + b * s_pb + offs_n * s_pn, mask=n_ok, other=0) != 0\n"
     "                allowed = allowed & kpad[None, :]\n"
+)
+
+# a general attention mask [B|1, H|1, Lq, Lk] read through (broadcast) strides, one tile per visited key tile:
+# bool (True = attend) narrows `allowed`; float is added to the scores, as SDPA's attn_mask (the op's reference)
+BLOCK_MASK_PARAM = "mask_ptr, "
+BLOCK_MASK_STRIDES = "s_mb, s_mh, s_mm, s_mn,\n    "
+BLOCK_MASK_TILE = ("mask_ptr + b * s_mb + h * s_mh + offs_m[:, None].to(tl.int64) * s_mm + "
+                   "offs_n[None, :].to(tl.int64) * s_mn")
+BLOCK_MASK_BOOL = (
+    f"                allowed = allowed & (tl.load({BLOCK_MASK_TILE}, mask=allowed, other=0) != 0)\n"
+)
+BLOCK_MASK_FLOAT = (
+    f"                s = s + tl.load({BLOCK_MASK_TILE}, mask=allowed, other=0.0).to(tl.float32)\n"
 )
 
 # Backward: P from the saved lse, dP = dO V^T.

@@ -12,7 +12,9 @@ What a kernel does not cover falls back to the op's plain-torch reference on the
 same math, unfused), so a CUDA tensor never meets an unsupported kernel; the SPT attention ops':
   spt_attention: dropout (the token kernel has none); in backward, rows whose every kept key carries a huge
                  finite mask (see _absorbed_rows)
-  block_sparse_attention: a mask tensor or dropout (the block kernel takes causality only; op and kernel
+  block_sparse_attention: dropout; in backward, a float mask that needs a gradient and rows whose every visited
+                          key carries a huge finite mask (_absorbed_rows). The kernel reads a bool or float mask
+                          tile per visited key tile (a padded HF batch's 4-d mask) and causality (op and kernel
                           align it alike, bottom-right: ops/causal.py)
 """
 from __future__ import annotations
@@ -63,7 +65,7 @@ def _absorbed_rows(mask, lse) -> bool:
 
 
 def _block_kernel_applies(q, k, mask, causal, dropout_p) -> bool:
-    return mask is None and dropout_p == 0 and q.dtype in KERNEL_DTYPES
+    return dropout_p == 0 and q.dtype in KERNEL_DTYPES
 
 
 @torch.library.register_kernel("sparsify::block_sparse_attention", "cuda")
@@ -73,19 +75,20 @@ def _block_sparse_attention_cuda(q, k, v, block_index, block_valid, block, mask,
                                                 dropout_p)
     from ..codegen.spt_attention import block_sparse_forward
     out, lse = block_sparse_forward(q, k, v, block_index, block_valid, block_m=block, block_n=block,
-                                    causal=causal, scale=scale)
+                                    causal=causal, scale=scale, attn_mask=mask)
     return out, lse, torch.zeros((), dtype=torch.int64)
 
 
 @torch.library.register_kernel("sparsify::block_sparse_attention_backward", "cuda")
 def _block_sparse_attention_backward_cuda(grad_out, q, k, v, block_index, block_valid, block, mask, lse, seed,
                                           scale, causal, dropout_p, needs_grad, out=None):
-    if not _block_kernel_applies(q, k, mask, causal, dropout_p):
+    mask_grad = bool(needs_grad[3]) and mask is not None and mask.is_floating_point()
+    if not _block_kernel_applies(q, k, mask, causal, dropout_p) or mask_grad or _absorbed_rows(mask, lse):
         return block_sparse_attention_backward_reference(grad_out, q, k, v, block_index, block_valid, block, mask,
                                                          lse, seed, scale, causal, dropout_p, needs_grad)
     from ..codegen.spt_attention import block_sparse_backward
     dq, dk, dv = block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, block_m=block,
-                                       block_n=block, causal=causal, scale=scale, out=out)
+                                       block_n=block, causal=causal, scale=scale, out=out, attn_mask=mask)
     return _empty_like_needs([dq, dk, dv, None], (q, k, v, mask), needs_grad, grad_out)
 
 

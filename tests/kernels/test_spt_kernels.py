@@ -726,3 +726,58 @@ def test_block_backward_cuda_path_reads_the_saved_output(interpreter):
                                                 needs, out)
     for a, b in zip(got[:3], want[:3]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _hf_padding_mask(B, Lq, Lk, float_mask, pad_rows):
+    """A padded HF batch's 4-d mask [B, 1, Lq, Lk] (causal, bottom-right, batch 1 left-padded by 5): additive
+    finfo.min or bool True = attend; pad_rows: the padded query rows see nothing allowed (every key masked)."""
+    keep = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq).expand(B, 1, Lq, Lk).clone()
+    keep[1, :, :, :5] = False
+    if pad_rows:  # left-padded queries of eager attention: rows 0-2 of batch 1 see no key at all
+        keep[1, :, :3, :] = False
+    if not float_mask:
+        return keep
+    return torch.zeros(B, 1, Lq, Lk).masked_fill(~keep, torch.finfo(torch.float32).min)
+
+
+@needs_triton
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "float-broadcast-2d", "float-absorbed-rows",
+                                       "float-needs-grad"])
+def test_block_kernel_takes_a_mask_tensor(interpreter, mask_kind):
+    """The op's CUDA registrations (run here under the interpreter on CPU tensors) with a mask tensor: the kernel
+    reads a mask tile per visited key tile (a padded HF batch no longer sends the op to its reference); forward and
+    backward equal the reference's. Rows whose every key carries finfo.min, and a float mask that needs a gradient,
+    take the reference in backward (the kernel's lse cannot renormalise them / it has no mask gradient)."""
+    from sparsify.ops.cuda import _block_sparse_attention_backward_cuda, _block_sparse_attention_cuda
+    from sparsify.ops.spt_block import block_sparse_attention_backward_reference, block_sparse_attention_reference
+    B, H, Lq, Lk, D, blk = 2, 2, 40, 45, 16, 16
+    q, k, v = make_qkv(B, H, 1, Lq, Lk, D, D, torch.float32, seed=31)
+    index, valid = random_block_map(B, H, Lq, Lk, kb=2, causal=True, seed=32, bm=blk, bn=blk)
+    if mask_kind == "float-broadcast-2d":  # an additive bias shared by batch and heads (ALiBi-like), no -inf
+        mask = -0.1 * (torch.arange(Lk)[None, :] - torch.arange(Lq)[:, None]).abs().float()
+    else:
+        mask = _hf_padding_mask(B, Lq, Lk, mask_kind != "bool", pad_rows=mask_kind == "float-absorbed-rows")
+    from sparsify.codegen import cache_info
+
+    def launches():
+        info = cache_info()
+        return info.hits + info.misses
+
+    args = (index, valid, blk, mask, D ** -0.5, True, 0.0)
+    before = launches()
+    got_out, got_lse, seed = _block_sparse_attention_cuda(q, k, v, *args)
+    assert launches() > before  # the kernel ran, not the reference
+    want_out, want_lse, _ = block_sparse_attention_reference(q, k, v, *args)
+    torch.testing.assert_close(got_out, want_out, atol=1e-4, rtol=1e-4)
+    finite = want_lse.isfinite() & (want_lse > -1e30)
+    torch.testing.assert_close(got_lse[finite], want_lse[finite], atol=1e-4, rtol=1e-4)
+    do = torch.randn(got_out.shape, generator=torch.Generator().manual_seed(33))
+    needs = [True, True, True, mask_kind == "float-needs-grad"]
+    back = (index, valid, blk, mask, want_lse, seed, D ** -0.5, True, 0.0, needs)
+    want = block_sparse_attention_backward_reference(do, q, k, v, *back)
+    before = launches()
+    got = _block_sparse_attention_backward_cuda(do, q, k, v, *back, got_out)
+    assert (launches() > before) == (mask_kind in ("bool", "float", "float-broadcast-2d"))
+    for name, a, b in zip(("dq", "dk", "dv", "dmask"), got, want):
+        if needs[("dq", "dk", "dv", "dmask").index(name)]:
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
