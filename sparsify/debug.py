@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -74,6 +76,9 @@ class Report:
     # modules named like attention / MLP blocks in which no region was found (regions.unmatched_blocks): they run
     # as written whatever the options ask; rows with decision "unmatched", apart from `regions`
     unmatched: list = field(default_factory=list)
+    # Dynamo's graph-break reasons recorded while this report's graphs were traced (new_graph_breaks): the code
+    # between the pieces runs uncompiled, so no pass sees it, and a block inside it runs as written
+    graph_breaks: list = field(default_factory=list)
 
     @classmethod
     def merged(cls, reports: list) -> "Report":
@@ -82,6 +87,7 @@ class Report:
         for r in reports:
             out.regions.extend(r.regions)
             out.unmatched.extend(r.unmatched)
+            out.graph_breaks.extend(b for b in r.graph_breaks if b not in out.graph_breaks)
         return out
 
     def by_kind(self, kind: str) -> list:
@@ -104,7 +110,8 @@ class Report:
                    + (f"+ {len(linear)} linear " if linear else "")
                    + f"regions in {self.graphs} graph(s); {len(self.rewritten)} rewritten"
                    + (f"; {len(self.unmatched)} block(s) not recognised" if self.unmatched else ""))
-        return "\n".join(lines + [summary])
+        breaks = [f"graph break: {b}" for b in self.graph_breaks]
+        return "\n".join(lines + [summary] + breaks)
 
     def __str__(self) -> str:
         return self.table()
@@ -113,6 +120,31 @@ class Report:
         return [{"graph": r.graph, "mode": r.mode, "kind": r.kind, "module": r.module, "decision": r.decision,
                  "reason": r.reason, "facts": {k: _fmt(r.facts[k]) for k in r.shown if k in r.facts}}
                 for r in self.regions + self.unmatched]
+
+
+_seen_breaks: Counter = Counter()  # Dynamo's graph_break counter as the last new_graph_breaks call saw it
+_warned_breaks: set = set()
+
+
+def new_graph_breaks(announce: bool) -> list:
+    """Graph-break reasons Dynamo recorded since the last call (torch._dynamo.utils.counters["graph_break"]): Dynamo
+    records a break before it hands the graph up to it to the backend, so each graph's call sees the breaks that
+    ended it. Warned once per reason (announce): code Dynamo could not capture runs uncompiled, and sparsify
+    cannot rewrite a block that lies in it."""
+    from torch._dynamo.utils import counters
+
+    now = Counter(counters["graph_break"])
+    fresh = [reason for reason, n in now.items() if n > _seen_breaks.get(reason, 0)]
+    _seen_breaks.clear()
+    _seen_breaks.update(now)
+    reasons = [" ".join(str(r).split())[:300] for r in fresh]
+    for reason in reasons:
+        if announce and reason not in _warned_breaks:
+            _warned_breaks.add(reason)
+            warnings.warn(f"sparsify: Dynamo broke the graph ({reason}); the code around the break runs uncompiled, "
+                          "and an attention or MLP block in it runs as written. sparsify.last_report(graphs=n) lists "
+                          "the breaks of the last n graphs", stacklevel=4)
+    return reasons
 
 
 def _fmt(v) -> str:

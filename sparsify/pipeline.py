@@ -13,7 +13,8 @@ from typing import Optional
 from torch.fx import GraphModule
 
 from .config import SECTIONS, SparsifyConfig
-from .debug import Report, dump_graph, dump_report, log, region_reports, single_handlers, unmatched_reports
+from .debug import (Report, dump_graph, dump_report, log, new_graph_breaks, region_reports, single_handlers,
+                    unmatched_reports)
 from .methods import method_for, report_facts
 from .methods.state import collect_state
 from .passes.canonicalize import canonicalize
@@ -67,7 +68,8 @@ def run_passes(gm: GraphModule, config: SparsifyConfig, announce: bool = True, m
             if region.module in lowered.get(region.kind, ()):
                 region.facts["kernel"] = "sdpa" if region.kind == "attention" else "torch"
     report = Report(region_reports(regions, graph_index, report_facts), graphs=1,
-                    unmatched=unmatched_reports(unmatched, graph_index, mode))
+                    unmatched=unmatched_reports(unmatched, graph_index, mode),
+                    graph_breaks=new_graph_breaks(announce))
     for node in placeholders:  # real tensors stay out of the graph Inductor caches
         node.meta.pop(REAL_VALUE, None)
     gm.graph.lint()

@@ -180,3 +180,37 @@ def test_linear_called_with_keyword_operands_is_matched():
     assert [(r.kind, r.module) for r in report.regions] == [("mlp", "mlp")] and not report.unmatched
     compiled = torch.compile(model, backend="sparsify", options={"inner": "aot_eager"})
     torch.testing.assert_close(compiled(x), model(x))
+
+
+class _BrokenMLP(torch.nn.Module):
+    """An MLP whose forward Dynamo cannot capture whole (a data-dependent branch, as I-BERT's quantizers have)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.up(x))
+        if h.sum() > 0:  # data-dependent: Dynamo breaks the graph here
+            h = h * 1.0
+        return self.down(h)
+
+
+def test_graph_break_is_reported_and_warned_once():
+    """Code around a graph break runs uncompiled, so a block in it cannot be rewritten: the warning names Dynamo's
+    reason once (not per graph, not per call), and the report of the graphs lists it."""
+    from sparsify import debug
+    debug._warned_breaks.clear()  # once per process: another test may have met the same reason
+    model, x = _Blocks(_BrokenMLP()), torch.randn(2, 8, 16)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(model, backend="sparsify", options={"mlp": "routed", "inner": "aot_eager"})
+        out = compiled(x)
+        compiled(x)
+    ours = [str(w.message) for w in caught if "Dynamo broke the graph" in str(w.message)]
+    assert len(ours) == 1 and "Data-dependent" in ours[0], ours
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    report = sparsify.last_report(graphs=3)
+    assert report.graph_breaks and "Data-dependent" in report.graph_breaks[0]
+    assert "graph break: Data-dependent" in report.table()
