@@ -734,14 +734,12 @@ def grouped_wgrad(l, r, tok, offsets, out, *, perm=None):
 
 def grouped_act_backward(dy, w, tok, offsets, block_size, *, pre, pre_gate=None, perm=None, row_scale=None,
                          activation, out_dtype, want_dg=False, want_db=False, lora_z=None, dh_extra=None,
-                         want_h=False, dropout=None):
+                         want_h=False):
     """The routed backward's v = dy . w[n] (w [F, M]: W_down's transpose, any strides) with the activation's
     backward fused in the epilogue (ACT_BWD_KERNEL); same contract as ops/routed_grouping.py
-    TorchGrouped.act_backward, an ActGrads. pre / pre_gate: the forward's W x + b [A, block_size]; lora_z: the
-    up / gate LoRA terms s B (A x) [A, block_size]; dh_extra: the down LoRA's share of dh. With dropout (a
-    torch-generated mask) the epilogue runs in torch after the grouped GEMM."""
-    from ..ops.routed_grouping import ActGrads, act_backward_elementwise
-
+    TorchGrouped.act_backward: (g hd, hd or None, {name: g dz}, {name: dz} for the LoRA projections, dg or None,
+    {name: db} or None), the fields of its ActGrads. pre / pre_gate: the forward's W x + b [A, block_size];
+    lora_z: the up / gate LoRA terms s B (A x) [A, block_size]; dh_extra: the down LoRA's share of dh."""
     _check("dy", dy, dy.device, 2)
     _check("w", w, dy.device, 2)
     T, K = dy.shape
@@ -753,12 +751,6 @@ def grouped_act_backward(dy, w, tok, offsets, block_size, *, pre, pre_gate=None,
                          f"blocks of {fb}")
     if want_dg and row_scale is None:
         raise ValueError("grouped_act_backward: the gate gradient (want_dg) needs row_scale")
-    common = dict(pre=pre, pre_gate=pre_gate, perm=perm, row_scale=row_scale, activation=activation,
-                  out_dtype=out_dtype, want_dg=want_dg, want_db=want_db, lora_z=lora_z, dh_extra=dh_extra,
-                  want_h=want_h)
-    if dropout is not None:
-        v = grouped_up(dy, w, tok, offsets, fb, perm=perm, out_dtype=torch.float32)
-        return act_backward_elementwise(v, offsets, dropout=dropout, **common)
     gated = pre_gate is not None
     lora_z = lora_z or {}
     operands = {"pre": pre, "pre_g": pre_gate, "lz": lora_z.get("up"), "lz_g": lora_z.get("gate"), "e": dh_extra}
@@ -774,39 +766,40 @@ def grouped_act_backward(dy, w, tok, offsets, block_size, *, pre, pre_gate=None,
     def buffer():
         return torch.empty(a, fb, dtype=out_dtype, device=dy.device)
 
-    out = ActGrads(ghd=buffer(), hd=buffer() if want_h else None, gdz={name: buffer() for name in names},
-                   dz={name: buffer() for name in names if lora_z.get(name) is not None},
-                   dg=torch.zeros(a, dtype=torch.float32, device=dy.device) if want_dg else None,
-                   db={name: torch.zeros(d_ff, dtype=torch.float32, device=dy.device) for name in names}
-                   if want_db else None)
+    ghd, hd = buffer(), buffer() if want_h else None
+    gdz = {name: buffer() for name in names}
+    dz = {name: buffer() for name in names if lora_z.get(name) is not None}
+    dg = torch.zeros(a, dtype=torch.float32, device=dy.device) if want_dg else None
+    db = {name: torch.zeros(d_ff, dtype=torch.float32, device=dy.device) for name in names} if want_db else None
+    out = (ghd, hd, gdz, dz, dg, db)
     if a == 0 or fb == 0:
         return out
     spec = GroupedGemmSpec(kind="act_bwd", dtype=dtype, permuted=perm is not None, row_scale=row_scale is not None,
                            activation=activation, gated=gated, want_dg=want_dg, bias_grad=want_db,
-                           lora="up" in out.dz, gate_lora="gate" in out.dz, down_lora=dh_extra is not None)
+                           lora="up" in dz, gate_lora="gate" in dz, down_lora=dh_extra is not None)
     kernel = get_grouped_kernel(spec)
     kernel.check_device(dy)
-    args = dict(x_ptr=dy, w_ptr=w, pre_ptr=operands["pre"], ghd_ptr=out.ghd, gdz_ptr=out.gdz["up"], tok_ptr=tok,
+    args = dict(x_ptr=dy, w_ptr=w, pre_ptr=operands["pre"], ghd_ptr=ghd, gdz_ptr=gdz["up"], tok_ptr=tok,
                 off_ptr=offsets, NB=nb, FB=fb, K=K, s_xm=dy.stride(0), s_xk=dy.stride(1), s_wn=w.stride(0),
                 s_wk=w.stride(1))
     if gated:
-        args.update(pre_g_ptr=operands["pre_g"], gdz_g_ptr=out.gdz["gate"])
+        args.update(pre_g_ptr=operands["pre_g"], gdz_g_ptr=gdz["gate"])
     if row_scale is not None:
         args["g_ptr"] = row_scale.contiguous()
     if spec.lora:
-        args.update(lz_ptr=operands["lz"], dz_ptr=out.dz["up"])
+        args.update(lz_ptr=operands["lz"], dz_ptr=dz["up"])
     if spec.gate_lora:
-        args.update(lz_g_ptr=operands["lz_g"], dz_g_ptr=out.dz["gate"])
+        args.update(lz_g_ptr=operands["lz_g"], dz_g_ptr=dz["gate"])
     if spec.down_lora:
-        args.update(e_ptr=operands["e"], hd_ptr=out.hd)
+        args.update(e_ptr=operands["e"], hd_ptr=hd)
     elif want_h:  # no down-LoRA term in dh, but its factors want hd (their gradients without dh): write g h only
         raise ValueError("grouped_act_backward: want_h without dh_extra is not a kernel case")
     if want_dg:
-        args["dg_ptr"] = out.dg
+        args["dg_ptr"] = dg
     if want_db:
-        args["db_ptr"] = out.db["up"]
+        args["db_ptr"] = db["up"]
         if gated:
-            args["db_g_ptr"] = out.db["gate"]
+            args["db_g_ptr"] = db["gate"]
     if perm is not None:
         args["perm_ptr"] = perm
     bm, bn, bk, warps, stages = _tiles("act_bwd", kernel.interpret)

@@ -33,7 +33,8 @@ from torch import Tensor
 
 from ._vjp import _acc_dtype
 from .operands import PROJECTIONS, RoutedTensors, projection_fields
-from .routed_grouping import Grouping, _sorted_dropout, act_backward_elementwise, router_probs, sorted_gate
+from .routed_grouping import (ActGrads, Grouping, _sorted_dropout, act_backward_elementwise, router_probs,
+                              sorted_gate)
 
 
 def _backward(impl, grad_out, tensors, block_ids, seed, lora_scales, blocks, top_k, gate, activation,
@@ -85,14 +86,18 @@ def _backward(impl, grad_out, tensors, block_ids, seed, lora_scales, blocks, top
 
         # 2. the elementwise stage: v = W_down^T dy and the activation's backward (one fused kernel where the
         # implementation has it), or, with no gradient through h asked for, only the down side's operands
-        common = dict(perm=perm, row_scale=g, activation=activation, out_dtype=dtype, lora_z=lora_z or None,
-                      want_h=down_a is not None, dropout=dropout)
-        if need_dh:
-            r = impl.act_backward(dy, down_w.t(), tok, off, fb, pre=u["up"], pre_gate=u.get("gate"),
-                                  want_dg=dg is not None, want_db=any(needs[f"{name}_b"] for name in names),
-                                  dh_extra=dh_extra, **common)
+        common = dict(pre=u["up"], pre_gate=u.get("gate"), perm=perm, row_scale=g, activation=activation,
+                      out_dtype=dtype, lora_z=lora_z or None, want_h=down_a is not None)
+        if not need_dh:
+            r = act_backward_elementwise(None, off, dropout=dropout, **common)
         else:
-            r = act_backward_elementwise(None, off, pre=u["up"], pre_gate=u.get("gate"), **common)
+            wants = dict(want_dg=dg is not None, want_db=any(needs[f"{name}_b"] for name in names),
+                         dh_extra=dh_extra)
+            if dropout is None:
+                r = ActGrads(*impl.act_backward(dy, down_w.t(), tok, off, fb, **common, **wants))
+            else:  # the mask is torch's generator's: the GEMM, then the elementwise stage in torch
+                v = impl.up(dy, down_w.t(), tok, off, fb, perm=perm, out_dtype=acc)
+                r = act_backward_elementwise(v, off, dropout=dropout, **common, **wants)
 
         # 3. the GEMMs: down projection (weight, LoRA), then the up / gate projections
         if needs["down_w"]:  # written through the transposed view: neuron n is a column of W_down

@@ -23,8 +23,7 @@ _backward) written against them:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -181,14 +180,13 @@ class TorchGrouped:
     @staticmethod
     def act_backward(dy: Tensor, w: Tensor, tok: Tensor, offsets: Tensor, block_size: int, *, pre: Tensor,
                      pre_gate=None, perm=None, row_scale=None, activation: str, out_dtype, want_dg=False,
-                     want_db=False, lora_z=None, dh_extra=None, want_h=False, dropout=None) -> "ActGrads":
+                     want_db=False, lora_z=None, dh_extra=None, want_h=False) -> "ActGrads":
         """v = dy . w[n] over the sorted assignments (w: W_down's transpose), then the activation's backward
         (act_backward_elementwise). The plain-torch twin of codegen/grouped_gemm.py's fused act_bwd kernel."""
         v = TorchGrouped.up(dy, w, tok, offsets, block_size, perm=perm, out_dtype=_acc_dtype(dy.dtype))
         return act_backward_elementwise(v, offsets, pre=pre, pre_gate=pre_gate, perm=perm, row_scale=row_scale,
                                         activation=activation, out_dtype=out_dtype, want_dg=want_dg,
-                                        want_db=want_db, lora_z=lora_z, dh_extra=dh_extra, want_h=want_h,
-                                        dropout=dropout)
+                                        want_db=want_db, lora_z=lora_z, dh_extra=dh_extra, want_h=want_h)
 
 
 TORCH_GROUPED = TorchGrouped()
@@ -198,8 +196,7 @@ TORCH_GROUPED = TorchGrouped()
 # the backward's elementwise stage
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class ActGrads:
+class ActGrads(NamedTuple):
     """What the routed backward's GEMMs read, per sorted assignment [A, fb] (ops/routed_backward.py):
     ghd = g hd (W_down's weight-gradient operand), hd (the down LoRA's, with want_h), gdz = g dz per projection
     (the up / gate weight and input gradients'), dz per projection with LoRA (its factors'), all in the operand

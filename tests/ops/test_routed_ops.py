@@ -655,6 +655,7 @@ def test_grouped_act_backward_matches_torch(interpreter, case, dtype):
     and dh) against the plain-torch twin (the backward's CPU path, which test_matches_reference ties to
     autograd's gradients)."""
     from sparsify.codegen.grouped_gemm import grouped_act_backward
+    from sparsify.ops.routed_grouping import ActGrads as ActGrads
 
     t, fb, blocks, top_k, m, empty, gated, permuted, scaled, act, lora = ACT_BWD_CASES[case]
     g = _gen(34)
@@ -670,7 +671,8 @@ def test_grouped_act_backward_matches_torch(interpreter, case, dtype):
     s = 2 * torch.rand(a, generator=g) if scaled else None
     kw = dict(perm=perm, row_scale=s, activation=act, want_dg=scaled, want_db=True, lora_z=lora_z or None,
               dh_extra=dh_extra, want_h=dh_extra is not None)
-    got = grouped_act_backward(dy, w, grp.tok, grp.offsets, fb, pre=pre, pre_gate=pre_gate, out_dtype=dtype, **kw)
+    got = ActGrads(*grouped_act_backward(dy, w, grp.tok, grp.offsets, fb, pre=pre, pre_gate=pre_gate,
+                                                  out_dtype=dtype, **kw))
     want = TORCH_GROUPED.act_backward(dy.float(), w.float(), grp.tok, grp.offsets, fb, pre=pre.float(),
                                       pre_gate=None if pre_gate is None else pre_gate.float(),
                                       out_dtype=torch.float32, **kw)
