@@ -68,6 +68,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
+import roofline  # noqa: E402  (H200 predictions beside the measurements)
 
 import sparsify  # noqa: E402,F401  (registers torch.ops.sparsify.*)
 from sparsify.methods.spt import init_codebook  # noqa: E402
@@ -715,6 +716,19 @@ def render_text(results, gpu):
     return T.text_table(_header(gpu), list(_rows(results, gpu)))
 
 
+def roofline_note(configs) -> str:
+    """The model's fwd+bwd ms of SDPA flash and the SPT block / token kernels for the measured shapes (batch, heads,
+    keep, causality as run; the GPU's shapes are what it is for)."""
+    parts = []
+    for c in configs:
+        shape = (c["B"], c["H"], c["n"], c["d"], c["keep_frac"], bool(c["causal"]))
+        sdpa = roofline.attention_roofline_ms("sdpa", *shape)
+        ratios = ", ".join(f"{v} {sdpa / roofline.attention_roofline_ms(v, *shape):.2f}x"
+                           for v in ("spt-block", "spt-token"))
+        parts.append(f"n {c['n']} d {c['d']}: sdpa {sdpa:.3f} ms; {ratios}")
+    return "; ".join(dict.fromkeys(parts)) or "-"
+
+
 def render_markdown(payload, gpu):
     env = payload["environment"]
     s = payload["settings"]
@@ -741,7 +755,9 @@ def render_markdown(payload, gpu):
         if dens:
             lines += [f"{what} — fraction of blocks that are non-empty (what a block-sparse kernel must visit): "
                       + ", ".join(f"n={n} d={d} {t}: {x:.0%}" for n, d, t, x in dens), ""]
-    lines += [T.markdown_table(_header(gpu), _rows(payload["results"], gpu)), "", "## Checks (issue targets)", ""]
+    lines += [T.markdown_table(_header(gpu), _rows(payload["results"], gpu)), "",
+              "H200 roofline (benchmarks/roofline.py, a model, not a measurement): " + roofline_note(payload["configs"]),
+              "", "## Checks (issue targets)", ""]
     lines += [T.markdown_table(["result", "check", "numbers / reason"],
                                [[c["result"], c["check"], c["why"]] for c in payload["checks"]])]
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 beside every measurement so the two can be compared when a GPU runs them.
 
     ffn_roofline_ms(variant, tokens, d_model, d_ff, blocks=4, dtype_bytes=2) -> predicted fwd+bwd ms (full mode)
+    attention_roofline_ms(variant, b, h, n, d, keep=1/8, causal=False) -> predicted fwd+bwd ms of one attention
 
 Machine: H200, 790 TFLOP/s dense bf16/fp16, 4.3 TB/s HBM, 4 us per kernel launch (ops/sparse_down.py H200, the
 numbers DEFT's inference="auto" uses). Each GEMM (M x N x K) costs max(2 M N K / P, bytes / BW) + one launch, its
@@ -28,6 +29,7 @@ Variants, full fine-tuning, y = W2 act(W1 x + b1) + b2 (x [T, d], W1 [F, d]):
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -72,6 +74,42 @@ def ffn_roofline_ms(variant: str, tokens: int, d: int, f: int, blocks: int = 4, 
     raise ValueError(f"no roofline for variant {variant!r}")
 
 
+# H200 fp32 on CUDA cores (no tensor cores): the SPT token kernels' dot products (they gather other keys per query
+# row, so they have no tile product: tests/kernels/test_sm90_all.py)
+H200_CUDA_CORE_FLOPS = 67e12
+
+
+def attention_roofline_ms(variant: str, b: int, h: int, n: int, d: int, keep: float = 0.125,
+                          causal: bool = False, block: int = 64, b_bytes: int = 2) -> float:
+    """Predicted H200 fwd+bwd ms of one attention call [b, h, n, d] (a MODEL, not a measurement):
+      sdpa (flash): 4 d FLOPs per (query, key) pair forward, 2.5x that backward (flash's recompute), on tensor
+      cores; q, k, v, o, their gradients moved once;
+      spt-block: the same per pair of the kept key blocks (ceil(keep * n / block) per query block) + the selection
+      (PQ encode of q and k: d/8 subspaces x 16 codewords x 8 dims each; block scores from code histograms:
+      (n/block)^2 x d/8 x 16 products) + 4 launches;
+      spt-token: keep * n keys per query on CUDA cores (no tile product) + the PQ encode and top-L selection
+      (n^2 x d/8 code comparisons on CUDA cores).
+    Causal halves the pairs. Assumed: every kernel at its unit's peak, so absolute times are optimistic; the ratio
+    between variants is what the model is for."""
+    P, BW, L = H200["flops"], H200["bytes_per_s"], H200["launch_s"]
+    pairs = b * h * n * (n + 1) / 2 if causal else b * h * n * n
+    io = 8 * b * h * n * d * b_bytes / BW  # q, k, v, o and their gradients
+    flash = 3.5 * 4 * d * pairs / P
+    if variant in ("sdpa", "sdpa-flash"):
+        return (flash + io + 2 * L) * 1e3
+    encode = 2 * (2 * b * h * n * (d // 8) * 16 * 8) / P
+    if variant.startswith("spt-block"):
+        nb = -(-n // block)
+        kept = min(nb, math.ceil(keep * nb)) / nb
+        select = 2 * b * h * nb * nb * (d // 8) * 16 / P
+        return (flash * kept + io + encode + select + 4 * L) * 1e3
+    if variant.startswith("spt-token"):
+        token = 3.5 * 4 * d * pairs * keep / H200_CUDA_CORE_FLOPS
+        select = b * h * n * n * (d // 8) / H200_CUDA_CORE_FLOPS
+        return (token + io + encode + select + 4 * L) * 1e3
+    raise ValueError(f"no attention roofline for variant {variant!r}")
+
+
 if __name__ == "__main__":
     for t in (4096, 16384):
         dense = ffn_roofline_ms("dense", t, 2048, 8192)
@@ -79,4 +117,11 @@ if __name__ == "__main__":
         for v in ("routed-top2", "routed-top2-recompute", "routed-top2-unfused", "routed-top1"):
             ms = ffn_roofline_ms(v, t, 2048, 8192)
             print(f" | {v} {ms:.3f} ms ({dense / ms:.2f}x)", end="")
+        print()
+    for n in (4096, 16384):
+        sdpa = attention_roofline_ms("sdpa", 1, 16, n, 128)
+        print(f"attention n={n} d=128 keep 1/8: sdpa {sdpa:.3f} ms", end="")
+        for v in ("spt-block", "spt-token"):
+            ms = attention_roofline_ms(v, 1, 16, n, 128)
+            print(f" | {v} {ms:.3f} ms ({sdpa / ms:.2f}x)", end="")
         print()

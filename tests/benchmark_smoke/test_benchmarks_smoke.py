@@ -28,6 +28,7 @@ def test_bench_attention_tiny(tmp_path):
     # GPU targets are never claimed on CPU
     assert payload["checks"] and all(c["result"] == "NOT RUN" for c in payload["checks"])
     assert "NOT RUN" in markdown
+    assert "H200 roofline" in markdown and "n 64 d 16: sdpa" in markdown  # the prediction beside the measurement
     # block mode is built: its select, attention and total rows are measured on CPU (a skip would hide a break)
     assert {"spt-block-select", "spt-block-attn", "spt-block"} <= ok, {
         r["variant"]: r.get("reason") for r in payload["results"] if r["variant"].startswith("spt-block")}
