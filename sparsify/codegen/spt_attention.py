@@ -430,14 +430,26 @@ def _block_inputs(q, k, v, block_index, block_valid, block_m, block_n, key_paddi
         kpm = _flags("key_padding_mask", key_padding_mask, (B, Lk), q)
     if scale is None:
         scale = D ** -0.5
-    return (B, H, Hkv, Lq, Lk, D, Dv, nqb), block_index, block_valid, kpm, float(scale)
+    block_index, counts = _compact_blocks(block_index, block_valid, _cdiv(Lk, block_n))
+    return (B, H, Hkv, Lq, Lk, D, Dv, nqb), block_index, counts, kpm, float(scale)
 
 
-def _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, block_valid, kpm, scale):
+def _compact_blocks(block_index, block_valid, nkb):
+    """The selection as the kernels read it: per map row the valid, in-range block indices first (a stable sort:
+    their order kept) and their count [B, H, nqb] int32, so a kernel loops over exactly those blocks' tiles with
+    no branch (which lets Triton pipeline the loads). On the device, nothing read back."""
+    ok = block_valid & (block_index >= 0) & (block_index < nkb)
+    order = torch.sort((~ok).to(torch.uint8), dim=-1, stable=True).indices
+    compact = torch.gather(block_index, -1, order).to(torch.int32).contiguous()
+    return compact, ok.sum(-1, dtype=torch.int32).contiguous()
+
+
+def _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, counts, kpm, scale):
     args = _common_args(spec, q, k, v, H, Hkv, Lq, Lk)
-    args.update(_map_args(block_index, block_valid))
+    args.update(s_ib=block_index.stride(0), s_ih=block_index.stride(1), s_im=block_index.stride(2),
+                s_is=block_index.stride(3), s_cb=counts.stride(0), s_ch=counts.stride(1), s_cm=counts.stride(2))
     args.update(
-        bidx_ptr=block_index, bval_ptr=block_valid, KB=block_index.shape[-1],
+        bidx_ptr=block_index, bcnt_ptr=counts, KB=block_index.shape[-1],
         NKB=_cdiv(Lk, spec.block_n), sm_scale=scale,
         MAP_M=spec.block_m, BLOCK_N=spec.block_n, TILE_M=spec.tile_m, TILE_N=spec.tile_n,
     )
@@ -462,7 +474,7 @@ def block_sparse_forward(q, k, v, block_index, block_valid=None, *, block_m=64, 
     override the kernel tiles (default: ``default_block_tiles``). attn_mask: a bool (True = attend) or float
     (added) mask broadcastable to [B, H, Lq, Lk], as sparsify::block_sparse_attention's `mask`.
     """
-    (B, H, Hkv, Lq, Lk, D, Dv, nqb), block_index, block_valid, kpm, scale = _block_inputs(
+    (B, H, Hkv, Lq, Lk, D, Dv, nqb), block_index, counts, kpm, scale = _block_inputs(
         q, k, v, block_index, block_valid, block_m, block_n, key_padding_mask, scale)
     attn_mask, mask_kind = _attn_mask(attn_mask, B, H, Lq, Lk)
     # [B, Lq, H, Dv] in memory as SDPA lays it out (ops/spt.py attention_output): the kernel writes by strides
@@ -476,14 +488,14 @@ def block_sparse_forward(q, k, v, block_index, block_valid=None, *, block_m=64, 
                            tile_m=tile_m or tm, tile_n=tile_n or tn)
     kernel = get_spt_kernel(spec)
     kernel.check_device(q)
-    args = _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, block_valid, kpm, scale)
+    args = _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, counts, kpm, scale)
     args.update(_mask_args(attn_mask))
     args.update(
         out_ptr=out, lse_ptr=lse,
         s_ob=out.stride(0), s_oh=out.stride(1), s_om=out.stride(2), s_od=out.stride(3),
         s_lb=lse.stride(0), s_lh=lse.stride(1), s_lm=lse.stride(2),
     )
-    kernel.launch((_cdiv(Lq, spec.tile_m), B * H), entry="fwd", num_warps=warps, num_stages=2, **args)
+    kernel.launch((_cdiv(Lq, spec.tile_m), B * H), entry="fwd", num_warps=warps, num_stages=3, **args)
     return out, lse
 
 
@@ -497,7 +509,7 @@ def block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, *, b
     computed by an extra pass, or from ``out=`` (the forward output) if given. attn_mask: as the forward's
     (no gradient for it: a float mask that needs one takes the op's reference).
     """
-    (B, H, Hkv, Lq, Lk, D, Dv, nqb), block_index, block_valid, kpm, scale = _block_inputs(
+    (B, H, Hkv, Lq, Lk, D, Dv, nqb), block_index, counts, kpm, scale = _block_inputs(
         q, k, v, block_index, block_valid, block_m, block_n, key_padding_mask, scale)
     attn_mask, mask_kind = _attn_mask(attn_mask, B, H, Lq, Lk)
     _check_grad_out(grad_out, (B, H, Lq, Dv), q)
@@ -515,7 +527,7 @@ def block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, *, b
                                block_m=block_m, block_n=block_n, tile_m=tile_m or tm, tile_n=tile_n or tn)
         kernel = get_spt_kernel(spec)
         kernel.check_device(q)
-        args = _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, block_valid, kpm, scale)
+        args = _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, counts, kpm, scale)
         args.update(_mask_args(attn_mask))
         args.update(
             do_ptr=grad_out, lse_ptr=lse, dq_ptr=dq, dk_ptr=dk_acc, dv_ptr=dv_acc,
@@ -527,5 +539,5 @@ def block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, *, b
         )
         if delta is not None:
             args.update(delta_ptr=delta, s_eb=delta.stride(0), s_eh=delta.stride(1), s_em=delta.stride(2))
-        kernel.launch((_cdiv(Lq, spec.tile_m), B * H), entry="bwd", num_warps=warps, num_stages=1, **args)
+        kernel.launch((_cdiv(Lq, spec.tile_m), B * H), entry="bwd", num_warps=warps, num_stages=2, **args)
     return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)

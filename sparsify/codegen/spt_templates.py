@@ -285,13 +285,13 @@ ${reductions}
 
 @triton.jit
 def ${name}_fwd(
-    q_ptr, k_ptr, v_ptr, bidx_ptr, bval_ptr, ${kpm_param}${mask_param}out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, bidx_ptr, bcnt_ptr, ${kpm_param}${mask_param}out_ptr, lse_ptr,
     H, GROUP, Lq, Lk, KB, NKB, sm_scale,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_ib, s_ih, s_im, s_is,
-    s_ab, s_ah, s_am, s_as,
+    s_cb, s_ch, s_cm,
     ${kpm_strides}${mask_strides}s_ob, s_oh, s_om, s_od,
     s_lb, s_lh, s_lm,
     MAP_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
@@ -302,19 +302,19 @@ ${block_prologue}
     m_i = tl.full((TILE_M,), float("-inf"), tl.float32)
     l_i = tl.full((TILE_M,), 0.0, tl.float32)
     acc = tl.full((TILE_M, BLOCK_DV), 0.0, tl.float32)
-    for j in range(0, KB):
-${block_select}        if sel:
-            for n0 in range(0, BLOCK_N, TILE_N):
-${block_scores}
-                m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # -inf - -inf would be NaN
-                alpha = tl.exp(m_i - m_use)
-                p = tl.exp(s - m_use[:, None])
-                l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
-                v = tl.load(v_base + offs_n[:, None] * s_vn + offs_e[None, :] * s_vd,
-                            mask=n_ok[:, None] & e_ok[None, :], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v${dot_kwargs})
-                m_i = m_new
+    # the valid selected blocks come first (the launcher compacts them): one loop over their tiles without a
+    # branch, which Triton's pipeliner can prefetch across (a branch per block stopped it)
+    for t in range(0, n_sel * (BLOCK_N // TILE_N)):
+${block_select}${block_scores}
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # -inf - -inf would be NaN
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(s - m_use[:, None])
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_e[None, :] * s_vd,
+                    mask=n_ok[:, None] & e_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v${dot_kwargs})
+        m_i = m_new
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
@@ -327,14 +327,14 @@ ${block_scores}
 
 @triton.jit
 def ${name}_bwd(
-    q_ptr, k_ptr, v_ptr, bidx_ptr, bval_ptr, ${kpm_param}${mask_param}do_ptr, lse_ptr,${delta_param}
+    q_ptr, k_ptr, v_ptr, bidx_ptr, bcnt_ptr, ${kpm_param}${mask_param}do_ptr, lse_ptr,${delta_param}
     dq_ptr, dk_ptr, dv_ptr,
     H, GROUP, Lq, Lk, KB, NKB, sm_scale,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_ib, s_ih, s_im, s_is,
-    s_ab, s_ah, s_am, s_as,
+    s_cb, s_ch, s_cm,
     ${kpm_strides}${mask_strides}s_gb, s_gh, s_gm, s_gd,
     s_lb, s_lh, s_lm,
     ${delta_strides}s_dqb, s_dqh, s_dqm, s_dqd,
@@ -358,19 +358,19 @@ ${block_prologue}
     # D_i = rowsum(P * dP) (equals rowsum(dO * O))
 ${block_delta}
     dq = tl.full((TILE_M, BLOCK_D), 0.0, tl.float32)
-    for j in range(0, KB):
-${block_select}        if sel:
-            for n0 in range(0, BLOCK_N, TILE_N):
-${block_scores}${block_recompute}
-                ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(q.dtype), tl.trans(kt)${dot_kwargs})
-                dk_tile = tl.dot(tl.trans(ds.to(q.dtype)), q${dot_kwargs}) * sm_scale
-                dv_tile = tl.dot(tl.trans(p.to(do.dtype)), do${dot_kwargs})
-                # relaxed: atomicity without ordering (acq_rel, tl.atomic_add's default, fences every add)
-                tl.atomic_add(dk_base + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd, dk_tile,
-                              mask=n_ok[:, None] & d_ok[None, :], sem="relaxed")
-                tl.atomic_add(dv_base + offs_n[:, None] * s_dvn + offs_e[None, :] * s_dvd, dv_tile,
-                              mask=n_ok[:, None] & e_ok[None, :], sem="relaxed")
+    # the valid selected blocks come first (the launcher compacts them): one loop over their tiles without a
+    # branch, which Triton's pipeliner can prefetch across (a branch per block stopped it)
+    for t in range(0, n_sel * (BLOCK_N // TILE_N)):
+${block_select}${block_scores}${block_recompute}
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(q.dtype), tl.trans(kt)${dot_kwargs})
+        dk_tile = tl.dot(tl.trans(ds.to(q.dtype)), q${dot_kwargs}) * sm_scale
+        dv_tile = tl.dot(tl.trans(p.to(do.dtype)), do${dot_kwargs})
+        # relaxed: atomicity without ordering (acq_rel, tl.atomic_add's default, fences every add)
+        tl.atomic_add(dk_base + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd, dk_tile,
+                      mask=n_ok[:, None] & d_ok[None, :], sem="relaxed")
+        tl.atomic_add(dv_base + offs_n[:, None] * s_dvn + offs_e[None, :] * s_dvd, dv_tile,
+                      mask=n_ok[:, None] & e_ok[None, :], sem="relaxed")
 
     dq = dq * sm_scale
     tl.store(dq_ptr + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :] * s_dqd,
@@ -397,38 +397,38 @@ BLOCK_PROLOGUE = '''\
     # the map row of this tile (TILE_M divides MAP_M: a tile never straddles two map rows)
     map_row = (pid_m * TILE_M) // MAP_M
     sel_row = b * s_ib + h * s_ih + map_row * s_im
-    val_row = b * s_ab + h * s_ah + map_row * s_am
+    n_sel = tl.load(bcnt_ptr + b * s_cb + h * s_ch + map_row * s_cm)  # valid selected blocks of this map row
 '''
 
-# The j-th selected key block of this query block; invalid or out-of-range entries are
-# skipped (a runtime branch: unselected blocks cost one scalar load).
+# Tile t of this map row's selected key blocks: block t // (BLOCK_N // TILE_N) of the compacted list (only valid,
+# in-range entries, first: spt_attention.py _compact_blocks), key tile t % (BLOCK_N // TILE_N) inside it.
 BLOCK_SELECT = '''\
-        kblk = tl.load(bidx_ptr + sel_row + j * s_is).to(tl.int64)
-        sel = (tl.load(bval_ptr + val_row + j * s_as) != 0) & (kblk >= 0) & (kblk < NKB)
+        kblk = tl.load(bidx_ptr + sel_row + (t // (BLOCK_N // TILE_N)) * s_is).to(tl.int64)
+        n0 = (t % (BLOCK_N // TILE_N)) * TILE_N
 '''
 
 # Scores of one key tile of a selected block: [TILE_M, TILE_N], masked entries -inf.
 BLOCK_SCORES = Template('''\
-                offs_n = kblk * BLOCK_N + n0 + tl.arange(0, TILE_N)
-                n_ok = offs_n < Lk
-                # K^T tile [BLOCK_D, TILE_N] read through strides (no transpose copy)
-                kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
-                             mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-                s = tl.dot(q, kt${dot_kwargs}) * sm_scale
-                allowed = m_ok[:, None] & n_ok[None, :]
-${causal}${kpm}${mask}                s = tl.where(allowed, s, float("-inf"))
+        offs_n = kblk * BLOCK_N + n0 + tl.arange(0, TILE_N)
+        n_ok = offs_n < Lk
+        # K^T tile [BLOCK_D, TILE_N] read through strides (no transpose copy)
+        kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
+                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        s = tl.dot(q, kt${dot_kwargs}) * sm_scale
+        allowed = m_ok[:, None] & n_ok[None, :]
+${causal}${kpm}${mask}        s = tl.where(allowed, s, float("-inf"))
 ''')
 
 # Bottom-right aligned (query i is at absolute position i + Lk - Lq); equal to SDPA's
 # is_causal for Lq == Lk. Applied to every visited tile: a no-op below the diagonal.
-BLOCK_CAUSAL = "                allowed = allowed & (offs_n[None, :] <= (offs_m + (Lk - Lq))[:, None])\n"
+BLOCK_CAUSAL = "        allowed = allowed & (offs_n[None, :] <= (offs_m + (Lk - Lq))[:, None])\n"
 
 # key padding mask: [B, Lk], nonzero = attend (HF attention_mask convention)
 BLOCK_KPM_PARAM = "kpm_ptr, "
 BLOCK_KPM_STRIDES = "s_pb, s_pn,\n    "
 BLOCK_KPM = (
-    "                kpad = tl.load(kpm_ptr + b * s_pb + offs_n * s_pn, mask=n_ok, other=0) != 0\n"
-    "                allowed = allowed & kpad[None, :]\n"
+    "        kpad = tl.load(kpm_ptr + b * s_pb + offs_n * s_pn, mask=n_ok, other=0) != 0\n"
+    "        allowed = allowed & kpad[None, :]\n"
 )
 
 # a general attention mask [B|1, H|1, Lq, Lk] read through (broadcast) strides, one tile per visited key tile:
@@ -438,27 +438,27 @@ BLOCK_MASK_STRIDES = "s_mb, s_mh, s_mm, s_mn,\n    "
 BLOCK_MASK_TILE = ("mask_ptr + b * s_mb + h * s_mh + offs_m[:, None].to(tl.int64) * s_mm + "
                    "offs_n[None, :].to(tl.int64) * s_mn")
 BLOCK_MASK_BOOL = (
-    f"                allowed = allowed & (tl.load({BLOCK_MASK_TILE}, mask=allowed, other=0) != 0)\n"
+    f"        allowed = allowed & (tl.load({BLOCK_MASK_TILE}, mask=allowed, other=0) != 0)\n"
 )
 BLOCK_MASK_FLOAT = (
-    f"                s = s + tl.load({BLOCK_MASK_TILE}, mask=allowed, other=0.0).to(tl.float32)\n"
+    f"        s = s + tl.load({BLOCK_MASK_TILE}, mask=allowed, other=0.0).to(tl.float32)\n"
 )
 
 # Backward: P from the saved lse, dP = dO V^T.
 BLOCK_RECOMPUTE = Template('''\
-                p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
-                # V^T tile [BLOCK_DV, TILE_N]
-                vt = tl.load(v_base + offs_n[None, :] * s_vn + offs_e[:, None] * s_vd,
-                             mask=e_ok[:, None] & n_ok[None, :], other=0.0)
-                dp = tl.dot(do, vt${dot_kwargs})
+        p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+        # V^T tile [BLOCK_DV, TILE_N]
+        vt = tl.load(v_base + offs_n[None, :] * s_vn + offs_e[:, None] * s_vd,
+                     mask=e_ok[:, None] & n_ok[None, :], other=0.0)
+        dp = tl.dot(do, vt${dot_kwargs})
 ''')
 
 BLOCK_DELTA_PASS = Template('''\
     delta = tl.full((TILE_M,), 0.0, tl.float32)
-    for j in range(0, KB):
-${block_select}        if sel:
-            for n0 in range(0, BLOCK_N, TILE_N):
-${block_scores}${block_recompute}                delta += tl.reduce(p * dp, 1, _sum_combine)
+    # the valid selected blocks come first (the launcher compacts them): one loop over their tiles without a
+    # branch, which Triton's pipeliner can prefetch across (a branch per block stopped it)
+    for t in range(0, n_sel * (BLOCK_N // TILE_N)):
+${block_select}${block_scores}${block_recompute}        delta += tl.reduce(p * dp, 1, _sum_combine)
 ''')
 
 BLOCK_DELTA_LOAD = (

@@ -54,6 +54,8 @@ def _check(rows):
         assert r["atomics_acq_rel"] == 0, where  # accumulations are relaxed: acq_rel fences every add
         if r["dots"]:
             assert r["wgmma"] + r["mma_sync"] > 0, where
+        if r["family"].startswith("block_attention"):  # the block loops are pipelined (async copies of K / V tiles)
+            assert r["cp_async"] + r["tma"] > 0, where
 
 
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
