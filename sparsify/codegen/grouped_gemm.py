@@ -23,7 +23,9 @@ Semantics (the torch reference is sparsify.ops.routed_grouping.TorchGrouped, wit
 
 Kernels
 -------
-up / down: grid (cdiv(A, BLOCK_M) + NB, tiles over the output columns). Block i owns ceil(count_i / BLOCK_M)
+up / down / act_bwd: a 1-d grid of (cdiv(A, BLOCK_M) + NB) M-tiles x the output columns' N-tiles, in grouped order
+(GROUP_M M-tiles walk the N-tiles together: a tile row's gathered rows are read once and reused from L2, each
+weight tile serves GROUP_M M-tiles; TILE_LOOKUP). Block i owns ceil(count_i / BLOCK_M)
 consecutive M-tiles after those of blocks < i; sum_i ceil(count_i / BLOCK_M) <= cdiv(A, BLOCK_M) + NB, so
 the grid is an upper bound known from A and NB alone. Each program scans the NB offsets (NB scalar loads) to
 find its block and row range; spare programs find none, run zero K iterations and store nothing. Hence no
@@ -152,8 +154,15 @@ import triton.language as tl
 
 # Finds the block and the row range of M-tile pid_m without any host-side count (module docstring).
 TILE_LOOKUP = '''\
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # grouped order (Triton's matmul swizzle) on a 1-d grid of M_TILES x N_TILES programs: GROUP_M consecutive
+    # M-tiles walk every N-tile together, so a tile row's gathered rows are read from memory once and served from
+    # L2 to its other N-tiles, and each weight tile is reused by GROUP_M M-tiles while it is in L2
+    pid = tl.program_id(0)
+    in_group = GROUP_M * N_TILES
+    first_m = (pid // in_group) * GROUP_M
+    group_m = tl.minimum(M_TILES - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_m
+    pid_n = (pid % in_group) // group_m
     zero = pid_m * 0
     blk = zero - 1
     row0 = zero
@@ -181,7 +190,7 @@ UP_MAINLOOP = '''\
 @triton.jit
 def $name(
     $params,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
 $tile_lookup
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # neuron index inside the block
@@ -255,7 +264,7 @@ DOWN_KERNEL = Template('''\
 @triton.jit
 def $name(
     $params,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
 $tile_lookup
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output column
@@ -383,7 +392,7 @@ def _up_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
         params += ["pre_ptr"] + (["pre_g_ptr"] if spec.gated else [])
     if spec.permuted:
         params.append("perm_ptr")
-    params += ["tok_ptr", "off_ptr", "y_ptr", "NB", "FB", "K"]
+    params += ["tok_ptr", "off_ptr", "y_ptr", "NB", "FB", "K", "M_TILES", "N_TILES"]
     params += ["s_xm", "s_xk", "s_wn", "s_wk"]
     if spec.gated:
         params += ["s_gn", "s_gk"]
@@ -445,7 +454,7 @@ def _act_bwd_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
         params += ["db_ptr"] + (["db_g_ptr"] if gated else [])
     if spec.permuted:
         params.append("perm_ptr")
-    params += ["tok_ptr", "off_ptr", "NB", "FB", "K", "s_xm", "s_xk", "s_wn", "s_wk"]
+    params += ["tok_ptr", "off_ptr", "NB", "FB", "K", "M_TILES", "N_TILES", "s_xm", "s_xk", "s_wn", "s_wk"]
 
     load, store = ACT_BWD_LOAD.substitute, ACT_BWD_STORE.substitute
     grads = ACTIVATION_GRADS[spec.activation]
@@ -501,7 +510,8 @@ def _down_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
         params.append("g_ptr")
     if spec.permuted:
         params.append("perm_ptr")
-    params += ["tok_ptr", "off_ptr", "out_ptr", "NB", "FB", "M", "s_hm", "s_hk", "s_wm", "s_wk", "s_om", "s_on"]
+    params += ["tok_ptr", "off_ptr", "out_ptr", "NB", "FB", "M", "M_TILES", "N_TILES", "s_hm", "s_hk", "s_wm", "s_wk",
+               "s_om", "s_on"]
     scale = (ROW_SCALE_LOAD + ROW_SCALE.substitute(acc="acc")) if spec.row_scale else ""
     return DOWN_KERNEL.substitute(
         name=spec.kernel_name,
@@ -567,6 +577,16 @@ def _tiles(kind: str, interpret: bool):
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+GROUP_M = 8  # M-tiles that walk the N-tiles together (TILE_LOOKUP's grouped order)
+
+
+def _grouped_grid(a: int, nb: int, n: int, bm: int, bn: int):
+    """(grid, the order's arguments) of an up / down / act_bwd launch: cdiv(A, BLOCK_M) + NB M-tiles (an upper bound
+    of every block's tiles, known without reading the counts) times cdiv(n, BLOCK_N) N-tiles, on a 1-d grid."""
+    m_tiles, n_tiles = _cdiv(a, bm) + nb, _cdiv(n, bn)
+    return (m_tiles * n_tiles,), dict(M_TILES=m_tiles, N_TILES=n_tiles, GROUP_M=GROUP_M)
 
 
 def _check(name, t, device, dims=None):
@@ -663,8 +683,8 @@ def grouped_up(x, w, tok, offsets, block_size, *, perm=None, bias=None, row_scal
     if perm is not None:
         args["perm_ptr"] = perm
     bm, bn, bk, warps, stages = _tiles("up", kernel.interpret)
-    grid = (_cdiv(a, bm) + nb, _cdiv(fb, bn))
-    kernel.launch(grid, num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **args)
+    grid, order = _grouped_grid(a, nb, fb, bm, bn)
+    kernel.launch(grid, num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **order, **args)
     return y
 
 
@@ -696,8 +716,8 @@ def grouped_down(h, w, tok, offsets, out, *, perm=None, row_scale=None):
     if perm is not None:
         args["perm_ptr"] = perm
     bm, bn, bk, warps, stages = _tiles("down", kernel.interpret)
-    grid = (_cdiv(a, bm) + nb, _cdiv(m, bn))
-    kernel.launch(grid, num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **args)
+    grid, order = _grouped_grid(a, nb, m, bm, bn)
+    kernel.launch(grid, num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **order, **args)
     return out
 
 
@@ -803,8 +823,8 @@ def grouped_act_backward(dy, w, tok, offsets, block_size, *, pre, pre_gate=None,
     if perm is not None:
         args["perm_ptr"] = perm
     bm, bn, bk, warps, stages = _tiles("act_bwd", kernel.interpret)
-    grid = (_cdiv(a, bm) + nb, _cdiv(fb, bn))
-    kernel.launch(grid, num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **args)
+    grid, order = _grouped_grid(a, nb, fb, bm, bn)
+    kernel.launch(grid, num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **order, **args)
     return out
 
 
