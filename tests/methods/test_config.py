@@ -29,6 +29,7 @@ BAD_FIELDS = [
     ("mlp", "method", "spt", r"choose one of \['dense', 'routed', 'deft', 'ada_deft', 'off'\]"),
     ("mlp", "gate", "softmax", r"choose one of \['sigmoid2p', 'none'\]"),
     ("mlp", "block_order", "random", r"choose one of \['contiguous', 'clustered'\]"),
+    *[("mlp", "recompute", v, "must be True or False") for v in (1, "yes", None)],
 ]
 
 
