@@ -18,9 +18,9 @@ from .debug import (Report, dump_graph, dump_report, log, new_graph_breaks, regi
 from .methods import method_for, report_facts
 from .methods.state import collect_state
 from .passes.canonicalize import canonicalize
-from .passes.fx_utils import REAL_VALUE, REGION_TAG
+from .passes.fx_utils import REAL_VALUE, REGION_TAG, kind_of
 from .passes.lower import lower_dense_attention, lower_dense_mlp
-from .passes.regions import Region, find_regions, unmatched_blocks
+from .passes.regions import PRODUCTS, Region, find_regions, unmatched_blocks
 from .plan import SparsifyError, plan_regions
 
 _graph_counter = itertools.count()
@@ -44,6 +44,7 @@ def run_passes(gm: GraphModule, config: SparsifyConfig, announce: bool = True, m
     canonical = canonicalize(gm)
     states = collect_state(gm)
     found = find_regions(gm, linear=config.linear.method != "off")
+    has_products = any(kind_of(node) in PRODUCTS for node in gm.graph.nodes)
     unmatched = [(kind, path, cls) for kind, path, cls in unmatched_blocks(gm, found)
                  if not any(fnmatch.fnmatchcase(path, p) for p in config.exclude)]
     regions = plan_regions(found, config, states, mode, preparing)
@@ -76,7 +77,7 @@ def run_passes(gm: GraphModule, config: SparsifyConfig, announce: bool = True, m
     gm.recompile()
     if announce:
         warn_not_done(regions, config, graph_index, unmatched)
-    if not regions:
+    if not regions and has_products:  # a graph piece with no matrix product (a graph break's tail) is not news
         warnings.warn(f"sparsify: no attention or MLP block found in graph {graph_index}; it runs unchanged",
                       stacklevel=2)
     log.info("graph %d (%s): %d regions, %d rewritten (canonicalized: %s)", graph_index, mode, len(regions),

@@ -669,7 +669,7 @@ def find_regions(gm: GraphModule, linear: bool = False) -> list[Region]:
 ATTENTION_NAMES = ("Attention",)
 MLP_SUFFIXES = ("MLP", "Mlp", "FeedForward", "FFN", "Ffn", "FF", "Intermediate", "DenseActDense",
                 "DenseGatedActDense", "MoE", "Moe", "MoeBlock", "Experts")
-_PRODUCTS = {"linear", "matmul", "addmm", "baddbmm", "sdpa"}
+PRODUCTS = {"linear", "matmul", "addmm", "baddbmm", "sdpa"}  # node kinds that multiply matrices
 # convolutions: a feed-forward written with Conv1d (VITS, SAM3's text encoder) is a block no MLP matcher takes
 _CONVOLUTIONS = {torch.conv1d, torch.conv2d, torch.nn.functional.conv1d, torch.nn.functional.conv2d}
 
@@ -687,7 +687,7 @@ def unmatched_blocks(gm: GraphModule, regions: list[Region]) -> list[tuple[str, 
     (BertAttention, not also its BertSelfAttention)."""
     blocks: dict[tuple[str, str], str] = {}
     for node in gm.graph.nodes:
-        if kind_of(node) not in _PRODUCTS and not (node.op == "call_function" and node.target in _CONVOLUTIONS):
+        if kind_of(node) not in PRODUCTS and not (node.op == "call_function" and node.target in _CONVOLUTIONS):
             continue
         seen_kinds = set()
         for path, cls in module_stack(node):
