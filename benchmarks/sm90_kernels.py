@@ -111,6 +111,16 @@ def cases(dtypes, quick: bool):
                             lambda q=q, k=k, v=v, bi=bindex, bv=bvalid, causal=causal:
                             spt_attention.block_sparse_backward(q.clone(), q, k, v, bi, bv, torch.zeros(1, 8, length),
                                                                 causal=causal, out=v.clone())))  # as the op calls it
+                if causal and not quick:  # dropout drawn in-kernel (Philox)
+                    out.append(("block_attention_fwd", f"{n} d{head_dim} causal dropout",
+                                lambda q=q, k=k, v=v, bi=bindex, bv=bvalid:
+                                spt_attention.block_sparse_forward(q, k, v, bi, bv, causal=True, dropout_p=0.1,
+                                                                   seed=12345)))
+                    out.append(("block_attention_bwd", f"{n} d{head_dim} causal dropout",
+                                lambda q=q, k=k, v=v, bi=bindex, bv=bvalid:
+                                spt_attention.block_sparse_backward(q.clone(), q, k, v, bi, bv,
+                                                                    torch.zeros(1, 8, length), causal=True,
+                                                                    out=v.clone(), dropout_p=0.1, seed=12345)))
                 if causal and not quick:  # a padded HF batch: the 4-d additive mask read per visited tile
                     mask = torch.zeros(1, 1, length, length).to(dt)
                     out.append(("block_attention_fwd", f"{n} d{head_dim} causal float mask",

@@ -458,6 +458,12 @@ def _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, counts, kpm, scale):
     return args
 
 
+def _dropout_args(seed, p):
+    """The kernels' Philox key: the int64 seed's two 32-bit halves (as tl.rand splits it), and p."""
+    seed = int(seed) & ((1 << 64) - 1)
+    return dict(seed_lo=seed & 0xFFFFFFFF, seed_hi=seed >> 32, p_drop=float(p))
+
+
 def _mask_args(mask):
     if mask is None:
         return {}
@@ -465,14 +471,17 @@ def _mask_args(mask):
 
 
 def block_sparse_forward(q, k, v, block_index, block_valid=None, *, block_m=64, block_n=64,
-                         causal=False, key_padding_mask=None, scale=None, tile_m=None, tile_n=None, attn_mask=None):
+                         causal=False, key_padding_mask=None, scale=None, tile_m=None, tile_n=None, attn_mask=None,
+                         dropout_p=0.0, seed=0):
     """Block-sparse attention forward: ``(out [B, H, Lq, Dv] in q.dtype, lse [B, H, Lq] fp32)``.
 
     Query block qb (rows qb*block_m ...) attends to the keys of the blocks
     ``block_index[b, h, qb, :]`` whose ``block_valid`` is set, with causal / key padding
     masking inside them. With ``dense_block_map`` this is dense attention. tile_m / tile_n
     override the kernel tiles (default: ``default_block_tiles``). attn_mask: a bool (True = attend) or float
-    (added) mask broadcastable to [B, H, Lq, Lk], as sparsify::block_sparse_attention's `mask`.
+    (added) mask broadcastable to [B, H, Lq, Lk], as sparsify::block_sparse_attention's `mask`. dropout_p, seed:
+    dropout on the probabilities, drawn in-kernel from Philox at each pair's offset (ops/_vjp.py
+    philox_dropout_scale is the same draw).
     """
     (B, H, Hkv, Lq, Lk, D, Dv, nqb), block_index, counts, kpm, scale = _block_inputs(
         q, k, v, block_index, block_valid, block_m, block_n, key_padding_mask, scale)
@@ -484,12 +493,14 @@ def block_sparse_forward(q, k, v, block_index, block_valid=None, *, block_m=64, 
         return out, lse
     tm, tn, warps = default_block_tiles(D, block_m, block_n, False, interpret_mode())
     spec = BlockSparseSpec(head_dim=D, v_head_dim=Dv, dtype=q.dtype, causal=bool(causal),
-                           key_padding=kpm is not None, mask=mask_kind, block_m=block_m, block_n=block_n,
-                           tile_m=tile_m or tm, tile_n=tile_n or tn)
+                           key_padding=kpm is not None, mask=mask_kind, dropout=dropout_p > 0, block_m=block_m,
+                           block_n=block_n, tile_m=tile_m or tm, tile_n=tile_n or tn)
     kernel = get_spt_kernel(spec)
     kernel.check_device(q)
     args = _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, counts, kpm, scale)
     args.update(_mask_args(attn_mask))
+    if dropout_p > 0:
+        args.update(_dropout_args(seed, dropout_p))
     args.update(
         out_ptr=out, lse_ptr=lse,
         s_ob=out.stride(0), s_oh=out.stride(1), s_om=out.stride(2), s_od=out.stride(3),
@@ -501,14 +512,17 @@ def block_sparse_forward(q, k, v, block_index, block_valid=None, *, block_m=64, 
 
 def block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, *, block_m=64, block_n=64,
                           causal=False, key_padding_mask=None, scale=None, out=None,
-                          tile_m=None, tile_n=None, attn_mask=None):
+                          tile_m=None, tile_n=None, attn_mask=None, dropout_p=0.0, seed=0):
     """Block-sparse attention backward: ``(dq, dk, dv)`` in the input dtypes.
 
     One program per (query block, b, h) walks the selected key blocks once: dq is
     accumulated in registers, dk / dv tiles are atomically added to fp32 buffers. D_i is
     computed by an extra pass, or from ``out=`` (the forward output) if given. attn_mask: as the forward's
-    (no gradient for it: a float mask that needs one takes the op's reference).
+    (no gradient for it: a float mask that needs one takes the op's reference). dropout_p, seed: the forward's
+    (the same in-kernel draw); dropout needs ``out=`` (D_i = rowsum(dO * O) holds the dropped probabilities).
     """
+    if dropout_p > 0 and out is None:
+        raise ValueError("block_sparse_backward: dropout needs the forward's output (out=) for D_i")
     (B, H, Hkv, Lq, Lk, D, Dv, nqb), block_index, counts, kpm, scale = _block_inputs(
         q, k, v, block_index, block_valid, block_m, block_n, key_padding_mask, scale)
     attn_mask, mask_kind = _attn_mask(attn_mask, B, H, Lq, Lk)
@@ -523,12 +537,15 @@ def block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, *, b
         delta = None if out is None else _delta_from_out(grad_out, out, (B, H, Lq), q)
         tm, tn, warps = default_block_tiles(D, block_m, block_n, True, interpret_mode())
         spec = BlockSparseSpec(head_dim=D, v_head_dim=Dv, dtype=q.dtype, causal=bool(causal),
-                               key_padding=kpm is not None, mask=mask_kind, precomputed_delta=delta is not None,
+                               key_padding=kpm is not None, mask=mask_kind, dropout=dropout_p > 0,
+                               precomputed_delta=delta is not None,
                                block_m=block_m, block_n=block_n, tile_m=tile_m or tm, tile_n=tile_n or tn)
         kernel = get_spt_kernel(spec)
         kernel.check_device(q)
         args = _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, counts, kpm, scale)
         args.update(_mask_args(attn_mask))
+        if dropout_p > 0:
+            args.update(_dropout_args(seed, dropout_p))
         args.update(
             do_ptr=grad_out, lse_ptr=lse, dq_ptr=dq, dk_ptr=dk_acc, dv_ptr=dv_acc,
             s_gb=grad_out.stride(0), s_gh=grad_out.stride(1), s_gm=grad_out.stride(2), s_gd=grad_out.stride(3),

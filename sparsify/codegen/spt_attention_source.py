@@ -120,6 +120,7 @@ class BlockSparseSpec(_AttentionSpec):
     causal: bool = False
     key_padding: bool = False
     mask: str = "none"           # an attention mask tensor: "none", "bool" (True = attend) or "float" (added)
+    dropout: bool = False        # dropout on the probabilities, drawn in-kernel (Philox; backward needs delta)
     precomputed_delta: bool = False
     block_m: int = 64
     block_n: int = 64
@@ -155,6 +156,8 @@ class BlockSparseSpec(_AttentionSpec):
             parts.append("kpm")
         if self.mask != "none":
             parts.append(f"mask{self.mask[0]}")
+        if self.dropout:
+            parts.append("drop")
         if self.precomputed_delta:
             parts.append("delta")
         parts.append(f"m{self.block_m}n{self.block_n}t{self.tile_m}x{self.tile_n}")
@@ -233,6 +236,10 @@ def _block_source(spec: BlockSparseSpec) -> str:
         kpm_param=T.BLOCK_KPM_PARAM if spec.key_padding else "",
         kpm_strides=T.BLOCK_KPM_STRIDES if spec.key_padding else "",
         mask_param=T.BLOCK_MASK_PARAM if spec.mask != "none" else "",
+        dropout_param=T.BLOCK_DROPOUT_PARAM if spec.dropout else "",
+        philox=T.BLOCK_PHILOX + "\n" if spec.dropout else "",
+        fwd_dropout=T.BLOCK_FWD_DROPOUT if spec.dropout else T.BLOCK_FWD_NO_DROPOUT,
+        bwd_dropout=T.BLOCK_BWD_DROPOUT if spec.dropout else T.BLOCK_BWD_NO_DROPOUT,
         mask_strides=T.BLOCK_MASK_STRIDES if spec.mask != "none" else "",
         delta_param=T.DELTA_PARAM if spec.precomputed_delta else "",
         delta_strides=T.DELTA_STRIDES if spec.precomputed_delta else "",

@@ -282,11 +282,11 @@ import triton.language as tl
 
 
 ${reductions}
-
+${philox}
 @triton.jit
 def ${name}_fwd(
     q_ptr, k_ptr, v_ptr, bidx_ptr, bcnt_ptr, ${kpm_param}${mask_param}out_ptr, lse_ptr,
-    H, GROUP, Lq, Lk, KB, NKB, sm_scale,
+    H, GROUP, Lq, Lk, KB, NKB, sm_scale,${dropout_param}
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -310,10 +310,10 @@ ${block_select}${block_scores}
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # -inf - -inf would be NaN
         alpha = tl.exp(m_i - m_use)
         p = tl.exp(s - m_use[:, None])
-        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_e[None, :] * s_vd,
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)  # the softmax's sum: before dropout
+${fwd_dropout}        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_e[None, :] * s_vd,
                     mask=n_ok[:, None] & e_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v${dot_kwargs})
+        acc = acc * alpha[:, None] + tl.dot(p_v.to(v.dtype), v${dot_kwargs})
         m_i = m_new
 
     has = l_i > 0.0
@@ -329,7 +329,7 @@ ${block_select}${block_scores}
 def ${name}_bwd(
     q_ptr, k_ptr, v_ptr, bidx_ptr, bcnt_ptr, ${kpm_param}${mask_param}do_ptr, lse_ptr,${delta_param}
     dq_ptr, dk_ptr, dv_ptr,
-    H, GROUP, Lq, Lk, KB, NKB, sm_scale,
+    H, GROUP, Lq, Lk, KB, NKB, sm_scale,${dropout_param}
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -361,11 +361,11 @@ ${block_delta}
     # the valid selected blocks come first (the launcher compacts them): one loop over their tiles without a
     # branch, which Triton's pipeliner can prefetch across (a branch per block stopped it)
     for t in range(0, n_sel * (BLOCK_N // TILE_N)):
-${block_select}${block_scores}${block_recompute}
-        ds = p * (dp - delta[:, None])
+${block_select}${block_scores}${block_recompute}${bwd_dropout}
+        ds = p * (dp_v - delta[:, None])
         dq += tl.dot(ds.to(q.dtype), tl.trans(kt)${dot_kwargs})
         dk_tile = tl.dot(tl.trans(ds.to(q.dtype)), q${dot_kwargs}) * sm_scale
-        dv_tile = tl.dot(tl.trans(p.to(do.dtype)), do${dot_kwargs})
+        dv_tile = tl.dot(tl.trans(p_v.to(do.dtype)), do${dot_kwargs})
         # relaxed: atomicity without ordering (acq_rel, tl.atomic_add's default, fences every add)
         tl.atomic_add(dk_base + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd, dk_tile,
                       mask=n_ok[:, None] & d_ok[None, :], sem="relaxed")
@@ -464,6 +464,44 @@ ${block_select}${block_scores}${block_recompute}        delta += tl.reduce(p * d
 BLOCK_DELTA_LOAD = (
     "    delta = tl.load(delta_ptr + b * s_eb + h * s_eh + offs_m * s_em, mask=m_ok, other=0.0)\n"
 )
+
+# Dropout drawn in-kernel: Philox (tl.rand) at the pair's row-major offset in [B, H, Lq, Lk], keep = u >= p, the
+# draw ops/_vjp.py philox_dropout_scale makes for the reference, so forward, backward and reference agree bit for bit
+BLOCK_DROPOUT_PARAM = " seed_lo, seed_hi, p_drop,"
+BLOCK_DROPOUT_KEEP = (
+    "        keep = _philox_uniform(seed_lo, seed_hi, ((b * H + h) * Lq + offs_m[:, None].to(tl.int64)) * Lk\n"
+    "                               + offs_n[None, :].to(tl.int64)) >= p_drop\n"
+)
+# Triton's tl.rand written out with builtins in the generated module (decorated in the kernels' mode, like
+# REDUCTIONS: triton.language's own @jit helpers cannot be called from a kernel of the other mode). Philox 4x32,
+# 10 rounds, counters (offset low, offset high, 0, 0), key (seed low, seed high); the same bits as tl.rand.
+BLOCK_PHILOX = '''\
+@triton.jit
+def _philox_uniform(seed_lo, seed_hi, offset):
+    c0 = offset.to(tl.uint32)
+    c1 = (offset >> 32).to(tl.uint32)
+    c2 = c0 * 0
+    c3 = c0 * 0
+    k0 = seed_lo.to(tl.uint32)
+    k1 = seed_hi.to(tl.uint32)
+    for _ in tl.static_range(10):
+        a0 = c0
+        a2 = c2
+        c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
+        c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
+        c1 = a2 * 0xCD9E8D57
+        c3 = a0 * 0xD2511F53
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    x = c0.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, ~x, x)
+    return x * 4.6566127342e-10
+'''
+BLOCK_FWD_DROPOUT = BLOCK_DROPOUT_KEEP + "        p_v = tl.where(keep, p / (1.0 - p_drop), 0.0)\n"
+BLOCK_BWD_DROPOUT = (BLOCK_DROPOUT_KEEP + "        p_v = tl.where(keep, p / (1.0 - p_drop), 0.0)\n"
+                     "        dp_v = tl.where(keep, dp / (1.0 - p_drop), 0.0)\n")
+BLOCK_FWD_NO_DROPOUT = "        p_v = p\n"
+BLOCK_BWD_NO_DROPOUT = "        p_v = p\n        dp_v = dp\n"
 
 # fp32 inputs: true fp32 products (as torch) instead of TF32; 16-bit: default
 DOT_KWARGS_FP32 = ', input_precision="ieee"'

@@ -12,15 +12,17 @@ What a kernel does not cover falls back to the op's plain-torch reference on the
 same math, unfused), so a CUDA tensor never meets an unsupported kernel; the SPT attention ops':
   spt_attention: dropout (the token kernel has none); in backward, rows whose every kept key carries a huge
                  finite mask (see _absorbed_rows)
-  block_sparse_attention: dropout; in backward, a float mask that needs a gradient and rows whose every visited
+  block_sparse_attention: in backward, a float mask that needs a gradient and rows whose every visited
                           key carries a huge finite mask (_absorbed_rows). The kernel reads a bool or float mask
-                          tile per visited key tile (a padded HF batch's 4-d mask) and causality (op and kernel
-                          align it alike, bottom-right: ops/causal.py)
+                          tile per visited key tile (a padded HF batch's 4-d mask), causality (op and kernel
+                          align it alike, bottom-right: ops/causal.py) and dropout (drawn in-kernel from Philox,
+                          the reference's draw: ops/_vjp.py philox_dropout_scale)
 """
 from __future__ import annotations
 
 import torch
 
+from ._vjp import fresh_seed
 from .mlp import mlp_cuda
 from .routed import routed_mlp_backward_cuda, routed_mlp_cuda
 from .spt import spt_attention_backward_reference, spt_attention_reference
@@ -65,7 +67,7 @@ def _absorbed_rows(mask, lse) -> bool:
 
 
 def _block_kernel_applies(q, k, mask, causal, dropout_p) -> bool:
-    return dropout_p == 0 and q.dtype in KERNEL_DTYPES
+    return q.dtype in KERNEL_DTYPES
 
 
 @torch.library.register_kernel("sparsify::block_sparse_attention", "cuda")
@@ -74,21 +76,25 @@ def _block_sparse_attention_cuda(q, k, v, block_index, block_valid, block, mask,
         return block_sparse_attention_reference(q, k, v, block_index, block_valid, block, mask, scale, causal,
                                                 dropout_p)
     from ..codegen.spt_attention import block_sparse_forward
+    seed = fresh_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
     out, lse = block_sparse_forward(q, k, v, block_index, block_valid, block_m=block, block_n=block,
-                                    causal=causal, scale=scale, attn_mask=mask)
-    return out, lse, torch.zeros((), dtype=torch.int64)
+                                    causal=causal, scale=scale, attn_mask=mask, dropout_p=dropout_p,
+                                    seed=int(seed))
+    return out, lse, seed
 
 
 @torch.library.register_kernel("sparsify::block_sparse_attention_backward", "cuda")
 def _block_sparse_attention_backward_cuda(grad_out, q, k, v, block_index, block_valid, block, mask, lse, seed,
                                           scale, causal, dropout_p, needs_grad, out=None):
     mask_grad = bool(needs_grad[3]) and mask is not None and mask.is_floating_point()
-    if not _block_kernel_applies(q, k, mask, causal, dropout_p) or mask_grad or _absorbed_rows(mask, lse):
+    no_delta = dropout_p > 0 and out is None  # dropout's D_i comes from the output
+    if not _block_kernel_applies(q, k, mask, causal, dropout_p) or mask_grad or no_delta or _absorbed_rows(mask, lse):
         return block_sparse_attention_backward_reference(grad_out, q, k, v, block_index, block_valid, block, mask,
                                                          lse, seed, scale, causal, dropout_p, needs_grad)
     from ..codegen.spt_attention import block_sparse_backward
     dq, dk, dv = block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, block_m=block,
-                                       block_n=block, causal=causal, scale=scale, out=out, attn_mask=mask)
+                                       block_n=block, causal=causal, scale=scale, out=out, attn_mask=mask,
+                                       dropout_p=dropout_p, seed=int(seed))
     return _empty_like_needs([dq, dk, dv, None], (q, k, v, mask), needs_grad, grad_out)
 
 

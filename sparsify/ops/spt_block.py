@@ -73,9 +73,9 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .causal import causal_keep, causal_offset
 
-from ._vjp import _acc_dtype, fresh_seed, placeholder_grads
+from ._vjp import _acc_dtype, fresh_seed, philox_dropout_scale, placeholder_grads
 from .key_select import _ell_layout, check_allowed, check_qk_select_inputs
-from .spt import attention_output, _broadcast_mask, _dropout_scale, _effective_needs, _probs, _reduce_to_shape
+from .spt import attention_output, _broadcast_mask, _effective_needs, _probs, _reduce_to_shape
 
 # Element budget for the per-chunk [B, H, rows, Lk] temporaries (about 64 MiB in fp32).
 _CHUNK_ELEMS = 1 << 24
@@ -381,7 +381,7 @@ def block_sparse_attention_reference(
     lk, dv = k.shape[2], v.shape[-1]
     acc = _acc_dtype(q.dtype)
     seed = fresh_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
-    drop = _dropout_scale((b, h, lq, lk), acc, q.device, dropout_p, seed)
+    drop = philox_dropout_scale((b, h, lq, lk), acc, q.device, dropout_p, seed)  # the kernels' draw
     mask_b = _broadcast_mask(mask, q, k)
     bmap = block_map(block_index, block_valid, lq, lk, block)
     out = attention_output(q, dv)
@@ -436,7 +436,7 @@ def block_sparse_attention_backward_reference(
     b, h, lq, _ = q.shape
     lk, hkv = k.shape[2], k.shape[1]
     acc = _acc_dtype(q.dtype)
-    drop = _dropout_scale((b, h, lq, lk), acc, q.device, dropout_p, seed)
+    drop = philox_dropout_scale((b, h, lq, lk), acc, q.device, dropout_p, seed)  # the kernels' draw
     mask_b = _broadcast_mask(mask, q, k)
     bmap = block_map(block_index, block_valid, lq, lk, block)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device) if needs[0] else None

@@ -780,3 +780,40 @@ def test_block_kernel_takes_a_mask_tensor(interpreter, mask_kind):
     for name, a, b in zip(("dq", "dk", "dv", "dmask"), got, want):
         if needs[("dq", "dk", "dv", "dmask").index(name)]:
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@needs_triton
+@pytest.mark.parametrize("mask_kind", [None, "float"])
+def test_block_kernel_dropout_is_the_reference_draw(interpreter, mask_kind):
+    """Dropout in the block kernels: drawn in-kernel (Philox at each pair's offset), the same draw as the op's
+    reference (ops/_vjp.py philox_dropout_scale), so the CUDA registrations' forward and backward equal the
+    reference's under one seed, and the kernel, not the reference, ran."""
+    from sparsify.codegen import cache_info
+    from sparsify.ops.cuda import _block_sparse_attention_backward_cuda, _block_sparse_attention_cuda
+    from sparsify.ops.spt_block import block_sparse_attention_backward_reference, block_sparse_attention_reference
+    B, H, Lq, Lk, D, blk, p = 2, 2, 40, 45, 16, 16, 0.3
+    q, k, v = make_qkv(B, H, 1, Lq, Lk, D, D, torch.float32, seed=41)
+    index, valid = random_block_map(B, H, Lq, Lk, kb=2, causal=True, seed=42, bm=blk, bn=blk)
+    mask = None if mask_kind is None else _hf_padding_mask(B, Lq, Lk, True, pad_rows=False)
+    args = (index, valid, blk, mask, D ** -0.5, True, p)
+    before = cache_info().hits + cache_info().misses
+    torch.manual_seed(5)  # each draws its seed from the global RNG: the same one
+    got_out, got_lse, seed = _block_sparse_attention_cuda(q, k, v, *args)
+    assert cache_info().hits + cache_info().misses > before
+    torch.manual_seed(5)
+    want_out, want_lse, want_seed = block_sparse_attention_reference(q, k, v, *args)
+    assert int(seed) == int(want_seed) != 0
+    torch.testing.assert_close(got_out, want_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_lse, want_lse, atol=1e-4, rtol=1e-4)
+    do = torch.randn(got_out.shape, generator=torch.Generator().manual_seed(43))
+    needs = [True, True, True, False]
+    back = (index, valid, blk, mask, want_lse, seed, D ** -0.5, True, p, needs)
+    want = block_sparse_attention_backward_reference(do, q, k, v, *back)
+    before = cache_info().hits + cache_info().misses
+    got = _block_sparse_attention_backward_cuda(do, q, k, v, *back, got_out)
+    assert cache_info().hits + cache_info().misses > before
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+    # and the draw matters: without dropout the output differs
+    no_drop = block_sparse_attention_reference(q, k, v, index, valid, blk, mask, D ** -0.5, True, 0.0)[0]
+    assert not torch.allclose(want_out, no_drop)

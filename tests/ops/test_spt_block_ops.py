@@ -479,11 +479,13 @@ def test_dropout_replay_and_reproducibility():
     torch.manual_seed(1)
     out, _, seed = bsa(q, k, v, bi, bv, block, m, 0.4, True, 0.5)
     assert seed.dtype == torch.int64 and seed.device.type == "cpu"
-    # reference: dense masked softmax, the same seeded keep-mask over [B, H, Lq, Lk]
+    # reference: dense masked softmax, the same seeded keep-mask over [B, H, Lq, Lk] (Philox at each pair's
+    # row-major offset: the draw the block kernels make in-kernel)
+    from sparsify.ops._vjp import philox_dropout_scale
     visible = _token_mask(bi, bv, block, q.shape[2], k.shape[2], True)
     s = torch.einsum("bhid,bhjd->bhij", q, k.repeat_interleave(2, 1)) * 0.4 + m
     p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1)
-    ref = seeded_dropout(p, 0.5, seed) @ v.repeat_interleave(2, 1)
+    ref = (p * philox_dropout_scale(p.shape, p.dtype, p.device, 0.5, seed)) @ v.repeat_interleave(2, 1)
     torch.testing.assert_close(out, ref)
     grad_out = torch.randn_like(out)
     for a, b in zip(_grads(out, (q, k, v, m), grad_out), _grads(ref, (q, k, v, m), grad_out)):
