@@ -817,3 +817,30 @@ def test_block_kernel_dropout_is_the_reference_draw(interpreter, mask_kind):
     # and the draw matters: without dropout the output differs
     no_drop = block_sparse_attention_reference(q, k, v, index, valid, blk, mask, D ** -0.5, True, 0.0)[0]
     assert not torch.allclose(want_out, no_drop)
+
+
+PHILOX_CHECK = '''
+import torch, triton, triton.language as tl
+from sparsify.ops._vjp import philox_uniform
+
+@triton.jit
+def draw(out_ptr, seed, base, N: tl.constexpr):
+    tl.store(out_ptr + tl.arange(0, N), tl.rand(seed, base + tl.arange(0, N).to(tl.int64)))
+
+for seed in (0, 7, 2**40 + 5, 2**62 - 3):
+    for base in (0, 1000, 2**33 + 17):
+        out = torch.empty(256)
+        draw[(1,)](out, seed, base, N=256)
+        assert torch.equal(out, philox_uniform(seed, base + torch.arange(256, dtype=torch.int64))), (seed, base)
+print("philox ok")
+'''
+
+
+@needs_triton
+def test_reference_dropout_draw_is_triton_rand_bit_for_bit():
+    """ops/_vjp.py philox_uniform, the reference's dropout draw, against Triton's own tl.rand (in a fresh process
+    under the interpreter: triton.language's @jit helpers are decorated in the mode of its first import), offsets
+    past 2^32 included: the kernels' in-kernel Philox is tl.rand written out, so the three agree."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", PHILOX_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "philox ok" in run.stdout, run.stderr[-2000:]
