@@ -102,6 +102,14 @@ def cases(dtypes, quick: bool):
                 out.append(("spt_token_bwd", f"{n} d{head_dim} causal={causal}",
                             lambda q=q, k=k, v=v, i=index, va=valid, causal=causal:
                             spt_attention.spt_backward(q.clone(), q, k, v, i, va, None, lse, causal=causal)))
+                if causal and not quick:  # token-mode dropout drawn in-kernel (Philox)
+                    out.append(("spt_token_fwd", f"{n} d{head_dim} causal dropout",
+                                lambda q=q, k=k, v=v, i=index, va=valid:
+                                spt_attention.spt_forward(q, k, v, i, va, causal=True, dropout_p=0.1, seed=7)))
+                    out.append(("spt_token_bwd", f"{n} d{head_dim} causal dropout",
+                                lambda q=q, k=k, v=v, i=index, va=valid:
+                                spt_attention.spt_backward(q.clone(), q, k, v, i, va, None, lse, causal=True,
+                                                           dropout_p=0.1, seed=7)))
                 nb = length // 64
                 bindex, bvalid = spt_attention.dense_block_map(length, length, 64, 64, causal)
                 out.append(("block_attention_fwd", f"{n} d{head_dim} causal={causal}",

@@ -192,12 +192,14 @@ def _token_inputs(q, k, v, index, valid, mask, scale):
     return (B, H, Hkv, Lq, Lk, D, Dv, keep), index, valid, mask, mask_shape, float(scale)
 
 
-def _token_spec(q, D, Dv, causal, mask, mask_grad, precomputed_delta, block_m, block_k, backward):
+def _token_spec(q, D, Dv, causal, mask, mask_grad, precomputed_delta, block_m, block_k, backward, dropout=False):
     dm, dk, warps = default_token_blocks(max(D, Dv), interpret_mode(), backward)
+    if dropout and dm >= 8 and not interpret_mode():
+        dm //= 2  # the in-kernel Philox's state: 8 rows spilled at head_dim 64 on sm_90, 4 do not
     spec = TokenSparseSpec(
         head_dim=D, v_head_dim=Dv, dtype=q.dtype, causal=bool(causal),
         mask="additive" if mask is not None else "none", mask_grad=bool(mask_grad),
-        precomputed_delta=bool(precomputed_delta),
+        precomputed_delta=bool(precomputed_delta), dropout=bool(dropout),
         block_m=block_m or dm, block_k=block_k or dk,
     )
     return spec, warps
@@ -221,12 +223,14 @@ def _map_args(index, valid):
 
 
 def spt_forward(q, k, v, index, valid=None, mask=None, scale=None, *, causal=False,
-                block_m=None, block_k=None):
+                block_m=None, block_k=None, dropout_p=0.0, seed=0):
     """Token-sparse attention forward: ``(out [B, H, Lq, Dv] in q.dtype, lse [B, H, Lq] fp32)``.
 
     For each query row i only the keys ``index[b, h, i, s]`` with ``valid[b, h, i, s]``
     take part: softmax(scale * q.k + mask[b, h, i, index]) over them, times the gathered
-    v rows. See the module docstring for masks, causality, empty rows and GQA.
+    v rows. See the module docstring for masks, causality, empty rows and GQA. dropout_p, seed: dropout on the
+    kept slots' probabilities, drawn in-kernel (Philox at each slot's offset in [B, H, Lq, keep]: the op's
+    reference draws the same mask, ops/_vjp.py philox_dropout_scale).
     """
     (B, H, Hkv, Lq, Lk, D, Dv, keep), index, valid, mask, _, scale = _token_inputs(
         q, k, v, index, valid, mask, scale)
@@ -235,7 +239,8 @@ def spt_forward(q, k, v, index, valid=None, mask=None, scale=None, *, causal=Fal
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if B * H * Lq == 0:
         return out, lse
-    spec, warps = _token_spec(q, D, Dv, causal, mask, False, False, block_m, block_k, backward=False)
+    spec, warps = _token_spec(q, D, Dv, causal, mask, False, False, block_m, block_k, backward=False,
+                              dropout=dropout_p > 0)
     kernel = get_spt_kernel(spec)
     kernel.check_device(q)
     args = _common_args(spec, q, k, v, H, Hkv, Lq, Lk)
@@ -248,6 +253,8 @@ def spt_forward(q, k, v, index, valid=None, mask=None, scale=None, *, causal=Fal
     )
     if mask is not None:
         args.update(mask_ptr=mask, s_mb=mask.stride(0), s_mh=mask.stride(1), s_mm=mask.stride(2), s_mn=mask.stride(3))
+    if dropout_p > 0:
+        args.update(_dropout_args(seed, dropout_p))
     grid = (_cdiv(Lq, spec.block_m), B * H)
     kernel.launch(grid, entry="fwd", num_warps=warps, num_stages=1, **args)
     return out, lse
@@ -292,7 +299,7 @@ def _mask_grad(ds, index, mask_shape, B, H, Lq, Lk):
 
 
 def spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale=None, *, causal=False,
-                 out=None, mask_grad=False, block_m=None, block_k=None):
+                 out=None, mask_grad=False, block_m=None, block_k=None, dropout_p=0.0, seed=0):
     """Token-sparse attention backward: ``(dq, dk, dv)`` in the input dtypes.
 
     P is recomputed from ``lse`` (from ``spt_forward`` with the same arguments). With
@@ -319,7 +326,7 @@ def spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale=None, *, caus
         use_out = out is not None and mask is None
         delta = _delta_from_out(grad_out, out, (B, H, Lq), q) if use_out else None
         spec, warps = _token_spec(q, D, Dv, causal, mask, mask_grad, delta is not None, block_m, block_k,
-                                  backward=True)
+                                  backward=True, dropout=dropout_p > 0)
         kernel = get_spt_kernel(spec)
         kernel.check_device(q)
         args = _common_args(spec, q, k, v, H, Hkv, Lq, Lk)
@@ -340,6 +347,8 @@ def spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale=None, *, caus
             args.update(delta_ptr=delta, s_eb=delta.stride(0), s_eh=delta.stride(1), s_em=delta.stride(2))
         if ds is not None:
             args.update(ds_ptr=ds, s_sb=ds.stride(0), s_sh=ds.stride(1), s_sm=ds.stride(2), s_ss=ds.stride(3))
+        if dropout_p > 0:
+            args.update(_dropout_args(seed, dropout_p))
         grid = (_cdiv(Lq, spec.block_m), B * H)
         kernel.launch(grid, entry="bwd", num_warps=warps, num_stages=1, **args)
     grads = (dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype))

@@ -71,6 +71,7 @@ class TokenSparseSpec(_AttentionSpec):
     causal: bool = False
     mask: str = "none"  # "none" | "additive"
     mask_grad: bool = False  # backward also stores dS per slot (for dmask)
+    dropout: bool = False  # dropout on the kept slots' probabilities, drawn in-kernel (Philox)
     precomputed_delta: bool = False  # backward reads D_i instead of computing it
     block_m: int = 16
     block_k: int = 16
@@ -97,6 +98,8 @@ class TokenSparseSpec(_AttentionSpec):
             parts.append(f"{self.mask}mask")
         if self.mask_grad:
             parts.append("dmask")
+        if self.dropout:
+            parts.append("drop")
         if self.precomputed_delta:
             parts.append("delta")
         parts.append(f"m{self.block_m}k{self.block_k}")
@@ -186,10 +189,12 @@ def _token_source(spec: TokenSparseSpec) -> str:
     mask_add = T.TOKEN_MASK_ADD if has_mask else ""
     slots = T.TOKEN_SLOTS.substitute(causal=T.TOKEN_CAUSAL if spec.causal else "")
     recompute = T.TOKEN_RECOMPUTE.substitute(mask_add=mask_add)
+    bwd_dropout = T.TOKEN_BWD_DROPOUT if spec.dropout else T.TOKEN_BWD_NO_DROPOUT
     if spec.precomputed_delta:
         delta = T.TOKEN_DELTA_LOAD
     else:
-        delta = T.TOKEN_DELTA_PASS.substitute(token_slots=slots, token_recompute=recompute)
+        delta = T.TOKEN_DELTA_PASS.substitute(token_slots=slots, token_recompute=recompute,
+                                              token_dropout_bwd=bwd_dropout)
     return T.TOKEN_KERNELS.substitute(
         reductions=T.REDUCTIONS,
         spec=spec.canonical(),
@@ -209,6 +214,10 @@ def _token_source(spec: TokenSparseSpec) -> str:
         ds_strides=T.TOKEN_DS_STRIDES if spec.mask_grad else "",
         ds_rows=T.TOKEN_DS_ROWS if spec.mask_grad else "",
         ds_store=T.TOKEN_DS_STORE if spec.mask_grad else "",
+        dropout_param=T.BLOCK_DROPOUT_PARAM if spec.dropout else "",
+        philox=T.BLOCK_PHILOX + "\n" if spec.dropout else "",
+        token_dropout=T.TOKEN_FWD_DROPOUT if spec.dropout else T.TOKEN_FWD_NO_DROPOUT,
+        token_dropout_bwd=bwd_dropout,
     )
 
 

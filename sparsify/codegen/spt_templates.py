@@ -62,11 +62,11 @@ import triton.language as tl
 
 
 ${reductions}
-
+${philox}
 @triton.jit
 def ${name}_fwd(
     q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, ${mask_param}out_ptr, lse_ptr,
-    H, GROUP, Lq, Lk, KEEP, sm_scale,
+    H, GROUP, Lq, Lk, KEEP, sm_scale,${dropout_param}
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -114,10 +114,10 @@ ${mask_add}        s = tl.where(keep, s, float("-inf"))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_use)
         p = tl.exp(s - m_use[:, None])
-        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
-        vt = tl.load(v_base + kidx[:, :, None] * s_vn + offs_e[None, None, :] * s_vd,
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)  # the softmax's sum: before dropout
+${token_dropout}        vt = tl.load(v_base + kidx[:, :, None] * s_vn + offs_e[None, None, :] * s_vd,
                      mask=keep[:, :, None] & e_ok[None, None, :], other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.reduce(p[:, :, None] * vt, 1, _sum_combine)
+        acc = acc * alpha[:, None] + tl.reduce(p_v[:, :, None] * vt, 1, _sum_combine)
         m_i = m_new
 
     # rows without any kept key: out 0 and lse -inf (not NaN)
@@ -134,7 +134,7 @@ ${mask_add}        s = tl.where(keep, s, float("-inf"))
 def ${name}_bwd(
     q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, ${mask_param}do_ptr, lse_ptr,${delta_param}
     dq_ptr, dk_ptr, dv_ptr,${ds_param}
-    H, GROUP, Lq, Lk, KEEP, sm_scale,
+    H, GROUP, Lq, Lk, KEEP, sm_scale,${dropout_param}
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -181,16 +181,16 @@ ${mask_rows}${ds_rows}
 ${token_delta}
     dq = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
     for s0 in range(0, KEEP, BLOCK_K):
-${token_slots}${token_recompute}${renormalise}
+${token_slots}${token_recompute}${renormalise}${token_dropout_bwd}
         # dS = P * (dP - D_i): the gradient w.r.t. the pre-softmax score (scaled qk + mask)
-        ds = p * (dp - delta[:, None])
+        ds = p * (dp_v - delta[:, None])
 ${ds_store}        dq += tl.reduce(ds[:, :, None] * kt, 1, _sum_combine)
         # relaxed: the sums need atomicity, not ordering (nothing reads dK / dV before the kernel ends)
         tl.atomic_add(dk_base + kidx[:, :, None] * s_dkn + offs_d[None, None, :] * s_dkd,
                       ds[:, :, None] * q[:, None, :] * sm_scale,
                       mask=keep[:, :, None] & d_ok[None, None, :], sem="relaxed")
         tl.atomic_add(dv_base + kidx[:, :, None] * s_dvn + offs_e[None, None, :] * s_dvd,
-                      p[:, :, None] * do[:, None, :],
+                      p_v[:, :, None] * do[:, None, :],
                       mask=keep[:, :, None] & e_ok[None, None, :], sem="relaxed")
 
     dq = dq * sm_scale
@@ -233,12 +233,24 @@ TOKEN_DELTA_PASS = Template('''\
     delta = tl.full((BLOCK_M,), 0.0, tl.float32)
     p_sum = tl.full((BLOCK_M,), 0.0, tl.float32)
     for s0 in range(0, KEEP, BLOCK_K):
-${token_slots}${token_recompute}        delta += tl.reduce(p * dp, 1, _sum_combine)
+${token_slots}${token_recompute}${token_dropout_bwd}        delta += tl.reduce(p * dp_v, 1, _sum_combine)
         p_sum += tl.reduce(p, 1, _sum_combine)
     inv_norm = 1.0 / tl.where(p_sum > 0.0, p_sum, 1.0)
     delta = delta * inv_norm
 ''')
 TOKEN_RENORMALISE = "        p = p * inv_norm[:, None]\n"
+
+# Dropout on the kept slots, drawn in-kernel: Philox at the slot's row-major offset in [B, H, Lq, KEEP] (the
+# reference's draw: ops/_vjp.py philox_dropout_scale over the same shape)
+TOKEN_DROPOUT_KEEP = (
+    "        kept = _philox_uniform(seed_lo, seed_hi, ((b * H + h) * Lq + offs_m[:, None].to(tl.int64)) * KEEP\n"
+    "                               + offs_s[None, :].to(tl.int64)) >= p_drop\n"
+)
+TOKEN_FWD_DROPOUT = TOKEN_DROPOUT_KEEP + "        p_v = tl.where(kept, p / (1.0 - p_drop), 0.0)\n"
+TOKEN_BWD_DROPOUT = (TOKEN_DROPOUT_KEEP + "        p_v = tl.where(kept, p / (1.0 - p_drop), 0.0)\n"
+                     "        dp_v = tl.where(kept, dp / (1.0 - p_drop), 0.0)\n")
+TOKEN_FWD_NO_DROPOUT = "        p_v = p\n"
+TOKEN_BWD_NO_DROPOUT = "        p_v = p\n        dp_v = dp\n"
 
 # additive mask: gathered at (row, key index); 0-strides encode broadcast dims
 TOKEN_MASK_PARAM = "mask_ptr, "

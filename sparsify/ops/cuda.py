@@ -10,8 +10,8 @@
 
 What a kernel does not cover falls back to the op's plain-torch reference on the same device (the
 same math, unfused), so a CUDA tensor never meets an unsupported kernel; the SPT attention ops':
-  spt_attention: dropout (the token kernel has none); in backward, rows whose every kept key carries a huge
-                 finite mask (see _absorbed_rows)
+  spt_attention: in backward, rows whose every kept key carries a huge finite mask (see _absorbed_rows);
+                 dropout is drawn in-kernel (Philox, the reference's draw)
   block_sparse_attention: in backward, a float mask that needs a gradient and rows whose every visited
                           key carries a huge finite mask (_absorbed_rows). The kernel reads a bool or float mask
                           tile per visited key tile (a padded HF batch's 4-d mask), causality (op and kernel
@@ -40,21 +40,23 @@ def _empty_like_needs(grads, tensors, needs, like):
 
 @torch.library.register_kernel("sparsify::spt_attention", "cuda")
 def _spt_attention_cuda(q, k, v, index, valid, mask, scale, dropout_p):
-    if dropout_p > 0 or q.dtype not in KERNEL_DTYPES:
+    if q.dtype not in KERNEL_DTYPES:
         return spt_attention_reference(q, k, v, index, valid, mask, scale, dropout_p)
     from ..codegen.spt_attention import spt_forward
-    out, lse = spt_forward(q, k, v, index, valid, mask, scale)
-    return out, lse, torch.zeros((), dtype=torch.int64)
+    seed = fresh_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    out, lse = spt_forward(q, k, v, index, valid, mask, scale, dropout_p=dropout_p, seed=int(seed))
+    return out, lse, seed
 
 
 @torch.library.register_kernel("sparsify::spt_attention_backward", "cuda")
 def _spt_attention_backward_cuda(grad_out, q, k, v, index, valid, mask, lse, seed, scale, dropout_p, needs_grad):
-    if dropout_p > 0 or q.dtype not in KERNEL_DTYPES or _absorbed_rows(mask, lse):
+    if q.dtype not in KERNEL_DTYPES or _absorbed_rows(mask, lse):
         return spt_attention_backward_reference(grad_out, q, k, v, index, valid, mask, lse, seed, scale,
                                                 dropout_p, needs_grad)
     from ..codegen.spt_attention import spt_backward
     mask_grad = bool(needs_grad[3]) and mask is not None and mask.is_floating_point()
-    grads = spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale, mask_grad=mask_grad)
+    grads = spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale, mask_grad=mask_grad,
+                         dropout_p=dropout_p, seed=int(seed))
     grads = list(grads) + [None] * (4 - len(grads))
     return _empty_like_needs(grads, (q, k, v, mask), needs_grad, grad_out)
 

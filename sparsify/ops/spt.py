@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from ._vjp import _acc_dtype, fresh_seed, placeholder_grads, seeded_dropout
+from ._vjp import _acc_dtype, fresh_seed, philox_dropout_scale, placeholder_grads
 from .key_select import _row_chunks
 
 
@@ -106,13 +106,6 @@ def _probs(s: Tensor, lse: Tensor) -> Tensor:
     return torch.where(total > 0, p / torch.where(total > 0, total, 1.0), 0.0)
 
 
-def _dropout_scale(shape, dtype, device, p: float, seed: Tensor) -> Optional[Tensor]:
-    """keep / (1 - p) over the [B, H, Lq, S] probabilities, the same draw as _vjp.seeded_dropout."""
-    if p <= 0.0:
-        return None
-    return seeded_dropout(torch.ones(shape, dtype=dtype, device=device), p, seed)
-
-
 def _broadcast_mask(mask, q, k):
     if mask is None:
         return None
@@ -130,7 +123,7 @@ def spt_attention_reference(
     keep = index.shape[-1]
     acc = _acc_dtype(q.dtype)
     seed = fresh_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
-    drop = _dropout_scale((b, h, lq, keep), acc, q.device, dropout_p, seed)
+    drop = philox_dropout_scale((b, h, lq, keep), acc, q.device, dropout_p, seed)  # the kernels' draw
     mask_b = _broadcast_mask(mask, q, k)
     out = attention_output(q, dv)
     lse = torch.empty(b, h, lq, dtype=acc, device=q.device)
@@ -196,7 +189,7 @@ def spt_attention_backward_reference(
     b, h, lq, d = q.shape
     keep = index.shape[-1]
     acc = _acc_dtype(q.dtype)
-    drop = _dropout_scale((b, h, lq, keep), acc, q.device, dropout_p, seed)
+    drop = philox_dropout_scale((b, h, lq, keep), acc, q.device, dropout_p, seed)  # the kernels' draw
     mask_b = _broadcast_mask(mask, q, k)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device) if needs[0] else None
     dk = torch.zeros(k.shape, dtype=acc, device=k.device) if needs[1] else None

@@ -844,3 +844,45 @@ def test_reference_dropout_draw_is_triton_rand_bit_for_bit():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-c", PHILOX_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "philox ok" in run.stdout, run.stderr[-2000:]
+
+
+@needs_triton
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_token_kernel_dropout_is_the_reference_draw(interpreter, with_mask):
+    """Token mode's dropout in the kernels (Philox at each kept slot's offset in [B, H, Lq, keep]): the CUDA
+    registrations' forward and backward equal the op's reference under one seed, and the kernels ran."""
+    from sparsify.codegen import cache_info
+    from sparsify.ops.cuda import _spt_attention_backward_cuda, _spt_attention_cuda
+    from sparsify.ops.spt import spt_attention_backward_reference, spt_attention_reference
+    B, H, Lq, Lk, D, keep, p = 2, 2, 12, 20, 16, 6, 0.3
+    q, k, v = make_qkv(B, H, 1, Lq, Lk, D, D, torch.float32, seed=51)
+    g = torch.Generator().manual_seed(52)
+    index = torch.randint(0, Lk, (B, H, Lq, keep), generator=g, dtype=torch.int32)
+    valid = torch.rand(B, H, Lq, keep, generator=g) > 0.2
+    mask = torch.randn(B, 1, Lq, Lk, generator=g) if with_mask else None
+    args = (index, valid, mask, D ** -0.5, p)
+
+    def launches():
+        return cache_info().hits + cache_info().misses
+
+    before = launches()
+    torch.manual_seed(5)  # each draws its seed from the global RNG: the same one
+    got_out, got_lse, seed = _spt_attention_cuda(q, k, v, *args)
+    assert launches() > before
+    torch.manual_seed(5)
+    want_out, want_lse, want_seed = spt_attention_reference(q, k, v, *args)
+    assert int(seed) == int(want_seed) != 0
+    torch.testing.assert_close(got_out, want_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_lse, want_lse, atol=1e-4, rtol=1e-4)
+    do = torch.randn(got_out.shape, generator=g)
+    needs = [True, True, True, with_mask]
+    back = (index, valid, mask, want_lse, seed, D ** -0.5, p, needs)
+    want = spt_attention_backward_reference(do, q, k, v, *back)
+    before = launches()
+    got = _spt_attention_backward_cuda(do, q, k, v, *back)
+    assert launches() > before
+    for name, a, b, need in zip(("dq", "dk", "dv", "dmask"), got, want, needs):
+        if need:
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+    no_drop = spt_attention_reference(q, k, v, index, valid, mask, D ** -0.5, 0.0)[0]
+    assert not torch.allclose(want_out, no_drop)

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import sparsify.ops  # noqa: F401  (registers sparsify::attention, the dense op)
 import sparsify.ops.key_select as key_select
 import sparsify.ops.aux_loss as aux_loss_ops
-from sparsify.ops._vjp import seeded_dropout
+from sparsify.ops._vjp import philox_dropout_scale
 from op_inputs import (HYP, RANDOM_ALLOWED, STRUCTURED_ALLOWED, allowed_at, gen as _gen, opcheck_ok as _ok,
                        qkv as _qkv, randn as _randn, random_allowed, structured_allowed)
 
@@ -83,7 +83,8 @@ def sparse_reference(q, k, v, index, valid, mask, scale, dropout_p, seed):
     s = s.masked_fill(~valid, float("-inf"))
     empty = torch.isneginf(s).all(-1, keepdim=True)
     p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
-    p = seeded_dropout(p, dropout_p, seed)
+    drop = philox_dropout_scale(p.shape, p.dtype, p.device, dropout_p, seed)  # the op's (and kernels') draw
+    p = p if drop is None else p * drop
     return (p.unsqueeze(-1) * vg).sum(-2)
 
 
