@@ -229,7 +229,7 @@ ACT_BWD_KERNEL = Template(UP_MAINLOOP + '''\
     tile = mask_m[:, None] & mask_n[None, :]
     at = offs_m[:, None].to(tl.int64) * FB + offs_n[None, :]  # the [A, fb] contiguous buffers
     u = tl.load(pre_ptr + at, mask=tile, other=0.0).to(tl.float32)
-${body}
+${epilogue}
 ''')
 
 GATE_INIT = ("    wg_ptrs = wg_ptr + neuron[None, :] * s_gn + offs_k[:, None] * s_gk\n"
@@ -424,17 +424,24 @@ def _up_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
         epi += _T.ACTIVATIONS[spec.activation].substitute(v="acc") + "    out = acc\n"
     else:
         epi += "    out = acc\n"
-    return UP_KERNEL.substitute(
+    return _on_up_mainloop(UP_KERNEL, spec, params, dot_kwargs, dt, epi, gate_gemm=spec.gated)
+
+
+def _on_up_mainloop(template: Template, spec: GroupedGemmSpec, params: list, dot_kwargs: str, dt: str,
+                    epilogue: str, gate_gemm: bool) -> str:
+    """A kernel built on UP_MAINLOOP (up, act_bwd): the gathered-rows GEMM, a second (gate) accumulator fed by the
+    same x tile when gate_gemm, then `epilogue`."""
+    return template.substitute(
         name=spec.kernel_name,
         params=",\n    ".join(params),
         tile_lookup=TILE_LOOKUP.rstrip("\n"),
         neuron=_neuron(spec, "neuron", "offs_n", "mask_n").rstrip("\n"),
         dt=dt,
         dot_kwargs=dot_kwargs,
-        gate_init=GATE_INIT if spec.gated else "",
-        gate_dot=GATE_DOT.substitute(dt=dt, dot_kwargs=dot_kwargs) if spec.gated else "",
-        gate_advance=GATE_ADVANCE if spec.gated else "",
-        epilogue=epi.rstrip("\n"),
+        gate_init=GATE_INIT if gate_gemm else "",
+        gate_dot=GATE_DOT.substitute(dt=dt, dot_kwargs=dot_kwargs) if gate_gemm else "",
+        gate_advance=GATE_ADVANCE if gate_gemm else "",
+        epilogue=epilogue.rstrip("\n"),
     )
 
 
@@ -492,16 +499,8 @@ def _act_bwd_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
         epi += ACT_BWD_DB.substitute(ptr="db_ptr", v="gdz")
         if gated:
             epi += ACT_BWD_DB.substitute(ptr="db_g_ptr", v="gdz_g")
-    return ACT_BWD_KERNEL.substitute(
-        name=spec.kernel_name,
-        params=",\n    ".join(params),
-        tile_lookup=TILE_LOOKUP.rstrip("\n"),
-        neuron=_neuron(spec, "neuron", "offs_n", "mask_n").rstrip("\n"),
-        dt=dt,
-        dot_kwargs=dot_kwargs,
-        gate_init="", gate_dot="", gate_advance="",
-        body=epi.rstrip("\n"),
-    )
+    # one GEMM (v); a gated MLP's two projections only differ in the epilogue
+    return _on_up_mainloop(ACT_BWD_KERNEL, spec, params, dot_kwargs, dt, epi, gate_gemm=False)
 
 
 def _down_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
@@ -771,6 +770,8 @@ def grouped_act_backward(dy, w, tok, offsets, block_size, *, pre, pre_gate=None,
                          f"blocks of {fb}")
     if want_dg and row_scale is None:
         raise ValueError("grouped_act_backward: the gate gradient (want_dg) needs row_scale")
+    if want_h and dh_extra is None:  # the kernel writes hd for the down LoRA, which always brings its dh term
+        raise ValueError("grouped_act_backward: want_h (hd for the down LoRA) comes with dh_extra")
     gated = pre_gate is not None
     lora_z = lora_z or {}
     operands = {"pre": pre, "pre_g": pre_gate, "lz": lora_z.get("up"), "lz_g": lora_z.get("gate"), "e": dh_extra}
@@ -812,8 +813,6 @@ def grouped_act_backward(dy, w, tok, offsets, block_size, *, pre, pre_gate=None,
         args.update(lz_g_ptr=operands["lz_g"], dz_g_ptr=dz["gate"])
     if spec.down_lora:
         args.update(e_ptr=operands["e"], hd_ptr=hd)
-    elif want_h:  # no down-LoRA term in dh, but its factors want hd (their gradients without dh): write g h only
-        raise ValueError("grouped_act_backward: want_h without dh_extra is not a kernel case")
     if want_dg:
         args["dg_ptr"] = dg
     if want_db:
