@@ -187,7 +187,8 @@ def markdown(rows: list[dict]) -> str:
              "Figures from Triton's compile for GPUTarget('cuda', 90) and ptxas -v: registers per thread, spill "
              f"bytes, shared memory (limit {SM90_SHARED_LIMIT // 1024} KiB per block), tensor-core instructions "
              "(wgmma: Hopper's; mma.sync: the older path), cp.async and TMA copies, atomics (acq_rel: tl.atomic_add's "
-             "default). Compiled through each launcher at its GPU choices (benchmarks/sm90_kernels.py). A compile "
+             "default). Compiled through each launcher at its GPU choices (benchmarks/sm90_kernels.py); an autotuned "
+             "launch has one row per config it may pick (the first of each case being its default). A compile "
              "says nothing of speed.", "",
              _timing.markdown_table(
                  ["family", "case", "kernel", "tiles / flags", "warps", "stages", "registers", "spills", "shared KiB",

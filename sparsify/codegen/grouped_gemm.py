@@ -41,9 +41,10 @@ slice (bounds loaded from offsets: again no host count) and writes its tile of n
 empty block).
 
 Dtypes: operands fp16 / bf16 / fp32 (the spec dtype; loads are cast to it so fp32 intermediates can be fed
-back), fp32 accumulation, fp32 tf32-free products for fp32 (input_precision="ieee"). Block sizes are fixed
-per kind (no autotuning: down accumulates atomically, and re-running it to time configs would corrupt its
-output); not tuned on hardware yet. Built lazily, builtins only, keyed on TRITON_INTERPRET like every
+back), fp32 accumulation, fp32 tf32-free products for fp32 (input_precision="ieee"). Tile sizes are
+autotuned on a GPU among a few configs per kind (_GPU_TILES, every one compiled for sm_90 without spills): down's
+timing runs restore its output (it accumulates onto the bias), act_bwd's zero its row / column sums again; not
+timed on hardware yet. Built lazily, builtins only, keyed on TRITON_INTERPRET like every
 sparsify.codegen kernel (see templates.py); bf16 tl.dot is inexact in the interpreter, test fp32 / fp16.
 """
 from __future__ import annotations
@@ -56,7 +57,7 @@ import torch
 from . import templates as _T
 from .spt_templates import REDUCTIONS  # tl.reduce's combine functions, defined per mode in the generated module
 from ..tables import KERNEL_DTYPES as SUPPORTED_DTYPES
-from .kernel import GeneratedKernel, KernelSpec, load_kernel, templates_digest
+from .kernel import GeneratedKernel, KernelSpec, TileConfig, load_kernel, size_bucket, templates_digest
 
 __all__ = [
     "GroupedGemmSpec",
@@ -153,10 +154,13 @@ import triton.language as tl
 ''')
 
 # Finds the block and the row range of M-tile pid_m without any host-side count (module docstring).
-TILE_LOOKUP = '''\
+TILE_LOOKUP = Template('''\
     # grouped order (Triton's matmul swizzle) on a 1-d grid of M_TILES x N_TILES programs: GROUP_M consecutive
     # M-tiles walk every N-tile together, so a tile row's gathered rows are read from memory once and served from
-    # L2 to its other N-tiles, and each weight tile is reused by GROUP_M M-tiles while it is in L2
+    # L2 to its other N-tiles, and each weight tile is reused by GROUP_M M-tiles while it is in L2. The tile counts
+    # come from the tile sizes here, not from the launcher, so an autotuned launch may pick any BLOCK_M / BLOCK_N.
+    M_TILES = (A + BLOCK_M - 1) // BLOCK_M + NB
+    N_TILES = ($n_extent + BLOCK_N - 1) // BLOCK_N
     pid = tl.program_id(0)
     in_group = GROUP_M * N_TILES
     first_m = (pid // in_group) * GROUP_M
@@ -181,7 +185,7 @@ TILE_LOOKUP = '''\
     blk = tl.maximum(blk, 0)  # a spare program addresses block 0 but loads and stores nothing
     offs_m = row0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
-'''
+''')
 
 NEURON_IDENTITY = Template("    $dst = (blk * FB + $j).to(tl.int64)\n")
 NEURON_PERM = Template("    $dst = tl.load(perm_ptr + blk * FB + $j, mask=$mask, other=0).to(tl.int64)\n")
@@ -297,6 +301,7 @@ def $name(
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
+    N_TILES = (FB + BLOCK_N - 1) // BLOCK_N
     blk = pid // N_TILES
     offs_n = (pid % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)  # neuron index inside the block
     mask_n = offs_n < FB
@@ -392,7 +397,7 @@ def _up_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
         params += ["pre_ptr"] + (["pre_g_ptr"] if spec.gated else [])
     if spec.permuted:
         params.append("perm_ptr")
-    params += ["tok_ptr", "off_ptr", "y_ptr", "NB", "FB", "K", "M_TILES", "N_TILES"]
+    params += ["tok_ptr", "off_ptr", "y_ptr", "A", "NB", "FB", "K"]
     params += ["s_xm", "s_xk", "s_wn", "s_wk"]
     if spec.gated:
         params += ["s_gn", "s_gk"]
@@ -434,7 +439,7 @@ def _on_up_mainloop(template: Template, spec: GroupedGemmSpec, params: list, dot
     return template.substitute(
         name=spec.kernel_name,
         params=",\n    ".join(params),
-        tile_lookup=TILE_LOOKUP.rstrip("\n"),
+        tile_lookup=TILE_LOOKUP.substitute(n_extent="FB").rstrip("\n"),
         neuron=_neuron(spec, "neuron", "offs_n", "mask_n").rstrip("\n"),
         dt=dt,
         dot_kwargs=dot_kwargs,
@@ -461,7 +466,7 @@ def _act_bwd_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
         params += ["db_ptr"] + (["db_g_ptr"] if gated else [])
     if spec.permuted:
         params.append("perm_ptr")
-    params += ["tok_ptr", "off_ptr", "NB", "FB", "K", "M_TILES", "N_TILES", "s_xm", "s_xk", "s_wn", "s_wk"]
+    params += ["tok_ptr", "off_ptr", "A", "NB", "FB", "K", "s_xm", "s_xk", "s_wn", "s_wk"]
 
     load, store = ACT_BWD_LOAD.substitute, ACT_BWD_STORE.substitute
     grads = ACTIVATION_GRADS[spec.activation]
@@ -509,13 +514,13 @@ def _down_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
         params.append("g_ptr")
     if spec.permuted:
         params.append("perm_ptr")
-    params += ["tok_ptr", "off_ptr", "out_ptr", "NB", "FB", "M", "M_TILES", "N_TILES", "s_hm", "s_hk", "s_wm", "s_wk",
+    params += ["tok_ptr", "off_ptr", "out_ptr", "A", "NB", "FB", "M", "s_hm", "s_hk", "s_wm", "s_wk",
                "s_om", "s_on"]
     scale = (ROW_SCALE_LOAD + ROW_SCALE.substitute(acc="acc")) if spec.row_scale else ""
     return DOWN_KERNEL.substitute(
         name=spec.kernel_name,
         params=",\n    ".join(params),
-        tile_lookup=TILE_LOOKUP.rstrip("\n"),
+        tile_lookup=TILE_LOOKUP.substitute(n_extent="M").rstrip("\n"),
         neuron_k=_neuron(spec, "nk", "kk", "k_mask", indent="    ").rstrip("\n"),
         dt=dt,
         dot_kwargs=dot_kwargs,
@@ -527,7 +532,7 @@ def _wgrad_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
     params = ["l_ptr", "r_ptr"]
     if spec.permuted:
         params.append("perm_ptr")
-    params += ["tok_ptr", "off_ptr", "out_ptr", "FB", "K", "N_TILES", "s_lm", "s_lk", "s_rm", "s_rk",
+    params += ["tok_ptr", "off_ptr", "out_ptr", "FB", "K", "s_lm", "s_lk", "s_rm", "s_rk",
                "s_on", "s_ok"]
     return WGRAD_KERNEL.substitute(
         name=spec.kernel_name,
@@ -563,15 +568,26 @@ def get_grouped_kernel(spec: GroupedGemmSpec) -> GeneratedKernel:
 
 # --- launch ----------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU; the interpreter runs 16-wide tiles
-# (tl.dot's minimum), few programs being what makes it fast.
-_GPU_TILES = {"up": (64, 64, 32, 4, 3), "down": (64, 64, 32, 4, 3), "wgrad": (64, 64, 32, 4, 3),
-              "act_bwd": (64, 64, 32, 8, 3)}  # 8 warps: 4 spill its gated epilogue's live tiles
-_INTERPRET_TILES = (16, 16, 16, 1, 1)
+# Tile configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages; wgrad: BLOCK_A, BLOCK_N, BLOCK_K, ...) a GPU launch
+# picks from with triton.autotune (kernel.py launch_tuned), once per (kernel, shape, token-count bucket). The first of
+# each kind is the default (SPARSIFY_AUTOTUNE=0 pins it). Every config compiles for sm_90 without spills
+# (benchmarks/results/sm90_kernels.md); act_bwd runs 8 warps: at 4 its gated epilogue's live tiles spill.
+_GPU_TILES = {
+    "up": ((64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3)),
+    "down": ((64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3)),
+    # act_bwd's epilogue holds v, u (and u_gate) and their products live at once: 128-row or -column tiles spill
+    "act_bwd": ((64, 64, 32, 8, 3), (64, 64, 64, 8, 3), (64, 64, 32, 8, 4), (32, 64, 64, 4, 3)),
+    "wgrad": ((64, 64, 32, 4, 3), (32, 128, 64, 4, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)),
+}
+# the interpreter runs one 16-wide config (tl.dot's minimum): few programs are what makes it fast
+_INTERPRET_TILES = ((16, 16, 16, 1, 1),)
+_TILE_NAMES = {"wgrad": ("BLOCK_A", "BLOCK_N", "BLOCK_K")}
 
 
-def _tiles(kind: str, interpret: bool):
-    return _INTERPRET_TILES if interpret else _GPU_TILES[kind]
+def _tile_configs(kind: str, interpret: bool) -> tuple:
+    names = _TILE_NAMES.get(kind, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return tuple(TileConfig.of(w, s, **dict(zip(names, tiles)))
+                 for *tiles, w, s in (_INTERPRET_TILES if interpret else _GPU_TILES[kind]))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -581,11 +597,14 @@ def _cdiv(a: int, b: int) -> int:
 GROUP_M = 8  # M-tiles that walk the N-tiles together (TILE_LOOKUP's grouped order)
 
 
-def _grouped_grid(a: int, nb: int, n: int, bm: int, bn: int):
-    """(grid, the order's arguments) of an up / down / act_bwd launch: cdiv(A, BLOCK_M) + NB M-tiles (an upper bound
-    of every block's tiles, known without reading the counts) times cdiv(n, BLOCK_N) N-tiles, on a 1-d grid."""
-    m_tiles, n_tiles = _cdiv(a, bm) + nb, _cdiv(n, bn)
-    return (m_tiles * n_tiles,), dict(M_TILES=m_tiles, N_TILES=n_tiles, GROUP_M=GROUP_M)
+def _launch_grouped(kernel, kind: str, a: int, nb: int, n: int, key: tuple, reset=(), restore=(), **args):
+    """An up / down / act_bwd launch: a 1-d grid of cdiv(A, BLOCK_M) + NB M-tiles (an upper bound of every block's
+    tiles, known without reading the counts) times cdiv(n, BLOCK_N) N-tiles, at the tuned config; the kernel
+    derives the same counts from A, NB and the tile sizes."""
+    def grid(meta):
+        return ((_cdiv(a, meta["BLOCK_M"]) + nb) * _cdiv(n, meta["BLOCK_N"]),)
+    kernel.launch_tuned(grid, _tile_configs(kind, kernel.interpret), key=key, bucket=size_bucket(a), reset=reset,
+                        restore=restore, A=a, NB=nb, GROUP_M=GROUP_M, **args)
 
 
 def _check(name, t, device, dims=None):
@@ -656,7 +675,7 @@ def grouped_up(x, w, tok, offsets, block_size, *, perm=None, bias=None, row_scal
         return y
     kernel = get_grouped_kernel(spec)
     kernel.check_device(x)
-    args = dict(x_ptr=x, w_ptr=w, tok_ptr=tok, off_ptr=offsets, y_ptr=y, NB=nb, FB=fb, K=K,
+    args = dict(x_ptr=x, w_ptr=w, tok_ptr=tok, off_ptr=offsets, y_ptr=y, FB=fb, K=K,
                 s_xm=x.stride(0), s_xk=x.stride(1), s_wn=w.stride(0), s_wk=w.stride(1),
                 s_ym=y.stride(0), s_yn=y.stride(1))
     if gated:
@@ -681,9 +700,7 @@ def grouped_up(x, w, tok, offsets, block_size, *, perm=None, bias=None, row_scal
             args["pre_g_ptr"] = pre_out[1]
     if perm is not None:
         args["perm_ptr"] = perm
-    bm, bn, bk, warps, stages = _tiles("up", kernel.interpret)
-    grid, order = _grouped_grid(a, nb, fb, bm, bn)
-    kernel.launch(grid, num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **order, **args)
+    _launch_grouped(kernel, "up", a, nb, fb, ("FB", "K"), **args)
     return y
 
 
@@ -707,16 +724,15 @@ def grouped_down(h, w, tok, offsets, out, *, perm=None, row_scale=None):
     spec = GroupedGemmSpec(kind="down", dtype=dtype, permuted=perm is not None, row_scale=row_scale is not None)
     kernel = get_grouped_kernel(spec)
     kernel.check_device(h)
-    args = dict(h_ptr=h, w_ptr=w, tok_ptr=tok, off_ptr=offsets, out_ptr=out, NB=nb, FB=fb, M=m,
+    args = dict(h_ptr=h, w_ptr=w, tok_ptr=tok, off_ptr=offsets, out_ptr=out, FB=fb, M=m,
                 s_hm=h.stride(0), s_hk=h.stride(1), s_wm=w.stride(0), s_wk=w.stride(1),
                 s_om=out.stride(0), s_on=out.stride(1))
     if row_scale is not None:
         args["g_ptr"] = row_scale.contiguous()
     if perm is not None:
         args["perm_ptr"] = perm
-    bm, bn, bk, warps, stages = _tiles("down", kernel.interpret)
-    grid, order = _grouped_grid(a, nb, m, bm, bn)
-    kernel.launch(grid, num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **order, **args)
+    # out accumulates onto its value (the bias, other blocks' rows): the autotuner's timing runs must restore it
+    _launch_grouped(kernel, "down", a, nb, m, ("FB", "M"), restore=("out_ptr",), **args)
     return out
 
 
@@ -739,15 +755,16 @@ def grouped_wgrad(l, r, tok, offsets, out, *, perm=None):
     spec = GroupedGemmSpec(kind="wgrad", dtype=dtype, permuted=perm is not None)
     kernel = get_grouped_kernel(spec)
     kernel.check_device(l)
-    ba, bn, bk, warps, stages = _tiles("wgrad", kernel.interpret)
-    n_tiles = _cdiv(fb, bn)
-    args = dict(l_ptr=l, r_ptr=r, tok_ptr=tok, off_ptr=offsets, out_ptr=out, FB=fb, K=K, N_TILES=n_tiles,
+    args = dict(l_ptr=l, r_ptr=r, tok_ptr=tok, off_ptr=offsets, out_ptr=out, FB=fb, K=K,
                 s_lm=l.stride(0), s_lk=l.stride(1), s_rm=r.stride(0), s_rk=r.stride(1),
                 s_on=out.stride(0), s_ok=out.stride(1))
     if perm is not None:
         args["perm_ptr"] = perm
-    grid = (nb * n_tiles, _cdiv(K, bk))
-    kernel.launch(grid, num_warps=warps, num_stages=stages, BLOCK_N=bn, BLOCK_K=bk, BLOCK_A=ba, **args)
+    def grid(meta):
+        return (nb * _cdiv(fb, meta["BLOCK_N"]), _cdiv(K, meta["BLOCK_K"]))
+    # every output row is written (no accumulation): timing runs need nothing restored
+    kernel.launch_tuned(grid, _tile_configs("wgrad", kernel.interpret), key=("FB", "K"), bucket=size_bucket(a),
+                        **args)
     return out
 
 
@@ -801,7 +818,7 @@ def grouped_act_backward(dy, w, tok, offsets, block_size, *, pre, pre_gate=None,
     kernel = get_grouped_kernel(spec)
     kernel.check_device(dy)
     args = dict(x_ptr=dy, w_ptr=w, pre_ptr=operands["pre"], ghd_ptr=ghd, gdz_ptr=gdz["up"], tok_ptr=tok,
-                off_ptr=offsets, NB=nb, FB=fb, K=K, s_xm=dy.stride(0), s_xk=dy.stride(1), s_wn=w.stride(0),
+                off_ptr=offsets, FB=fb, K=K, s_xm=dy.stride(0), s_xk=dy.stride(1), s_wn=w.stride(0),
                 s_wk=w.stride(1))
     if gated:
         args.update(pre_g_ptr=operands["pre_g"], gdz_g_ptr=gdz["gate"])
@@ -821,9 +838,9 @@ def grouped_act_backward(dy, w, tok, offsets, block_size, *, pre, pre_gate=None,
             args["db_g_ptr"] = db["gate"]
     if perm is not None:
         args["perm_ptr"] = perm
-    bm, bn, bk, warps, stages = _tiles("act_bwd", kernel.interpret)
-    grid, order = _grouped_grid(a, nb, fb, bm, bn)
-    kernel.launch(grid, num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **order, **args)
+    # the row and column sums accumulate from zero: the autotuner's timing runs zero them again
+    sums = [name for name in ("dg_ptr", "db_ptr", "db_g_ptr") if name in args]
+    _launch_grouped(kernel, "act_bwd", a, nb, fb, ("FB", "K"), reset=sums, **args)
     return out
 
 

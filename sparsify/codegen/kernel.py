@@ -41,8 +41,8 @@ import torch
 
 from ..tables import DTYPE_NAMES, KERNEL_DTYPES
 
-__all__ = ["KernelSpec", "GeneratedKernel", "load_kernel", "templates_digest", "cache_dir", "cache_info",
-           "clear_cache", "interpret_mode", "CacheInfo"]
+__all__ = ["KernelSpec", "GeneratedKernel", "TileConfig", "load_kernel", "templates_digest", "cache_dir", "cache_info",
+           "clear_cache", "interpret_mode", "autotune_enabled", "size_bucket", "CacheInfo"]
 
 
 # --- specs -----------------------------------------------------------------------------------
@@ -117,6 +117,46 @@ def templates_digest(*namespaces: dict) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+# --- tile configurations and autotuning -------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """One launch configuration: constexpr tile sizes and the warps / pipeline stages to compile them with."""
+
+    constexprs: tuple  # ((name, value), ...): hashable, so a tuple of configs can key a memo
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @classmethod
+    def of(cls, num_warps: int = 4, num_stages: int = 3, **constexprs) -> "TileConfig":
+        return cls(tuple(sorted(constexprs.items())), num_warps, num_stages)
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self.constexprs)
+
+
+def size_bucket(n: int, lo: int = 16, hi: int = 8192) -> int:
+    """The next power of two of n, within [lo, hi]: an autotuning bucket for a size that changes call to call (a
+    token count), so a new sequence length reuses the bucket's timing instead of timing again."""
+    b = lo
+    while b < n and b < hi:
+        b *= 2
+    return b
+
+
+# The autotuner's timing function (triton.autotune's do_bench; None: Triton's GPU timer). The interpreter has no timer,
+# so there launch_tuned runs the default config, unless a test sets one here to drive the tuned path on CPU (each
+# config's timing runs then really run, which is what proves restore / reset right).
+autotune_bench = None
+
+
+def autotune_enabled() -> bool:
+    """SPARSIFY_AUTOTUNE=0 pins every launch to its family's first (default) config: reproducible tiles, no timing
+    runs on first use (CUDA-graph capture, profiling a fixed kernel)."""
+    return os.environ.get("SPARSIFY_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 # --- the generated kernel --------------------------------------------------------------------
 
 class GeneratedKernel:
@@ -152,6 +192,34 @@ class GeneratedKernel:
         options = {} if self.interpret else {
             k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
         fn[grid](**kwargs, **options)
+
+    def launch_tuned(self, grid, configs, *, entry: str | None = None, key=(), bucket=None, restore=(), reset=(),
+                     **kwargs):
+        """Launch with the fastest of ``configs`` (TileConfig, the first being the default): triton.autotune on a
+        GPU, timed once per value of the ``key`` arguments and ``bucket`` (a caller's coarse size class, e.g. the
+        next power of two of a token count, so a new sequence length does not re-time). Outputs that a kernel
+        accumulates into need their value back between timing runs: ``restore`` names those that start from a
+        value (a bias, an earlier partial sum), ``reset`` those that start from zero. Under the interpreter (no timer
+        unless autotune_bench is set), with one config, or with SPARSIFY_AUTOTUNE=0, the first config runs. ``grid`` may be a function of the config's
+        constexprs (Triton's ``grid(meta)``)."""
+        unknown = [name for name in (*key, *restore, *reset) if name not in kwargs]
+        if unknown:  # caught here, on every path, not first on a GPU by triton.autotune
+            raise ValueError(f"{self.spec.kernel_name}: tuning names {unknown} are not arguments of this launch")
+        if len(configs) == 1 or not autotune_enabled() or (self.interpret and autotune_bench is None):
+            config = configs[0]
+            meta = {**kwargs, **config.kwargs}
+            self.launch(grid(meta) if callable(grid) else grid, entry=entry, num_warps=config.num_warps,
+                        num_stages=config.num_stages, **meta)
+            return
+        configs, key, restore, reset = tuple(configs), tuple(key), tuple(restore), tuple(reset)
+
+        def make():
+            import triton
+
+            return triton.autotune([triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                                    for c in configs], key=list(key), restore_value=list(restore) or None,
+                                   reset_to_zero=list(reset) or None, do_bench=autotune_bench)(self._entries[entry])
+        self.memo(("tuned", entry, configs, key, restore, reset, bucket, autotune_bench), make)[grid](**kwargs)
 
     def check_device(self, t: torch.Tensor) -> None:
         if t.device.type == "cpu" and not self.interpret:

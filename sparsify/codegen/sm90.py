@@ -1,7 +1,7 @@
 """Compile the kernels a launcher would launch for Hopper (sm_90) on a machine without a GPU, and read the figures a
 Hopper engineer reads: registers, spills, shared memory, wgmma against mma.sync, cp.async / TMA, atomics.
 
-    with compile_launches() as launches:          # every GeneratedKernel.launch (and autotuned launch) compiles
+    with compile_launches() as launches:          # every GeneratedKernel.launch (and each autotune config) compiles
         block_mm_triton(x, w, blocks)             # for sm_90 instead of running: the launcher's own GPU choices
     rows = [figures(c) for c in launches]         # one dict per compiled kernel (and per autotune config)
 
@@ -85,9 +85,10 @@ def _warmup(fn, grid, kwargs, num_warps, num_stages, launches):
 
 
 @contextlib.contextmanager
-def compile_launches():
-    """Within: launches compile for sm_90 and are recorded (the yielded list), nothing runs. The generated modules
-    are built in jit mode (a process with TRITON_INTERPRET set would give interpreter objects: refused)."""
+def compile_launches(all_configs: bool = True):
+    """Within: launches compile for sm_90 and are recorded (the yielded list), nothing runs; an autotuned launch
+    compiles each of its configs (all_configs) or its default only. The generated modules are built in jit mode (a
+    process with TRITON_INTERPRET set would give interpreter objects: refused)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("sm90.compile_launches needs TRITON_INTERPRET unset (run it in a fresh process)")
     import triton
@@ -101,31 +102,23 @@ def compile_launches():
     def launch(self, grid, *, entry=None, num_warps=None, num_stages=None, **kwargs):
         _warmup(self._entries[entry], grid, kwargs, num_warps or 4, num_stages or 3, launches)
 
-    class _CompileEachConfig:
-        """triton.autotune's stand-in: compiles the launch once per config (no benchmarking without a GPU)."""
+    def launch_tuned(self, grid, configs, *, entry=None, key=(), bucket=None, restore=(), reset=(), **kwargs):
+        # the autotuner's stand-in: every config compiles (nothing to time without a GPU), or the default alone
+        for config in configs if all_configs else configs[:1]:
+            meta = {**kwargs, **config.kwargs}
+            _warmup(self._entries[entry], grid(meta) if callable(grid) else grid, meta, config.num_warps,
+                    config.num_stages, launches)
 
-        def __init__(self, fn, configs):
-            self.fn, self.configs = fn, configs
-
-        def __getitem__(self, grid):
-            def run(**kwargs):
-                for config in self.configs:
-                    args = {**kwargs, **config.kwargs}
-                    g = grid(args) if callable(grid) else grid
-                    _warmup(self.fn, g, args, config.num_warps, config.num_stages, launches)
-            return run
-
-    def autotune(configs, key, **_):
-        return lambda fn: _CompileEachConfig(fn, configs)
-
-    saved = (kernel_layer.GeneratedKernel.launch, kernel_layer.GeneratedKernel.check_device, triton.autotune)
+    saved = (kernel_layer.GeneratedKernel.launch, kernel_layer.GeneratedKernel.launch_tuned,
+             kernel_layer.GeneratedKernel.check_device)
     kernel_layer.GeneratedKernel.launch = launch
+    kernel_layer.GeneratedKernel.launch_tuned = launch_tuned
     kernel_layer.GeneratedKernel.check_device = lambda self, t: None
-    triton.autotune = autotune
     try:
         yield launches
     finally:
-        kernel_layer.GeneratedKernel.launch, kernel_layer.GeneratedKernel.check_device, triton.autotune = saved
+        (kernel_layer.GeneratedKernel.launch, kernel_layer.GeneratedKernel.launch_tuned,
+         kernel_layer.GeneratedKernel.check_device) = saved
         config._active = previous_driver  # None again on a CPU machine (reset_active would look for a GPU)
 
 

@@ -68,7 +68,7 @@ from __future__ import annotations
 import torch
 
 from ..tables import KERNEL_DTYPES as SUPPORTED_DTYPES
-from .kernel import interpret_mode
+from .kernel import TileConfig, interpret_mode, size_bucket
 from .spt_attention_source import MAX_HEAD_DIM, BlockSparseSpec, TokenSparseSpec, get_spt_kernel
 
 __all__ = [
@@ -359,28 +359,46 @@ def spt_backward(grad_out, q, k, v, index, valid, mask, lse, scale=None, *, caus
 
 # --- block-granular API ----------------------------------------------------------------------
 
-# Kernel tiles (tile_m, tile_n, num_warps) of the block kernels on a GPU, by padded head
-# dim. Picked offline from ptxas register / spill reports for sm_90 (no timing yet):
-# the largest tiles that compile without (or with a few bytes of) register spills.
+# Kernel tiles (tile_m, tile_n, num_warps, num_stages) of the block kernels on a GPU, by padded head dim: the
+# candidates triton.autotune times (kernel.py launch_tuned), the first being the default (SPARSIFY_AUTOTUNE=0, or
+# tiles pinned by the caller). Each compiles for sm_90 without spills (benchmarks/results/sm90_kernels.md).
 _BLOCK_TILES = {
     # head dim <=: (forward, backward)
     # bwd at head_dim 64: 64 x 64 tiles make dK / dV's dots 64 rows, wgmma-sized (at 64 x 32 they lowered to
-    # mma.sync); sm_90 compile: 161 registers, no spills (benchmarks/results/sm90_kernels.md)
-    64: ((64, 64, 4), (64, 64, 8)),
+    # mma.sync); sm_90 compile: 161 registers, no spills
+    64: (((64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 4), (32, 64, 4, 3)),
+         ((64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 4, 2), (64, 64, 8, 3))),
     # bwd at 128: 64 x 64 reaches 255 registers (the edge of spilling): 64 x 32 (183 registers, dK / dV on mma.sync)
-    128: ((64, 32, 8), (64, 32, 8)),
-    256: ((32, 32, 8), (16, 32, 8)),  # bwd spills whatever the tile
+    128: (((64, 32, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)),
+          ((64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2))),
+    256: (((32, 32, 8, 3),), ((16, 32, 8, 2),)),  # bwd spills whatever the tile
 }
 
 
-def default_block_tiles(head_dim, block_m, block_n, backward=False, interpret=False):
-    """(tile_m, tile_n, num_warps) of the block kernels for a map of block_m x block_n.
-    The interpreter runs one program at a time in numpy: the map blocks themselves."""
-    if interpret:
-        return block_m, block_n, 4
+def _block_tile_candidates(head_dim, block_m, block_n, backward, interpret=False):
+    if interpret:  # one program at a time in numpy: the map blocks themselves, one config
+        return [(block_m, block_n, 4, 1)]
     bd = max(16, _next_pow2(head_dim))
-    tm, tn, warps = _BLOCK_TILES[min(k for k in _BLOCK_TILES if k >= bd)][int(backward)]
-    return min(tm, block_m), min(tn, block_n), warps
+    found = []
+    for tm, tn, warps, stages in _BLOCK_TILES[min(k for k in _BLOCK_TILES if k >= bd)][int(backward)]:
+        tile = (min(tm, block_m), min(tn, block_n), warps, stages)  # a tile never exceeds the map's block
+        if tile not in found:
+            found.append(tile)
+    return found
+
+
+def default_block_tiles(head_dim, block_m, block_n, backward=False, interpret=False):
+    """(tile_m, tile_n, num_warps) of the block kernels' default config for a map of block_m x block_n."""
+    return tuple(_block_tile_candidates(head_dim, block_m, block_n, backward, interpret)[0][:3])
+
+
+def _block_configs(spec, backward, pinned, interpret):
+    """The TileConfigs a block-kernel launch chooses from: the candidates, or the spec's tiles alone (at the default
+    warps and stages) when the caller pinned them."""
+    candidates = _block_tile_candidates(spec.head_dim, spec.block_m, spec.block_n, backward, interpret)
+    if pinned:
+        candidates = [(spec.tile_m, spec.tile_n, *candidates[0][2:])]
+    return tuple(TileConfig.of(w, st, TILE_M=tm, TILE_N=tn) for tm, tn, w, st in candidates)
 
 
 def dense_block_map(Lq: int, Lk: int, block_m: int, block_n: int, causal: bool = False, device=None):
@@ -460,7 +478,7 @@ def _block_args(spec, q, k, v, H, Hkv, Lq, Lk, block_index, counts, kpm, scale):
     args.update(
         bidx_ptr=block_index, bcnt_ptr=counts, KB=block_index.shape[-1],
         NKB=_cdiv(Lk, spec.block_n), sm_scale=scale,
-        MAP_M=spec.block_m, BLOCK_N=spec.block_n, TILE_M=spec.tile_m, TILE_N=spec.tile_n,
+        MAP_M=spec.block_m, BLOCK_N=spec.block_n,  # TILE_M / TILE_N: the launch's config (_block_configs)
     )
     if kpm is not None:
         args.update(kpm_ptr=kpm, s_pb=kpm.stride(0), s_pn=kpm.stride(1))
@@ -500,7 +518,7 @@ def block_sparse_forward(q, k, v, block_index, block_valid=None, *, block_m=64, 
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if B * H * Lq == 0:
         return out, lse
-    tm, tn, warps = default_block_tiles(D, block_m, block_n, False, interpret_mode())
+    tm, tn, _ = default_block_tiles(D, block_m, block_n, False, interpret_mode())
     spec = BlockSparseSpec(head_dim=D, v_head_dim=Dv, dtype=q.dtype, causal=bool(causal),
                            key_padding=kpm is not None, mask=mask_kind, dropout=dropout_p > 0, block_m=block_m,
                            block_n=block_n, tile_m=tile_m or tm, tile_n=tile_n or tn)
@@ -515,7 +533,9 @@ def block_sparse_forward(q, k, v, block_index, block_valid=None, *, block_m=64, 
         s_ob=out.stride(0), s_oh=out.stride(1), s_om=out.stride(2), s_od=out.stride(3),
         s_lb=lse.stride(0), s_lh=lse.stride(1), s_lm=lse.stride(2),
     )
-    kernel.launch((_cdiv(Lq, spec.tile_m), B * H), entry="fwd", num_warps=warps, num_stages=3, **args)
+    configs = _block_configs(spec, False, tile_m is not None or tile_n is not None, kernel.interpret)
+    kernel.launch_tuned(lambda meta: (_cdiv(Lq, meta["TILE_M"]), B * H), configs, entry="fwd", key=("KB",),
+                        bucket=(size_bucket(Lq, hi=1 << 20), size_bucket(B * H)), **args)
     return out, lse
 
 
@@ -544,7 +564,7 @@ def block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, *, b
     dv_acc = torch.zeros((B, Hkv, Lk, Dv), dtype=torch.float32, device=q.device)
     if B * H * Lq:
         delta = None if out is None else _delta_from_out(grad_out, out, (B, H, Lq), q)
-        tm, tn, warps = default_block_tiles(D, block_m, block_n, True, interpret_mode())
+        tm, tn, _ = default_block_tiles(D, block_m, block_n, True, interpret_mode())
         spec = BlockSparseSpec(head_dim=D, v_head_dim=Dv, dtype=q.dtype, causal=bool(causal),
                                key_padding=kpm is not None, mask=mask_kind, dropout=dropout_p > 0,
                                precomputed_delta=delta is not None,
@@ -565,5 +585,9 @@ def block_sparse_backward(grad_out, q, k, v, block_index, block_valid, lse, *, b
         )
         if delta is not None:
             args.update(delta_ptr=delta, s_eb=delta.stride(0), s_eh=delta.stride(1), s_em=delta.stride(2))
-        kernel.launch((_cdiv(Lq, spec.tile_m), B * H), entry="bwd", num_warps=warps, num_stages=2, **args)
+        configs = _block_configs(spec, True, tile_m is not None or tile_n is not None, kernel.interpret)
+        # dK / dV accumulate atomically from zero: the autotuner's timing runs zero them again
+        kernel.launch_tuned(lambda meta: (_cdiv(Lq, meta["TILE_M"]), B * H), configs, entry="bwd", key=("KB",),
+                            bucket=(size_bucket(Lq, hi=1 << 20), size_bucket(B * H)), reset=("dk_ptr", "dv_ptr"),
+                            **args)
     return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)

@@ -16,7 +16,7 @@ import torch
 
 from ..tables import ACTIVATIONS as _ACTIVATION_FUNCTIONS, KERNEL_DTYPES as SUPPORTED_DTYPES
 from . import templates as T
-from .kernel import GeneratedKernel, KernelSpec, load_kernel, templates_digest
+from .kernel import GeneratedKernel, KernelSpec, TileConfig, load_kernel, size_bucket, templates_digest
 
 ACTIVATIONS = tuple(_ACTIVATION_FUNCTIONS)  # the names (sparsify/tables.py); Triton sources: templates.py
 
@@ -109,49 +109,16 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-# Block configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). On the GPU the
-# autotuner picks one per (T bucket, N, K); the small-M config serves decode batches.
-_GPU_CONFIGS = (
+# Block configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). On the GPU the autotuner (kernel.py
+# launch_tuned) picks one per (T bucket, N, K); the small-M config serves decode batches.
+_GPU_CONFIGS = tuple(TileConfig.of(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k) for m, n, k, w, s in (
     (32, 64, 64, 4, 4),
     (64, 64, 32, 4, 3),
     (128, 64, 32, 4, 3),
     (128, 128, 32, 8, 3),
-)
+))
 # The interpreter runs every program in Python: one small config (tl.dot needs >= 16).
-_INTERPRET_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
-
-
-def _t_bucket(t: int) -> int:
-    """Next power of two (16 .. 8192): the token count varies call to call, and keying
-    the autotuner on the exact T would re-benchmark every new sequence length."""
-    b = 16
-    while b < t and b < 8192:
-        b *= 2
-    return b
-
-
-def _with_block_configs(fn, interpret):
-    """A ``launcher(grid, kwargs)`` that supplies the block sizes."""
-    if interpret:
-        def launcher(grid, kwargs):
-            fn[grid](**kwargs, **_INTERPRET_BLOCKS)
-        return launcher
-
-    import triton
-
-    configs = [
-        triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
-        for m, n, k, w, s in _GPU_CONFIGS
-    ]
-    tuners = {}  # T bucket -> autotuner over fn (compiled binaries are shared via fn)
-
-    def launcher(grid, kwargs):
-        bucket = _t_bucket(kwargs["T"])
-        tuned = tuners.get(bucket)
-        if tuned is None:
-            tuned = tuners.setdefault(bucket, triton.autotune(configs=configs, key=["N", "K"])(fn))
-        tuned[grid](**kwargs)
-    return launcher
+_INTERPRET_CONFIGS = (TileConfig.of(1, 1, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16),)
 
 
 def _check_matrix(name, t, shape, x):
@@ -220,5 +187,6 @@ def up_projection(x2d, w, b=None, activation="gelu", w_gate=None, b_gate=None):
             args["bg_ptr"] = b_gate.contiguous()
 
     grid = lambda meta: (_cdiv(T, meta["BLOCK_M"]), _cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    kernel.memo("autotuned", lambda: _with_block_configs(kernel.fn, kernel.interpret))(grid, args)
+    kernel.launch_tuned(grid, _INTERPRET_CONFIGS if kernel.interpret else _GPU_CONFIGS, key=("N", "K"),
+                        bucket=size_bucket(T), **args)
     return y

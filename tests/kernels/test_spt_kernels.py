@@ -382,6 +382,42 @@ def test_block_all_selected_equals_sdpa(interpreter, causal, dtype):
 
 
 @needs_triton
+def test_block_kernels_autotuned_reset_their_accumulators(interpreter, monkeypatch):
+    """The GPU path's triton.autotune over the block kernels' tiles, driven under the interpreter by a stand-in
+    timer that runs each config three times: the backward's dK / dV accumulate atomically from zero, so without
+    reset_to_zero the timing runs would add into them. The timer ranks the last config (16 x 16 tiles on a 32 x 32
+    map) fastest."""
+    import sparsify.codegen.kernel as kernel_layer
+    import sparsify.codegen.spt_attention as spt_attention
+
+    timed = []
+
+    def bench(fn, quantiles=None, **_):
+        for _ in range(3):
+            fn()
+        timed.append(fn)
+        return [1.0 / len(timed)] * 3
+
+    monkeypatch.setattr(kernel_layer, "autotune_bench", bench)
+    monkeypatch.setattr(spt_attention, "_block_tile_candidates",
+                        lambda head_dim, bm, bn, backward, interpret=False: [(bm, bn, 4, 1), (16, 16, 4, 1)])
+    B, H, Hkv, Lq, Lk, D = 1, 2, 1, 40, 45, 16
+    q, k, v = make_qkv(B, H, Hkv, Lq, Lk, D, D, torch.float32, seed=19)
+    block_index, block_valid = random_block_map(B, H, Lq, Lk, 1, True, 20, bm=32, bn=32)
+    allowed = block_map_to_dense(block_index, block_valid, Lq, Lk, True, None, bm=32, bn=32)
+    kw = dict(block_m=32, block_n=32, causal=True)
+    out, lse = block_sparse_forward(q, k, v, block_index, block_valid, **kw)
+    do = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(21))
+    ref_out, ref_lse, ref_grads = grads_of(lambda *t: dense_reference(*t, allowed, D ** -0.5), [q, k, v], do)
+    assert_close(out, ref_out, torch.float32, "out")
+    assert_lse(lse, ref_lse, torch.float32)
+    grads = block_sparse_backward(do, q, k, v, block_index, block_valid, lse, out=out, **kw)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(got, ref, torch.float32, name)
+    assert len(timed) == 4  # forward and backward each timed both configs
+
+
+@needs_triton
 def test_block_tiles_smaller_than_map_blocks(interpreter):
     """Kernel tiles of 16 x 16 walking a 32 x 32 block map (what the GPU defaults do for
     large head dims): same result as map-sized tiles."""

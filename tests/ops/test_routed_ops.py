@@ -696,6 +696,71 @@ def test_grouped_act_backward_matches_torch(interpreter, case, dtype):
 
 
 @needs_triton
+def test_autotuned_launches_restore_what_they_accumulate(interpreter, monkeypatch):
+    """The GPU path's triton.autotune, driven under the interpreter by a stand-in timer that really runs every
+    config three times: down accumulates onto its output (the bias) and act_bwd sums the gate / bias gradients
+    from zero, so without restore_value / reset_to_zero the timing runs would add into the result. The timer
+    ranks the last config fastest, so the tuned choice is not the default one."""
+    import sparsify.codegen.grouped_gemm as gg
+    import sparsify.codegen.kernel as kernel_layer
+    from sparsify.ops.routed_grouping import ActGrads
+
+    timed = []
+
+    def bench(fn, quantiles=None, **_):
+        for _ in range(3):
+            fn()
+        timed.append(fn)
+        return [1.0 / len(timed)] * 3
+
+    monkeypatch.setattr(kernel_layer, "autotune_bench", bench)
+    monkeypatch.setattr(gg, "_INTERPRET_TILES", ((16, 16, 16, 1, 1), (32, 32, 16, 1, 1)))
+    g = _gen(35)
+    t, fb, blocks, top_k, m = 29, 20, 4, 2, 33
+    grp = _grouping(g, t, blocks, top_k)
+    d_ff, a = fb * blocks, grp.assignments
+    h, s = _randn(g, a, fb), 2 * torch.rand(a, generator=g)
+    w = _randn(g, m, d_ff, scale=d_ff ** -0.5)
+    init = _randn(g, t, m)
+    got = gg.grouped_down(h, w, grp.tok, grp.offsets, init.clone(), row_scale=s)
+    torch.testing.assert_close(got, TORCH_GROUPED.down(h, w, grp.tok, grp.offsets, init.clone(), row_scale=s),
+                               atol=1e-4, rtol=1e-4)
+    assert len(timed) == 2  # the tuned path ran: one timing per config
+
+    dy, pre, pre_gate = _randn(g, t, m), _randn(g, a, fb), _randn(g, a, fb)
+    kw = dict(pre=pre, pre_gate=pre_gate, row_scale=s, activation="silu", want_dg=True, want_db=True,
+              out_dtype=torch.float32)
+    got = ActGrads(*gg.grouped_act_backward(dy, w.t(), grp.tok, grp.offsets, fb, **kw))
+    want = TORCH_GROUPED.act_backward(dy, w.t(), grp.tok, grp.offsets, fb, **kw)
+    torch.testing.assert_close(got.dg, want.dg, atol=4e-4, rtol=4e-4)
+    for name in ("up", "gate"):
+        torch.testing.assert_close(got.db[name], want.db[name], atol=4e-4, rtol=4e-4)
+        torch.testing.assert_close(got.gdz[name], want.gdz[name], atol=1e-4, rtol=1e-4)
+    assert len(timed) == 4
+
+    x = _randn(g, t, 24)
+    wu = _randn(g, d_ff, 24, scale=24 ** -0.5)
+    torch.testing.assert_close(gg.grouped_up(x, wu, grp.tok, grp.offsets, fb, activation="gelu"),
+                               TORCH_GROUPED.up(x, wu, grp.tok, grp.offsets, fb, activation="gelu"),
+                               atol=1e-4, rtol=1e-4)
+    out = torch.full((d_ff, m), float("nan"))
+    gg.grouped_wgrad(h, dy, grp.tok, grp.offsets, out)
+    torch.testing.assert_close(out, TORCH_GROUPED.wgrad(h, dy, grp.tok, grp.offsets, torch.empty(d_ff, m)),
+                               atol=1e-4, rtol=1e-4)
+    assert len(timed) == 8
+
+
+def test_tuning_names_must_be_launch_arguments(interpreter):
+    """A restore / reset / key name that is not an argument of the launch fails on every path (on a GPU
+    triton.autotune would reject it only there)."""
+    from sparsify.codegen.grouped_gemm import GroupedGemmSpec, _tile_configs, get_grouped_kernel
+
+    kernel = get_grouped_kernel(GroupedGemmSpec(kind="down", dtype=torch.float32))
+    with pytest.raises(ValueError, match="out_buf"):
+        kernel.launch_tuned((1,), _tile_configs("down", True), restore=("out_buf",), A=1)
+
+
+@needs_triton
 @pytest.mark.parametrize("opts", [
     dict(lead=(2, 9), gated=True, bias=True, lora_rank=2, perm=True, activation="silu", dropout_p=0.2),
     dict(lead=(3,), gated=False, bias=False, activation="gelu", top_k=1),          # T < blocks
@@ -809,6 +874,30 @@ class TestCuda:
             assert a.is_cuda and a.dtype == dtype
             b = torch.zeros_like(a, dtype=torch.float32) if b is None else b
             torch.testing.assert_close(a.float(), b, atol=ga * max(1.0, b.abs().max().item()), rtol=ga)
+
+    def test_autotuned_equals_the_default_config(self, monkeypatch, kernel_cache_dir):
+        """triton.autotune's timing runs leave down's output (accumulated onto its initial value) and act_bwd's
+        sums (from zero) as one run would: tuned results equal the pinned default's (SPARSIFY_AUTOTUNE=0)."""
+        import sparsify.codegen.grouped_gemm as gg
+        from sparsify.ops.routed_grouping import ActGrads
+
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        g = _gen(44)
+        t, fb, blocks, m = 1000, 256, 4, 512
+        grp = _grouping(g, t, blocks, 2)
+        a = grp.assignments
+        h, s, init = _randn(g, a, fb).cuda(), (2 * torch.rand(a, generator=g)).cuda(), _randn(g, t, m).cuda()
+        w, dy, pre = _randn(g, m, fb * blocks, scale=0.05).cuda(), _randn(g, t, m).cuda(), _randn(g, a, fb).cuda()
+        tok, offsets = grp.tok.cuda(), grp.offsets.cuda()
+        kw = dict(pre=pre, row_scale=s, activation="gelu", want_dg=True, want_db=True, out_dtype=torch.float32)
+        results = {}
+        for tune in ("1", "0"):
+            monkeypatch.setenv("SPARSIFY_AUTOTUNE", tune)
+            down = gg.grouped_down(h, w, tok, offsets, init.clone(), row_scale=s)
+            act = ActGrads(*gg.grouped_act_backward(dy, w.t(), tok, offsets, fb, **kw))
+            results[tune] = (down, act.dg, act.db["up"], act.ghd)
+        for tuned, default in zip(results["1"], results["0"]):
+            torch.testing.assert_close(tuned, default, atol=1e-4, rtol=1e-4)
 
     def test_no_host_sync(self, monkeypatch, kernel_cache_dir):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
