@@ -14,12 +14,14 @@ Variants, full fine-tuning, y = W2 act(W1 x + b1) + b2 (x [T, d], W1 [F, d]):
   dense (torch-eager / inductor / sparsify-mlp): 6 GEMMs (up, down; dgrad and wgrad of each), 2 elementwise
       passes over [T, F] (activation and its derivative; Inductor fuses the bias);
   routed-topk as built (ops/routed_backward.py, training's default, no dropout): top_k of `blocks`
-      neuron blocks per token: 6 grouped GEMMs of T*top_k rows x F/blocks (the forward's up kernel also stores
-      W x + b, 16-bit, for the backward: no recompute), the activation's backward, gate scaling, gate-gradient
-      row sums and bias-gradient column sums in the epilogue of the backward's v = dy W_down GEMM (grouped
-      act_bwd kernel), which writes g h and g dz in 16 bits: 2 16-bit passes over [T*top_k, F/blocks] in all
-      (the stored W x + b written and read, the epilogue's outputs written), the router GEMM forward and backward,
-      and x gathered per assignment twice;
+      neuron blocks per token: 6 grouped GEMM kernels (one launch each for all blocks) of T*top_k gathered rows x
+      F/blocks (the forward's up kernel also stores W x + b, 16-bit, for the backward: no recompute); the down
+      projection and dx scatter-add into fp32 [T, d] buffers by atomics (a read and a write of 4 bytes per
+      assignment and column, the buffer initialised and cast to 16 bits after); weight gradients written once in
+      16 bits; the activation's backward, gate scaling, gate-gradient row sums and bias-gradient column sums in
+      the epilogue of the backward's v = dy W_down GEMM (grouped act_bwd kernel), which writes g h and g dz in 16
+      bits: 2 16-bit passes over [T*top_k, F/blocks] in all (the stored W x + b, the epilogue's outputs); the
+      router GEMM forward and backward; 8 launches of routing (top-k, sort, offsets, gates, both directions);
   routed-topk-recompute (options mlp.recompute=True, the least memory): the same plus the up GEMM again in
       backward, nothing stored;
   routed-topk-unfused (dropout in the MLP: the backward's elementwise work in torch): 6 GEMMs and 16
@@ -45,6 +47,24 @@ def passes_s(count: int, rows: int, cols: int, b: int = 2) -> float:
     return count * (2 * rows * cols * b / H200["bytes_per_s"] + H200["launch_s"])
 
 
+def grouped_s(a: int, n: int, k: int, blocks: int, b: int = 2, out_bytes: int | None = None,
+              scatter: bool = False) -> float:
+    """One grouped GEMM kernel (codegen/grouped_gemm.py: every block in ONE launch) of `a` gathered rows, split
+    evenly over `blocks`, times [k, n] per block: FLOPs 2 a n k; bytes: the gathered rows once (the swizzled grid
+    serves a tile row's other N-tiles from L2), each block's weight tile once, the output once in out_bytes, or,
+    scattered (down / dx: rows added into [T, n] by fp32 atomics), read and written in fp32 per assignment."""
+    out_bytes = b if out_bytes is None else out_bytes
+    out = a * n * 8 if scatter else a * n * out_bytes
+    moved = a * k * b + blocks * n * k * b + out
+    return max(2 * a * n * k / H200["flops"], moved / H200["bytes_per_s"]) + H200["launch_s"]
+
+
+def grouped_wgrad_s(a: int, fb: int, k: int, blocks: int, b: int = 2) -> float:
+    """The per-block weight gradient [fb, k] = l^T r over each block's rows, one launch, written in 16 bits."""
+    moved = a * fb * b + a * k * b + blocks * fb * k * b
+    return max(2 * a * fb * k / H200["flops"], moved / H200["bytes_per_s"]) + H200["launch_s"]
+
+
 def ffn_roofline_ms(variant: str, tokens: int, d: int, f: int, blocks: int = 4, b: int = 2) -> float:
     t = tokens
     if variant in ("torch-eager", "inductor", "sparsify-mlp", "dense"):
@@ -54,16 +74,17 @@ def ffn_roofline_ms(variant: str, tokens: int, d: int, f: int, blocks: int = 4, 
         top_k = int(variant.split("top")[1].split("-")[0])
         recompute, unfused = variant.endswith("-recompute"), variant.endswith("-unfused")
         a, fb = t * top_k, f // blocks
-        # per block: a / blocks assignments (a balanced router) x fb neurons; summed over blocks = rows a
-        up = blocks * gemm_s(a // blocks, fb, d, b)       # forward up (and the recompute)
-        down = blocks * gemm_s(a // blocks, d, fb, b)     # forward down
-        bwd = (blocks * gemm_s(a // blocks, fb, d, b)      # dgrad of down: v = dy W2 (the act_bwd kernel)
-               + blocks * gemm_s(fb, d, a // blocks, b)    # wgrad of down
-               + blocks * gemm_s(a // blocks, d, fb, b)    # dgrad of up: dx
-               + blocks * gemm_s(fb, d, a // blocks, b))   # wgrad of up
-        router = 3 * gemm_s(t, blocks, d, b)
-        gathers = passes_s(2, a, d, b)
-        s = up + down + bwd + router + gathers
+        up = grouped_s(a, fb, d, blocks, b)                    # forward up (W x + b stored beside it)
+        down = grouped_s(a, d, fb, blocks, b, scatter=True)    # forward down, scatter-added into fp32 [T, d]
+        bwd = (grouped_s(a, fb, d, blocks, b)                  # v = dy W2 with the act_bwd epilogue
+               + grouped_wgrad_s(a, fb, d, blocks, b)          # wgrad of down
+               + grouped_s(a, d, fb, blocks, b, scatter=True)  # dgrad of up: dx, scatter-added into fp32
+               + grouped_wgrad_s(a, fb, d, blocks, b))         # wgrad of up
+        router = 3 * gemm_s(t, blocks, d, b)                   # router forward, its dx and weight gradient
+        # routing: top-k, the block sort and offsets, the gate per assignment, forward and backward (small
+        # tensors: launches); the fp32 [T, d] buffers of down and dx: initialised (bias / zeros) and cast to 16 bits
+        routing = 8 * H200["launch_s"] + 2 * (passes_s(1, t, d, 4) / 2 + passes_s(1, t, d, 3))
+        s = up + down + bwd + router + routing
         if unfused:
             s += passes_s(1, a, fb, b) + passes_s(16, a, fb, 4)  # the stored W x + b, the torch passes (fp32)
         elif recompute:

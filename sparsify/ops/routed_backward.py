@@ -100,8 +100,10 @@ def _backward(impl, grad_out, tensors, block_ids, seed, lora_scales, blocks, top
                 r = act_backward_elementwise(v, off, dropout=dropout, **common, **wants)
 
         # 3. the GEMMs: down projection (weight, LoRA), then the up / gate projections
+        # weight gradients in the weight's dtype: wgrad writes every row once (fp32 sums in the kernel's registers),
+        # so no fp32 [F, d] buffer is written, read back and cast
         if needs["down_w"]:  # written through the transposed view: neuron n is a column of W_down
-            grads["down_w"] = torch.empty(d_out, d_ff, dtype=acc, device=x.device)
+            grads["down_w"] = torch.empty(d_out, d_ff, dtype=down_w.dtype, device=x.device)
             impl.wgrad(r.ghd, dy, tok, off, grads["down_w"].t(), perm=perm)
         if down_a is not None:
             if needs["down_lora_b"]:
@@ -120,7 +122,7 @@ def _backward(impl, grad_out, tensors, block_ids, seed, lora_scales, blocks, top
                 w, la, lb, s = getattr(ts, f_w), getattr(ts, f_la), getattr(ts, f_lb), scale[name]
                 if needs[f_w]:
                     grads[f_w] = impl.wgrad(r.gdz[name], x2, tok, off,
-                                            torch.empty(d_ff, d, dtype=acc, device=x.device), perm=perm)
+                                            torch.empty(d_ff, d, dtype=w.dtype, device=x.device), perm=perm)
                 if needs[f_b]:
                     grads[f_b] = r.db[name]
                 if needs["x"]:

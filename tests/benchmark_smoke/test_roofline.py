@@ -5,7 +5,7 @@ from bench_helpers import load_benchmark
 
 def test_routed_ffn_predictions():
     roofline = load_benchmark("roofline")
-    for tokens, built, recompute in ((4096, 1.58, 1.42), (16384, 1.78, 1.59)):
+    for tokens, built, recompute in ((4096, 1.65, 1.49), (16384, 1.78, 1.60)):
         dense = roofline.ffn_roofline_ms("dense", tokens, 2048, 8192)
         ratio = {v: dense / roofline.ffn_roofline_ms(v, tokens, 2048, 8192)
                  for v in ("routed-top2", "routed-top2-recompute", "routed-top2-unfused")}
