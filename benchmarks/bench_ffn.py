@@ -475,7 +475,7 @@ def _rows(results, gpu):
 
 
 def roofline_note(configs) -> str:
-    """The model's dense / routed ratios for the measured full-mode shapes, the recompute and unfused (dropout) paths included."""
+    """The model's dense / routed ratios for the measured full-mode shapes, the recompute and dropout paths included."""
     parts = []
     for cfg in configs:
         if cfg["mode"] != "full":
@@ -483,7 +483,7 @@ def roofline_note(configs) -> str:
         t, d, f = cfg["tokens"], cfg["d_model"], cfg["d_ff"]
         dense = roofline.ffn_roofline_ms("dense", t, d, f, BLOCKS)
         ratios = ", ".join(f"{v} {dense / roofline.ffn_roofline_ms(v, t, d, f, BLOCKS):.2f}x"
-                           for v in ("routed-top2", "routed-top2-recompute", "routed-top2-unfused", "routed-top1"))
+                           for v in ("routed-top2", "routed-top2-recompute", "routed-top2-dropout", "routed-top1"))
         parts.append(f"d {d} x {f}, T {t}: dense {dense:.3f} ms; {ratios}")
     return "; ".join(dict.fromkeys(parts)) or "-"
 

@@ -24,10 +24,10 @@ Variants, full fine-tuning, y = W2 act(W1 x + b1) + b2 (x [T, d], W1 [F, d]):
       router GEMM forward and backward; 8 launches of routing (top-k, sort, offsets, gates, both directions);
   routed-topk-recompute (options mlp.recompute=True, the least memory): the same plus the up GEMM again in
       backward, nothing stored;
-  routed-topk-unfused (dropout in the MLP: the backward's elementwise work in torch): 6 GEMMs and 16
-      fp32 elementwise passes over [T*top_k, F/blocks] (counted in ops/routed_backward.py: cast, gate scaling,
-      activation and derivative, gate-gradient products and row sums, the 16-bit casts the GEMMs read, the bias
-      gradient's segment sum).
+  routed-topk-dropout (dropout in the MLP, between the activation and the down projection): the built path
+      plus the mask: torch's [T, F] uniform draw and its comparison (as sparsify::mlp draws it, forward and again
+      in backward from the seed), its gather to the sorted [T*top_k, F/blocks] rows (1 byte each), read in the up
+      kernel's and the act_bwd kernel's epilogues.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def ffn_roofline_ms(variant: str, tokens: int, d: int, f: int, blocks: int = 4, 
         return (s + passes_s(2, t, f, b)) * 1e3
     if variant.startswith("routed-top"):
         top_k = int(variant.split("top")[1].split("-")[0])
-        recompute, unfused = variant.endswith("-recompute"), variant.endswith("-unfused")
+        recompute, dropout = variant.endswith("-recompute"), variant.endswith("-dropout")
         a, fb = t * top_k, f // blocks
         up = grouped_s(a, fb, d, blocks, b)                    # forward up (W x + b stored beside it)
         down = grouped_s(a, d, fb, blocks, b, scatter=True)    # forward down, scatter-added into fp32 [T, d]
@@ -85,9 +85,10 @@ def ffn_roofline_ms(variant: str, tokens: int, d: int, f: int, blocks: int = 4, 
         # tensors: launches); the fp32 [T, d] buffers of down and dx: initialised (bias / zeros) and cast to 16 bits
         routing = 8 * H200["launch_s"] + 2 * (passes_s(1, t, d, 4) / 2 + passes_s(1, t, d, 3))
         s = up + down + bwd + router + routing
-        if unfused:
-            s += passes_s(1, a, fb, b) + passes_s(16, a, fb, 4)  # the stored W x + b, the torch passes (fp32)
-        elif recompute:
+        if dropout:  # twice: the draw [T, F] (fp32 write, compare: read it, write 1 byte), gather, epilogue read
+            draw = (t * f * (4 + 4 + 1) + t * f + 2 * a * fb) / H200["bytes_per_s"] + 3 * H200["launch_s"]
+            s += 2 * draw
+        if recompute:
             s += up + passes_s(1, a, fb, b)  # the recompute GEMM, the epilogue's outputs
         else:
             s += passes_s(2, a, fb, b)       # the stored W x + b, the epilogue's outputs
@@ -135,7 +136,7 @@ if __name__ == "__main__":
     for t in (4096, 16384):
         dense = ffn_roofline_ms("dense", t, 2048, 8192)
         print(f"T={t}: dense {dense:.3f} ms", end="")
-        for v in ("routed-top2", "routed-top2-recompute", "routed-top2-unfused", "routed-top1"):
+        for v in ("routed-top2", "routed-top2-recompute", "routed-top2-dropout", "routed-top1"):
             ms = ffn_roofline_ms(v, t, 2048, 8192)
             print(f" | {v} {ms:.3f} ms ({dense / ms:.2f}x)", end="")
         print()

@@ -67,6 +67,18 @@ def cases(dtypes, quick: bool):
                         _t(tokens, d_model, dtype=dt), _t(d_model, d_ff, dtype=dt).t(), tok, offsets, fb,
                         pre=_t(a, fb, dtype=dt), pre_gate=_t(a, fb, dtype=dt), row_scale=torch.rand(a),
                         activation="silu", out_dtype=dt, want_dg=True, want_db=True)))
+        if not quick:  # dropout: the keep mask read in both epilogues
+            keep = (torch.rand(a, fb) > 0.1, 0.1)
+            out.append(("grouped_up", f"{n} silu gated dropout {d_model}->{d_ff}/{blocks}",
+                        lambda dt=dt, x=x, keep=keep: grouped_gemm.grouped_up(
+                            x, _t(d_ff, d_model, dtype=dt), tok, offsets, fb, activation="silu",
+                            row_scale=torch.rand(a).to(dt), gate=(_t(d_ff, d_model, dtype=dt), None, None),
+                            pre_out=(_t(a, fb, dtype=dt), _t(a, fb, dtype=dt)), dropout=keep)))
+            out.append(("grouped_act_bwd", f"{n} silu gated dropout {d_model}<-{d_ff}/{blocks}",
+                        lambda dt=dt, keep=keep: grouped_gemm.grouped_act_backward(
+                            _t(tokens, d_model, dtype=dt), _t(d_model, d_ff, dtype=dt).t(), tok, offsets, fb,
+                            pre=_t(a, fb, dtype=dt), pre_gate=_t(a, fb, dtype=dt), row_scale=torch.rand(a),
+                            activation="silu", out_dtype=dt, want_dg=True, want_db=True, dropout=keep)))
         if not quick:  # with LoRA on every side (z and dh get the LoRA terms, dz and hd are written too)
             out.append(("grouped_act_bwd", f"{n} silu gated LoRA {d_model}<-{d_ff}/{blocks}",
                         lambda dt=dt: grouped_gemm.grouped_act_backward(

@@ -100,6 +100,7 @@ class GroupedGemmSpec(KernelSpec):
     want_dg: bool = False        # act_bwd: accumulate the gate gradient's row sums (row_scale needed)
     bias_grad: bool = False      # act_bwd: accumulate the up (and gate) bias gradients as column sums
     down_lora: bool = False      # act_bwd: dh gets the down LoRA's term, and hd is written for its gradients
+    dropout: bool = False        # up / act_bwd: h (and dh) times a keep mask [A, fb] / (1 - p), read in the epilogue
     # (lora / gate_lora on act_bwd: z gets the LoRA term of that projection, and dz is written for its factors)
 
     def __post_init__(self):
@@ -115,6 +116,8 @@ class GroupedGemmSpec(KernelSpec):
             raise ValueError("GroupedGemmSpec: lora / gate_lora apply to kinds 'up' and 'act_bwd' only")
         if self.kind not in ("up", "act_bwd") and (self.activation != "none" or self.gated):
             raise ValueError("GroupedGemmSpec: activation / gated apply to kinds 'up' and 'act_bwd' only")
+        if self.kind not in ("up", "act_bwd") and self.dropout:
+            raise ValueError("GroupedGemmSpec: dropout applies to kinds 'up' and 'act_bwd' only")
         if self.kind != "act_bwd" and (self.want_dg or self.bias_grad or self.down_lora):
             raise ValueError("GroupedGemmSpec: want_dg / bias_grad / down_lora apply to kind 'act_bwd' only")
         if self.kind == "act_bwd" and (self.activation == "none" or (self.want_dg and not self.row_scale)):
@@ -132,7 +135,7 @@ class GroupedGemmSpec(KernelSpec):
         if self.kind in ("up", "act_bwd"):
             parts.append(self.activation)
             parts += [flag for flag in ("gated", "bias", "gate_bias", "lora", "gate_lora", "store_pre", "want_dg",
-                                        "bias_grad", "down_lora") if getattr(self, flag)]
+                                        "bias_grad", "down_lora", "dropout") if getattr(self, flag)]
         if self.row_scale:
             parts.append("scaled")
         if self.permuted:
@@ -249,6 +252,11 @@ BIAS = Template("    $acc += tl.load($ptr + neuron, mask=mask_n, other=0.0).to(t
 STORE_PRE = Template("    tl.store($ptr + offs_m[:, None].to(tl.int64) * s_ym + offs_n[None, :] * s_yn, "
                      "$acc.to($ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])\n")
 ROW_SCALE_LOAD = "    g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)\n"
+# dropout: the keep mask [A, fb] (uint8, the sorted rows of torch's [T, F] draw: ops/routed_grouping.py
+# sorted_keep) and keep_scale = 1 / (1 - p) (0 when p = 1)
+DROPOUT_KEEP = ("    keep = tl.load(keep_ptr + offs_m[:, None].to(tl.int64) * FB + offs_n[None, :], "
+                "mask=mask_m[:, None] & mask_n[None, :], other=0) != 0\n")
+DROPOUT_APPLY = Template("    $v = tl.where(keep, $v * keep_scale, 0.0)\n")
 ROW_SCALE = Template("    $acc = $acc * g[:, None]\n")
 # rank-r LoRA term: (A x)[tok] . B[n] over r, BLOCK_K at a time (tl.dot needs K >= 16: masked padding)
 LORA = Template('''\
@@ -395,6 +403,8 @@ def _up_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
             params += [f"xa_{p}_ptr", f"lb_{p}_ptr"]
     if spec.store_pre:
         params += ["pre_ptr"] + (["pre_g_ptr"] if spec.gated else [])
+    if spec.dropout:
+        params += ["keep_ptr", "keep_scale"]
     if spec.permuted:
         params.append("perm_ptr")
     params += ["tok_ptr", "off_ptr", "y_ptr", "A", "NB", "FB", "K"]
@@ -429,6 +439,8 @@ def _up_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
         epi += _T.ACTIVATIONS[spec.activation].substitute(v="acc") + "    out = acc\n"
     else:
         epi += "    out = acc\n"
+    if spec.dropout:
+        epi += DROPOUT_KEEP + DROPOUT_APPLY.substitute(v="out")
     return _on_up_mainloop(UP_KERNEL, spec, params, dot_kwargs, dt, epi, gate_gemm=spec.gated)
 
 
@@ -464,6 +476,8 @@ def _act_bwd_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
         params.append("dg_ptr")
     if spec.bias_grad:
         params += ["db_ptr"] + (["db_g_ptr"] if gated else [])
+    if spec.dropout:
+        params += ["keep_ptr", "keep_scale"]
     if spec.permuted:
         params.append("perm_ptr")
     params += ["tok_ptr", "off_ptr", "A", "NB", "FB", "K", "s_xm", "s_xk", "s_wn", "s_wk"]
@@ -484,6 +498,9 @@ def _act_bwd_source(spec: GroupedGemmSpec, dot_kwargs: str, dt: str) -> str:
     epi += "    dh = acc * g[:, None]\n"
     if spec.down_lora:
         epi += load(dst="e", ptr="e_ptr") + "    dh += e\n"
+    if spec.dropout:  # hd = dropout(h), dh = dropout(g v + e): one mask for both
+        epi += "    keep = tl.load(keep_ptr + at, mask=tile, other=0) != 0\n"
+        epi += DROPOUT_APPLY.substitute(v="hd") + DROPOUT_APPLY.substitute(v="dh")
     if gated:
         epi += "    dzu = dh * a_g\n    dzg = d_g * dh * zu\n"
     else:
@@ -642,14 +659,24 @@ def _dtype_of(*tensors) -> torch.dtype:
 
 
 
+def _dropout_args(dropout, a, fb, device):
+    """The kernels' dropout operands from (keep [A, fb] bool, p): the mask as uint8 and 1 / (1 - p)."""
+    keep, p = dropout
+    _check("keep", keep, device, 2)
+    if tuple(keep.shape) != (a, fb) or keep.dtype != torch.bool:
+        raise ValueError(f"dropout keep mask must be bool [{a}, {fb}], got {keep.dtype} {tuple(keep.shape)}")
+    return dict(keep_ptr=keep.contiguous().view(torch.uint8), keep_scale=0.0 if p >= 1.0 else 1.0 / (1.0 - p))
+
+
 def grouped_up(x, w, tok, offsets, block_size, *, perm=None, bias=None, row_scale=None, lora=None,
-               activation=None, gate=None, out_dtype=None, pre_out=None):
+               activation=None, gate=None, out_dtype=None, pre_out=None, dropout=None):
     """Grouped up-projection over the sorted assignments: Y [A, block_size] (see the module docstring).
 
     x [T, K]; w [F, K] (F = NB * block_size, any strides); bias [F]; row_scale [A] (g); lora = (xa [T, r],
     lb [F, r], scale); activation: a name or None; gate = (wg [F, K], bg [F] or None, lora_g or None);
     out_dtype: Y's dtype (default x's); pre_out = (u [A, block_size], u_gate or None), contiguous: also stores
-    each projection's W x + b there (before g and LoRA). The operand dtype is x's (fp16 / bf16 / fp32)."""
+    each projection's W x + b there (before g and LoRA); dropout = (keep [A, block_size] bool, p): Y's kept entries
+    scaled by 1 / (1 - p), the others zero. The operand dtype is x's (fp16 / bf16 / fp32)."""
     _check("x", x, x.device, 2)
     _check("w", w, x.device, 2)
     T, K = x.shape
@@ -664,7 +691,8 @@ def grouped_up(x, w, tok, offsets, block_size, *, perm=None, bias=None, row_scal
     act = activation or "none"
     spec = GroupedGemmSpec(kind="up", dtype=dtype, permuted=perm is not None, row_scale=row_scale is not None,
                            activation=act, gated=gated, bias=bias is not None, gate_bias=bg is not None,
-                           lora=lora is not None, gate_lora=lora_g is not None, store_pre=pre_out is not None)
+                           lora=lora is not None, gate_lora=lora_g is not None, store_pre=pre_out is not None,
+                           dropout=dropout is not None)
     y = torch.empty(a, fb, dtype=out_dtype or x.dtype, device=x.device)
     if pre_out is not None:
         for t in pre_out[:1 + gated]:
@@ -698,6 +726,8 @@ def grouped_up(x, w, tok, offsets, block_size, *, perm=None, bias=None, row_scal
         args["pre_ptr"] = pre_out[0]
         if gated:
             args["pre_g_ptr"] = pre_out[1]
+    if dropout is not None:
+        args.update(_dropout_args(dropout, a, fb, x.device))
     if perm is not None:
         args["perm_ptr"] = perm
     _launch_grouped(kernel, "up", a, nb, fb, ("FB", "K"), **args)
@@ -770,12 +800,13 @@ def grouped_wgrad(l, r, tok, offsets, out, *, perm=None):
 
 def grouped_act_backward(dy, w, tok, offsets, block_size, *, pre, pre_gate=None, perm=None, row_scale=None,
                          activation, out_dtype, want_dg=False, want_db=False, lora_z=None, dh_extra=None,
-                         want_h=False):
+                         want_h=False, dropout=None):
     """The routed backward's v = dy . w[n] (w [F, M]: W_down's transpose, any strides) with the activation's
     backward fused in the epilogue (ACT_BWD_KERNEL); same contract as ops/routed_grouping.py
     TorchGrouped.act_backward: (g hd, hd or None, {name: g dz}, {name: dz} for the LoRA projections, dg or None,
     {name: db} or None), the fields of its ActGrads. pre / pre_gate: the forward's W x + b [A, block_size];
-    lora_z: the up / gate LoRA terms s B (A x) [A, block_size]; dh_extra: the down LoRA's share of dh."""
+    lora_z: the up / gate LoRA terms s B (A x) [A, block_size]; dh_extra: the down LoRA's share of dh; dropout =
+    (keep [A, block_size] bool, p): the forward's mask, applied to h and dh in the epilogue."""
     _check("dy", dy, dy.device, 2)
     _check("w", w, dy.device, 2)
     T, K = dy.shape
@@ -814,7 +845,8 @@ def grouped_act_backward(dy, w, tok, offsets, block_size, *, pre, pre_gate=None,
         return out
     spec = GroupedGemmSpec(kind="act_bwd", dtype=dtype, permuted=perm is not None, row_scale=row_scale is not None,
                            activation=activation, gated=gated, want_dg=want_dg, bias_grad=want_db,
-                           lora="up" in dz, gate_lora="gate" in dz, down_lora=dh_extra is not None)
+                           lora="up" in dz, gate_lora="gate" in dz, down_lora=dh_extra is not None,
+                           dropout=dropout is not None)
     kernel = get_grouped_kernel(spec)
     kernel.check_device(dy)
     args = dict(x_ptr=dy, w_ptr=w, pre_ptr=operands["pre"], ghd_ptr=ghd, gdz_ptr=gdz["up"], tok_ptr=tok,
@@ -836,6 +868,8 @@ def grouped_act_backward(dy, w, tok, offsets, block_size, *, pre, pre_gate=None,
         args["db_ptr"] = db["up"]
         if gated:
             args["db_g_ptr"] = db["gate"]
+    if dropout is not None:
+        args.update(_dropout_args(dropout, a, fb, dy.device))
     if perm is not None:
         args["perm_ptr"] = perm
     # the row and column sums accumulate from zero: the autotuner's timing runs zero them again

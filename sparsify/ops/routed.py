@@ -54,7 +54,7 @@ from ._vjp import _acc_dtype, fresh_seed, placeholder_grads
 from .mlp import ACTIVATIONS, check_mlp_inputs
 from .operands import MLP_OPERANDS, ROUTER_FIELDS, MLPOperands, RoutedTensors, projection_fields
 from .routed_backward import _backward
-from .routed_grouping import TORCH_GROUPED, Grouping, _sorted_dropout, route, sorted_gate
+from .routed_grouping import TORCH_GROUPED, Grouping, route, sorted_gate, sorted_keep
 from ..tables import KERNEL_DTYPES
 
 GATES = ("sigmoid2p", "none")
@@ -154,9 +154,10 @@ def _forward(impl, x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_
         if gate_w is not None:
             lora_g = None if gate_lora_a is None else (F.linear(x2, gate_lora_a), gate_lora_b, lora_scales[1])
             gate_args = (gate_w, gate_b, lora_g)
+        # dropout in the up kernel's epilogue: torch's [T, F] draw (as sparsify::mlp's), read at the sorted rows
         h = impl.up(x2, up_w, grp.tok, grp.offsets, fb, perm=grp.perm, bias=up_b, row_scale=g, lora=lora_up,
-                    activation=activation, gate=gate_args, out_dtype=x.dtype, pre_out=pre if save_pre else None)
-        h = _sorted_dropout(h, grp, fb, dropout_p, seed)
+                    activation=activation, gate=gate_args, out_dtype=x.dtype, pre_out=pre if save_pre else None,
+                    dropout=sorted_keep(grp, fb, dropout_p, seed, x.device))
         impl.down(h, down_w, grp.tok, grp.offsets, out, perm=grp.perm, row_scale=g)
         if down_lora_a is not None:
             z = torch.zeros(x2.shape[0], down_lora_a.shape[0], dtype=acc, device=x.device)

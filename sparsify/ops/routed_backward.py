@@ -33,8 +33,8 @@ from torch import Tensor
 
 from ._vjp import _acc_dtype
 from .operands import PROJECTIONS, RoutedTensors, projection_fields
-from .routed_grouping import (ActGrads, Grouping, _sorted_dropout, act_backward_elementwise, router_probs,
-                              sorted_gate)
+from .routed_grouping import (ActGrads, Grouping, act_backward_elementwise, router_probs, sorted_gate,
+                              sorted_keep)
 
 
 def _backward(impl, grad_out, tensors, block_ids, seed, lora_scales, blocks, top_k, gate, activation,
@@ -82,7 +82,7 @@ def _backward(impl, grad_out, tensors, block_ids, seed, lora_scales, blocks, top
             dyb = F.linear(dy, down_bb.t())                                        # [T, r]
             if need_dh:
                 dh_extra = impl.up(dyb, down_a.t(), tok, off, fb, perm=perm, out_dtype=acc) * scale["down"]
-        dropout = None if dropout_p == 0.0 else (lambda t: _sorted_dropout(t, grp, fb, dropout_p, seed))
+        dropout = sorted_keep(grp, fb, dropout_p, seed, x.device)  # the forward's mask, drawn again from the seed
 
         # 2. the elementwise stage: v = W_down^T dy and the activation's backward (one fused kernel where the
         # implementation has it), or, with no gradient through h asked for, only the down side's operands
@@ -93,11 +93,7 @@ def _backward(impl, grad_out, tensors, block_ids, seed, lora_scales, blocks, top
         else:
             wants = dict(want_dg=dg is not None, want_db=any(needs[f"{name}_b"] for name in names),
                          dh_extra=dh_extra)
-            if dropout is None:
-                r = ActGrads(*impl.act_backward(dy, down_w.t(), tok, off, fb, **common, **wants))
-            else:  # the mask is torch's generator's: the GEMM, then the elementwise stage in torch
-                v = impl.up(dy, down_w.t(), tok, off, fb, perm=perm, out_dtype=acc)
-                r = act_backward_elementwise(v, off, dropout=dropout, **common, **wants)
+            r = ActGrads(*impl.act_backward(dy, down_w.t(), tok, off, fb, dropout=dropout, **common, **wants))
 
         # 3. the GEMMs: down projection (weight, LoRA), then the up / gate projections
         # weight gradients in the weight's dtype: wgrad writes every row once (fp32 sums in the kernel's registers),

@@ -112,15 +112,18 @@ class TorchGrouped:
 
     @staticmethod
     def up(x: Tensor, w: Tensor, tok: Tensor, offsets: Tensor, block_size: int, *, perm=None, bias=None,
-           row_scale=None, lora=None, activation=None, gate=None, out_dtype=None, pre_out=None) -> Tensor:
+           row_scale=None, lora=None, activation=None, gate=None, out_dtype=None, pre_out=None,
+           dropout=None) -> Tensor:
         """Y[a, j] = f(x[tok[a]] . w[n(i, j)]) for the assignments a of block i (see module docstring).
 
         bias [F]; row_scale [A] (the gate g, applied to the frozen part W x + b); lora = (xa [T, r], lb [F, r],
         scale): adds scale * xa[tok] . lb[n]; activation: a name or None (identity); gate = (wg, bg, lora_g):
         the gated form act(pre(wg, bg, lora_g)) * pre(w, bias, lora). pre_out = (u [A, fb], u_gate [A, fb] or
         None): also stores the frozen part W x + b of each projection, before g and LoRA (what the backward
-        reads instead of recomputing the GEMM)."""
+        reads instead of recomputing the GEMM). dropout = (keep [A, fb] bool, p): Y's kept entries scaled by
+        1 / (1 - p), the others zero (sorted_keep)."""
         acc = _acc_dtype(x.dtype)
+        drop = dropout_scaling(dropout)
         fb = block_size
         out = torch.empty(tok.shape[0], fb, dtype=out_dtype or x.dtype, device=x.device)
         for i, lo, hi in TorchGrouped._slices(offsets):
@@ -148,7 +151,7 @@ class TorchGrouped:
                 y = (ACTIVATIONS[activation](a) if activation else a) * y
             elif activation:
                 y = ACTIVATIONS[activation](y)
-            out[lo:hi] = y.to(out.dtype)
+            out[lo:hi] = drop(y, lo, hi).to(out.dtype)
         return out
 
     @staticmethod
@@ -180,13 +183,14 @@ class TorchGrouped:
     @staticmethod
     def act_backward(dy: Tensor, w: Tensor, tok: Tensor, offsets: Tensor, block_size: int, *, pre: Tensor,
                      pre_gate=None, perm=None, row_scale=None, activation: str, out_dtype, want_dg=False,
-                     want_db=False, lora_z=None, dh_extra=None, want_h=False) -> "ActGrads":
+                     want_db=False, lora_z=None, dh_extra=None, want_h=False, dropout=None) -> "ActGrads":
         """v = dy . w[n] over the sorted assignments (w: W_down's transpose), then the activation's backward
         (act_backward_elementwise). The plain-torch twin of codegen/grouped_gemm.py's fused act_bwd kernel."""
         v = TorchGrouped.up(dy, w, tok, offsets, block_size, perm=perm, out_dtype=_acc_dtype(dy.dtype))
         return act_backward_elementwise(v, offsets, pre=pre, pre_gate=pre_gate, perm=perm, row_scale=row_scale,
                                         activation=activation, out_dtype=out_dtype, want_dg=want_dg,
-                                        want_db=want_db, lora_z=lora_z, dh_extra=dh_extra, want_h=want_h)
+                                        want_db=want_db, lora_z=lora_z, dh_extra=dh_extra, want_h=want_h,
+                                        dropout=dropout)
 
 
 TORCH_GROUPED = TorchGrouped()
@@ -217,11 +221,13 @@ def act_backward_elementwise(v: Optional[Tensor], offsets: Tensor, *, pre: Tenso
     the forward's u = W x + b (pre, pre_gate):
         z = g u (+ lora_z: s B (A x)),  h = act(z_up) or act(z_gate) z_up,  hd = dropout(h)
         dh = dropout(g v + dh_extra),  dz from dh through the activation,  dg = hd . v + sum dz . u
-    dropout: the seeded mask as a function of an [A, fb] tensor, or None."""
+    dropout: (keep [A, fb] bool, p), the forward's mask (sorted_keep), or None."""
     acc = _acc_dtype(pre.dtype)
     lora_z = lora_z or {}
+    scaling = dropout_scaling(dropout)
     g = torch.ones(pre.shape[0], 1, dtype=acc, device=pre.device) if row_scale is None else row_scale.to(acc)[:, None]
-    drop = dropout or (lambda t: t)
+    def drop(t):
+        return scaling(t, 0, t.shape[0])
     u = {"up": pre.to(acc)} if pre_gate is None else {"up": pre.to(acc), "gate": pre_gate.to(acc)}
     z = {name: u[name] * g + (lora_z[name] if lora_z.get(name) is not None else 0.0) for name in u}
     act_g = ACTIVATIONS[activation](z["gate"]) if pre_gate is not None else None
@@ -278,13 +284,22 @@ def _keep_mask(rows: int, cols: int, p: float, seed: Tensor, device) -> Tensor:
     return torch.rand((rows, cols), generator=generator, device=device, dtype=torch.float32) >= p
 
 
-def _sorted_dropout(h: Tensor, grp: Grouping, fb: int, p: float, seed: Tensor) -> Tensor:
-    """seeded_dropout of the dense [T, F] (block-major) hidden state, applied to its kept rows h [A, fb]."""
+def sorted_keep(grp: Grouping, fb: int, p: float, seed: Tensor, device) -> Optional[tuple]:
+    """The dropout of the dense [T, F] (block-major) hidden state as seeded_dropout draws it, at the sorted
+    assignments: (keep [A, fb] bool, p), what the grouped up / act_backward primitives take; None for p = 0."""
     if p <= 0.0:
-        return h
+        return None
+    keep = _keep_mask(grp.T, grp.blocks * fb, p, seed, device).view(grp.T, grp.blocks, fb)
+    return keep[grp.tok.long(), grp.blk], p
+
+
+def dropout_scaling(dropout: Optional[tuple]):
+    """f(t, lo, hi): rows lo..hi of an [A, fb] tensor t with the (keep, p) dropout applied (identity for None;
+    p = 1 drops everything)."""
+    if dropout is None:
+        return lambda t, lo, hi: t
+    keep, p = dropout
     if p >= 1.0:
-        return h * 0.0
-    keep = _keep_mask(grp.T, grp.blocks * fb, p, seed, h.device).view(grp.T, grp.blocks, fb)
-    keep = keep[grp.tok.long(), grp.blk]
-    return h * keep.to(h.dtype) / (1.0 - p)
+        return lambda t, lo, hi: t * 0.0
+    return lambda t, lo, hi: t * keep[lo:hi].to(t.dtype) / (1.0 - p)
 

@@ -8,9 +8,10 @@ def test_routed_ffn_predictions():
     for tokens, built, recompute in ((4096, 1.65, 1.49), (16384, 1.78, 1.60)):
         dense = roofline.ffn_roofline_ms("dense", tokens, 2048, 8192)
         ratio = {v: dense / roofline.ffn_roofline_ms(v, tokens, 2048, 8192)
-                 for v in ("routed-top2", "routed-top2-recompute", "routed-top2-unfused")}
+                 for v in ("routed-top2", "routed-top2-recompute", "routed-top2-dropout")}
         assert round(ratio["routed-top2"], 2) == built and round(ratio["routed-top2-recompute"], 2) == recompute
-        assert ratio["routed-top2-unfused"] < 1.0  # the torch elementwise stage (dropout) eats the halved GEMMs
+        # dropout is read in the kernels' epilogues: the mask's draw costs, not 16 fp32 passes in torch
+        assert 1.2 < ratio["routed-top2-dropout"] < ratio["routed-top2"]
     # the 1.7x target: reachable at 16k tokens by this model, not at 4k
     assert dense / roofline.ffn_roofline_ms("routed-top2", 16384, 2048, 8192) >= 1.7
 

@@ -696,6 +696,47 @@ def test_grouped_act_backward_matches_torch(interpreter, case, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_grouped_kernels_apply_dropout_in_their_epilogue(interpreter, dtype, gated):
+    """Dropout read in the up kernel's and the act_bwd kernel's epilogues (the mask of sorted_keep: torch's [T, F]
+    draw at the sorted rows) against the torch twins; the mask really drops (some entries zero, kept ones scaled)."""
+    from sparsify.codegen.grouped_gemm import grouped_act_backward, grouped_up
+    from sparsify.ops.routed_grouping import ActGrads, sorted_keep
+
+    g = _gen(36)
+    t, d, fb, blocks, m, p = 19, 24, 12, 4, 16, 0.3
+    grp = _grouping(g, t, blocks, 2)
+    a = grp.assignments
+    drop = sorted_keep(grp, fb, p, torch.tensor(1234), "cpu")
+    assert 0 < drop[0].float().mean() < 1
+    x, w = _randn(g, t, d, dtype=dtype), _randn(g, fb * blocks, d, dtype=dtype, scale=d ** -0.5)
+    s = 2 * torch.rand(a, generator=g)
+    gate = (_randn(g, fb * blocks, d, dtype=dtype, scale=d ** -0.5), None, None) if gated else None
+    kw = dict(row_scale=s, activation="silu", gate=gate, dropout=drop)
+    got = grouped_up(x, w, grp.tok, grp.offsets, fb, **kw)
+    want = TORCH_GROUPED.up(x.float(), w.float(), grp.tok, grp.offsets, fb, **_as_fp32(kw))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    assert torch.all(got[~drop[0]] == 0)
+
+    dy, wd = _randn(g, t, m, dtype=dtype), _randn(g, m, fb * blocks, dtype=dtype, scale=m ** -0.5).t()
+    pre, pre_g = _randn(g, a, fb, dtype=dtype), _randn(g, a, fb, dtype=dtype) if gated else None
+    kw = dict(row_scale=s, activation="silu", want_dg=True, want_db=True, dropout=drop)
+    got = ActGrads(*grouped_act_backward(dy, wd, grp.tok, grp.offsets, fb, pre=pre, pre_gate=pre_g, out_dtype=dtype,
+                                         **kw))
+    want = TORCH_GROUPED.act_backward(dy.float(), wd.float(), grp.tok, grp.offsets, fb, pre=pre.float(),
+                                      pre_gate=None if pre_g is None else pre_g.float(), out_dtype=torch.float32,
+                                      **kw)
+    torch.testing.assert_close(got.ghd.float(), want.ghd, atol=tol, rtol=tol)
+    torch.testing.assert_close(got.dg, want.dg, atol=4 * tol, rtol=4 * tol)
+    for name in got.gdz:
+        torch.testing.assert_close(got.gdz[name].float(), want.gdz[name], atol=tol, rtol=tol)
+        torch.testing.assert_close(got.db[name], want.db[name], atol=4 * tol, rtol=4 * tol)
+    assert torch.all(got.ghd[~drop[0]] == 0) and torch.all(got.gdz["up"][~drop[0]] == 0)
+
+
+@needs_triton
 def test_autotuned_launches_restore_what_they_accumulate(interpreter, monkeypatch):
     """The GPU path's triton.autotune, driven under the interpreter by a stand-in timer that really runs every
     config three times: down accumulates onto its output (the bias) and act_bwd sums the gate / bias gradients
