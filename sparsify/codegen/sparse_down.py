@@ -25,7 +25,7 @@ import dataclasses
 import torch
 
 from ..tables import KERNEL_DTYPES
-from .kernel import GeneratedKernel, KernelSpec, load_kernel, templates_digest
+from .kernel import GeneratedKernel, KernelSpec, TileConfig, load_kernel, size_bucket, templates_digest
 from .pq_kernels import PQ_REDUCTIONS  # combine functions for tl.reduce / tl.associative_scan (builtins only)
 
 SPARSE_DOWN = '''\
@@ -169,9 +169,16 @@ def active_neurons_triton(h: torch.Tensor, block_t: int, block_f: int = 256) -> 
     return neurons, counts
 
 
-def sparse_down_triton(h: torch.Tensor, w: torch.Tensor, b, block_t: int = 16, *, block_n: int = 64,
-                       block_k: int = 32) -> torch.Tensor:
-    """out = h @ w^T (+ b) for h [T, F], w [N, F] (read through its strides)."""
+# (BLOCK_N outputs, BLOCK_K neurons per step, warps, stages) a GPU launch times (kernel.py launch_tuned), the first
+# the default; BLOCK_T is the union's token tile (the caller's block_t). Each compiles for sm_90 without spills.
+_GPU_TILES = ((64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4))
+_INTERPRET_TILES = ((16, 16, 1, 1),)
+
+
+def sparse_down_triton(h: torch.Tensor, w: torch.Tensor, b, block_t: int = 16, *, block_n: int | None = None,
+                       block_k: int | None = None) -> torch.Tensor:
+    """out = h @ w^T (+ b) for h [T, F], w [N, F] (read through its strides). block_n / block_k pin the tiles
+    (default: autotuned on a GPU)."""
     check_sparse_down_args(h, w, b, block_t)
     if h.dtype not in KERNEL_DTYPES:
         raise ValueError(f"sparse_down_triton: dtype {h.dtype} has no kernel (supported: fp16, bf16, fp32)")
@@ -179,6 +186,22 @@ def sparse_down_triton(h: torch.Tensor, w: torch.Tensor, b, block_t: int = 16, *
     out = torch.empty((t, n), dtype=h.dtype, device=h.device)
     if t == 0 or n == 0:
         return out
+    kernel = get_sparse_down_kernel(SparseDownSpec(dtype=h.dtype))
+    kernel.check_device(h)
+    neurons, counts = active_neurons_triton(h, block_t)
+    tiles = _INTERPRET_TILES if kernel.interpret else _GPU_TILES
+    if block_n is not None or block_k is not None:
+        tiles = ((block_n or tiles[0][0], block_k or tiles[0][1], *tiles[0][2:]),)
+    configs = tuple(TileConfig.of(w_, s_, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, w_, s_ in tiles)
+
+    def grid(meta):
+        return (neurons.shape[0], -(-n // meta["BLOCK_N"]))
+    kernel.launch_tuned(grid, configs, key=("N",), bucket=(size_bucket(t), size_bucket(h.shape[1], hi=1 << 20)),
+                        h_ptr=h, w_ptr=w, b_ptr=b if b is not None else out, nrn_ptr=neurons, cnt_ptr=counts,
+                        out_ptr=out, T=t, N=n, s_ht=h.stride(0), s_hf=h.stride(1), s_wn=w.stride(0),
+                        s_wf=w.stride(1), s_nt=neurons.stride(0), s_ot=out.stride(0), s_on=out.stride(1),
+                        BLOCK_T=block_t, HAS_BIAS=b is not None)
+    return out
     kernel = get_sparse_down_kernel(SparseDownSpec(dtype=h.dtype))
     kernel.check_device(h)
     neurons, counts = active_neurons_triton(h, block_t)

@@ -21,7 +21,7 @@ import dataclasses
 import torch
 
 from ..tables import KERNEL_DTYPES
-from .kernel import GeneratedKernel, KernelSpec, load_kernel, templates_digest
+from .kernel import GeneratedKernel, KernelSpec, TileConfig, load_kernel, size_bucket, templates_digest
 from .sparse_down import active_neurons_triton
 
 SPARSE_UP = '''\
@@ -97,8 +97,16 @@ def check_sparse_up_args(g, x, w, b, block_t) -> None:
         raise ValueError(f"sparse_up: block_t must be a power of two in 16..256, got {block_t!r}")
 
 
+# (BLOCK_K neurons, BLOCK_D input features, warps, stages) a GPU launch times (kernel.py launch_tuned), the first the
+# default; BLOCK_T is the union's token tile (the caller's block_t). Each compiles for sm_90 without spills.
+_GPU_TILES = ((64, 64, 4, 3), (128, 64, 8, 3), (32, 64, 4, 4), (64, 128, 4, 3))
+_INTERPRET_TILES = ((16, 16, 1, 1),)
+
+
 def sparse_up_triton(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b, block_t: int = 16, *,
-                     block_k: int = 64, block_d: int = 64) -> torch.Tensor:
+                     block_k: int | None = None, block_d: int | None = None) -> torch.Tensor:
+    """out = g * (x @ w_up^T + b) on the neurons the gate activates per tile of block_t tokens (zeros elsewhere).
+    block_k / block_d pin the tiles (default: autotuned on a GPU)."""
     check_sparse_up_args(g, x, w, b, block_t)
     if g.dtype not in KERNEL_DTYPES:
         raise ValueError(f"sparse_up_triton: dtype {g.dtype} has no kernel (supported: fp16, bf16, fp32)")
@@ -109,12 +117,18 @@ def sparse_up_triton(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b, block
     kernel = get_sparse_up_kernel(SparseUpSpec(dtype=g.dtype))
     kernel.check_device(g)
     neurons, counts = active_neurons_triton(g, block_t)
-    if kernel.interpret:
-        block_k, block_d = 16, 16
-    grid = (neurons.shape[0], -(-f // block_k))
-    kernel.launch(grid, num_warps=4, num_stages=3,
-                  g_ptr=g, x_ptr=x, w_ptr=w, b_ptr=b if b is not None else out, nrn_ptr=neurons, cnt_ptr=counts,
-                  out_ptr=out, T=t, D=x.shape[1], s_gt=g.stride(0), s_gf=g.stride(1), s_xt=x.stride(0),
-                  s_xd=x.stride(1), s_wf=w.stride(0), s_wd=w.stride(1), s_nt=neurons.stride(0), s_ot=out.stride(0),
-                  s_of=out.stride(1), BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_D=block_d, HAS_BIAS=b is not None)
+    tiles = _INTERPRET_TILES if kernel.interpret else _GPU_TILES
+    if block_k is not None or block_d is not None:
+        tiles = ((block_k or tiles[0][0], block_d or tiles[0][1], *tiles[0][2:]),)
+    configs = tuple(TileConfig.of(w_, s_, BLOCK_K=k, BLOCK_D=d) for k, d, w_, s_ in tiles)
+
+    def grid(meta):
+        return (neurons.shape[0], -(-f // meta["BLOCK_K"]))
+    # out's active entries are stored, not accumulated: timing runs rewrite the same values
+    kernel.launch_tuned(grid, configs, key=("D",), bucket=(size_bucket(t), size_bucket(f, hi=1 << 20)),
+                        g_ptr=g, x_ptr=x, w_ptr=w, b_ptr=b if b is not None else out, nrn_ptr=neurons,
+                        cnt_ptr=counts, out_ptr=out, T=t, D=x.shape[1], s_gt=g.stride(0), s_gf=g.stride(1),
+                        s_xt=x.stride(0), s_xd=x.stride(1), s_wf=w.stride(0), s_wd=w.stride(1),
+                        s_nt=neurons.stride(0), s_ot=out.stride(0), s_of=out.stride(1), BLOCK_T=block_t,
+                        HAS_BIAS=b is not None)
     return out

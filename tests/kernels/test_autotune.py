@@ -1,0 +1,72 @@
+"""The kernel layer's autotuning (codegen/kernel.py launch_tuned) on the families that have no accumulating output:
+MST's block-sparse Linear (forward / input grad, weight grad) and DEFT's sparse down / up projections. Under the
+interpreter a stand-in timer (kernel.autotune_bench) drives the real triton.autotune path and runs every config,
+and the tuned launch's result must equal the reference; the grid follows each config's tile sizes. (The routed
+FFN's and block attention's tuned launches, whose outputs accumulate, are tested beside their kernels:
+tests/ops/test_routed_ops.py, tests/kernels/test_spt_kernels.py.)"""
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsify  # noqa: F401
+from sparsify.ops.block_linear import expand_blocks
+from sparsify.ops.sparse_down import sparse_down_reference
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+@pytest.fixture
+def timed(interpreter, monkeypatch):
+    """The list of timing calls; the timer ranks the last config fastest, so the tuned choice is not the default."""
+    import sparsify.codegen.kernel as kernel_layer
+
+    calls = []
+
+    def bench(fn, quantiles=None, **_):
+        fn()
+        fn()
+        calls.append(fn)
+        return [1.0 / len(calls)] * 3
+
+    monkeypatch.setattr(kernel_layer, "autotune_bench", bench)
+    return calls
+
+
+def test_block_linear_tuned(timed, monkeypatch):
+    import sparsify.codegen.block_linear as bl
+
+    monkeypatch.setattr(bl, "_INTERPRET_TILES", ((16, 1, 1), (32, 1, 1)))
+    g = torch.Generator().manual_seed(0)
+    t, n, k = 45, 64, 48
+    x, w, b, dy = (torch.randn(t, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g),
+                   torch.randn(t, n, generator=g))
+    blocks = torch.rand(4, 3, generator=g) < 0.5
+    wm = w * expand_blocks(blocks, w.shape)
+    torch.testing.assert_close(bl.block_mm_triton(x, w, blocks, b), x @ wm.t() + b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(bl.block_mm_triton(dy, w.t(), blocks.t()), dy @ wm, atol=1e-4, rtol=1e-4)
+    got = bl.block_wgrad_triton(dy, x, blocks)
+    torch.testing.assert_close(got, (dy.t() @ x) * expand_blocks(blocks, w.shape), atol=1e-4, rtol=1e-4)
+    assert len(timed) == 6  # three launches, two configs each
+
+
+def test_sparse_down_and_up_tuned(timed, monkeypatch):
+    import sparsify.codegen.sparse_down as sd
+    import sparsify.codegen.sparse_up as su
+    from sparsify.ops.sparse_up import sparse_up_reference
+
+    monkeypatch.setattr(sd, "_INTERPRET_TILES", ((16, 16, 1, 1), (32, 32, 1, 1)))
+    monkeypatch.setattr(su, "_INTERPRET_TILES", ((16, 16, 1, 1), (32, 32, 1, 1)))
+    g = torch.Generator().manual_seed(1)
+    t, f, d, n = 37, 80, 24, 40
+    h = torch.randn(t, f, generator=g)
+    h[:, torch.rand(f, generator=g) > 0.4] = 0
+    w, b = torch.randn(n, f, generator=g), torch.randn(n, generator=g)
+    torch.testing.assert_close(sd.sparse_down_triton(h, w, b, 16), sparse_down_reference(h, w, b, 16),
+                               atol=1e-4, rtol=1e-4)
+    x, wu, bu = torch.randn(t, d, generator=g), torch.randn(f, d, generator=g), torch.randn(f, generator=g)
+    got = su.sparse_up_triton(h, x, wu, bu, 16)
+    torch.testing.assert_close(got, sparse_up_reference(h, x, wu, bu, 16), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, h * F.linear(x, wu, bu), atol=1e-4, rtol=1e-4)
+    assert len(timed) == 4
