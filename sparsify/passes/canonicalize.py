@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from .fx_utils import arg, erase_unused, insert_call, is_elementwise, kind_of, shape, skip_casts, static_scalar
+from .fx_utils import (arg, erase_unused, fake_mode_of, insert_call, is_elementwise, kind_of, shape, skip_casts,
+                       static_scalar, value)
 
 
 def positional_linear_args(gm: GraphModule) -> int:
@@ -105,34 +106,54 @@ def _feeds_gated_product(a: Node, b: Node, budget: int = 40) -> bool:
     return False
 
 
+def _cast_to(graph, node: Node, dtype: torch.dtype, like: Node) -> Node:
+    """node.to(dtype) as a call_method node with its fake value recorded (as insert_call does for functions)."""
+    cast = graph.call_method("to", (node, dtype))
+    if "nn_module_stack" in like.meta:
+        cast.meta["nn_module_stack"] = like.meta["nn_module_stack"]
+    mode = fake_mode_of(graph)
+    if mode is not None:
+        with mode:
+            cast.meta["example_value"] = value(node).to(dtype)
+    return cast
+
+
 def split_fused_projections(gm: GraphModule) -> int:
     """Phi-3's gate_up_proj / ModernBERT's Wi: linear(x, W, b).chunk(2, dim=-1) feeding act(a) * b
     -> two linears on the weight's halves, linear(x, W[:F], b[:F]) and linear(x, W[F:], b[F:]).
 
     Each output element is the same dot product, so the values are those of the fused GEMM; the
-    halves are views of W, so gradients flow into the fused parameter. Only done when the two parts
-    meet in a gated product (a fused q/k/v projection stays one GEMM). Returns the count."""
+    halves are views of W, so gradients flow into the fused parameter. A peft LoRA on the fused layer
+    (W x + s B (A x)) splits the same way: each half keeps the shared A x and takes its half of B's rows.
+    Only done when the two parts meet in a gated product (a fused q/k/v projection stays one GEMM).
+    Returns the count."""
+    from .regions import as_projection  # the LoRA-sum shape the region finder reads
+
     rewritten = 0
-    for linear in list(gm.graph.nodes):
-        if kind_of(linear) != "linear" or len(linear.users) != 1:
+    for split in list(gm.graph.nodes):
+        if kind_of(split) not in ("chunk", "split") or not isinstance(split.args[0], Node):
             continue
-        split = next(iter(linear.users))
-        out_features = (shape(linear.args[1]) or (None,))[0]
-        rank = len(shape(linear) or ())
+        fused = split.args[0]
+        proj = as_projection(fused)
+        if proj is None or len(fused.users) != 1:
+            continue
+        inner = [n for n in proj.nodes if n is not fused]
+        if any(u not in proj.nodes for n in inner for u in n.users if n is not proj.lora_hidden):
+            continue  # a part of the fused projection is read elsewhere: leave it whole
+        out_features = (shape(proj.weight) or (None,))[0]
+        rank = len(shape(fused) or ())
         if kind_of(split) == "chunk":
             parts, dim = arg(split, 1, "chunks"), arg(split, 2, "dim", 0)
             if parts != 2 or not isinstance(out_features, int) or out_features % 2:
                 continue
             sizes = [out_features // 2] * 2
-        elif kind_of(split) == "split":
+        else:
             size, dim = arg(split, 1, "split_size"), arg(split, 2, "dim", 0)
             sizes = list(size) if isinstance(size, (list, tuple)) else (
                 [size, out_features - size] if isinstance(size, int) and out_features == 2 * size else None)
             if not sizes or len(sizes) != 2 or not all(isinstance(n, int) for n in sizes):
                 continue
-        else:
-            continue
-        if dim not in (-1, rank - 1) or split.args[0] is not linear:
+        if dim not in (-1, rank - 1):
             continue
         getitems = {u.args[1]: u for u in split.users if kind_of(u) == "getitem" and isinstance(u.args[1], int)}
         if len(getitems) != 2 or len(split.users) != 2 or set(getitems) != {0, 1}:
@@ -140,17 +161,26 @@ def split_fused_projections(gm: GraphModule) -> int:
         first, second = getitems[0], getitems[1]
         if not (_feeds_gated_product(first, second) or _feeds_gated_product(second, first)):
             continue
-        x, weight, bias = linear.args[0], linear.args[1], arg(linear, 2, "bias")
+        casts = [n for n in proj.nodes if kind_of(n) == "cast"]  # peft's cast of the sum back to the base dtype
         start = 0
         for index, size in enumerate(sizes):
             part = getitems[index]
             with gm.graph.inserting_before(part):
-                w = insert_call(gm.graph, torch.narrow, (weight, 0, start, size), like=linear)
-                b = insert_call(gm.graph, torch.narrow, (bias, 0, start, size), like=linear) if bias is not None else None
-                new = insert_call(gm.graph, F.linear, (x, w, b), like=linear)
+                w = insert_call(gm.graph, torch.narrow, (proj.weight, 0, start, size), like=fused)
+                b = None if proj.bias is None else insert_call(gm.graph, torch.narrow, (proj.bias, 0, start, size),
+                                                               like=fused)
+                new = insert_call(gm.graph, F.linear, (proj.x, w, b), like=fused)
+                if proj.lora_a is not None:  # + s * linear(A x, B[half])
+                    lb = insert_call(gm.graph, torch.narrow, (proj.lora_b, 0, start, size), like=fused)
+                    lora = insert_call(gm.graph, F.linear, (proj.lora_hidden, lb), like=fused)
+                    lora = insert_call(gm.graph, operator.mul, (lora, proj.lora_scale), like=fused)
+                    new = insert_call(gm.graph, operator.add, (new, lora), like=fused)
+                dtype = getattr(value(fused), "dtype", None)
+                if casts and dtype is not None and getattr(value(new), "dtype", dtype) != dtype:
+                    new = _cast_to(gm.graph, new, dtype, like=fused)
             part.replace_all_uses_with(new)
             start += size
-        erase_unused([first, second, split, linear])
+        erase_unused([first, second, split] + list(reversed(proj.nodes)))
         rewritten += 1
     return rewritten
 

@@ -50,6 +50,7 @@ class Projection:
     lora_b: Optional[Node] = None
     lora_scale: float = 1.0
     lora_dropout_p: float = 0.0
+    lora_hidden: Optional[Node] = None  # lora_A's output A x (what lora_B reads)
     nodes: list = field(default_factory=list)  # nodes that belong to the projection
 
 
@@ -419,7 +420,7 @@ def _lora_branch(base: Node, lora: Any) -> Optional[Projection]:
         return None
     return Projection(base, base.args[0], base.args[1], arg(base, 2, "bias"), _weight_module(base),
                       lora_a=a_out.args[1], lora_b=b_out.args[1], lora_scale=float(scaling),
-                      lora_dropout_p=dropout_p, nodes=[base] + nodes)
+                      lora_dropout_p=dropout_p, lora_hidden=a_out, nodes=[base] + nodes)
 
 
 def _weight_module(linear: Node) -> str:

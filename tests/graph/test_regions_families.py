@@ -193,3 +193,29 @@ def test_inplace_division_is_a_scale():
     (attention,) = report.by_kind("attention")
     assert attention.decision == "sparsify.attention", report.table()
     assert attention.facts["scale"] == pytest.approx(8 ** -0.5)
+
+
+@pytest.mark.parametrize("check", ["dense", "routed"])
+def test_peft_lora_on_a_fused_gate_up_projection(check):
+    """peft LoRA on Phi-3's fused gate_up_proj (W x + s B (A x), then chunk): split into the gate and up halves with
+    the shared A x and each half's rows of B, so the MLP is found (with lora=True) and equals eager, outputs and
+    every adapter gradient; the routed FFN over all blocks too."""
+    peft = pytest.importorskip("peft")
+    model = build(T.Phi3Config(**COMMON, num_key_value_heads=2, **IDS), mode="train")
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                       target_modules=["gate_up_proj", "down_proj", "qkv_proj"]))
+    torch.manual_seed(2)
+    for p in model.parameters():
+        if p.requires_grad:  # lora_B starts at zero: give the adapters values so the test can see them
+            torch.nn.init.normal_(p, std=0.2)
+    options = dict(AOT)
+    if check == "routed":
+        options["mlp"] = {"method": "routed", "blocks": 2, "top_k": 2, "gate": "none"}
+        sparsify.prepare(model, **inputs(), options=options)
+    report = sparsify.explain(model, **inputs(), options=options)
+    mlp = report.by_kind("mlp")
+    assert len(mlp) == 2 and all(r.facts["lora"] and r.facts["gated"] for r in mlp), report.table()
+    torch._dynamo.reset()
+    report = assert_compiled_matches_eager(model, inputs(), options)
+    want = "routed" if check == "routed" else "sparsify.mlp"
+    assert [r.decision for r in report.by_kind("mlp")] == [want] * 2, report.table()
