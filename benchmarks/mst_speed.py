@@ -40,14 +40,15 @@ GPU_TOKENS = 8192  # the tokens of a GPU run (16 x 512): also predicted for a CP
 
 def linear_roofline_ms(tokens: int, k: int, n: int, density: float, bytes_per: int = 2) -> tuple[float, float]:
     """(dense, sparse) ms of forward + backward on an H200 (prediction). FLOPs 6 T N K (x density); bytes: x, W,
-    y and their gradients once each (W and dW x density); launches 3 (+ 2 for the block lists)."""
+    y and their gradients once each (W and dW x density); launches 3 (the block lists are kept per mask between
+    topology updates: codegen/block_linear.py block_lists)."""
     P, BW, L = H200["flops"], H200["bytes_per_s"], H200["launch_s"]
 
     def one(d, launches):
         flops = 6 * tokens * n * k * d
         moved = (3 * tokens * k + 3 * tokens * n + 3 * n * k * d) * bytes_per
         return max(flops / P, moved / BW) + launches * L
-    return one(1.0, 3) * 1e3, one(density, 5) * 1e3
+    return one(1.0, 3) * 1e3, one(density, 3) * 1e3
 
 
 def attention_roofline_ms(b: int, h: int, length: int, d: int, density: float) -> tuple[float, float]:

@@ -2,7 +2,8 @@
 blocks a bool block mask keeps, and its two gradients, each skipping the empty blocks.
 
     block_lists(blocks) -> (index int32 [R, C], count int32 [R])   per block row, the kept block columns,
-                           ascending, in the first count[r] entries (torch ops: one stable sort, no host sync)
+                           ascending, in the first count[r] entries (torch ops: one stable sort, no host sync;
+                           kept per mask tensor until its version changes)
     block_mm_triton(inp, a, blocks, bias) -> out [T, R*BR]          out[:, row block r] = sum over kept (r, c) of
                            inp[:, col block c] @ a[r, c]^T           (forward with a = W; input grad with a = W^T)
     block_wgrad_triton(dy, x, grad_blocks) -> dW [N, K]             dy^T x on the kept blocks, zeros elsewhere
@@ -20,6 +21,7 @@ Block sides are powers of two in 16..128 (a tl.dot tile side); the weight's side
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 
@@ -133,11 +135,38 @@ def block_shape(weight_shape, blocks_shape) -> tuple[int, int]:
     return n // r, k // c
 
 
-def block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of the bool block mask [R, C]: its kept columns, ascending, first (a stable sort of the dropped
     flags), and how many there are. int32 [R, C] and [R]."""
     order = torch.sort((~blocks).to(torch.int8).contiguous(), dim=1, stable=True).indices  # rows of stride 1
     return order.to(torch.int32).contiguous(), blocks.sum(dim=1, dtype=torch.int32)
+
+
+# The lists of each mask tensor, kept until the mask changes: MST's masks change only at topology updates (every
+# delta steps, in place: copy_ / fill_ bump the tensor's version counter), while every forward and backward reads
+# them, so recomputing them per call is two launches per product for nothing. Keyed on the mask's base tensor (a
+# transposed view made per call shares its base and version) by id, with a weak reference that both checks the
+# identity and drops the entry when the mask is freed (tensors compare elementwise, so no WeakKeyDictionary).
+_LISTS: dict = {}  # id(base) -> (weakref to base, version, {layout: (index, count)})
+
+
+def block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """compute_block_lists(blocks), served from the per-mask cache while the mask's version is unchanged."""
+    base = blocks._base if blocks._base is not None else blocks
+    try:
+        version = base._version
+    except RuntimeError:  # an inference tensor has no version counter: no cache
+        return compute_block_lists(blocks)
+    key = id(base)
+    entry = _LISTS.get(key)
+    if entry is None or entry[0]() is not base or entry[1] != version:
+        entry = (weakref.ref(base, lambda _, key=key: _LISTS.pop(key, None)), version, {})
+        _LISTS[key] = entry
+    layout = (tuple(blocks.shape), blocks.stride(), blocks.storage_offset())
+    lists = entry[2].get(layout)
+    if lists is None:
+        lists = entry[2][layout] = compute_block_lists(blocks)
+    return lists
 
 
 def _check(kernel_name: str, *tensors) -> None:

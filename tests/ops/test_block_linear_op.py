@@ -102,3 +102,28 @@ def test_blocks_that_do_not_cut_the_weight_are_named(blocks_shape):
     with pytest.raises(ValueError, match="does not cut the weight"):
         torch.ops.sparsify.block_sparse_linear(x, w, b, torch.ones(blocks_shape, dtype=torch.bool),
                                                torch.ones(blocks_shape, dtype=torch.bool))
+
+
+def test_block_lists_are_kept_until_the_mask_changes():
+    """The kept-block lists are computed once per mask (and per layout: the input gradient's transposed view shares
+    the mask's entry) and recomputed after an in-place change (MST's topology update), so the op stays exact."""
+    from sparsify.codegen.block_linear import block_lists, compute_block_lists
+
+    g = torch.Generator().manual_seed(3)
+    blocks = torch.rand(4, 3, generator=g) < 0.5
+    first = block_lists(blocks)
+    assert block_lists(blocks) is first
+    assert block_lists(blocks.t()) is block_lists(blocks.t())
+    x, w = torch.randn(5, 48, generator=g), torch.randn(64, 48, generator=g)
+    blocks[0] = ~blocks[0]  # in place, as MixedSparsity updates masks
+    again = block_lists(blocks)
+    assert again is not first
+    for got, want in zip(again, compute_block_lists(blocks)):
+        assert torch.equal(got, want)
+    grad_blocks = torch.ones_like(blocks)
+    torch.testing.assert_close(torch.ops.sparsify.block_sparse_linear(x, w, None, blocks, grad_blocks),
+                               block_sparse_linear_reference(x, w, None, blocks), atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        frozen = torch.rand(4, 3, generator=g) < 0.5
+        for got, want in zip(block_lists(frozen), compute_block_lists(frozen)):
+            assert torch.equal(got, want)
