@@ -264,6 +264,7 @@ def test_interpreter_works_when_triton_was_imported_first(tmp_path):
     ids=["gated-fp16", "plain-fp32"],
 )
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.wide  # the default suite compiles every family, with ptxas figures, in tests/kernels/test_sm90_all.py
 def test_compiles_for_sm90_without_a_gpu(monkeypatch, spec):
     """The real (non-interpreter) frontend accepts the generated source: Triton compiles
     it ahead of time for an H100 target, no GPU needed. Catches what the interpreter

@@ -562,6 +562,7 @@ def compile_for_sm90(spec_id: str) -> None:
 
 
 @needs_triton
+@pytest.mark.wide  # the default suite compiles every family, with ptxas figures, in tests/kernels/test_sm90_all.py
 @pytest.mark.parametrize("spec_id", sorted(SM90_SPECS))
 def test_compiles_for_sm90_without_a_gpu(tmp_path, spec_id):
     """The real (non-interpreter) frontend accepts both kernels (ahead-of-time compile for
