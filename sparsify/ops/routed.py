@@ -143,11 +143,11 @@ def _forward(impl, x, up_w, up_b, gate_w, gate_b, down_w, down_b, up_lora_a, up_
     p, ids = route(x2, router_w, router_b, top_k)
     grp = Grouping(ids, blocks, neuron_order)
     g = sorted_gate(p, ids, grp, gate)
-    out = torch.zeros(x2.shape[0], d_out, dtype=acc, device=x.device)
+    # the fp32 buffer the down kernel scatter-adds into starts as the bias (one pass, not zeros then an add)
+    out = (torch.zeros(x2.shape[0], d_out, dtype=acc, device=x.device) if down_b is None
+           else down_b.to(acc).expand(x2.shape[0], d_out).clone(memory_format=torch.contiguous_format))
     pre = (x.new_empty((grp.assignments, fb) if save_pre else (0,)),  # two tensors: outputs may not alias
            x.new_empty((grp.assignments, fb) if save_pre and gate_w is not None else (0,)))
-    if down_b is not None:
-        out += down_b.to(acc)
     if grp.assignments:
         lora_up = None if up_lora_a is None else (F.linear(x2, up_lora_a), up_lora_b, lora_scales[0])
         gate_args = None
