@@ -68,3 +68,22 @@ def interpreter(kernel_cache_dir, monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
+
+
+@pytest.fixture
+def autotune_timer(interpreter, monkeypatch):
+    """Drives the kernel layer's triton.autotune path under the interpreter (codegen/kernel.py autotune_bench): a
+    stand-in timer that really runs each config three times (so an output the timing runs would corrupt shows) and
+    ranks the last config fastest (so the tuned choice is not the default). Yields the list of timing calls."""
+    import sparsify.codegen.kernel as kernel_layer
+
+    calls = []
+
+    def bench(fn, quantiles=None, **_):
+        for _ in range(3):
+            fn()
+        calls.append(fn)
+        return [1.0 / len(calls)] * 3
+
+    monkeypatch.setattr(kernel_layer, "autotune_bench", bench)
+    return calls

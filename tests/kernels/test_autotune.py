@@ -18,20 +18,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 
 @pytest.fixture
-def timed(interpreter, monkeypatch):
-    """The list of timing calls; the timer ranks the last config fastest, so the tuned choice is not the default."""
-    import sparsify.codegen.kernel as kernel_layer
-
-    calls = []
-
-    def bench(fn, quantiles=None, **_):
-        fn()
-        fn()
-        calls.append(fn)
-        return [1.0 / len(calls)] * 3
-
-    monkeypatch.setattr(kernel_layer, "autotune_bench", bench)
-    return calls
+def timed(autotune_timer):
+    return autotune_timer  # tests/conftest.py: the stand-in timer, each config run three times
 
 
 def test_block_linear_tuned(timed, monkeypatch):

@@ -382,23 +382,14 @@ def test_block_all_selected_equals_sdpa(interpreter, causal, dtype):
 
 
 @needs_triton
-def test_block_kernels_autotuned_reset_their_accumulators(interpreter, monkeypatch):
+def test_block_kernels_autotuned_reset_their_accumulators(autotune_timer, monkeypatch):
     """The GPU path's triton.autotune over the block kernels' tiles, driven under the interpreter by a stand-in
-    timer that runs each config three times: the backward's dK / dV accumulate atomically from zero, so without
-    reset_to_zero the timing runs would add into them. The timer ranks the last config (16 x 16 tiles on a 32 x 32
-    map) fastest."""
-    import sparsify.codegen.kernel as kernel_layer
+    timer that runs each config three times (tests/conftest.py autotune_timer): the backward's dK / dV accumulate
+    atomically from zero, so without reset_to_zero the timing runs would add into them. The tuned choice is the
+    last config (16 x 16 tiles on a 32 x 32 map)."""
     import sparsify.codegen.spt_attention as spt_attention
 
-    timed = []
-
-    def bench(fn, quantiles=None, **_):
-        for _ in range(3):
-            fn()
-        timed.append(fn)
-        return [1.0 / len(timed)] * 3
-
-    monkeypatch.setattr(kernel_layer, "autotune_bench", bench)
+    timed = autotune_timer
     monkeypatch.setattr(spt_attention, "_block_tile_candidates",
                         lambda head_dim, bm, bn, backward, interpret=False: [(bm, bn, 4, 1), (16, 16, 4, 1)])
     B, H, Hkv, Lq, Lk, D = 1, 2, 1, 40, 45, 16

@@ -737,24 +737,15 @@ def test_grouped_kernels_apply_dropout_in_their_epilogue(interpreter, dtype, gat
 
 
 @needs_triton
-def test_autotuned_launches_restore_what_they_accumulate(interpreter, monkeypatch):
+def test_autotuned_launches_restore_what_they_accumulate(autotune_timer, monkeypatch):
     """The GPU path's triton.autotune, driven under the interpreter by a stand-in timer that really runs every
-    config three times: down accumulates onto its output (the bias) and act_bwd sums the gate / bias gradients
-    from zero, so without restore_value / reset_to_zero the timing runs would add into the result. The timer
-    ranks the last config fastest, so the tuned choice is not the default one."""
+    config three times (tests/conftest.py autotune_timer): down accumulates onto its output (the bias) and act_bwd
+    sums the gate / bias gradients from zero, so without restore_value / reset_to_zero the timing runs would add
+    into the result."""
     import sparsify.codegen.grouped_gemm as gg
-    import sparsify.codegen.kernel as kernel_layer
     from sparsify.ops.routed_grouping import ActGrads
 
-    timed = []
-
-    def bench(fn, quantiles=None, **_):
-        for _ in range(3):
-            fn()
-        timed.append(fn)
-        return [1.0 / len(timed)] * 3
-
-    monkeypatch.setattr(kernel_layer, "autotune_bench", bench)
+    timed = autotune_timer
     monkeypatch.setattr(gg, "_INTERPRET_TILES", ((16, 16, 16, 1, 1), (32, 32, 16, 1, 1)))
     g = _gen(35)
     t, fb, blocks, top_k, m = 29, 20, 4, 2, 33
