@@ -12,7 +12,8 @@ the caps add up to 480 s):
   4. the SPT Table-1 layer (spt_table1);
   5. MST: the block-sparse Linear against cuBLAS and HSA against SDPA, with the H200 roofline (mst_speed);
   6. DEFT: the activation-sparse down projection against dense, with its roofline (deft_inference);
-  7. torch.profiler's top kernels of one routed-FFN step and one block-attention step.
+  7. torch.profiler's top kernels of one routed-FFN step and one block-attention step, and the tiles the autotuner
+     picked for them (tuned_configs.json).
 Everything lands in benchmarks/results/gpu_check_<device>/ (each benchmark's JSON + markdown, the profiles, and
 summary.json / summary.md naming the device, each step's status, time and files). Commit that folder.
 """
@@ -114,6 +115,10 @@ def profile(out: str, tiny: bool) -> dict:
                                                                True, 0.0)
         out_.sum().backward()
     run("block_attention", attention_step)
+    from sparsify.codegen import tuned_configs  # what the autotuner picked for these shapes (empty on CPU)
+    results["tuned_configs"] = tuned_configs()
+    with open(os.path.join(out, "tuned_configs.json"), "w") as f:
+        json.dump(results["tuned_configs"], f, indent=1)
     return results
 
 

@@ -12,12 +12,13 @@ Public API here::
 
     UpProjectionSpec, ACTIVATIONS, up_projection, kernel_source, kernel_key, get_kernel
     cache_info(), clear_cache(), cache_dir()   # the one in-memory cache every family goes through
+    tuned_configs()                            # what the autotuner picked on a GPU, per kernel and shape
 
 Triton is imported only when a kernel is first built (see kernel.py for why). Nothing here imports a module
 above the kernel layer (tests/e2e/test_layers.py).
 """
 
-from .kernel import GeneratedKernel, KernelSpec, cache_dir, cache_info, clear_cache
+from .kernel import GeneratedKernel, KernelSpec, cache_dir, cache_info, clear_cache, tuned_configs
 from .up_projection import ACTIVATIONS, SUPPORTED_DTYPES, UpProjectionSpec, get_kernel, kernel_key, kernel_source, up_projection
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "cache_info",
     "clear_cache",
     "cache_dir",
+    "tuned_configs",
 ]

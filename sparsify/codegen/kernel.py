@@ -42,7 +42,7 @@ import torch
 from ..tables import DTYPE_NAMES, KERNEL_DTYPES
 
 __all__ = ["KernelSpec", "GeneratedKernel", "TileConfig", "load_kernel", "templates_digest", "cache_dir", "cache_info",
-           "clear_cache", "interpret_mode", "autotune_enabled", "size_bucket", "CacheInfo"]
+           "clear_cache", "interpret_mode", "autotune_enabled", "size_bucket", "tuned_configs", "CacheInfo"]
 
 
 # --- specs -----------------------------------------------------------------------------------
@@ -314,6 +314,29 @@ def load_kernel(spec: KernelSpec, make_source, salt: str = "") -> GeneratedKerne
         kernel = GeneratedKernel(spec, key, source, path, module, interpret)
         _kernels[(key, interpret)] = kernel
         return kernel
+
+
+def tuned_configs() -> list[dict]:
+    """What the autotuner picked so far, per kernel: the entry, the launcher's size bucket, Triton's tuning key (the
+    key arguments' values and the tensors' dtypes), the chosen tiles / warps / stages, and each config's timing in ms
+    where Triton kept them (the last tuning of that launcher). Empty until a GPU launch has tuned (the interpreter
+    runs the default config)."""
+    with _lock:
+        kernels = list(_kernels.values())
+    rows = []
+    for kernel in kernels:
+        for name, tuner in list(kernel._memo.items()):
+            if not (isinstance(name, tuple) and name[0] == "tuned"):
+                continue
+            entry, bucket = name[1], name[6]
+            timings = {str(c): t for c, t in (getattr(tuner, "configs_timings", None) or {}).items()}
+            for key, config in getattr(tuner, "cache", {}).items():
+                rows.append({"kernel": kernel.spec.kernel_name, "entry": entry, "bucket": bucket,
+                             "key": [str(k) for k in key], "config": dict(config.kwargs),
+                             "num_warps": config.num_warps, "num_stages": config.num_stages,
+                             "timings_ms": {c: [float(v) for v in t] if isinstance(t, (list, tuple)) else float(t)
+                                            for c, t in timings.items()}})
+    return rows
 
 
 def cache_info() -> CacheInfo:

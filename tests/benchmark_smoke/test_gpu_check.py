@@ -20,5 +20,5 @@ def test_gpu_check_runs_every_step_on_tiny_shapes(tmp_path):
     assert not failed, failed
     assert [s["step"] for s in summary["steps"]] == ["cuda tests", "attention", "ffn", "mst", "profile"]
     files = set(summary["files"])
-    assert {"profile_routed_ffn.txt", "profile_block_attention.txt", "mst_speed_cpu.json"} <= files, files
+    assert {"profile_routed_ffn.txt", "profile_block_attention.txt", "tuned_configs.json", "mst_speed_cpu.json"} <= files, files
     assert "# GPU check on" in (tmp_path / "check" / "summary.md").read_text()

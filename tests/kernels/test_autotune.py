@@ -58,3 +58,17 @@ def test_sparse_down_and_up_tuned(timed, monkeypatch):
     torch.testing.assert_close(got, sparse_up_reference(h, x, wu, bu, 16), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got, h * F.linear(x, wu, bu), atol=1e-4, rtol=1e-4)
     assert len(timed) == 4
+
+
+def test_tuned_configs_say_what_was_picked(timed, monkeypatch):
+    """sparsify.codegen.tuned_configs() lists each tuned launch's choice: here the stand-in timer's fastest, the
+    last config, for the block-sparse matmul."""
+    import sparsify.codegen.block_linear as bl
+    from sparsify.codegen import clear_cache, tuned_configs
+
+    clear_cache()
+    monkeypatch.setattr(bl, "_INTERPRET_TILES", ((16, 1, 1), (32, 1, 1)))
+    x, w = torch.randn(40, 32), torch.randn(32, 32)
+    bl.block_mm_triton(x, w, torch.ones(2, 2, dtype=torch.bool))
+    rows = [r for r in tuned_configs() if r["kernel"].startswith("block_mm")]
+    assert len(rows) == 1 and rows[0]["config"] == {"BLOCK_T": 32} and len(rows[0]["timings_ms"]) == 2
