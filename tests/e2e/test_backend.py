@@ -37,8 +37,10 @@ def _compare_with_eager(family, impl, inner, atol=1e-5):
         torch.testing.assert_close(grad, expected, atol=atol, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, impl", [
+    # T5 (the slowest to trace) with eager attention under -m wide: its sdpa case runs here and under Inductor
+    pytest.param(f, i, marks=(pytest.mark.wide,) if (f, i) == ("t5", "eager") else (), id=f"{f}-{i}")
+    for f in FAMILIES for i in ("eager", "sdpa")])
 def test_outputs_and_gradients_equal_eager_aot_eager(family, impl):
     _compare_with_eager(family, impl, "aot_eager")
 
