@@ -57,7 +57,7 @@ import torch
 from . import templates as _T
 from .spt_templates import REDUCTIONS  # tl.reduce's combine functions, defined per mode in the generated module
 from ..tables import KERNEL_DTYPES as SUPPORTED_DTYPES
-from .kernel import GeneratedKernel, KernelSpec, TileConfig, load_kernel, size_bucket, templates_digest
+from .kernel import GeneratedKernel, KernelSpec, load_kernel, size_bucket, templates_digest, tile_configs
 
 __all__ = [
     "GroupedGemmSpec",
@@ -602,9 +602,8 @@ _TILE_NAMES = {"wgrad": ("BLOCK_A", "BLOCK_N", "BLOCK_K")}
 
 
 def _tile_configs(kind: str, interpret: bool) -> tuple:
-    names = _TILE_NAMES.get(kind, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    return tuple(TileConfig.of(w, s, **dict(zip(names, tiles)))
-                 for *tiles, w, s in (_INTERPRET_TILES if interpret else _GPU_TILES[kind]))
+    return tile_configs(_INTERPRET_TILES if interpret else _GPU_TILES[kind],
+                        _TILE_NAMES.get(kind, ("BLOCK_M", "BLOCK_N", "BLOCK_K")))
 
 
 def _cdiv(a: int, b: int) -> int:

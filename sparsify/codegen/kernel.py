@@ -136,6 +136,21 @@ class TileConfig:
         return dict(self.constexprs)
 
 
+def tile_configs(rows, names, pinned: dict | None = None) -> tuple:
+    """A launch's TileConfigs from a family's candidate rows ``(*tiles, num_warps, num_stages)`` (tile values in the
+    order of ``names``), the first row the default. ``pinned`` maps names to values a caller fixed (None: not fixed);
+    when any is fixed, the one config is the default row with those values put in (no tuning)."""
+    rows = tuple(rows)
+    fixed = {k: v for k, v in (pinned or {}).items() if v is not None}
+    unknown = set(fixed) - set(names)
+    if unknown:
+        raise ValueError(f"pinned tiles {sorted(unknown)} are not among this family's {list(names)}")
+    if fixed:
+        default = dict(zip(names, rows[0][:len(names)]))
+        rows = ((*(fixed.get(k, default[k]) for k in names), *rows[0][len(names):]),)
+    return tuple(TileConfig.of(*row[len(names):], **dict(zip(names, row[:len(names)]))) for row in rows)
+
+
 def size_bucket(n: int, lo: int = 16, hi: int = 8192) -> int:
     """The next power of two of n, within [lo, hi]: an autotuning bucket for a size that changes call to call (a
     token count), so a new sequence length reuses the bucket's timing instead of timing again."""
@@ -180,7 +195,7 @@ class GeneratedKernel:
     def entry(self, name: str):
         return self._entries[name]
 
-    def memo(self, name: str, make):
+    def memo(self, name, make):
         """A per-kernel derived object (an autotuner over ``fn``), made once."""
         if name not in self._memo:
             self._memo[name] = make()
@@ -200,8 +215,8 @@ class GeneratedKernel:
         next power of two of a token count, so a new sequence length does not re-time). Outputs that a kernel
         accumulates into need their value back between timing runs: ``restore`` names those that start from a
         value (a bias, an earlier partial sum), ``reset`` those that start from zero. Under the interpreter (no timer
-        unless autotune_bench is set), with one config, or with SPARSIFY_AUTOTUNE=0, the first config runs. ``grid`` may be a function of the config's
-        constexprs (Triton's ``grid(meta)``)."""
+        unless autotune_bench is set), with one config, or with SPARSIFY_AUTOTUNE=0, the first config runs.
+        ``grid`` may be a function of the config's constexprs (Triton's ``grid(meta)``)."""
         unknown = [name for name in (*key, *restore, *reset) if name not in kwargs]
         if unknown:  # caught here, on every path, not first on a GPU by triton.autotune
             raise ValueError(f"{self.spec.kernel_name}: tuning names {unknown} are not arguments of this launch")
@@ -219,7 +234,7 @@ class GeneratedKernel:
             return triton.autotune([triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
                                     for c in configs], key=list(key), restore_value=list(restore) or None,
                                    reset_to_zero=list(reset) or None, do_bench=autotune_bench)(self._entries[entry])
-        self.memo(("tuned", entry, configs, key, restore, reset, bucket, autotune_bench), make)[grid](**kwargs)
+        self.memo(TunedName(entry, configs, key, restore, reset, bucket, autotune_bench), make)[grid](**kwargs)
 
     def check_device(self, t: torch.Tensor) -> None:
         if t.device.type == "cpu" and not self.interpret:
@@ -286,6 +301,8 @@ def interpret_mode() -> bool:
 # --- the one cache ---------------------------------------------------------------------------
 
 CacheInfo = namedtuple("CacheInfo", "hits misses generated entries")
+# A tuned launcher's memo name: one triton.autotune object per entry, config list, tuning arguments and size bucket
+TunedName = namedtuple("TunedName", "entry configs key restore reset bucket bench")
 
 _lock = threading.Lock()
 _kernels: dict = {}  # (key, interpret) -> GeneratedKernel
@@ -326,9 +343,9 @@ def tuned_configs() -> list[dict]:
     rows = []
     for kernel in kernels:
         for name, tuner in list(kernel._memo.items()):
-            if not (isinstance(name, tuple) and name[0] == "tuned"):
+            if not isinstance(name, TunedName):
                 continue
-            entry, bucket = name[1], name[6]
+            entry, bucket = name.entry, name.bucket
             timings = {str(c): t for c, t in (getattr(tuner, "configs_timings", None) or {}).items()}
             for key, config in getattr(tuner, "cache", {}).items():
                 rows.append({"kernel": kernel.spec.kernel_name, "entry": entry, "bucket": bucket,

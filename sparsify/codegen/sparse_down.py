@@ -25,7 +25,7 @@ import dataclasses
 import torch
 
 from ..tables import KERNEL_DTYPES
-from .kernel import GeneratedKernel, KernelSpec, TileConfig, load_kernel, size_bucket, templates_digest
+from .kernel import GeneratedKernel, KernelSpec, load_kernel, size_bucket, templates_digest, tile_configs
 from .pq_kernels import PQ_REDUCTIONS  # combine functions for tl.reduce / tl.associative_scan (builtins only)
 
 SPARSE_DOWN = '''\
@@ -189,10 +189,8 @@ def sparse_down_triton(h: torch.Tensor, w: torch.Tensor, b, block_t: int = 16, *
     kernel = get_sparse_down_kernel(SparseDownSpec(dtype=h.dtype))
     kernel.check_device(h)
     neurons, counts = active_neurons_triton(h, block_t)
-    tiles = _INTERPRET_TILES if kernel.interpret else _GPU_TILES
-    if block_n is not None or block_k is not None:
-        tiles = ((block_n or tiles[0][0], block_k or tiles[0][1], *tiles[0][2:]),)
-    configs = tuple(TileConfig.of(w_, s_, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, w_, s_ in tiles)
+    configs = tile_configs(_INTERPRET_TILES if kernel.interpret else _GPU_TILES, ("BLOCK_N", "BLOCK_K"),
+                           {"BLOCK_N": block_n, "BLOCK_K": block_k})
 
     def grid(meta):
         return (neurons.shape[0], -(-n // meta["BLOCK_N"]))

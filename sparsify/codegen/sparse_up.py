@@ -21,7 +21,7 @@ import dataclasses
 import torch
 
 from ..tables import KERNEL_DTYPES
-from .kernel import GeneratedKernel, KernelSpec, TileConfig, load_kernel, size_bucket, templates_digest
+from .kernel import GeneratedKernel, KernelSpec, load_kernel, size_bucket, templates_digest, tile_configs
 from .sparse_down import active_neurons_triton
 
 SPARSE_UP = '''\
@@ -117,10 +117,8 @@ def sparse_up_triton(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b, block
     kernel = get_sparse_up_kernel(SparseUpSpec(dtype=g.dtype))
     kernel.check_device(g)
     neurons, counts = active_neurons_triton(g, block_t)
-    tiles = _INTERPRET_TILES if kernel.interpret else _GPU_TILES
-    if block_k is not None or block_d is not None:
-        tiles = ((block_k or tiles[0][0], block_d or tiles[0][1], *tiles[0][2:]),)
-    configs = tuple(TileConfig.of(w_, s_, BLOCK_K=k, BLOCK_D=d) for k, d, w_, s_ in tiles)
+    configs = tile_configs(_INTERPRET_TILES if kernel.interpret else _GPU_TILES, ("BLOCK_K", "BLOCK_D"),
+                           {"BLOCK_K": block_k, "BLOCK_D": block_d})
 
     def grid(meta):
         return (neurons.shape[0], -(-f // meta["BLOCK_K"]))

@@ -68,7 +68,7 @@ from __future__ import annotations
 import torch
 
 from ..tables import KERNEL_DTYPES as SUPPORTED_DTYPES
-from .kernel import TileConfig, interpret_mode, size_bucket
+from .kernel import interpret_mode, size_bucket, tile_configs
 from .spt_attention_source import MAX_HEAD_DIM, BlockSparseSpec, TokenSparseSpec, get_spt_kernel
 
 __all__ = [
@@ -396,9 +396,8 @@ def _block_configs(spec, backward, pinned, interpret):
     """The TileConfigs a block-kernel launch chooses from: the candidates, or the spec's tiles alone (at the default
     warps and stages) when the caller pinned them."""
     candidates = _block_tile_candidates(spec.head_dim, spec.block_m, spec.block_n, backward, interpret)
-    if pinned:
-        candidates = [(spec.tile_m, spec.tile_n, *candidates[0][2:])]
-    return tuple(TileConfig.of(w, st, TILE_M=tm, TILE_N=tn) for tm, tn, w, st in candidates)
+    return tile_configs(candidates, ("TILE_M", "TILE_N"),
+                        {"TILE_M": spec.tile_m, "TILE_N": spec.tile_n} if pinned else None)
 
 
 def dense_block_map(Lq: int, Lk: int, block_m: int, block_n: int, causal: bool = False, device=None):

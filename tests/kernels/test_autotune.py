@@ -72,3 +72,17 @@ def test_tuned_configs_say_what_was_picked(timed, monkeypatch):
     bl.block_mm_triton(x, w, torch.ones(2, 2, dtype=torch.bool))
     rows = [r for r in tuned_configs() if r["kernel"].startswith("block_mm")]
     assert len(rows) == 1 and rows[0]["config"] == {"BLOCK_T": 32} and len(rows[0]["timings_ms"]) == 2
+
+
+def test_tile_configs_pinned_and_candidates():
+    from sparsify.codegen.kernel import TileConfig, tile_configs
+
+    rows = ((64, 32, 4, 3), (128, 64, 8, 4))
+    assert tile_configs(rows, ("BLOCK_N", "BLOCK_K")) == (TileConfig.of(4, 3, BLOCK_N=64, BLOCK_K=32),
+                                                           TileConfig.of(8, 4, BLOCK_N=128, BLOCK_K=64))
+    # nothing pinned (None values): every candidate, the first the default
+    assert len(tile_configs(rows, ("BLOCK_N", "BLOCK_K"), {"BLOCK_N": None})) == 2
+    # one side pinned: the default row with that side replaced, alone (no tuning), its warps and stages kept
+    assert tile_configs(rows, ("BLOCK_N", "BLOCK_K"), {"BLOCK_K": 16}) == (TileConfig.of(4, 3, BLOCK_N=64, BLOCK_K=16),)
+    with pytest.raises(ValueError, match="BLOCK_Q"):
+        tile_configs(rows, ("BLOCK_N", "BLOCK_K"), {"BLOCK_Q": 16})
