@@ -133,15 +133,34 @@ def _build_documents(pools: list, distractors, n: int, seq_len: int, distractor_
     return ids, torch.ones_like(ids), torch.tensor(labels, dtype=torch.long)
 
 
+def _build_single(pools: list, n: int, seq_len: int, cls_id: int, sep_id: int, pad_id: int, rng: random.Random):
+    """n examples of ONE fortune each ([CLS] fortune [SEP], cut to seq_len), padded to seq_len as GLUE runs pad to
+    their max length; labels round-robin then shuffled."""
+    labels = [i % len(pools) for i in range(n)]
+    rng.shuffle(labels)
+    ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros(n, seq_len, dtype=torch.long)
+    for row, label in enumerate(labels):
+        tokens = [cls_id] + pools[label].draw()[: seq_len - 2] + [sep_id]
+        ids[row, :len(tokens)] = torch.tensor(tokens)
+        mask[row, :len(tokens)] = 1
+    return ids, mask, torch.tensor(labels, dtype=torch.long)
+
+
 def load_splits(tokenizer, seq_len: int, n_train: int, n_test: int, seed: int = 0,
                 categories=DEFAULT_CATEGORIES, test_frac: float = 0.2, distractor_frac: float = 0.0,
-                directory: str = FORTUNES_DIR):
+                directory: str = FORTUNES_DIR, examples: str = "documents"):
     """(train_dataset, test_dataset, label_names).
 
     Each dataset is a TensorDataset of (input_ids [N, seq_len] long, attention_mask [N, seq_len]
     long, all ones since documents are filled to seq_len, labels [N] long).  `tokenizer` is a
-    BERT-style HF tokenizer (cls/sep tokens); label i is ``label_names[i]``.
+    BERT-style HF tokenizer (cls/sep tokens); label i is ``label_names[i]``.  ``examples="single"``: one fortune
+    per example, padded to seq_len (attention_mask 0 on the padding), the shape of a GLUE sentence task.
     """
+    if examples not in ("documents", "single"):
+        raise ValueError(f"examples={examples!r} must be 'documents' or 'single'")
+    if examples == "single" and distractor_frac:
+        raise ValueError("distractor_frac applies to documents only (examples='documents')")
     if seq_len < 8:
         raise ValueError(f"seq_len={seq_len} is too short for a document")
     if not 0.0 <= distractor_frac < 1.0:
@@ -164,8 +183,12 @@ def load_splits(tokenizer, seq_len: int, n_train: int, n_test: int, seed: int = 
         distractors = None
         if mixed:
             distractors = _Pool(encode([t for c in DISTRACTOR_CATEGORIES for t in mixed[c][idx]]), rng)
-        tensors = _build_documents(pools, distractors, n, seq_len, distractor_frac,
-                                   tokenizer.cls_token_id, tokenizer.sep_token_id, rng)
+        if examples == "single":
+            tensors = _build_single(pools, n, seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id,
+                                    tokenizer.pad_token_id, rng)
+        else:
+            tensors = _build_documents(pools, distractors, n, seq_len, distractor_frac,
+                                       tokenizer.cls_token_id, tokenizer.sep_token_id, rng)
         datasets.append(TensorDataset(*tensors))
     return datasets[0], datasets[1], categories
 
