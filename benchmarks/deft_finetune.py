@@ -30,9 +30,10 @@ import data_fortunes  # noqa: E402
 import finetune  # noqa: E402
 
 
-def lora(encoder: nn.Module) -> nn.Module:
+def lora(encoder: nn.Module, targets: str = "query,value") -> nn.Module:
     from peft import LoraConfig, get_peft_model
-    return get_peft_model(encoder, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"]))
+    return get_peft_model(encoder, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
+                                              target_modules=[t for t in targets.split(",") if t]))
 
 
 def options_for(args) -> dict:
@@ -96,7 +97,7 @@ def run(args) -> dict:
         tokenizer, args.seq_len, args.steps * args.batch, args.n_test, args.seed,
         distractor_frac=args.distractor_frac, examples=args.examples)
     torch.manual_seed(args.seed)  # LoRA and head initialisation: the same for every variant of a seed
-    model = finetune.Classifier(lora(encoder), encoder.config.hidden_size, len(labels))
+    model = finetune.Classifier(lora(encoder, args.lora_targets), encoder.config.hidden_size, len(labels))
     model.train()
     options = options_for(args)
     torch._dynamo.reset()
@@ -161,7 +162,7 @@ def run(args) -> dict:
     return {
         "benchmark": "DEFT real run: all-MiniLM-L6-v2 + LoRA, fortunes topics",
         "variant": args.variant, "options": options, "seed": args.seed,
-        "lora": "r=8, alpha=16, dropout 0.1 on query/value; base frozen; linear head trained",
+        "lora": f"r=8, alpha=16, dropout 0.1 on {args.lora_targets.replace(',', '/')}; base frozen; linear head trained",
         "seq_len": args.seq_len, "batch": args.batch, "steps": args.steps, "lr": args.lr,
         "data": {"categories": labels, "n_train": len(train_set), "n_test": len(test_set),
                  "distractor_frac": args.distractor_frac, "examples": args.examples,
@@ -195,14 +196,17 @@ def summary(folder: str) -> str:
     """A markdown table over the JSON files in `folder` (paired by seed against "peft") and a plot of the
     per-layer density (mean over seeds) of each variant, saved as density_per_layer.png beside them."""
     runs = [json.load(open(os.path.join(folder, f))) for f in sorted(os.listdir(folder)) if f.endswith(".json")]
-    label = lambda r: r["variant"] + ("" if r["variant"] == "peft" else f" (weight {r['options']['mlp']['weight']:g})")
+    several_lengths = len({r["steps"] for r in runs}) > 1
+    label = lambda r: (r["variant"] + ("" if r["variant"] == "peft" else f" (weight {r['options']['mlp']['weight']:g})")
+                       + (f", {r['steps']} steps" if several_lengths else ""))
     groups: dict[str, list] = {}
     for r in runs:
         groups.setdefault(label(r), []).append(r)
-    base = {r["seed"]: r for r in groups.get("peft", [])}
+    base = {r["seed"]: r for r in runs if r["variant"] == "peft"}
     first = runs[0]
     lines = [f"# DEFT real run: all-MiniLM-L6-v2 + LoRA on fortunes topics ({first['device']})", "",
-             f"seq_len {first['seq_len']} x batch {first['batch']}, {first['steps']} AdamW steps, lr {first['lr']}, "
+             f"seq_len {first['seq_len']} x batch {first['batch']}, "
+             f"{' / '.join(str(s) for s in sorted({r['steps'] for r in runs}))} AdamW steps, lr {first['lr']}, "
              f"{first['data']['n_train']} train / {first['data']['n_test']} test documents, "
              f"{len(first['data']['categories'])} classes. LoRA {first['lora']}. Density: exact non-zeros of the "
              "MLP activations (GELU, fp32) on the test set, mean over the 6 layers.", "",
@@ -214,8 +218,8 @@ def summary(folder: str) -> str:
         dens = [r["eval_density_mean"] for r in rs]
         paired = [(100 * (r["test_accuracy"] - base[r["seed"]]["test_accuracy"]),
                    r["eval_density_mean"] / base[r["seed"]]["eval_density_mean"] - 1) for r in rs if r["seed"] in base]
-        vs_acc = f"{statistics.mean(p[0] for p in paired):+.2f}" if paired and name != "peft" else "-"
-        vs_den = f"{100 * statistics.mean(p[1] for p in paired):+.1f} %" if paired and name != "peft" else "-"
+        vs_acc = f"{statistics.mean(p[0] for p in paired):+.2f}" if paired and rs[0]["variant"] != "peft" else "-"
+        vs_den = f"{100 * statistics.mean(p[1] for p in paired):+.1f} %" if paired and rs[0]["variant"] != "peft" else "-"
         skipped = " / ".join(str(len(r["ada_skipped"] or [])) for r in rs) if rs[0]["variant"] == "ada" else "-"
         taus = [r["eval_density_tau_mean"] for r in rs if r.get("eval_density_tau_mean") is not None]
         tau = f"{statistics.mean(taus):.4f} ({len(taus)} seeds)" if taus else "-"
@@ -275,6 +279,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lora-targets", default="query,value",
+                   help="peft target_modules, comma-separated (the paper: query,value; e.g. add intermediate.dense, "
+                        "the MLP's up projection)")
     p.add_argument("--n-test", type=int, default=400)
     p.add_argument("--examples", choices=["documents", "single"], default="documents",
                    help="documents: fortunes of one topic filling seq_len; single: one fortune per example padded "
