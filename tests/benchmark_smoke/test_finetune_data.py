@@ -103,6 +103,21 @@ def test_distractors(tokenizer):
     assert train.tensors[0].shape == (16, 128) and len(names) == 8
 
 
+def test_single_fortune_examples_are_padded(tokenizer):
+    train, _, labels = data_fortunes.load_splits(tokenizer, seq_len=128, n_train=40, n_test=8, seed=3,
+                                                 examples="single")
+    ids, mask, y = train.tensors
+    assert ids.shape == (40, 128) and collections.Counter(y.tolist()) == {i: 5 for i in range(len(labels))}
+    lengths = mask.sum(1)
+    assert (lengths < 128).any() and bool((mask[:, :-1] >= mask[:, 1:]).all())  # real tokens first, then padding
+    rows = torch.arange(40)
+    assert bool((ids[:, 0] == tokenizer.cls_token_id).all())
+    assert bool((ids[rows, lengths - 1] == tokenizer.sep_token_id).all())
+    assert bool((ids[mask == 0] == tokenizer.pad_token_id).all())
+    with pytest.raises(ValueError, match="examples"):
+        data_fortunes.load_splits(tokenizer, seq_len=64, n_train=8, n_test=8, examples="sentences")
+
+
 def test_finetune_smoke(tmp_path, tokenizer):
     """Two steps of benchmarks/finetune.py through the sparsify backend on a tiny random BERT."""
     import finetune
