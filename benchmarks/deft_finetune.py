@@ -202,7 +202,8 @@ def summary(folder: str) -> str:
     groups: dict[str, list] = {}
     for r in runs:
         groups.setdefault(label(r), []).append(r)
-    base = {r["seed"]: r for r in runs if r["variant"] == "peft"}
+    # a run is paired with the PEFT run of its seed and length
+    base = {(r["seed"], r["steps"]): r for r in runs if r["variant"] == "peft"}
     first = runs[0]
     lines = [f"# DEFT real run: all-MiniLM-L6-v2 + LoRA on fortunes topics ({first['device']})", "",
              f"seq_len {first['seq_len']} x batch {first['batch']}, "
@@ -216,8 +217,9 @@ def summary(folder: str) -> str:
         rs = sorted(rs, key=lambda r: r["seed"])
         acc = [100 * r["test_accuracy"] for r in rs]
         dens = [r["eval_density_mean"] for r in rs]
-        paired = [(100 * (r["test_accuracy"] - base[r["seed"]]["test_accuracy"]),
-                   r["eval_density_mean"] / base[r["seed"]]["eval_density_mean"] - 1) for r in rs if r["seed"] in base]
+        paired = [(100 * (r["test_accuracy"] - base[r["seed"], r["steps"]]["test_accuracy"]),
+                   r["eval_density_mean"] / base[r["seed"], r["steps"]]["eval_density_mean"] - 1)
+                  for r in rs if (r["seed"], r["steps"]) in base]
         vs_acc = f"{statistics.mean(p[0] for p in paired):+.2f}" if paired and rs[0]["variant"] != "peft" else "-"
         vs_den = f"{100 * statistics.mean(p[1] for p in paired):+.1f} %" if paired and rs[0]["variant"] != "peft" else "-"
         skipped = " / ".join(str(len(r["ada_skipped"] or [])) for r in rs) if rs[0]["variant"] == "ada" else "-"
@@ -237,8 +239,8 @@ def summary(folder: str) -> str:
         thresholds = [e["skip_below"] for e in adas[0]["ada_skip_sweep"]]
         for i, th in enumerate(thresholds):
             entries = [r["ada_skip_sweep"][i] for r in adas]
-            paired = [100 * (e["test_accuracy"] - base[r["seed"]]["test_accuracy"]) for e, r in zip(entries, adas)
-                      if r["seed"] in base]
+            paired = [100 * (e["test_accuracy"] - base[r["seed"], r["steps"]]["test_accuracy"])
+                      for e, r in zip(entries, adas) if (r["seed"], r["steps"]) in base]
             flops = statistics.mean(e["eval_forward_flops"] / r["eval_forward_flops_all_mlps"] for e, r in zip(entries, adas))
             lines.append(f"| {th:g} | {' / '.join(str(len(e['skipped'])) for e in entries)} | "
                          f"{' / '.join(format(100 * e['test_accuracy'], '.2f') for e in entries)} | "
