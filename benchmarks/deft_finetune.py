@@ -193,7 +193,7 @@ def run(args) -> dict:
 
 
 def summary(folder: str) -> str:
-    """A markdown table over the JSON files in `folder` (paired by seed against "peft") and a plot of the
+    """A markdown table over the JSON files in `folder` (paired by seed and length against "peft") and a plot of the
     per-layer density (mean over seeds) of each variant, saved as density_per_layer.png beside them."""
     runs = [json.load(open(os.path.join(folder, f))) for f in sorted(os.listdir(folder)) if f.endswith(".json")]
     several_lengths = len({r["steps"] for r in runs}) > 1
@@ -220,8 +220,9 @@ def summary(folder: str) -> str:
         paired = [(100 * (r["test_accuracy"] - base[r["seed"], r["steps"]]["test_accuracy"]),
                    r["eval_density_mean"] / base[r["seed"], r["steps"]]["eval_density_mean"] - 1)
                   for r in rs if (r["seed"], r["steps"]) in base]
-        vs_acc = f"{statistics.mean(p[0] for p in paired):+.2f}" if paired and rs[0]["variant"] != "peft" else "-"
-        vs_den = f"{100 * statistics.mean(p[1] for p in paired):+.1f} %" if paired and rs[0]["variant"] != "peft" else "-"
+        compared = paired and rs[0]["variant"] != "peft"
+        vs_acc = f"{statistics.mean(p[0] for p in paired):+.2f}" if compared else "-"
+        vs_den = f"{100 * statistics.mean(p[1] for p in paired):+.1f} %" if compared else "-"
         skipped = " / ".join(str(len(r["ada_skipped"] or [])) for r in rs) if rs[0]["variant"] == "ada" else "-"
         taus = [r["eval_density_tau_mean"] for r in rs if r.get("eval_density_tau_mean") is not None]
         tau = f"{statistics.mean(taus):.4f} ({len(taus)} seeds)" if taus else "-"
