@@ -108,6 +108,7 @@ def run(args) -> dict:
     compiled = torch.compile(model, backend="sparsify", options=options)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    scheduler = lr_schedule(optimizer, args.schedule, args.warmup, args.steps)
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(train_set), generator=gen)
@@ -121,6 +122,7 @@ def run(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        scheduler.step()
         step_times.append(time.perf_counter() - t0)
         losses.append(loss.item())
         measured = sparsify.activation_density(reset=True)
@@ -164,6 +166,7 @@ def run(args) -> dict:
         "variant": args.variant, "options": options, "seed": args.seed,
         "lora": f"r=8, alpha=16, dropout 0.1 on {args.lora_targets.replace(',', '/')}; base frozen; linear head trained",
         "seq_len": args.seq_len, "batch": args.batch, "steps": args.steps, "lr": args.lr,
+        "schedule": args.schedule if args.schedule == "constant" else f"linear, {args.warmup:g} warm-up",
         "data": {"categories": labels, "n_train": len(train_set), "n_test": len(test_set),
                  "distractor_frac": args.distractor_frac, "examples": args.examples,
                  "real_token_fraction": round(float(train_set.tensors[1].float().mean()), 4)},
@@ -192,22 +195,36 @@ def run(args) -> dict:
     }
 
 
+def lr_schedule(optimizer, kind: str, warmup: float, steps: int):
+    """constant, or the authors' GLUE schedule: linear warm-up over `warmup` of the steps, then linear decay to 0."""
+    if kind == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    ramp = max(1, round(warmup * steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: step / ramp if step < ramp else max(0.0, (steps - step) / max(1, steps - ramp)))
+
+
 def summary(folder: str) -> str:
     """A markdown table over the JSON files in `folder` (paired by seed and length against "peft") and a plot of the
     per-layer density (mean over seeds) of each variant, saved as density_per_layer.png beside them."""
     runs = [json.load(open(os.path.join(folder, f))) for f in sorted(os.listdir(folder)) if f.endswith(".json")]
+    schedule = lambda r: r.get("schedule", "constant")  # runs from before the option were constant
     several_lengths = len({r["steps"] for r in runs}) > 1
+    several_schedules = len({schedule(r) for r in runs}) > 1
     label = lambda r: (r["variant"] + ("" if r["variant"] == "peft" else f" (weight {r['options']['mlp']['weight']:g})")
-                       + (f", {r['steps']} steps" if several_lengths else ""))
+                       + (f", {r['steps']} steps" if several_lengths else "")
+                       + (f", lr {schedule(r)}" if several_schedules else ""))
+    run_key = lambda r: (r["seed"], r["steps"], schedule(r))
     groups: dict[str, list] = {}
     for r in runs:
         groups.setdefault(label(r), []).append(r)
-    # a run is paired with the PEFT run of its seed and length
-    base = {(r["seed"], r["steps"]): r for r in runs if r["variant"] == "peft"}
+    # a run is paired with the PEFT run of its seed, length and schedule
+    base = {run_key(r): r for r in runs if r["variant"] == "peft"}
     first = runs[0]
     lines = [f"# DEFT real run: all-MiniLM-L6-v2 + LoRA on fortunes topics ({first['device']})", "",
              f"seq_len {first['seq_len']} x batch {first['batch']}, "
-             f"{' / '.join(str(s) for s in sorted({r['steps'] for r in runs}))} AdamW steps, lr {first['lr']}, "
+             f"{' / '.join(str(s) for s in sorted({r['steps'] for r in runs}))} AdamW steps, lr {first['lr']} "
+             f"({' / '.join(sorted({schedule(r) for r in runs}))}), "
              f"{first['data']['n_train']} train / {first['data']['n_test']} test documents, "
              f"{len(first['data']['categories'])} classes. LoRA {first['lora']}. Density: exact non-zeros of the "
              "MLP activations (GELU, fp32) on the test set, mean over the 6 layers.", "",
@@ -217,9 +234,9 @@ def summary(folder: str) -> str:
         rs = sorted(rs, key=lambda r: r["seed"])
         acc = [100 * r["test_accuracy"] for r in rs]
         dens = [r["eval_density_mean"] for r in rs]
-        paired = [(100 * (r["test_accuracy"] - base[r["seed"], r["steps"]]["test_accuracy"]),
-                   r["eval_density_mean"] / base[r["seed"], r["steps"]]["eval_density_mean"] - 1)
-                  for r in rs if (r["seed"], r["steps"]) in base]
+        paired = [(100 * (r["test_accuracy"] - base[run_key(r)]["test_accuracy"]),
+                   r["eval_density_mean"] / base[run_key(r)]["eval_density_mean"] - 1)
+                  for r in rs if run_key(r) in base]
         compared = paired and rs[0]["variant"] != "peft"
         vs_acc = f"{statistics.mean(p[0] for p in paired):+.2f}" if compared else "-"
         vs_den = f"{100 * statistics.mean(p[1] for p in paired):+.1f} %" if compared else "-"
@@ -240,8 +257,8 @@ def summary(folder: str) -> str:
         thresholds = [e["skip_below"] for e in adas[0]["ada_skip_sweep"]]
         for i, th in enumerate(thresholds):
             entries = [r["ada_skip_sweep"][i] for r in adas]
-            paired = [100 * (e["test_accuracy"] - base[r["seed"], r["steps"]]["test_accuracy"])
-                      for e, r in zip(entries, adas) if (r["seed"], r["steps"]) in base]
+            paired = [100 * (e["test_accuracy"] - base[run_key(r)]["test_accuracy"])
+                      for e, r in zip(entries, adas) if run_key(r) in base]
             flops = statistics.mean(e["eval_forward_flops"] / r["eval_forward_flops_all_mlps"] for e, r in zip(entries, adas))
             lines.append(f"| {th:g} | {' / '.join(str(len(e['skipped'])) for e in entries)} | "
                          f"{' / '.join(format(100 * e['test_accuracy'], '.2f') for e in entries)} | "
@@ -282,6 +299,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--schedule", choices=["constant", "linear"], default="constant",
+                   help="linear: the authors' (linear warm-up over --warmup of the steps, then linear decay to 0)")
+    p.add_argument("--warmup", type=float, default=0.06, help="fraction of the steps warming up (linear schedule)")
     p.add_argument("--lora-targets", default="query,value",
                    help="peft target_modules, comma-separated (the paper: query,value; e.g. add intermediate.dense, "
                         "the MLP's up projection)")
