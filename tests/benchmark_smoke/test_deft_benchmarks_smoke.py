@@ -36,6 +36,23 @@ def test_deft_finetune_variants_and_summary(tmp_path):
     assert (tmp_path / "summary.md").exists() and (tmp_path / "density_per_layer.png").stat().st_size > 0
 
 
+def test_deft_finetune_linear_schedule():
+    """The authors' schedule: linear warm-up over 6 % of the steps from 0, then linear decay to 0 at the end."""
+    import torch
+    bench = load_benchmark("deft_finetune")
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = bench.lr_schedule(optimizer, "linear", 0.06, 100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 0.0 and lrs[3] == pytest.approx(0.5) and lrs[6] == pytest.approx(1.0)
+    assert lrs[53] == pytest.approx(0.5) and lrs[-1] == pytest.approx(1 / 94) and max(lrs) == pytest.approx(1.0)
+    constant = bench.lr_schedule(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.1), "constant", 0.06, 9)
+    assert constant.get_last_lr() == [0.1]
+
+
 def test_deft_inference_quick(tmp_path):
     bench = load_benchmark("deft_inference")
     result = bench.main(["--quick", "--device", "cpu", *FAST, "--out-dir", str(tmp_path), "--stem", "inf"])
