@@ -34,6 +34,12 @@ def test_mst_pretrain_both_variants_and_summary(tmp_path):
     assert dense["dense_over_this"] == 1.0 and mst["dense_over_this"] > 1.0
     assert mst["topology_updates"] == 2 and mst["val_curve"][-1]["sparsity"] > 0.2
     assert len(dense["val_curve"]) == len(mst["val_curve"]) == 3
+    # --dense-head keeps the tied LM head out of the masked set: fewer masked FLOPs, and the label says so
+    bench.main(["--variant", "mst", "--dense-head", *common, "--out", str(tmp_path / "mst_dense_head.json")])
+    head = json.loads((tmp_path / "mst_dense_head.json").read_text())
+    assert head["options"]["linear"]["dense_tied_head"]
+    assert head["masked_projection_flops"]["dense"] < mst["masked_projection_flops"]["dense"]
     text = bench.main(["--summary", str(tmp_path)])
-    assert "| mst (0.9 by 0.25, 0.9 to 0.75, 0.5 at the end) |" in text and (tmp_path / "val_loss.png").stat().st_size > 0
+    assert "| mst (0.9 by 0.25, 0.9 to 0.75, 0.5 at the end, dense head, delta 2) |" in text
+    assert "| mst (0.9 by 0.25, 0.9 to 0.75, 0.5 at the end, delta 2) |" in text and (tmp_path / "val_loss.png").stat().st_size > 0
 
