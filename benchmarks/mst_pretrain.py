@@ -46,7 +46,7 @@ def mst_options(args) -> dict:
                        "warmup_end": args.warmup_end, "ultra_end": args.ultra_end,
                        "warmup_sparsity": args.sparsity, "ultra_sparsity": args.sparsity,
                        "restore_sparsity": args.restore_sparsity, "seed": args.seed,
-                       "dense_tied_head": args.dense_head,
+                       "dense_tied_head": args.dense_head, "zeta": args.zeta,
                        "block": tuple(args.block) if args.block else None},
             "attention": ({"method": "hsa", "block": args.hsa[0], "window": args.hsa[1], "stride": args.hsa[2]}
                           if args.hsa else "off"),
@@ -172,7 +172,8 @@ def label(r: dict) -> str:
     extra = (f", {o['block'][0]}x{o['block'][1]} blocks" if o.get("block") else "") + (
         f", HSA {a['pattern'] if 'pattern' in a else 'union'} w{a['window']} s{a['stride']}"
         if isinstance(a, dict) else "") + (", dense head" if o.get("dense_tied_head") else "") + (
-        f", delta {o['delta']}" if o.get("delta", 100) != 100 else "")
+        f", delta {o['delta']}" if o.get("delta", 100) != 100 else "") + (
+        f", zeta {o['zeta']:g}" if o.get("zeta", 0.3) != 0.3 else "")
     return (f"mst ({o['warmup_sparsity']:g} by {o['warmup_end']:g}, {o['ultra_sparsity']:g} to {o['ultra_end']:g}, "
             f"{o['restore_sparsity']:g} at the end{extra})")
 
@@ -251,6 +252,7 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--delta", type=int, default=100)
+    p.add_argument("--zeta", type=float, default=0.3, help="MST: the drop fraction's start (cosine-annealed)")
     p.add_argument("--dense-head", action="store_true",
                    help="MST: keep the LM head tied to the byte embedding dense (the authors mask it)")
     p.add_argument("--sparsity", type=float, default=0.9, help="MST: warm-up and ultra-sparse target")
