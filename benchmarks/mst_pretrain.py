@@ -218,7 +218,7 @@ def summary(folder: str) -> str:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = plt.subplots(figsize=(7, 4))
         colors = {}
         for name, r in runs.items():
             (line,) = ax.plot([c["step"] for c in r["val_curve"]], [c["val_loss"] for c in r["val_curve"]], label=name)
@@ -232,7 +232,11 @@ def summary(folder: str) -> str:
             ax2.set_ylabel("MST sparsity (dotted)")
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss (nats / byte)")
-        ax.legend(fontsize=7, loc="upper right")
+        # the first tenth of the run falls from ln(256): start the axis after it, where the runs differ
+        later = [c["val_loss"] for r in runs.values() for c in r["val_curve"] if c["step"] >= first["steps"] // 10]
+        if later:
+            ax.set_ylim(0.98 * min(later), 1.02 * max(later))
+        ax.legend(fontsize=6, loc="upper right")
         fig.tight_layout()
         fig.savefig(plot, dpi=110)
         lines += ["", f"Plot: {os.path.basename(plot)}."]
