@@ -197,11 +197,10 @@ def run(args) -> dict:
 
 def lr_schedule(optimizer, kind: str, warmup: float, steps: int):
     """constant, or the authors' GLUE schedule: linear warm-up over `warmup` of the steps, then linear decay to 0."""
+    import transformers
     if kind == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    ramp = max(1, round(warmup * steps))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: step / ramp if step < ramp else max(0.0, (steps - step) / max(1, steps - ramp)))
+        return transformers.get_constant_schedule(optimizer)
+    return transformers.get_linear_schedule_with_warmup(optimizer, max(1, round(warmup * steps)), steps)
 
 
 def summary(folder: str) -> str:
